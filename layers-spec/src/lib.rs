@@ -1,0 +1,27 @@
+//! The Strata plan: its model and TOML format, validation with located errors, the legacy XO
+//! `.overlayplan` import, kernel command-line overrides, boot state, and the pure function that
+//! turns all of them into the stack of layers to mount.
+//!
+//! Parsers take text and resolution is pure; [`store`] is the thin layer that reads and writes
+//! the files atomically.
+
+pub mod cmdline;
+pub mod error;
+pub mod legacy;
+pub mod name;
+pub mod plan;
+pub mod resolve;
+pub mod size;
+pub mod state;
+pub mod store;
+
+pub use cmdline::{BootOverrides, CmdlineProblem};
+pub use error::{Location, NameProblem, PlanError};
+pub use name::check_name;
+pub use plan::{
+    BootSettings, Layer, LayerState, MenuMode, OnRollback, Plan, Policy, UpperMode, UpperSettings,
+};
+pub use resolve::{LeftOut, Note, Reason, Resolution, resolve};
+pub use size::ByteSize;
+pub use state::{BootState, LastBoot, OneShot};
+pub use toml::value::Datetime;

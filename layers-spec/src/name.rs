@@ -1,0 +1,76 @@
+//! The layer-name rule: a name is one path component inside the store, never a way out of it.
+
+use crate::error::NameProblem;
+
+/// The longest layer name, in bytes.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Checks `name` against DESIGN's rule: 1 to 128 of `[A-Za-z0-9._+-]`, not starting with `.`,
+/// and (so that no reader mistakes it for a path step) no `..` anywhere.
+///
+/// The problems are checked from the most specific to the most general, so a name with a `/`
+/// is reported as such rather than as "a bad character".
+pub fn check_name(name: &str) -> Result<(), NameProblem> {
+    if name.is_empty() {
+        return Err(NameProblem::Empty);
+    }
+    if name.contains('\0') {
+        return Err(NameProblem::Nul);
+    }
+    if name.contains('/') {
+        return Err(NameProblem::Slash);
+    }
+    if name.starts_with('.') {
+        return Err(NameProblem::LeadingDot);
+    }
+    if name.contains("..") {
+        return Err(NameProblem::DotDot);
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-')))
+    {
+        return Err(NameProblem::BadChar(bad));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameProblem::TooLong(name.len()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_design_rule() {
+        let cases: &[(&str, Option<NameProblem>)] = &[
+            ("basesystem", None),
+            ("upgrade-2007-05-20-finallyfixed", None),
+            ("v1.2+build_3", None),
+            ("a.b", None),
+            ("", Some(NameProblem::Empty)),
+            ("a/b", Some(NameProblem::Slash)),
+            ("/etc", Some(NameProblem::Slash)),
+            ("..", Some(NameProblem::LeadingDot)),
+            (".hidden", Some(NameProblem::LeadingDot)),
+            ("a..b", Some(NameProblem::DotDot)),
+            ("a\0b", Some(NameProblem::Nul)),
+            ("with space", Some(NameProblem::BadChar(' '))),
+            ("é", Some(NameProblem::BadChar('é'))),
+            ("a:b", Some(NameProblem::BadChar(':'))),
+        ];
+        for (name, want) in cases {
+            assert_eq!(check_name(name).err(), *want, "name {name:?}");
+        }
+    }
+
+    #[test]
+    fn length_limit_is_128_bytes() {
+        assert!(check_name(&"a".repeat(MAX_NAME_LEN)).is_ok());
+        assert_eq!(
+            check_name(&"a".repeat(MAX_NAME_LEN + 1)),
+            Err(NameProblem::TooLong(129))
+        );
+    }
+}

@@ -1,0 +1,613 @@
+//! The plan (`overlayplan.toml`, version 1): model, parsing with located errors, validation and
+//! the stable TOML it is written as.
+
+use std::collections::HashMap;
+
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+use toml::value::Datetime;
+
+use crate::error::{Location, PlanError};
+use crate::name::check_name;
+use crate::size::ByteSize;
+
+/// The plan format version this build reads and writes.
+pub const PLAN_VERSION: u32 = 1;
+
+/// overlayfs stacks at most this many lower layers (`OVL_MAX_STACK`).
+pub const MAX_STACK: u32 = 500;
+
+/// The longest hidden-menu timeout a plan may ask for, so a typo cannot stall a boot for hours.
+pub const MAX_TIMEOUT_S: u32 = 3600;
+
+/// The whole plan: settings and the layers, top first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub version: u32,
+    #[serde(default)]
+    pub boot: BootSettings,
+    #[serde(default)]
+    pub upper: UpperSettings,
+    #[serde(default)]
+    pub policy: Policy,
+    /// Top first, as overlayfs orders `lowerdir`.
+    #[serde(default, rename = "layer")]
+    pub layers: Vec<Layer>,
+}
+
+/// `[boot]`: when the menu shows and how trial layers are tried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BootSettings {
+    pub menu: MenuMode,
+    /// How long the hidden menu waits for a key, in seconds.
+    pub timeout_s: u32,
+    /// Boots a trial layer gets before the hook disables it.
+    pub trial_boots: u32,
+    /// A password hash (PHC string, such as argon2id) the menu asks for before any change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub menu_lock: Option<String>,
+}
+
+impl Default for BootSettings {
+    fn default() -> Self {
+        Self {
+            menu: MenuMode::OnKey,
+            timeout_s: 3,
+            trial_boots: 3,
+            menu_lock: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MenuMode {
+    /// Every boot.
+    Always,
+    /// When a key is pressed during `timeout_s`.
+    OnKey,
+    /// After a failed or fallen-back boot.
+    OnFailure,
+    /// Only when the kernel command line asks (`strata.menu`).
+    Never,
+}
+
+/// `[upper]`: the writable layer on top.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpperSettings {
+    pub mode: UpperMode,
+    pub on_rollback: OnRollback,
+}
+
+impl Default for UpperSettings {
+    fn default() -> Self {
+        Self {
+            mode: UpperMode::Persistent,
+            on_rollback: OnRollback::Carry,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpperMode {
+    /// Changes survive a reboot (`uppers/<id>/`).
+    Persistent,
+    /// Changes live in RAM and are gone at the next boot.
+    Tmpfs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRollback {
+    /// Keep using the current upper after a rollback.
+    Carry,
+    /// Archive the current upper and start an empty one.
+    Fresh,
+}
+
+/// `[policy]`: what compaction and trimming may do on their own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// Compaction merges accepted intermediates down beyond this many layers.
+    pub max_layers: u32,
+    /// `add-layer` and `sync` refuse to go below this much free space.
+    pub min_free: ByteSize,
+    /// Known-good layers are never trimmed or merged away.
+    pub keep_known_good: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_layers: 8,
+            min_free: ByteSize(512 << 20),
+            keep_known_good: true,
+        }
+    }
+}
+
+/// One `[[layer]]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    /// The directory under `layers/`.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub state: LayerState,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub known_good: bool,
+    /// The layer this one was built on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<Datetime>,
+    /// `blake3:` and the hex digest of the layer's canonical manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+impl Layer {
+    /// An active layer with nothing but a name.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            title: None,
+            state: LayerState::Active,
+            known_good: false,
+            parent: None,
+            created: None,
+            digest: None,
+            notes: None,
+        }
+    }
+
+    /// The title, or the name when the layer has none.
+    pub fn display_title(&self) -> &str {
+        self.title.as_deref().unwrap_or(&self.name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LayerState {
+    /// Accepted: part of every boot.
+    #[default]
+    Active,
+    /// Installed, not yet accepted: each boot that includes it uses one of `trial_boots` tries.
+    Trial,
+    /// Left out of the stack.
+    Disabled,
+}
+
+impl LayerState {
+    pub fn is_enabled(self) -> bool {
+        self != Self::Disabled
+    }
+}
+
+/// The spans of the values validation may complain about, read leniently beside the real parse.
+#[derive(Deserialize, Default)]
+struct Spans {
+    boot: Option<SettingSpans>,
+    policy: Option<SettingSpans>,
+    #[serde(default)]
+    layer: Vec<Spanned<LayerSpans>>,
+}
+
+#[derive(Deserialize, Default)]
+struct SettingSpans {
+    timeout_s: Option<Spanned<IgnoredAny>>,
+    trial_boots: Option<Spanned<IgnoredAny>>,
+    menu_lock: Option<Spanned<IgnoredAny>>,
+    max_layers: Option<Spanned<IgnoredAny>>,
+}
+
+#[derive(Deserialize, Default)]
+struct LayerSpans {
+    name: Option<Spanned<IgnoredAny>>,
+    parent: Option<Spanned<IgnoredAny>>,
+    created: Option<Spanned<IgnoredAny>>,
+    digest: Option<Spanned<IgnoredAny>>,
+}
+
+/// Turns the spans of one parsed text into locations.
+struct Locator<'a> {
+    file: &'a str,
+    text: &'a str,
+    spans: Spans,
+}
+
+impl Locator<'_> {
+    fn at<T>(&self, span: Option<&Spanned<T>>) -> Location {
+        Location::of_span(self.file, self.text, span.map(Spanned::span))
+    }
+
+    fn layer(&self, index: usize) -> Option<&LayerSpans> {
+        self.spans.layer.get(index).map(Spanned::as_ref)
+    }
+
+    fn layer_table(&self, index: usize) -> Location {
+        self.at(self.spans.layer.get(index))
+    }
+
+    fn layer_field(&self, index: usize, field: fn(&LayerSpans) -> Option<&Spanned<IgnoredAny>>) -> Location {
+        match self.layer(index).and_then(field) {
+            Some(span) => self.at(Some(span)),
+            None => self.layer_table(index),
+        }
+    }
+
+    fn setting(
+        &self,
+        section: Option<&SettingSpans>,
+        field: fn(&SettingSpans) -> Option<&Spanned<IgnoredAny>>,
+    ) -> Location {
+        self.at(section.and_then(field))
+    }
+}
+
+impl Plan {
+    /// A plan with default settings and these layers (top first).
+    pub fn new(layers: Vec<Layer>) -> Self {
+        Self {
+            version: PLAN_VERSION,
+            boot: BootSettings::default(),
+            upper: UpperSettings::default(),
+            policy: Policy::default(),
+            layers,
+        }
+    }
+
+    /// Parses and validates a plan. `file` is only used to name the file in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, PlanError> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        // The version first, so a newer plan is refused as such and not for its new keys.
+        check_version(text, file)?;
+        let plan: Plan =
+            toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))?;
+        // The strict read succeeded, so the lenient one reads the same text.
+        let spans = toml::from_str::<Spans>(text).unwrap_or_default();
+        plan.validate(&Locator { file, text, spans })?;
+        Ok(plan)
+    }
+
+    /// The plan as the TOML `save` writes: settings, then `[[layer]]` tables top first.
+    pub fn to_toml(&self) -> String {
+        let body = toml::to_string_pretty(self).expect("a plan always serialises");
+        format!("# Strata plan: layers are listed top first. See `overlayctl --help`.\n{body}")
+    }
+
+    /// Validates a plan built in memory. Errors locate the problem in the TOML it would be
+    /// written as, and the check also proves the plan reads back as itself.
+    pub fn check(&self) -> Result<(), PlanError> {
+        let text = self.to_toml();
+        let back = Self::parse(&text, "(plan to be written)")?;
+        debug_assert_eq!(&back, self);
+        Ok(())
+    }
+
+    pub fn layer(&self, name: &str) -> Option<&Layer> {
+        self.layers.iter().find(|l| l.name == name)
+    }
+
+    pub fn layer_mut(&mut self, name: &str) -> Option<&mut Layer> {
+        self.layers.iter_mut().find(|l| l.name == name)
+    }
+
+    /// Index from the top (0 is the top layer).
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.layers.iter().position(|l| l.name == name)
+    }
+
+    /// The bottom layer: the base system.
+    pub fn base(&self) -> Option<&Layer> {
+        self.layers.last()
+    }
+
+    fn validate(&self, at: &Locator<'_>) -> Result<(), PlanError> {
+        self.validate_settings(at)?;
+        if self.layers.is_empty() {
+            return Err(PlanError::NoLayers {
+                at: Location::at(at.file, at.text, at.text.len()),
+            });
+        }
+        let mut first_seen: HashMap<&str, usize> = HashMap::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let name_at = || at.layer_field(i, |l| l.name.as_ref());
+            check_name(&layer.name).map_err(|problem| PlanError::BadName {
+                at: name_at(),
+                name: layer.name.clone(),
+                problem,
+            })?;
+            if let Some(&first) = first_seen.get(layer.name.as_str()) {
+                return Err(PlanError::DuplicateLayer {
+                    at: name_at(),
+                    name: layer.name.clone(),
+                    first_line: at.layer_field(first, |l| l.name.as_ref()).line,
+                });
+            }
+            first_seen.insert(&layer.name, i);
+            layer.validate_values(i, at)?;
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let Some(parent) = &layer.parent else { continue };
+            let parent_at = || at.layer_field(i, |l| l.parent.as_ref());
+            if parent == &layer.name {
+                return Err(PlanError::SelfParent {
+                    at: parent_at(),
+                    name: layer.name.clone(),
+                });
+            }
+            if !first_seen.contains_key(parent.as_str()) {
+                return Err(PlanError::MissingParent {
+                    at: parent_at(),
+                    name: layer.name.clone(),
+                    parent: parent.clone(),
+                });
+            }
+        }
+        if let Some((i, cycle)) = self.find_parent_cycle(&first_seen) {
+            return Err(PlanError::ParentCycle {
+                at: at.layer_field(i, |l| l.parent.as_ref()),
+                cycle,
+            });
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let Some(parent) = &layer.parent else { continue };
+            if first_seen[parent.as_str()] < i {
+                return Err(PlanError::ParentAbove {
+                    at: at.layer_field(i, |l| l.parent.as_ref()),
+                    name: layer.name.clone(),
+                    parent: parent.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_settings(&self, at: &Locator<'_>) -> Result<(), PlanError> {
+        let bad = |at: Location, message: String| Err(PlanError::BadValue { at, message });
+        let boot = at.spans.boot.as_ref();
+        let policy = at.spans.policy.as_ref();
+        if self.boot.timeout_s > MAX_TIMEOUT_S {
+            return bad(
+                at.setting(boot, |s| s.timeout_s.as_ref()),
+                format!(
+                    "boot.timeout_s is {}; it must be at most {MAX_TIMEOUT_S} seconds (use menu = \"always\" for a menu at every boot)",
+                    self.boot.timeout_s
+                ),
+            );
+        }
+        if self.boot.trial_boots == 0 {
+            return bad(
+                at.setting(boot, |s| s.trial_boots.as_ref()),
+                "boot.trial_boots is 0; a trial layer needs at least 1 boot to be tried".into(),
+            );
+        }
+        if let Some(lock) = &self.boot.menu_lock
+            && !lock.starts_with('$')
+        {
+            return bad(
+                at.setting(boot, |s| s.menu_lock.as_ref()),
+                "boot.menu_lock must be a password hash in PHC form (\"$argon2id$…\"), never the password itself".into(),
+            );
+        }
+        if !(1..=MAX_STACK).contains(&self.policy.max_layers) {
+            return bad(
+                at.setting(policy, |s| s.max_layers.as_ref()),
+                format!(
+                    "policy.max_layers is {}; it must be between 1 and {MAX_STACK} (overlayfs stacks at most {MAX_STACK} layers)",
+                    self.policy.max_layers
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The first cycle among parent links, as the index of the layer where it was found and the
+    /// names along it (the first name repeated at the end).
+    fn find_parent_cycle(&self, index: &HashMap<&str, usize>) -> Option<(usize, Vec<String>)> {
+        for start in 0..self.layers.len() {
+            let mut path = vec![start];
+            let mut current = start;
+            while let Some(parent) = &self.layers[current].parent {
+                current = index[parent.as_str()];
+                if let Some(pos) = path.iter().position(|&p| p == current) {
+                    if pos != 0 {
+                        break; // a cycle further up; found when we start from one of its members
+                    }
+                    let mut cycle: Vec<String> =
+                        path.iter().map(|&p| self.layers[p].name.clone()).collect();
+                    cycle.push(self.layers[start].name.clone());
+                    return Some((start, cycle));
+                }
+                path.push(current);
+            }
+        }
+        None
+    }
+}
+
+impl Layer {
+    fn validate_values(&self, i: usize, at: &Locator<'_>) -> Result<(), PlanError> {
+        if let Some(digest) = &self.digest
+            && !is_valid_digest(digest)
+        {
+            return Err(PlanError::BadValue {
+                at: at.layer_field(i, |l| l.digest.as_ref()),
+                message: format!(
+                    "layer {:?} has digest {digest:?}; a digest is `blake3:` followed by 64 lowercase hex digits",
+                    self.name
+                ),
+            });
+        }
+        if let Some(created) = &self.created
+            && created.date.is_none()
+        {
+            return Err(PlanError::BadValue {
+                at: at.layer_field(i, |l| l.created.as_ref()),
+                message: format!(
+                    "layer {:?} has created = {created}, which has no date; write a date-time such as 2007-05-20T10:00:00Z",
+                    self.name
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `blake3:` and 64 lowercase hex digits.
+pub fn is_valid_digest(digest: &str) -> bool {
+    digest.strip_prefix("blake3:").is_some_and(|hex| {
+        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// Reads only `version` and refuses anything but [`PLAN_VERSION`]; also used for boot state.
+pub(crate) fn check_version(text: &str, file: &str) -> Result<(), PlanError> {
+    #[derive(Deserialize)]
+    struct VersionOnly {
+        version: Option<Spanned<toml::Value>>,
+    }
+    let only: VersionOnly =
+        toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))?;
+    let Some(version) = only.version else {
+        return Err(PlanError::MissingVersion {
+            at: Location::line(file, 1, 1),
+        });
+    };
+    let at = Location::of_span(file, text, Some(version.span()));
+    match version.get_ref() {
+        toml::Value::Integer(n) if *n == i64::from(PLAN_VERSION) => Ok(()),
+        toml::Value::Integer(n) => Err(PlanError::UnsupportedVersion { at, found: *n }),
+        other => Err(PlanError::BadValue {
+            at,
+            message: format!("version must be the integer 1, not {other}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DESIGN: &str = include_str!("../tests/fixtures/design.toml");
+
+    #[test]
+    fn the_design_example_parses() {
+        let plan = Plan::parse(DESIGN, "design.toml").unwrap();
+        assert_eq!(plan.layers.len(), 3);
+        let top = &plan.layers[0];
+        assert_eq!(top.name, "upgrade-2007-05-20-finallyfixed");
+        assert_eq!(top.state, LayerState::Trial);
+        assert_eq!(top.parent.as_deref(), Some("upgrade-2007-05-19-betterupdatestillbroken"));
+        assert_eq!(top.created.unwrap().to_string(), "2007-05-20T10:00:00Z");
+        assert_eq!(top.notes.as_deref(), Some("Fixes the X crash on resume.\nSecond line."));
+        assert_eq!(plan.layers[1].state, LayerState::Disabled);
+        assert!(plan.base().unwrap().known_good);
+        assert_eq!(plan.policy.min_free, ByteSize(512 << 20));
+        assert_eq!(plan.position("basesystem"), Some(2));
+    }
+
+    #[test]
+    fn written_toml_is_stable_and_reads_back() {
+        let plan = Plan::parse(DESIGN, "design.toml").unwrap();
+        let text = plan.to_toml();
+        let again = Plan::parse(&text, "written").unwrap();
+        assert_eq!(again, plan);
+        assert_eq!(again.to_toml(), text, "writing twice gives the same bytes");
+        // Settings come first, then the layers top first as [[layer]] tables.
+        let order: Vec<usize> = ["[boot]", "[upper]", "[policy]", "name = \"upgrade-2007-05-20", "name = \"basesystem\""]
+            .iter()
+            .map(|needle| text.find(needle).unwrap())
+            .collect();
+        assert!(order.is_sorted(), "{text}");
+        assert_eq!(text.matches("[[layer]]").count(), 3);
+    }
+
+    #[test]
+    fn missing_sections_take_defaults() {
+        let plan = Plan::parse("version = 1\n[[layer]]\nname = \"base\"\n", "p").unwrap();
+        assert_eq!(plan, Plan::new(vec![Layer::new("base")]));
+        assert_eq!(plan.boot.menu, MenuMode::OnKey);
+        assert_eq!(plan.upper.mode, UpperMode::Persistent);
+        assert!(plan.policy.keep_known_good);
+    }
+
+    /// Every rule, and where its error points: (plan text, expected start of the message).
+    const BAD: &[(&str, &str)] = &[
+        // TOML itself, unknown keys, wrong types and variants: toml's spans.
+        ("version = 1\n[boot]\nmenuu = \"always\"\n", "p:3:1: unknown key `menuu`, expected one of `menu`, `timeout_s`"),
+        ("version = 1\n[[layer]]\nname = \"a\"\ncolour = \"red\"\n", "p:4:1: unknown key `colour`, expected one of `name`, `title`, `state`"),
+        ("version = 1\nsurprise = true\n", "p:2:1: unknown key `surprise`"),
+        ("version = 1\n[[layer]]\nname = \"a\"\nstate = \"actve\"\n", "p:4:9: unknown variant `actve`, expected one of `active`, `trial`, `disabled`"),
+        ("version = 1\n[upper]\nmode = \"ram\"\n", "p:3:8: unknown variant `ram`, expected `persistent` or `tmpfs`"),
+        ("version = 1\n[[layer]]\nname = \"a\"\ntitle = 3\n", "p:4:9: invalid type: integer `3`, expected a string"),
+        ("version = 1\n[[layer]]\ntitle = \"no name\"\n", "p:2:1: missing key `name`"),
+        ("version = 1\nlayer = 5\n", "p:2:9: invalid type: integer `5`, expected an array"),
+        ("version = 1\nversion = 1\n", "p:2:1: duplicate key `version`"),
+        ("version = 1\n[[layer]]\nname = \"a\n", "p:3:8: invalid basic string"),
+        ("version = 1\n[boot]\ntimeout_s = -1\n", "p:3:13: invalid value: integer `-1`, expected u32"),
+        ("version = 1\n[policy]\nmin_free = \"lots\"\n", "p:3:12: \"lots\" is not a size"),
+        // Version.
+        ("[[layer]]\nname = \"a\"\n", "p:1:1: the file has no `version` key; add `version = 1`"),
+        ("version = 2\nnew_key = 1\n", "p:1:11: version 2 is not supported; this build of Strata reads version 1"),
+        ("version = \"1\"\n", "p:1:11: version must be the integer 1"),
+        // Layers.
+        ("version = 1\n", "p:2:1: the plan lists no layers"),
+        ("version = 1\n[[layer]]\nname = \"../etc\"\n", "p:3:8: layer name \"../etc\" is not valid: it contains `/`"),
+        ("version = 1\n[[layer]]\nname = \"..\"\n", "p:3:8: layer name \"..\" is not valid: it starts with `.`"),
+        ("version = 1\n[[layer]]\nname = \".hidden\"\n", "p:3:8: layer name \".hidden\" is not valid: it starts with `.`"),
+        ("version = 1\n[[layer]]\nname = \"a\\u0000b\"\n", "p:3:8: layer name \"a\\0b\" is not valid: it contains a NUL byte"),
+        ("version = 1\n[[layer]]\nname = \"\"\n", "p:3:8: layer name \"\" is not valid: it is empty"),
+        ("version = 1\n[[layer]]\nname = \"a b\"\n", "p:3:8: layer name \"a b\" is not valid: it contains ' '"),
+        ("version = 1\n[[layer]]\nname = \"a\"\n[[layer]]\n  name = \"a\"\n", "p:5:10: layer \"a\" is listed twice (first at line 3)"),
+        ("version = 1\n[[layer]]\nname = \"a\"\nparent = \"zz\"\n", "p:4:10: layer \"a\" names its parent \"zz\", but no layer of that name is in the plan"),
+        ("version = 1\n[[layer]]\nname = \"a\"\nparent = \"a\"\n", "p:4:10: layer \"a\" names itself as its parent"),
+        ("version = 1\n[[layer]]\nname = \"a\"\nparent = \"b\"\n[[layer]]\nname = \"b\"\nparent = \"a\"\n", "p:4:10: the parents of these layers form a cycle: a -> b -> a"),
+        ("version = 1\n[[layer]]\nname = \"x\"\nparent = \"a\"\n[[layer]]\nname = \"a\"\nparent = \"b\"\n[[layer]]\nname = \"b\"\nparent = \"a\"\n", "p:7:10: the parents of these layers form a cycle: a -> b -> a"),
+        ("version = 1\n[[layer]]\nname = \"a\"\n[[layer]]\nname = \"b\"\nparent = \"a\"\n", "p:6:10: layer \"b\" names its parent \"a\", which is above it in the plan"),
+        ("version = 1\n[[layer]]\nname = \"a\"\ndigest = \"md5:00\"\n", "p:4:10: layer \"a\" has digest \"md5:00\"; a digest is `blake3:` followed by 64 lowercase hex digits"),
+        ("version = 1\n[[layer]]\nname = \"a\"\ncreated = 10:00:00\n", "p:4:11: layer \"a\" has created = 10:00:00, which has no date"),
+        // Settings.
+        ("version = 1\n[boot]\ntrial_boots = 0\n[[layer]]\nname = \"a\"\n", "p:3:15: boot.trial_boots is 0"),
+        ("version = 1\n[boot]\ntimeout_s = 86400\n[[layer]]\nname = \"a\"\n", "p:3:13: boot.timeout_s is 86400; it must be at most 3600"),
+        ("version = 1\n[boot]\nmenu_lock = \"hunter2\"\n[[layer]]\nname = \"a\"\n", "p:3:13: boot.menu_lock must be a password hash"),
+        ("version = 1\n[policy]\nmax_layers = 501\n[[layer]]\nname = \"a\"\n", "p:3:14: policy.max_layers is 501; it must be between 1 and 500"),
+    ];
+
+    #[test]
+    fn every_error_names_its_line_and_column() {
+        for (text, want) in BAD {
+            let err = Plan::parse(text, "p").unwrap_err();
+            let got = err.to_string();
+            assert!(got.starts_with(want), "input:\n{text}\n got: {got}\nwant: {want}…");
+            let at = err.location().expect("content errors are located");
+            assert_eq!(format!("{at}: "), got[..got.find(": ").unwrap() + 2]);
+        }
+    }
+
+    #[test]
+    fn a_plan_built_in_memory_is_checked_before_it_is_written() {
+        let mut plan = Plan::new(vec![Layer::new("top"), Layer::new("base")]);
+        assert!(plan.check().is_ok());
+        plan.layers[0].parent = Some("gone".into());
+        let err = plan.check().unwrap_err().to_string();
+        assert!(err.starts_with("(plan to be written):"), "{err}");
+        assert!(err.contains("names its parent \"gone\""), "{err}");
+    }
+}

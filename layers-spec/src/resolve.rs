@@ -1,0 +1,241 @@
+//! From plan, boot state and command line to the stack to mount: a pure function, so the hook,
+//! the menu and `overlayctl status` all agree on what the next boot will be.
+
+use std::fmt;
+
+use crate::cmdline::BootOverrides;
+use crate::plan::{LayerState, Plan, UpperMode};
+use crate::state::BootState;
+
+/// The stack one boot mounts, and why every other layer of the plan is not in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    /// Layer names, top first, in plan order.
+    pub stack: Vec<String>,
+    /// Every plan layer not in `stack`, in plan order, with the reason.
+    pub left_out: Vec<LeftOut>,
+    pub upper: UpperMode,
+    /// True when the stack came from the boot state's one-shot selection.
+    pub one_shot: bool,
+    /// Things the user should hear about: ignored overrides, fallbacks, broken parent links.
+    pub notes: Vec<Note>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftOut {
+    pub name: String,
+    pub reason: Reason,
+}
+
+/// Why a layer is not in the stack. When several apply, the first in this order is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// `strata.top=` chose a layer below this one.
+    AboveTop { top: String },
+    /// Named in `strata.disable=`.
+    DisabledOnCommandLine,
+    /// A one-shot selection is in force and does not include it.
+    NotInOneShot,
+    /// `state = "disabled"` in the plan.
+    DisabledInPlan,
+    /// A trial layer that used all its boots without being accepted.
+    TrialExhausted { tries: u32, limit: u32 },
+    /// Its directory is not in the store.
+    MissingOnDisk,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AboveTop { top } => write!(f, "above the chosen top {top:?}"),
+            Self::DisabledOnCommandLine => f.write_str("disabled on the kernel command line"),
+            Self::NotInOneShot => f.write_str("not in the selection made for this boot"),
+            Self::DisabledInPlan => f.write_str("disabled in the plan"),
+            Self::TrialExhausted { tries, limit } => {
+                write!(f, "trial boots used up ({tries} of {limit}) without being accepted")
+            }
+            Self::MissingOnDisk => f.write_str("missing from the store"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    /// `strata.top=` names no layer of the plan; it was ignored.
+    UnknownTop { name: String },
+    /// `strata.disable=` names no layer of the plan.
+    UnknownDisabled { name: String },
+    /// The one-shot selection names a layer the plan no longer has.
+    UnknownInOneShot { name: String },
+    /// A layer in the stack was built on one that is left out.
+    BuiltOnLeftOut { layer: String, parent: String },
+    /// Nothing was left to mount, so the stack is a fallback.
+    FellBack { to: Fallback },
+    /// Nothing was left to mount and no fallback exists.
+    Empty,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The last stack that booted healthy, from the boot state.
+    LastGood,
+    /// The plan's known-good layers.
+    KnownGood,
+}
+
+impl fmt::Display for Note {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnknownTop { name } => {
+                write!(f, "strata.top={name} names no layer of the plan; ignored")
+            }
+            Self::UnknownDisabled { name } => {
+                write!(f, "strata.disable names {name:?}, which is not a layer of the plan")
+            }
+            Self::UnknownInOneShot { name } => {
+                write!(f, "the one-shot selection names {name:?}, which is no longer in the plan")
+            }
+            Self::BuiltOnLeftOut { layer, parent } => write!(
+                f,
+                "layer {layer:?} was built on {parent:?}, which is left out; files it expects may be missing"
+            ),
+            Self::FellBack { to: Fallback::LastGood } => {
+                f.write_str("every layer was left out; booting the last stack that booted well")
+            }
+            Self::FellBack { to: Fallback::KnownGood } => {
+                f.write_str("every layer was left out; booting the known-good layers")
+            }
+            Self::Empty => f.write_str("every layer was left out and no known-good layer is present"),
+        }
+    }
+}
+
+impl Resolution {
+    /// The trial layers this boot mounts: each uses one try.
+    pub fn trials<'a>(&'a self, plan: &'a Plan) -> impl Iterator<Item = &'a str> {
+        self.stack.iter().map(String::as_str).filter(|name| {
+            plan.layer(name).is_some_and(|l| l.state == LayerState::Trial)
+        })
+    }
+
+    pub fn reason(&self, name: &str) -> Option<&Reason> {
+        self.left_out.iter().find(|l| l.name == name).map(|l| &l.reason)
+    }
+}
+
+/// Resolves the stack for one boot.
+///
+/// Precedence, strongest first: the command line (`strata.top`, `strata.disable`), then the
+/// one-shot selection in the boot state, then the plan's layer states and trial counters. The
+/// layer named by `strata.top` is in the stack whatever its state: the person asked for it.
+/// `present` says whether a layer's directory exists; without it every layer is taken to exist.
+/// When nothing is left, the last good stack and then the known-good layers are used, so the
+/// stack is never empty while a known-good layer is present.
+pub fn resolve(
+    plan: &Plan,
+    state: &BootState,
+    overrides: &BootOverrides,
+    present: Option<&dyn Fn(&str) -> bool>,
+) -> Resolution {
+    let present = |name: &str| present.is_none_or(|p| p(name));
+    let mut notes = Vec::new();
+
+    let top = overrides.top.as_ref().and_then(|name| {
+        let position = plan.position(name);
+        if position.is_none() {
+            notes.push(Note::UnknownTop { name: name.clone() });
+        }
+        position
+    });
+    for name in &overrides.disable {
+        if plan.layer(name).is_none() {
+            notes.push(Note::UnknownDisabled { name: name.clone() });
+        }
+    }
+    let once = state.once.as_ref();
+    for name in once.iter().flat_map(|o| &o.layers) {
+        if plan.layer(name).is_none() {
+            notes.push(Note::UnknownInOneShot { name: name.clone() });
+        }
+    }
+
+    let mut stack = Vec::new();
+    let mut left_out = Vec::new();
+    for (i, layer) in plan.layers.iter().enumerate() {
+        let name = &layer.name;
+        let chosen_top = top == Some(i);
+        let reason = if let Some(t) = top.filter(|&t| i < t) {
+            Some(Reason::AboveTop {
+                top: plan.layers[t].name.clone(),
+            })
+        } else if overrides.disable.contains(name) {
+            Some(Reason::DisabledOnCommandLine)
+        } else if chosen_top {
+            None
+        } else if let Some(once) = once {
+            (!once.layers.contains(name)).then_some(Reason::NotInOneShot)
+        } else if layer.state == LayerState::Disabled {
+            Some(Reason::DisabledInPlan)
+        } else if layer.state == LayerState::Trial && state.tries(name) >= plan.boot.trial_boots {
+            Some(Reason::TrialExhausted {
+                tries: state.tries(name),
+                limit: plan.boot.trial_boots,
+            })
+        } else {
+            None
+        };
+        match reason.or_else(|| (!present(name)).then_some(Reason::MissingOnDisk)) {
+            Some(reason) => left_out.push(LeftOut {
+                name: name.clone(),
+                reason,
+            }),
+            None => stack.push(name.clone()),
+        }
+    }
+
+    if stack.is_empty() {
+        let last_good = &state.last_good;
+        let usable = |name: &String| plan.layer(name).is_some() && present(name);
+        let (chosen, note): (Vec<&String>, Note) = if !last_good.is_empty() && last_good.iter().all(usable) {
+            let chosen = plan.layers.iter().map(|l| &l.name).filter(|n| last_good.contains(n)).collect();
+            (chosen, Note::FellBack { to: Fallback::LastGood })
+        } else {
+            let chosen = plan
+                .layers
+                .iter()
+                .filter(|l| l.known_good && present(&l.name))
+                .map(|l| &l.name)
+                .collect();
+            (chosen, Note::FellBack { to: Fallback::KnownGood })
+        };
+        if chosen.is_empty() {
+            notes.push(Note::Empty);
+        } else {
+            stack = chosen.into_iter().cloned().collect();
+            left_out.retain(|l| !stack.contains(&l.name));
+            notes.push(note);
+        }
+    }
+
+    for name in &stack {
+        if let Some(parent) = plan.layer(name).and_then(|l| l.parent.as_ref())
+            && !stack.contains(parent)
+        {
+            notes.push(Note::BuiltOnLeftOut {
+                layer: name.clone(),
+                parent: parent.clone(),
+            });
+        }
+    }
+
+    Resolution {
+        stack,
+        left_out,
+        upper: overrides
+            .upper
+            .or(once.and_then(|o| o.upper))
+            .unwrap_or(plan.upper.mode),
+        one_shot: once.is_some(),
+        notes,
+    }
+}

@@ -1,0 +1,158 @@
+//! Boot state (`state/boot.toml`): what the hook and the menu remember between boots, apart from
+//! the plan so that a boot never has to rewrite the plan just to count.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use toml::value::Datetime;
+
+use crate::error::PlanError;
+use crate::name::check_name;
+use crate::plan::{PLAN_VERSION, UpperMode, check_version};
+
+/// Everything the next boot needs to know about earlier ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootState {
+    pub version: u32,
+    /// The last stack (top first) that booted and was confirmed healthy; the first fallback.
+    #[serde(default, deserialize_with = "layer_names", skip_serializing_if = "Vec::is_empty")]
+    pub last_good: Vec<String>,
+    /// A selection made in the menu for the next boot only; the hook clears it once used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub once: Option<OneShot>,
+    /// Boots already tried, per trial layer.
+    #[serde(default, deserialize_with = "tries_by_layer", skip_serializing_if = "BTreeMap::is_empty")]
+    pub trial_tries: BTreeMap<String, u32>,
+    /// What the previous boot mounted, and why it fell back if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_boot: Option<LastBoot>,
+}
+
+/// A one-shot selection: exactly these layers (in plan order), for one boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OneShot {
+    #[serde(deserialize_with = "layer_names")]
+    pub layers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper: Option<UpperMode>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LastBoot {
+    #[serde(deserialize_with = "layer_names")]
+    pub layers: Vec<String>,
+    /// Why the boot did not mount the stack it resolved, when it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<Datetime>,
+}
+
+impl Default for BootState {
+    fn default() -> Self {
+        Self {
+            version: PLAN_VERSION,
+            last_good: Vec::new(),
+            once: None,
+            trial_tries: BTreeMap::new(),
+            last_boot: None,
+        }
+    }
+}
+
+impl BootState {
+    /// Parses boot state; layer names in it are checked like the plan's, since the hook turns
+    /// them into paths.
+    pub fn parse(text: &str, file: &str) -> Result<Self, PlanError> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        check_version(text, file)?;
+        toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))
+    }
+
+    pub fn to_toml(&self) -> String {
+        let body = toml::to_string_pretty(self).expect("boot state always serialises");
+        format!("# Strata boot state: written by the boot hook and the menu.\n{body}")
+    }
+
+    /// Boots tried so far by a trial layer.
+    pub fn tries(&self, layer: &str) -> u32 {
+        self.trial_tries.get(layer).copied().unwrap_or(0)
+    }
+}
+
+fn layer_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    for name in &names {
+        check_name(name).map_err(|p| {
+            serde::de::Error::custom(format!("layer name {name:?} is not valid: {p}"))
+        })?;
+    }
+    Ok(names)
+}
+
+fn tries_by_layer<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, u32>, D::Error> {
+    let tries = BTreeMap::<String, u32>::deserialize(d)?;
+    for name in tries.keys() {
+        check_name(name).map_err(|p| {
+            serde::de::Error::custom(format!("trial_tries names layer {name:?}, which is not a valid name: {p}"))
+        })?;
+    }
+    Ok(tries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full() -> BootState {
+        BootState {
+            version: 1,
+            last_good: vec!["b".into(), "base".into()],
+            once: Some(OneShot {
+                layers: vec!["base".into()],
+                upper: Some(UpperMode::Tmpfs),
+            }),
+            trial_tries: [("a.1+x".to_owned(), 2)].into(),
+            last_boot: Some(LastBoot {
+                layers: vec!["a.1+x".into(), "b".into(), "base".into()],
+                fallback: Some("mount of the resolved stack failed: EINVAL".into()),
+                at: Some("2026-11-22T03:00:00Z".parse().unwrap()),
+            }),
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        for state in [BootState::default(), full()] {
+            let text = state.to_toml();
+            assert_eq!(BootState::parse(&text, "s").unwrap(), state, "{text}");
+        }
+    }
+
+    #[test]
+    fn default_state_is_just_a_version() {
+        assert_eq!(BootState::parse("version = 1\n", "s").unwrap(), BootState::default());
+    }
+
+    #[test]
+    fn bad_state_is_located() {
+        let cases = [
+            ("version = 1\nlast_good = [\"ok\", \"../x\"]\n", "s:2:"),
+            ("version = 1\n[once]\nlayers = [\"a/b\"]\n", "s:3:"),
+            ("version = 1\n[trial_tries]\n\"../../etc\" = 1\n", "s:"),
+            ("version = 1\nbogus = 1\n", "s:2:1: unknown key `bogus`"),
+            ("version = 2\n", "s:1:11: version 2 is not supported"),
+            ("last_good = []\n", "s:1:1: the file has no `version` key"),
+        ];
+        for (text, want) in cases {
+            let err = BootState::parse(text, "s").unwrap_err().to_string();
+            assert!(err.starts_with(want), "{text:?}\n got: {err}\nwant: {want}");
+            if text.contains("..") || text.contains("a/b") {
+                assert!(err.contains("not a valid name") || err.contains("is not valid"), "{err}");
+            }
+        }
+    }
+}
