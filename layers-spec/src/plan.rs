@@ -560,7 +560,7 @@ mod tests {
         ("version = 1\n[[layer]]\ntitle = \"no name\"\n", "p:2:1: missing key `name`"),
         ("version = 1\nlayer = 5\n", "p:2:9: invalid type: integer `5`, expected an array"),
         ("version = 1\nversion = 1\n", "p:2:1: duplicate key `version`"),
-        ("version = 1\n[[layer]]\nname = \"a\n", "p:3:8: invalid basic string"),
+        ("version = 1\n[[layer]]\nname = \"a\n", "p:3:10: invalid basic string, expected `\"`"),
         ("version = 1\n[boot]\ntimeout_s = -1\n", "p:3:13: invalid value: integer `-1`, expected u32"),
         ("version = 1\n[policy]\nmin_free = \"lots\"\n", "p:3:12: \"lots\" is not a size"),
         // Version.
