@@ -95,7 +95,11 @@ impl BootOverrides {
                 self.upper = Some(match required(value, "tmpfs or persistent")? {
                     "tmpfs" => UpperMode::Tmpfs,
                     "persistent" => UpperMode::Persistent,
-                    other => return Err(format!("{other:?} is not an upper mode; use tmpfs or persistent")),
+                    other => {
+                        return Err(format!(
+                            "{other:?} is not an upper mode; use tmpfs or persistent"
+                        ));
+                    }
                 });
             }
             "store" => {
@@ -126,7 +130,9 @@ fn flag(value: Option<&str>) -> Result<bool, String> {
         None => Ok(true),
         Some("1" | "yes" | "y" | "on" | "true") => Ok(true),
         Some("0" | "no" | "n" | "off" | "false") => Ok(false),
-        Some(other) => Err(format!("{other:?} is not on or off; write the option alone, or =1 or =0")),
+        Some(other) => Err(format!(
+            "{other:?} is not on or off; write the option alone, or =1 or =0"
+        )),
     }
 }
 
@@ -194,8 +200,9 @@ mod tests {
 
     #[test]
     fn quoted_values() {
-        let (o, problems) =
-            BootOverrides::parse(r#"strata.disable="a, b" "strata.top=base" strata.store="/my store""#);
+        let (o, problems) = BootOverrides::parse(
+            r#"strata.disable="a, b" "strata.top=base" strata.store="/my store""#,
+        );
         assert_eq!(problems, []);
         assert_eq!(o.disable, ["a", "b"]);
         assert_eq!(o.top.as_deref(), Some("base"));
@@ -204,7 +211,9 @@ mod tests {
 
     #[test]
     fn flags_take_explicit_values_and_last_wins() {
-        let (o, problems) = BootOverrides::parse("strata.menu strata.menu=0 strata.debug=yes strata.upper=tmpfs strata.upper=persistent");
+        let (o, problems) = BootOverrides::parse(
+            "strata.menu strata.menu=0 strata.debug=yes strata.upper=tmpfs strata.upper=persistent",
+        );
         assert_eq!(problems, []);
         assert!(!o.menu);
         assert!(o.debug);
@@ -240,6 +249,9 @@ mod tests {
 
     #[test]
     fn splits_like_the_kernel() {
-        assert_eq!(split_params("  a  b\t\"c d\"e  \"\" "), ["a", "b", "c de", ""]);
+        assert_eq!(
+            split_params("  a  b\t\"c d\"e  \"\" "),
+            ["a", "b", "c de", ""]
+        );
     }
 }

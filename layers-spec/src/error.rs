@@ -73,27 +73,35 @@ pub enum PlanError {
         problem: NameProblem,
     },
 
-    #[error("{at}: layer {name:?} is listed twice (first at line {first_line}); layer names must be unique")]
+    #[error(
+        "{at}: layer {name:?} is listed twice (first at line {first_line}); layer names must be unique"
+    )]
     DuplicateLayer {
         at: Location,
         name: String,
         first_line: usize,
     },
 
-    #[error("{at}: layer {name:?} names its parent {parent:?}, but no layer of that name is in the plan")]
+    #[error(
+        "{at}: layer {name:?} names its parent {parent:?}, but no layer of that name is in the plan"
+    )]
     MissingParent {
         at: Location,
         name: String,
         parent: String,
     },
 
-    #[error("{at}: layer {name:?} names itself as its parent; remove `parent` or name the layer it was built on")]
+    #[error(
+        "{at}: layer {name:?} names itself as its parent; remove `parent` or name the layer it was built on"
+    )]
     SelfParent { at: Location, name: String },
 
     #[error("{at}: the parents of these layers form a cycle: {}; every chain of parents must end at a base layer", cycle.join(" -> "))]
     ParentCycle { at: Location, cycle: Vec<String> },
 
-    #[error("{at}: layer {name:?} names its parent {parent:?}, which is above it in the plan; a layer is built on one listed below it (layers are listed top first)")]
+    #[error(
+        "{at}: layer {name:?} names its parent {parent:?}, which is above it in the plan; a layer is built on one listed below it (layers are listed top first)"
+    )]
     ParentAbove {
         at: Location,
         name: String,
@@ -141,7 +149,11 @@ impl PlanError {
         }
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, action: &'static str, source: std::io::Error) -> Self {
+    pub(crate) fn io(
+        path: impl Into<PathBuf>,
+        action: &'static str,
+        source: std::io::Error,
+    ) -> Self {
         Self::Io {
             path: path.into(),
             action,
@@ -160,7 +172,10 @@ impl PlanError {
         if message == "duplicate key"
             && let Some(key) = err.span().and_then(|s| text.get(s))
         {
-            message = format!("duplicate key `{}`; a key may appear once in each table", key.trim());
+            message = format!(
+                "duplicate key `{}`; a key may appear once in each table",
+                key.trim()
+            );
         }
         Self::Toml {
             at: Location::of_span(file, text, err.span()),

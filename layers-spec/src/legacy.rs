@@ -25,7 +25,10 @@ pub fn import(text: &str, file: &str) -> Result<Plan, PlanError> {
         }
         if let Some(section) = line.strip_prefix('[') {
             let Some(section) = section.strip_suffix(']') else {
-                return Err(err(indent + 1, format!("{line:?} opens a section but does not close it with `]`")));
+                return Err(err(
+                    indent + 1,
+                    format!("{line:?} opens a section but does not close it with `]`"),
+                ));
             };
             if !section.trim().eq_ignore_ascii_case("layers") {
                 return Err(err(
@@ -34,7 +37,10 @@ pub fn import(text: &str, file: &str) -> Result<Plan, PlanError> {
                 ));
             }
             if seen_header {
-                return Err(err(indent + 1, "a second [Layers] section; list every layer in one".into()));
+                return Err(err(
+                    indent + 1,
+                    "a second [Layers] section; list every layer in one".into(),
+                ));
             }
             in_layers = true;
             seen_header = true;
@@ -43,14 +49,18 @@ pub fn import(text: &str, file: &str) -> Result<Plan, PlanError> {
         if !in_layers {
             return Err(err(
                 indent + 1,
-                "a layer line before the [Layers] section; the file must start with [Layers]".into(),
+                "a layer line before the [Layers] section; the file must start with [Layers]"
+                    .into(),
             ));
         }
         let layer = parse_entry(raw).map_err(|(column, message)| err(column, message))?;
         if let Some((_, first)) = layers.iter().find(|(l, _)| l.name == layer.name) {
             return Err(err(
                 indent + 1,
-                format!("layer {:?} is listed twice (first at line {first})", layer.name),
+                format!(
+                    "layer {:?} is listed twice (first at line {first})",
+                    layer.name
+                ),
             ));
         }
         layers.push((layer, line_no));
@@ -78,7 +88,10 @@ fn parse_entry(raw: &str) -> Result<Layer, (usize, String)> {
     let Some(eq) = raw.find('=') else {
         return Err((
             column_of(raw.len() - raw.trim_start().len()),
-            format!("{:?} is not `name=\"Title\"` (with `,ro` for an accepted layer)", raw.trim()),
+            format!(
+                "{:?} is not `name=\"Title\"` (with `,ro` for an accepted layer)",
+                raw.trim()
+            ),
         ));
     };
     let name = raw[..eq].trim();
@@ -89,7 +102,10 @@ fn parse_entry(raw: &str) -> Result<Layer, (usize, String)> {
     let value = &raw[value_start..];
     let (title, rest_start) = if let Some(quoted) = value.strip_prefix('"') {
         let (title, len) = unquote(quoted).ok_or_else(|| {
-            (column_of(value_start), "the title's quote is not closed".to_owned())
+            (
+                column_of(value_start),
+                "the title's quote is not closed".to_owned(),
+            )
         })?;
         (title, value_start + 1 + len)
     } else {
@@ -109,7 +125,9 @@ fn parse_entry(raw: &str) -> Result<Layer, (usize, String)> {
         let Some(flags) = trimmed.strip_prefix(',') else {
             return Err((
                 column_of(rest_start + (rest.len() - rest.trim_start().len())),
-                format!("unexpected {trimmed:?} after the title; flags follow a comma, as in `,ro`"),
+                format!(
+                    "unexpected {trimmed:?} after the title; flags follow a comma, as in `,ro`"
+                ),
             ));
         };
         for flag in flags.split(',').map(str::trim).filter(|f| !f.is_empty()) {
@@ -117,7 +135,10 @@ fn parse_entry(raw: &str) -> Result<Layer, (usize, String)> {
                 state = LayerState::Active;
             } else {
                 let at = rest_start + rest.find(flag).unwrap_or(0);
-                return Err((column_of(at), format!("unknown flag {flag:?}; the only flag is `ro` (accepted)")));
+                return Err((
+                    column_of(at),
+                    format!("unknown flag {flag:?}; the only flag is `ro` (accepted)"),
+                ));
             }
         }
     }
@@ -168,9 +189,21 @@ mod tests {
         assert_eq!(
             summary(&plan),
             [
-                ("upgrade-2007-05-20-finallyfixed", "Finally Fixed X Problem", LayerState::Active),
-                ("upgrade-2007-05-19-betterupdatestillbroken", "It'll work this time!", LayerState::Trial),
-                ("upgrade-2007-05-18-nastystuff", "Oh, some problem found", LayerState::Trial),
+                (
+                    "upgrade-2007-05-20-finallyfixed",
+                    "Finally Fixed X Problem",
+                    LayerState::Active
+                ),
+                (
+                    "upgrade-2007-05-19-betterupdatestillbroken",
+                    "It'll work this time!",
+                    LayerState::Trial
+                ),
+                (
+                    "upgrade-2007-05-18-nastystuff",
+                    "Oh, some problem found",
+                    LayerState::Trial
+                ),
                 ("basesystem", "Core System Image", LayerState::Active),
             ]
         );
@@ -198,22 +231,49 @@ mod tests {
     #[test]
     fn errors_name_the_line_and_column() {
         let cases: &[(&str, &str)] = &[
-            ("[Layers]\na=\"x\",ro\nb=\"unclosed\n", "f:3:3: the title's quote is not closed"),
+            (
+                "[Layers]\na=\"x\",ro\nb=\"unclosed\n",
+                "f:3:3: the title's quote is not closed",
+            ),
             ("[Layers]\na=\"x\",rw\n", "f:2:7: unknown flag \"rw\""),
-            ("[Layers]\n  bad/name=\"x\"\n", "f:2:3: layer name \"bad/name\" is not valid: it contains `/`"),
-            ("[Layers]\na=\"x\"\na=\"y\"\n", "f:3:1: layer \"a\" is listed twice (first at line 2)"),
-            ("a=\"x\"\n[Layers]\n", "f:1:1: a layer line before the [Layers] section"),
+            (
+                "[Layers]\n  bad/name=\"x\"\n",
+                "f:2:3: layer name \"bad/name\" is not valid: it contains `/`",
+            ),
+            (
+                "[Layers]\na=\"x\"\na=\"y\"\n",
+                "f:3:1: layer \"a\" is listed twice (first at line 2)",
+            ),
+            (
+                "a=\"x\"\n[Layers]\n",
+                "f:1:1: a layer line before the [Layers] section",
+            ),
             ("[Layers]\n[Other]\n", "f:2:1: unknown section [Other]"),
-            ("[Layers]\n[Layers\n", "f:2:1: \"[Layers\" opens a section but does not close it"),
-            ("[Layers]\njust words\n", "f:2:1: \"just words\" is not `name=\"Title\"`"),
-            ("[Layers]\na=\"x\" ro\n", "f:2:7: unexpected \"ro\" after the title"),
+            (
+                "[Layers]\n[Layers\n",
+                "f:2:1: \"[Layers\" opens a section but does not close it",
+            ),
+            (
+                "[Layers]\njust words\n",
+                "f:2:1: \"just words\" is not `name=\"Title\"`",
+            ),
+            (
+                "[Layers]\na=\"x\" ro\n",
+                "f:2:7: unexpected \"ro\" after the title",
+            ),
             ("# nothing\n", "f:1:1: no [Layers] section"),
-            ("[Layers]\n# none\n", "f:2:1: the [Layers] section lists no layers"),
+            (
+                "[Layers]\n# none\n",
+                "f:2:1: the [Layers] section lists no layers",
+            ),
             ("", "f:1:1: no [Layers] section"),
         ];
         for (text, want) in cases {
             let got = import(text, "f").unwrap_err().to_string();
-            assert!(got.starts_with(want), "input {text:?}\n got: {got}\nwant: {want}…");
+            assert!(
+                got.starts_with(want),
+                "input {text:?}\n got: {got}\nwant: {want}…"
+            );
         }
     }
 }

@@ -244,7 +244,11 @@ impl Locator<'_> {
         self.at(self.spans.layer.get(index))
     }
 
-    fn layer_field(&self, index: usize, field: fn(&LayerSpans) -> Option<&Spanned<IgnoredAny>>) -> Location {
+    fn layer_field(
+        &self,
+        index: usize,
+        field: fn(&LayerSpans) -> Option<&Spanned<IgnoredAny>>,
+    ) -> Location {
         match self.layer(index).and_then(field) {
             Some(span) => self.at(Some(span)),
             None => self.layer_table(index),
@@ -277,8 +281,7 @@ impl Plan {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         // The version first, so a newer plan is refused as such and not for its new keys.
         check_version(text, file)?;
-        let plan: Plan =
-            toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))?;
+        let plan: Plan = toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))?;
         // The strict read succeeded, so the lenient one reads the same text.
         let spans = toml::from_str::<Spans>(text).unwrap_or_default();
         plan.validate(&Locator { file, text, spans })?;
@@ -344,7 +347,9 @@ impl Plan {
             layer.validate_values(i, at)?;
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            let Some(parent) = &layer.parent else { continue };
+            let Some(parent) = &layer.parent else {
+                continue;
+            };
             let parent_at = || at.layer_field(i, |l| l.parent.as_ref());
             if parent == &layer.name {
                 return Err(PlanError::SelfParent {
@@ -367,7 +372,9 @@ impl Plan {
             });
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            let Some(parent) = &layer.parent else { continue };
+            let Some(parent) = &layer.parent else {
+                continue;
+            };
             if first_seen[parent.as_str()] < i {
                 return Err(PlanError::ParentAbove {
                     at: at.layer_field(i, |l| l.parent.as_ref()),
@@ -514,9 +521,15 @@ mod tests {
         let top = &plan.layers[0];
         assert_eq!(top.name, "upgrade-2007-05-20-finallyfixed");
         assert_eq!(top.state, LayerState::Trial);
-        assert_eq!(top.parent.as_deref(), Some("upgrade-2007-05-19-betterupdatestillbroken"));
+        assert_eq!(
+            top.parent.as_deref(),
+            Some("upgrade-2007-05-19-betterupdatestillbroken")
+        );
         assert_eq!(top.created.unwrap().to_string(), "2007-05-20T10:00:00Z");
-        assert_eq!(top.notes.as_deref(), Some("Fixes the X crash on resume.\nSecond line."));
+        assert_eq!(
+            top.notes.as_deref(),
+            Some("Fixes the X crash on resume.\nSecond line.")
+        );
         assert_eq!(plan.layers[1].state, LayerState::Disabled);
         assert!(plan.base().unwrap().known_good);
         assert_eq!(plan.policy.min_free, ByteSize(512 << 20));
@@ -531,10 +544,16 @@ mod tests {
         assert_eq!(again, plan);
         assert_eq!(again.to_toml(), text, "writing twice gives the same bytes");
         // Settings come first, then the layers top first as [[layer]] tables.
-        let order: Vec<usize> = ["[boot]", "[upper]", "[policy]", "name = \"upgrade-2007-05-20", "name = \"basesystem\""]
-            .iter()
-            .map(|needle| text.find(needle).unwrap())
-            .collect();
+        let order: Vec<usize> = [
+            "[boot]",
+            "[upper]",
+            "[policy]",
+            "name = \"upgrade-2007-05-20",
+            "name = \"basesystem\"",
+        ]
+        .iter()
+        .map(|needle| text.find(needle).unwrap())
+        .collect();
         assert!(order.is_sorted(), "{text}");
         assert_eq!(text.matches("[[layer]]").count(), 3);
     }
@@ -551,43 +570,139 @@ mod tests {
     /// Every rule, and where its error points: (plan text, expected start of the message).
     const BAD: &[(&str, &str)] = &[
         // TOML itself, unknown keys, wrong types and variants: toml's spans.
-        ("version = 1\n[boot]\nmenuu = \"always\"\n", "p:3:1: unknown key `menuu`, expected one of `menu`, `timeout_s`"),
-        ("version = 1\n[[layer]]\nname = \"a\"\ncolour = \"red\"\n", "p:4:1: unknown key `colour`, expected one of `name`, `title`, `state`"),
-        ("version = 1\nsurprise = true\n", "p:2:1: unknown key `surprise`"),
-        ("version = 1\n[[layer]]\nname = \"a\"\nstate = \"actve\"\n", "p:4:9: unknown variant `actve`, expected one of `active`, `trial`, `disabled`"),
-        ("version = 1\n[upper]\nmode = \"ram\"\n", "p:3:8: unknown variant `ram`, expected `persistent` or `tmpfs`"),
-        ("version = 1\n[[layer]]\nname = \"a\"\ntitle = 3\n", "p:4:9: invalid type: integer `3`, expected a string"),
-        ("version = 1\n[[layer]]\ntitle = \"no name\"\n", "p:2:1: missing key `name`"),
-        ("version = 1\nlayer = 5\n", "p:2:9: invalid type: integer `5`, expected an array"),
-        ("version = 1\nversion = 1\n", "p:2:1: duplicate key `version`"),
-        ("version = 1\n[[layer]]\nname = \"a\n", "p:3:10: invalid basic string, expected `\"`"),
-        ("version = 1\n[boot]\ntimeout_s = -1\n", "p:3:13: invalid value: integer `-1`, expected u32"),
-        ("version = 1\n[policy]\nmin_free = \"lots\"\n", "p:3:12: \"lots\" is not a size"),
+        (
+            "version = 1\n[boot]\nmenuu = \"always\"\n",
+            "p:3:1: unknown key `menuu`, expected one of `menu`, `timeout_s`",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"a\"\ncolour = \"red\"\n",
+            "p:4:1: unknown key `colour`, expected one of `name`, `title`, `state`",
+        ),
+        (
+            "version = 1\nsurprise = true\n",
+            "p:2:1: unknown key `surprise`",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"a\"\nstate = \"actve\"\n",
+            "p:4:9: unknown variant `actve`, expected one of `active`, `trial`, `disabled`",
+        ),
+        (
+            "version = 1\n[upper]\nmode = \"ram\"\n",
+            "p:3:8: unknown variant `ram`, expected `persistent` or `tmpfs`",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"a\"\ntitle = 3\n",
+            "p:4:9: invalid type: integer `3`, expected a string",
+        ),
+        (
+            "version = 1\n[[layer]]\ntitle = \"no name\"\n",
+            "p:2:1: missing key `name`",
+        ),
+        (
+            "version = 1\nlayer = 5\n",
+            "p:2:9: invalid type: integer `5`, expected an array",
+        ),
+        (
+            "version = 1\nversion = 1\n",
+            "p:2:1: duplicate key `version`",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"a\n",
+            "p:3:10: invalid basic string, expected `\"`",
+        ),
+        (
+            "version = 1\n[boot]\ntimeout_s = -1\n",
+            "p:3:13: invalid value: integer `-1`, expected u32",
+        ),
+        (
+            "version = 1\n[policy]\nmin_free = \"lots\"\n",
+            "p:3:12: \"lots\" is not a size",
+        ),
         // Version.
-        ("[[layer]]\nname = \"a\"\n", "p:1:1: the file has no `version` key; add `version = 1`"),
-        ("version = 2\nnew_key = 1\n", "p:1:11: version 2 is not supported; this build of Strata reads version 1"),
+        (
+            "[[layer]]\nname = \"a\"\n",
+            "p:1:1: the file has no `version` key; add `version = 1`",
+        ),
+        (
+            "version = 2\nnew_key = 1\n",
+            "p:1:11: version 2 is not supported; this build of Strata reads version 1",
+        ),
         ("version = \"1\"\n", "p:1:11: version must be the integer 1"),
         // Layers.
         ("version = 1\n", "p:2:1: the plan lists no layers"),
-        ("version = 1\n[[layer]]\nname = \"../etc\"\n", "p:3:8: layer name \"../etc\" is not valid: it contains `/`"),
-        ("version = 1\n[[layer]]\nname = \"..\"\n", "p:3:8: layer name \"..\" is not valid: it starts with `.`"),
-        ("version = 1\n[[layer]]\nname = \".hidden\"\n", "p:3:8: layer name \".hidden\" is not valid: it starts with `.`"),
-        ("version = 1\n[[layer]]\nname = \"a\\u0000b\"\n", "p:3:8: layer name \"a\\0b\" is not valid: it contains a NUL byte"),
-        ("version = 1\n[[layer]]\nname = \"\"\n", "p:3:8: layer name \"\" is not valid: it is empty"),
-        ("version = 1\n[[layer]]\nname = \"a b\"\n", "p:3:8: layer name \"a b\" is not valid: it contains ' '"),
-        ("version = 1\n[[layer]]\nname = \"a\"\n[[layer]]\n  name = \"a\"\n", "p:5:10: layer \"a\" is listed twice (first at line 3)"),
-        ("version = 1\n[[layer]]\nname = \"a\"\nparent = \"zz\"\n", "p:4:10: layer \"a\" names its parent \"zz\", but no layer of that name is in the plan"),
-        ("version = 1\n[[layer]]\nname = \"a\"\nparent = \"a\"\n", "p:4:10: layer \"a\" names itself as its parent"),
-        ("version = 1\n[[layer]]\nname = \"a\"\nparent = \"b\"\n[[layer]]\nname = \"b\"\nparent = \"a\"\n", "p:4:10: the parents of these layers form a cycle: a -> b -> a"),
-        ("version = 1\n[[layer]]\nname = \"x\"\nparent = \"a\"\n[[layer]]\nname = \"a\"\nparent = \"b\"\n[[layer]]\nname = \"b\"\nparent = \"a\"\n", "p:7:10: the parents of these layers form a cycle: a -> b -> a"),
-        ("version = 1\n[[layer]]\nname = \"a\"\n[[layer]]\nname = \"b\"\nparent = \"a\"\n", "p:6:10: layer \"b\" names its parent \"a\", which is above it in the plan"),
-        ("version = 1\n[[layer]]\nname = \"a\"\ndigest = \"md5:00\"\n", "p:4:10: layer \"a\" has digest \"md5:00\"; a digest is `blake3:` followed by 64 lowercase hex digits"),
-        ("version = 1\n[[layer]]\nname = \"a\"\ncreated = 10:00:00\n", "p:4:11: layer \"a\" has created = 10:00:00, which has no date"),
+        (
+            "version = 1\n[[layer]]\nname = \"../etc\"\n",
+            "p:3:8: layer name \"../etc\" is not valid: it contains `/`",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"..\"\n",
+            "p:3:8: layer name \"..\" is not valid: it starts with `.`",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \".hidden\"\n",
+            "p:3:8: layer name \".hidden\" is not valid: it starts with `.`",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"a\\u0000b\"\n",
+            "p:3:8: layer name \"a\\0b\" is not valid: it contains a NUL byte",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"\"\n",
+            "p:3:8: layer name \"\" is not valid: it is empty",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"a b\"\n",
+            "p:3:8: layer name \"a b\" is not valid: it contains ' '",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"a\"\n[[layer]]\n  name = \"a\"\n",
+            "p:5:10: layer \"a\" is listed twice (first at line 3)",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"a\"\nparent = \"zz\"\n",
+            "p:4:10: layer \"a\" names its parent \"zz\", but no layer of that name is in the plan",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"a\"\nparent = \"a\"\n",
+            "p:4:10: layer \"a\" names itself as its parent",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"a\"\nparent = \"b\"\n[[layer]]\nname = \"b\"\nparent = \"a\"\n",
+            "p:4:10: the parents of these layers form a cycle: a -> b -> a",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"x\"\nparent = \"a\"\n[[layer]]\nname = \"a\"\nparent = \"b\"\n[[layer]]\nname = \"b\"\nparent = \"a\"\n",
+            "p:7:10: the parents of these layers form a cycle: a -> b -> a",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"a\"\n[[layer]]\nname = \"b\"\nparent = \"a\"\n",
+            "p:6:10: layer \"b\" names its parent \"a\", which is above it in the plan",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"a\"\ndigest = \"md5:00\"\n",
+            "p:4:10: layer \"a\" has digest \"md5:00\"; a digest is `blake3:` followed by 64 lowercase hex digits",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"a\"\ncreated = 10:00:00\n",
+            "p:4:11: layer \"a\" has created = 10:00:00, which has no date",
+        ),
         // Settings.
-        ("version = 1\n[boot]\ntrial_boots = 0\n[[layer]]\nname = \"a\"\n", "p:3:15: boot.trial_boots is 0"),
-        ("version = 1\n[boot]\ntimeout_s = 86400\n[[layer]]\nname = \"a\"\n", "p:3:13: boot.timeout_s is 86400; it must be at most 3600"),
-        ("version = 1\n[boot]\nmenu_lock = \"hunter2\"\n[[layer]]\nname = \"a\"\n", "p:3:13: boot.menu_lock must be a password hash"),
-        ("version = 1\n[policy]\nmax_layers = 501\n[[layer]]\nname = \"a\"\n", "p:3:14: policy.max_layers is 501; it must be between 1 and 500"),
+        (
+            "version = 1\n[boot]\ntrial_boots = 0\n[[layer]]\nname = \"a\"\n",
+            "p:3:15: boot.trial_boots is 0",
+        ),
+        (
+            "version = 1\n[boot]\ntimeout_s = 86400\n[[layer]]\nname = \"a\"\n",
+            "p:3:13: boot.timeout_s is 86400; it must be at most 3600",
+        ),
+        (
+            "version = 1\n[boot]\nmenu_lock = \"hunter2\"\n[[layer]]\nname = \"a\"\n",
+            "p:3:13: boot.menu_lock must be a password hash",
+        ),
+        (
+            "version = 1\n[policy]\nmax_layers = 501\n[[layer]]\nname = \"a\"\n",
+            "p:3:14: policy.max_layers is 501; it must be between 1 and 500",
+        ),
     ];
 
     #[test]
@@ -595,7 +710,10 @@ mod tests {
         for (text, want) in BAD {
             let err = Plan::parse(text, "p").unwrap_err();
             let got = err.to_string();
-            assert!(got.starts_with(want), "input:\n{text}\n got: {got}\nwant: {want}…");
+            assert!(
+                got.starts_with(want),
+                "input:\n{text}\n got: {got}\nwant: {want}…"
+            );
             let at = err.location().expect("content errors are located");
             assert_eq!(format!("{at}: "), got[..got.find(": ").unwrap() + 2]);
         }

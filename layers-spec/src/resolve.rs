@@ -52,7 +52,10 @@ impl fmt::Display for Reason {
             Self::NotInOneShot => f.write_str("not in the selection made for this boot"),
             Self::DisabledInPlan => f.write_str("disabled in the plan"),
             Self::TrialExhausted { tries, limit } => {
-                write!(f, "trial boots used up ({tries} of {limit}) without being accepted")
+                write!(
+                    f,
+                    "trial boots used up ({tries} of {limit}) without being accepted"
+                )
             }
             Self::MissingOnDisk => f.write_str("missing from the store"),
         }
@@ -90,22 +93,30 @@ impl fmt::Display for Note {
                 write!(f, "strata.top={name} names no layer of the plan; ignored")
             }
             Self::UnknownDisabled { name } => {
-                write!(f, "strata.disable names {name:?}, which is not a layer of the plan")
+                write!(
+                    f,
+                    "strata.disable names {name:?}, which is not a layer of the plan"
+                )
             }
             Self::UnknownInOneShot { name } => {
-                write!(f, "the one-shot selection names {name:?}, which is no longer in the plan")
+                write!(
+                    f,
+                    "the one-shot selection names {name:?}, which is no longer in the plan"
+                )
             }
             Self::BuiltOnLeftOut { layer, parent } => write!(
                 f,
                 "layer {layer:?} was built on {parent:?}, which is left out; files it expects may be missing"
             ),
-            Self::FellBack { to: Fallback::LastGood } => {
-                f.write_str("every layer was left out; booting the last stack that booted well")
+            Self::FellBack {
+                to: Fallback::LastGood,
+            } => f.write_str("every layer was left out; booting the last stack that booted well"),
+            Self::FellBack {
+                to: Fallback::KnownGood,
+            } => f.write_str("every layer was left out; booting the known-good layers"),
+            Self::Empty => {
+                f.write_str("every layer was left out and no known-good layer is present")
             }
-            Self::FellBack { to: Fallback::KnownGood } => {
-                f.write_str("every layer was left out; booting the known-good layers")
-            }
-            Self::Empty => f.write_str("every layer was left out and no known-good layer is present"),
         }
     }
 }
@@ -114,12 +125,16 @@ impl Resolution {
     /// The trial layers this boot mounts: each uses one try.
     pub fn trials<'a>(&'a self, plan: &'a Plan) -> impl Iterator<Item = &'a str> {
         self.stack.iter().map(String::as_str).filter(|name| {
-            plan.layer(name).is_some_and(|l| l.state == LayerState::Trial)
+            plan.layer(name)
+                .is_some_and(|l| l.state == LayerState::Trial)
         })
     }
 
     pub fn reason(&self, name: &str) -> Option<&Reason> {
-        self.left_out.iter().find(|l| l.name == name).map(|l| &l.reason)
+        self.left_out
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| &l.reason)
     }
 }
 
@@ -196,18 +211,34 @@ pub fn resolve(
     if stack.is_empty() {
         let last_good = &state.last_good;
         let usable = |name: &String| plan.layer(name).is_some() && present(name);
-        let (chosen, note): (Vec<&String>, Note) = if !last_good.is_empty() && last_good.iter().all(usable) {
-            let chosen = plan.layers.iter().map(|l| &l.name).filter(|n| last_good.contains(n)).collect();
-            (chosen, Note::FellBack { to: Fallback::LastGood })
-        } else {
-            let chosen = plan
-                .layers
-                .iter()
-                .filter(|l| l.known_good && present(&l.name))
-                .map(|l| &l.name)
-                .collect();
-            (chosen, Note::FellBack { to: Fallback::KnownGood })
-        };
+        let (chosen, note): (Vec<&String>, Note) =
+            if !last_good.is_empty() && last_good.iter().all(usable) {
+                let chosen = plan
+                    .layers
+                    .iter()
+                    .map(|l| &l.name)
+                    .filter(|n| last_good.contains(n))
+                    .collect();
+                (
+                    chosen,
+                    Note::FellBack {
+                        to: Fallback::LastGood,
+                    },
+                )
+            } else {
+                let chosen = plan
+                    .layers
+                    .iter()
+                    .filter(|l| l.known_good && present(&l.name))
+                    .map(|l| &l.name)
+                    .collect();
+                (
+                    chosen,
+                    Note::FellBack {
+                        to: Fallback::KnownGood,
+                    },
+                )
+            };
         if chosen.is_empty() {
             notes.push(Note::Empty);
         } else {
@@ -237,5 +268,248 @@ pub fn resolve(
             .unwrap_or(plan.upper.mode),
         one_shot: once.is_some(),
         notes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Layer;
+    use crate::state::OneShot;
+
+    /// top first: c (trial, on b), b (on a), a (base, known good).
+    fn plan() -> Plan {
+        let mut c = Layer::new("c");
+        c.state = LayerState::Trial;
+        c.parent = Some("b".into());
+        let mut b = Layer::new("b");
+        b.parent = Some("a".into());
+        let mut a = Layer::new("a");
+        a.known_good = true;
+        Plan::new(vec![c, b, a])
+    }
+
+    fn cmdline(text: &str) -> BootOverrides {
+        let (o, problems) = BootOverrides::parse(text);
+        assert!(problems.is_empty(), "{problems:?}");
+        o
+    }
+
+    fn run(plan: &Plan, state: &BootState, line: &str) -> Resolution {
+        resolve(plan, state, &cmdline(line), None)
+    }
+
+    fn reasons(r: &Resolution) -> Vec<(&str, Reason)> {
+        r.left_out
+            .iter()
+            .map(|l| (l.name.as_str(), l.reason.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn the_default_stack_is_every_enabled_layer_top_first() {
+        let r = run(&plan(), &BootState::default(), "");
+        assert_eq!(r.stack, ["c", "b", "a"]);
+        assert!(r.left_out.is_empty() && r.notes.is_empty() && !r.one_shot);
+        assert_eq!(r.upper, UpperMode::Persistent);
+        assert_eq!(r.trials(&plan()).collect::<Vec<_>>(), ["c"]);
+    }
+
+    #[test]
+    fn top_leaves_out_everything_above() {
+        let r = run(&plan(), &BootState::default(), "strata.top=b");
+        assert_eq!(r.stack, ["b", "a"]);
+        assert_eq!(reasons(&r), [("c", Reason::AboveTop { top: "b".into() })]);
+        assert!(r.notes.is_empty());
+    }
+
+    #[test]
+    fn the_chosen_top_boots_even_when_disabled_in_the_plan() {
+        let mut p = plan();
+        p.layers[1].state = LayerState::Disabled;
+        assert_eq!(run(&p, &BootState::default(), "").stack, ["c", "a"]);
+        assert_eq!(
+            run(&p, &BootState::default(), "strata.top=b").stack,
+            ["b", "a"]
+        );
+    }
+
+    #[test]
+    fn disabled_layers_are_left_out_with_a_warning_for_what_was_built_on_them() {
+        let mut p = plan();
+        p.layers[1].state = LayerState::Disabled;
+        let r = run(&p, &BootState::default(), "");
+        assert_eq!(r.stack, ["c", "a"]);
+        assert_eq!(reasons(&r), [("b", Reason::DisabledInPlan)]);
+        assert_eq!(
+            r.notes,
+            [Note::BuiltOnLeftOut {
+                layer: "c".into(),
+                parent: "b".into()
+            }]
+        );
+        assert!(
+            r.notes[0]
+                .to_string()
+                .contains("\"c\" was built on \"b\", which is left out")
+        );
+    }
+
+    #[test]
+    fn command_line_disable_wins_over_everything() {
+        let r = run(
+            &plan(),
+            &BootState::default(),
+            "strata.disable=c,zz strata.top=c",
+        );
+        assert_eq!(r.stack, ["b", "a"]);
+        assert_eq!(reasons(&r), [("c", Reason::DisabledOnCommandLine)]);
+        assert_eq!(r.notes, [Note::UnknownDisabled { name: "zz".into() }]);
+    }
+
+    #[test]
+    fn an_unknown_top_is_ignored_and_reported() {
+        let r = run(&plan(), &BootState::default(), "strata.top=nope");
+        assert_eq!(r.stack, ["c", "b", "a"]);
+        assert_eq!(
+            r.notes,
+            [Note::UnknownTop {
+                name: "nope".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn trial_layers_drop_out_when_their_tries_are_used() {
+        let mut state = BootState::default();
+        state.trial_tries.insert("c".into(), 2);
+        assert_eq!(run(&plan(), &state, "").stack, ["c", "b", "a"]);
+        state.trial_tries.insert("c".into(), 3);
+        let r = run(&plan(), &state, "");
+        assert_eq!(r.stack, ["b", "a"]);
+        assert_eq!(
+            reasons(&r),
+            [("c", Reason::TrialExhausted { tries: 3, limit: 3 })]
+        );
+        assert_eq!(
+            r.left_out[0].reason.to_string(),
+            "trial boots used up (3 of 3) without being accepted"
+        );
+        // Accepted layers are not counted.
+        let mut p = plan();
+        p.layers[0].state = LayerState::Active;
+        assert_eq!(run(&p, &state, "").stack, ["c", "b", "a"]);
+    }
+
+    #[test]
+    fn a_one_shot_selection_replaces_the_plan_states() {
+        let mut p = plan();
+        p.layers[1].state = LayerState::Disabled;
+        let state = BootState {
+            once: Some(OneShot {
+                layers: vec!["a".into(), "b".into(), "gone".into()],
+                upper: Some(UpperMode::Tmpfs),
+            }),
+            ..BootState::default()
+        };
+        let r = run(&p, &state, "");
+        assert_eq!(
+            r.stack,
+            ["b", "a"],
+            "plan order, disabled b chosen explicitly"
+        );
+        assert_eq!(reasons(&r), [("c", Reason::NotInOneShot)]);
+        assert_eq!(
+            r.notes,
+            [Note::UnknownInOneShot {
+                name: "gone".into()
+            }]
+        );
+        assert!(r.one_shot);
+        assert_eq!(r.upper, UpperMode::Tmpfs);
+        // The command line still wins over it.
+        assert_eq!(
+            run(&p, &state, "strata.upper=persistent").upper,
+            UpperMode::Persistent
+        );
+        assert_eq!(run(&p, &state, "strata.disable=b").stack, ["a"]);
+    }
+
+    #[test]
+    fn missing_layers_are_left_out() {
+        let present = |name: &str| name != "b";
+        let r = resolve(
+            &plan(),
+            &BootState::default(),
+            &BootOverrides::default(),
+            Some(&present),
+        );
+        assert_eq!(r.stack, ["c", "a"]);
+        assert_eq!(reasons(&r), [("b", Reason::MissingOnDisk)]);
+    }
+
+    #[test]
+    fn an_empty_selection_falls_back_to_last_good_then_known_good() {
+        let mut state = BootState::default();
+        let r = run(&plan(), &state, "strata.disable=a,b,c");
+        assert_eq!(r.stack, ["a"]);
+        assert_eq!(
+            r.notes,
+            [Note::FellBack {
+                to: Fallback::KnownGood
+            }]
+        );
+        assert_eq!(
+            reasons(&r),
+            [
+                ("c", Reason::DisabledOnCommandLine),
+                ("b", Reason::DisabledOnCommandLine)
+            ]
+        );
+
+        state.last_good = vec!["a".into(), "b".into()];
+        let r = run(&plan(), &state, "strata.disable=a,b,c");
+        assert_eq!(r.stack, ["b", "a"]);
+        assert_eq!(
+            r.notes,
+            [Note::FellBack {
+                to: Fallback::LastGood
+            }]
+        );
+
+        // A last good stack with a layer that is gone is not used.
+        let present = |name: &str| name != "b";
+        let r = resolve(
+            &plan(),
+            &state,
+            &cmdline("strata.disable=a,b,c"),
+            Some(&present),
+        );
+        assert_eq!(r.stack, ["a"]);
+        assert_eq!(
+            r.notes,
+            [Note::FellBack {
+                to: Fallback::KnownGood
+            }]
+        );
+
+        // Nothing known good and nothing left: an empty stack, said so.
+        let mut p = plan();
+        p.layers[2].known_good = false;
+        let r = run(&p, &BootState::default(), "strata.disable=a,b,c");
+        assert!(r.stack.is_empty());
+        assert_eq!(r.notes, [Note::Empty]);
+        assert_eq!(r.left_out.len(), 3);
+    }
+
+    #[test]
+    fn upper_mode_comes_from_the_command_line_then_the_plan() {
+        let mut p = plan();
+        p.upper.mode = UpperMode::Tmpfs;
+        assert_eq!(run(&p, &BootState::default(), "").upper, UpperMode::Tmpfs);
+        assert_eq!(
+            run(&p, &BootState::default(), "strata.upper=persistent").upper,
+            UpperMode::Persistent
+        );
     }
 }

@@ -122,11 +122,24 @@ mod tests {
 
     #[test]
     fn refuses_nonsense() {
-        for text in ["", "MiB", "1.5GiB", "-1", "12 parsecs", "99999999999999999999", "16384PiB"] {
+        for text in [
+            "",
+            "MiB",
+            "1.5GiB",
+            "-1",
+            "12 parsecs",
+            "99999999999999999999",
+            "16384PiB",
+        ] {
             let err = text.parse::<ByteSize>().unwrap_err();
             assert!(err.contains(&format!("{:?}", text.trim())), "{text}: {err}");
         }
-        assert!("20000000TiB".parse::<ByteSize>().unwrap_err().contains("too large"));
+        assert!(
+            "20000000TiB"
+                .parse::<ByteSize>()
+                .unwrap_err()
+                .contains("too large")
+        );
     }
 
     #[test]

@@ -16,13 +16,21 @@ use crate::plan::{PLAN_VERSION, UpperMode, check_version};
 pub struct BootState {
     pub version: u32,
     /// The last stack (top first) that booted and was confirmed healthy; the first fallback.
-    #[serde(default, deserialize_with = "layer_names", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "layer_names",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub last_good: Vec<String>,
     /// A selection made in the menu for the next boot only; the hook clears it once used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub once: Option<OneShot>,
     /// Boots already tried, per trial layer.
-    #[serde(default, deserialize_with = "tries_by_layer", skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "tries_by_layer",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub trial_tries: BTreeMap<String, u32>,
     /// What the previous boot mounted, and why it fell back if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,7 +105,9 @@ fn tries_by_layer<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, u3
     let tries = BTreeMap::<String, u32>::deserialize(d)?;
     for name in tries.keys() {
         check_name(name).map_err(|p| {
-            serde::de::Error::custom(format!("trial_tries names layer {name:?}, which is not a valid name: {p}"))
+            serde::de::Error::custom(format!(
+                "trial_tries names layer {name:?}, which is not a valid name: {p}"
+            ))
         })?;
     }
     Ok(tries)
@@ -134,7 +144,10 @@ mod tests {
 
     #[test]
     fn default_state_is_just_a_version() {
-        assert_eq!(BootState::parse("version = 1\n", "s").unwrap(), BootState::default());
+        assert_eq!(
+            BootState::parse("version = 1\n", "s").unwrap(),
+            BootState::default()
+        );
     }
 
     #[test]
@@ -151,7 +164,10 @@ mod tests {
             let err = BootState::parse(text, "s").unwrap_err().to_string();
             assert!(err.starts_with(want), "{text:?}\n got: {err}\nwant: {want}");
             if text.contains("..") || text.contains("a/b") {
-                assert!(err.contains("not a valid name") || err.contains("is not valid"), "{err}");
+                assert!(
+                    err.contains("not a valid name") || err.contains("is not valid"),
+                    "{err}"
+                );
             }
         }
     }

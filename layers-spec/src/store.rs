@@ -50,9 +50,11 @@ pub fn load_plan(store: &Path) -> Result<Loaded<Plan>, PlanError> {
 /// was valid (an invalid one never pushes out the last good copy).
 pub fn save_plan(store: &Path, plan: &Plan) -> Result<(), PlanError> {
     plan.check()?;
-    replace_keeping_prev(&plan_path(store), plan.to_toml().as_bytes(), |text, file| {
-        Plan::parse(text, file).is_ok()
-    })
+    replace_keeping_prev(
+        &plan_path(store),
+        plan.to_toml().as_bytes(),
+        |text, file| Plan::parse(text, file).is_ok(),
+    )
 }
 
 /// Loads the boot state; a store that has none yet has the default state.
@@ -116,7 +118,10 @@ fn replace_keeping_prev(
     contents: &[u8],
     is_valid: impl Fn(&str, &str) -> bool,
 ) -> Result<(), PlanError> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
 
