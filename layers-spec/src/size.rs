@@ -61,7 +61,7 @@ impl fmt::Display for ByteSize {
     /// The shortest exact binary form: `512MiB`, `1GiB`, `1000B`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for &(unit, factor) in &UNITS[..4] {
-            if self.0 >= factor && self.0 % factor == 0 {
+            if self.0 >= factor && self.0.is_multiple_of(factor) {
                 return write!(f, "{}{unit}", self.0 / factor);
             }
         }

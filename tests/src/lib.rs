@@ -1,0 +1,68 @@
+//! Helpers for Strata's integration tests: the rule for tests that need root, and a private mount
+//! namespace for real overlay mounts.
+//!
+//! With `CI=true` no test may skip itself: a privileged test that cannot run fails.
+
+use std::path::Path;
+
+use nix::mount::{MsFlags, mount};
+use nix::sched::{CloneFlags, unshare};
+
+/// True when running under CI, where skipping is forbidden.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Whether a privileged test can run. Without root it is skipped with a message on a developer
+/// machine, and fails under CI.
+pub fn have_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "{test} needs root, and with CI=true no test may skip itself"
+    );
+    eprintln!("skipping {test}: it needs root (run the test command as root)");
+    false
+}
+
+/// Moves the calling thread into a private mount namespace, so its mounts vanish with it and are
+/// never seen by the rest of the system.
+pub fn private_mount_namespace() {
+    unshare(CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS): is this root?");
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .expect("making / private in the new namespace");
+}
+
+/// The options that keep an upper a clean, portable future layer (see shared FACTS).
+pub const CLEAN_UPPER_OPTIONS: &str = "redirect_dir=off,index=off,metacopy=off,xino=off";
+
+/// Mounts an overlay of `lowers` (top first) with a writable upper at `target`.
+pub fn mount_overlay(
+    lowers: &[&Path],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> nix::Result<()> {
+    let lowerdir: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={},{CLEAN_UPPER_OPTIONS}",
+        lowerdir.join(":"),
+        upper.display(),
+        work.display()
+    );
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+}
