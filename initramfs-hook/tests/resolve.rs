@@ -37,6 +37,7 @@ fn resolves_a_store_under_a_sysroot_with_command_line_overrides() {
          \x20   upgrade-2 \"upgrade-2\" [trial] - above the chosen top \"upgrade-1\"\n\
          \x20 * upgrade-1 \"upgrade-1\"\n\
          \x20 * base \"Core\" [known good]\n\
+         strata: stack (top first): upgrade-1:base\n\
          strata: upper: tmpfs\n"
     );
 }
