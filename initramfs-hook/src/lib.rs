@@ -77,7 +77,10 @@ pub fn resolve_report(sysroot: &Path, cmdline: &str) -> Result<String> {
     let present = |name: &str| layers.join(name).is_dir();
     let resolution = resolve(&plan.value, &state.value, &overrides, Some(&present));
     report += &boot_ui::describe(&plan.value, &resolution);
-    report += &format!("strata: stack (top first): {}\n", resolution.stack.join(":"));
+    report += &format!(
+        "strata: stack (top first): {}\n",
+        resolution.stack.join(":")
+    );
     report += &format!("strata: upper: {:?}\n", resolution.upper).to_lowercase();
     Ok(report)
 }
