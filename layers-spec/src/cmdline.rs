@@ -1,7 +1,5 @@
 //! `strata.*` options on the kernel command line: choices made at boot that override the plan.
 
-use std::fmt;
-
 use crate::name::check_name;
 use crate::plan::UpperMode;
 
@@ -23,17 +21,12 @@ pub struct BootOverrides {
 }
 
 /// A `strata.*` parameter that was not understood. The boot goes on without it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("kernel command line `{param}`: {message}")]
 pub struct CmdlineProblem {
     /// The parameter as written (quotes removed).
     pub param: String,
     pub message: String,
-}
-
-impl fmt::Display for CmdlineProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "kernel command line `{}`: {}", self.param, self.message)
-    }
 }
 
 const PREFIX: &str = "strata.";

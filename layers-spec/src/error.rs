@@ -115,6 +115,13 @@ pub enum PlanError {
     #[error("{at}: {message}")]
     Legacy { at: Location, message: String },
 
+    /// A value built in memory that TOML cannot express (such as a date with month 13).
+    #[error("the {what} cannot be written: {message}")]
+    Unwritable { what: &'static str, message: String },
+
+    #[error("{at}: the plan lists {count} layers; at most {max} fit in one overlay stack", max = crate::plan::MAX_STACK)]
+    TooManyLayers { at: Location, count: usize },
+
     #[error("{path}: {action}: {source}")]
     Io {
         path: PathBuf,
@@ -144,8 +151,9 @@ impl PlanError {
             | Self::ParentCycle { at, .. }
             | Self::ParentAbove { at, .. }
             | Self::BadValue { at, .. }
+            | Self::TooManyLayers { at, .. }
             | Self::Legacy { at, .. } => Some(at),
-            Self::Io { .. } | Self::NoUsableCopy { .. } => None,
+            Self::Io { .. } | Self::NoUsableCopy { .. } | Self::Unwritable { .. } => None,
         }
     }
 
@@ -163,25 +171,54 @@ impl PlanError {
 
     /// A TOML deserialisation error, with serde's "field" spoken as TOML's "key".
     pub(crate) fn from_toml(file: &str, text: &str, err: &toml::de::Error) -> Self {
-        let mut message = err
-            .message()
-            .trim_end()
-            .replace("unknown field", "unknown key")
-            .replace("missing field", "missing key")
-            .replace("expected a sequence", "expected an array");
-        if message == "duplicate key"
-            && let Some(key) = err.span().and_then(|s| text.get(s))
-        {
-            message = format!(
-                "duplicate key `{}`; a key may appear once in each table",
-                key.trim()
-            );
-        }
+        let message = plain_toml_message(
+            err.message().trim_end(),
+            err.span().and_then(|s| text.get(s)),
+        );
         Self::Toml {
             at: Location::of_span(file, text, err.span()),
             message,
         }
     }
+}
+
+/// toml's and serde's wording, turned into sentences that say what would be valid.
+fn plain_toml_message(message: &str, found: Option<&str>) -> String {
+    if message == "duplicate key"
+        && let Some(key) = found
+    {
+        return format!(
+            "duplicate key `{}`; a key may appear once in each table",
+            key.trim()
+        );
+    }
+    if message == "wanted string or table" {
+        return "expected a quoted word here, such as \"trial\" or \"on-key\"".into();
+    }
+    if message.starts_with("wanted exactly 1 element") {
+        let name = found
+            .and_then(|f| f.trim().strip_prefix("[[")?.strip_suffix("]]"))
+            .unwrap_or("name");
+        return format!("this is a single table: write [{name}], not [[{name}]]");
+    }
+    if message == "invalid type: map, expected a sequence" {
+        return "layers are an array of tables: write [[layer]] for each, not [layer]".into();
+    }
+    let mut message = message
+        .replace("unknown field", "unknown key")
+        .replace("missing field", "missing key")
+        .replace("expected a sequence", "expected an array");
+    for table in [
+        "BootSettings",
+        "UpperSettings",
+        "Policy",
+        "Layer",
+        "OneShot",
+        "LastBoot",
+    ] {
+        message = message.replace(&format!("expected struct {table}"), "expected a table");
+    }
+    message
 }
 
 /// Why a layer name is refused (DESIGN: 1 to 128 of `[A-Za-z0-9._+-]`, no leading dot).

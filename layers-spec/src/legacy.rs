@@ -24,6 +24,7 @@ pub fn import(text: &str, file: &str) -> Result<Plan, PlanError> {
             continue;
         }
         if let Some(section) = line.strip_prefix('[') {
+            let section = strip_comment(section).trim_end();
             let Some(section) = section.strip_suffix(']') else {
                 return Err(err(
                     indent + 1,
@@ -109,17 +110,13 @@ fn parse_entry(raw: &str) -> Result<Layer, (usize, String)> {
         })?;
         (title, value_start + 1 + len)
     } else {
-        // An unquoted title runs to the first comma.
-        let end = value.find(',').unwrap_or(value.len());
+        // An unquoted title runs to the first comma or comment.
+        let end = value.find([',', '#', ';']).unwrap_or(value.len());
         (value[..end].trim().to_owned(), value_start + end)
     };
 
     let mut state = LayerState::Trial;
-    let rest = &raw[rest_start..];
-    let rest = match rest.find(['#', ';']) {
-        Some(comment) => &rest[..comment],
-        None => rest,
-    };
+    let rest = strip_comment(&raw[rest_start..]);
     let trimmed = rest.trim();
     if !trimmed.is_empty() {
         let Some(flags) = trimmed.strip_prefix(',') else {
@@ -130,11 +127,18 @@ fn parse_entry(raw: &str) -> Result<Layer, (usize, String)> {
                 ),
             ));
         };
-        for flag in flags.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+        // Byte offset of `flags` within `raw`, to point at the flag that is wrong.
+        let mut offset = rest_start + (rest.len() - rest.trim_start().len()) + 1;
+        for piece in flags.split(',') {
+            let flag = piece.trim();
+            let at = offset + (piece.len() - piece.trim_start().len());
+            offset += piece.len() + 1;
+            if flag.is_empty() {
+                continue;
+            }
             if flag.eq_ignore_ascii_case("ro") {
                 state = LayerState::Active;
             } else {
-                let at = rest_start + rest.find(flag).unwrap_or(0);
                 return Err((
                     column_of(at),
                     format!("unknown flag {flag:?}; the only flag is `ro` (accepted)"),
@@ -146,6 +150,11 @@ fn parse_entry(raw: &str) -> Result<Layer, (usize, String)> {
     layer.title = (!title.is_empty()).then_some(title);
     layer.state = state;
     Ok(layer)
+}
+
+/// Everything before a `#` or `;` comment.
+fn strip_comment(text: &str) -> &str {
+    text.find(['#', ';']).map_or(text, |at| &text[..at])
 }
 
 /// The body of a quoted title up to its closing quote, with `\"` and `\\` unescaped; returns it
@@ -208,21 +217,23 @@ mod tests {
             ]
         );
         // The result is a valid plan that reads back as itself.
-        assert_eq!(Plan::parse(&plan.to_toml(), "t").unwrap(), plan);
+        assert_eq!(Plan::parse(&plan.to_toml().unwrap(), "t").unwrap(), plan);
     }
 
     #[test]
     fn tolerates_what_hand_edited_files_have() {
-        let text = "\u{feff}# a comment\r\n; another\r\n\r\n  [Layers]  \r\n\
+        let text = "\u{feff}# a comment\r\n; another\r\n\r\n  [Layers]  ; the layers\r\n\
                     top = \"Fix: a=b, c=\\\"d\\\" \\\\ e\" , RO ; accepted\r\n\
                     mid=\"Trying\",\r\n\
-                    base=Plain title,ro\r\n";
+                    low=Unquoted ; a comment, with ro\r\n\
+                    base=Plain title,ro # plain\r\n";
         let plan = import(text, "f").unwrap();
         assert_eq!(
             summary(&plan),
             [
                 ("top", "Fix: a=b, c=\"d\" \\ e", LayerState::Active),
                 ("mid", "Trying", LayerState::Trial),
+                ("low", "Unquoted", LayerState::Trial),
                 ("base", "Plain title", LayerState::Active),
             ]
         );
@@ -236,6 +247,11 @@ mod tests {
                 "f:3:3: the title's quote is not closed",
             ),
             ("[Layers]\na=\"x\",rw\n", "f:2:7: unknown flag \"rw\""),
+            ("[Layers]\na=\"x\",ro,o\n", "f:2:10: unknown flag \"o\""),
+            (
+                "[Layers]\na=\"ro\" , ro , r\n",
+                "f:2:15: unknown flag \"r\"",
+            ),
             (
                 "[Layers]\n  bad/name=\"x\"\n",
                 "f:2:3: layer name \"bad/name\" is not valid: it contains `/`",

@@ -288,19 +288,30 @@ impl Plan {
         Ok(plan)
     }
 
-    /// The plan as the TOML `save` writes: settings, then `[[layer]]` tables top first.
-    pub fn to_toml(&self) -> String {
-        let body = toml::to_string_pretty(self).expect("a plan always serialises");
-        format!("# Strata plan: layers are listed top first. See `overlayctl --help`.\n{body}")
+    /// The plan as the TOML `save` writes: settings, then `[[layer]]` tables top first. Fails
+    /// only for values TOML cannot hold, such as a `created` date with month 13.
+    pub fn to_toml(&self) -> Result<String, PlanError> {
+        let body = toml::to_string_pretty(self).map_err(|e| PlanError::Unwritable {
+            what: "plan",
+            message: e.to_string(),
+        })?;
+        Ok(format!(
+            "# Strata plan: layers are listed top first. See `overlayctl --help`.\n{body}"
+        ))
     }
 
-    /// Validates a plan built in memory. Errors locate the problem in the TOML it would be
-    /// written as, and the check also proves the plan reads back as itself.
-    pub fn check(&self) -> Result<(), PlanError> {
-        let text = self.to_toml();
+    /// Validates a plan built in memory and returns the text it is written as. Errors locate
+    /// the problem in that text, and the check also proves the plan reads back as itself.
+    pub fn check(&self) -> Result<String, PlanError> {
+        let text = self.to_toml()?;
         let back = Self::parse(&text, "(plan to be written)")?;
-        debug_assert_eq!(&back, self);
-        Ok(())
+        if &back != self {
+            return Err(PlanError::Unwritable {
+                what: "plan",
+                message: "it does not read back as itself".into(),
+            });
+        }
+        Ok(text)
     }
 
     pub fn layer(&self, name: &str) -> Option<&Layer> {
@@ -326,6 +337,12 @@ impl Plan {
         if self.layers.is_empty() {
             return Err(PlanError::NoLayers {
                 at: Location::at(at.file, at.text, at.text.len()),
+            });
+        }
+        if self.layers.len() > MAX_STACK as usize {
+            return Err(PlanError::TooManyLayers {
+                at: at.layer_table(MAX_STACK as usize),
+                count: self.layers.len(),
             });
         }
         let mut first_seen: HashMap<&str, usize> = HashMap::new();
@@ -426,24 +443,29 @@ impl Plan {
     }
 
     /// The first cycle among parent links, as the index of the layer where it was found and the
-    /// names along it (the first name repeated at the end).
+    /// names along it (the first name repeated at the end). Linear: each layer is walked once.
     fn find_parent_cycle(&self, index: &HashMap<&str, usize>) -> Option<(usize, Vec<String>)> {
+        const UNSEEN: usize = usize::MAX;
+        let parent_of = |i: usize| self.layers[i].parent.as_deref().map(|p| index[p]);
+        // For each layer, the walk that first reached it; a walk that meets itself is a cycle.
+        let mut walk_of = vec![UNSEEN; self.layers.len()];
         for start in 0..self.layers.len() {
-            let mut path = vec![start];
-            let mut current = start;
-            while let Some(parent) = &self.layers[current].parent {
-                current = index[parent.as_str()];
-                if let Some(pos) = path.iter().position(|&p| p == current) {
-                    if pos != 0 {
-                        break; // a cycle further up; found when we start from one of its members
-                    }
-                    let mut cycle: Vec<String> =
-                        path.iter().map(|&p| self.layers[p].name.clone()).collect();
-                    cycle.push(self.layers[start].name.clone());
-                    return Some((start, cycle));
-                }
-                path.push(current);
+            let mut current = Some(start);
+            while let Some(i) = current.filter(|&i| walk_of[i] == UNSEEN) {
+                walk_of[i] = start;
+                current = parent_of(i);
             }
+            let Some(on_cycle) = current.filter(|&i| walk_of[i] == start) else {
+                continue;
+            };
+            let mut cycle = vec![self.layers[on_cycle].name.clone()];
+            let mut next = parent_of(on_cycle)?;
+            while next != on_cycle {
+                cycle.push(self.layers[next].name.clone());
+                next = parent_of(next)?;
+            }
+            cycle.push(self.layers[on_cycle].name.clone());
+            return Some((on_cycle, cycle));
         }
         None
     }
@@ -539,10 +561,14 @@ mod tests {
     #[test]
     fn written_toml_is_stable_and_reads_back() {
         let plan = Plan::parse(DESIGN, "design.toml").unwrap();
-        let text = plan.to_toml();
+        let text = plan.to_toml().unwrap();
         let again = Plan::parse(&text, "written").unwrap();
         assert_eq!(again, plan);
-        assert_eq!(again.to_toml(), text, "writing twice gives the same bytes");
+        assert_eq!(
+            again.to_toml().unwrap(),
+            text,
+            "writing twice gives the same bytes"
+        );
         // Settings come first, then the layers top first as [[layer]] tables.
         let order: Vec<usize> = [
             "[boot]",
@@ -617,6 +643,22 @@ mod tests {
         (
             "version = 1\n[policy]\nmin_free = \"lots\"\n",
             "p:3:12: \"lots\" is not a size",
+        ),
+        (
+            "version = 1\n[[layer]]\nname = \"a\"\nstate = true\n",
+            "p:4:9: expected a quoted word here, such as \"trial\"",
+        ),
+        (
+            "version = 1\n[[boot]]\n",
+            "p:2:1: this is a single table: write [boot], not [[boot]]",
+        ),
+        (
+            "version = 1\n[layer]\nname = \"a\"\n",
+            "p:2:1: layers are an array of tables: write [[layer]] for each, not [layer]",
+        ),
+        (
+            "version = 1\nboot = 3\n",
+            "p:2:8: invalid type: integer `3`, expected a table",
         ),
         // Version.
         (
@@ -717,6 +759,51 @@ mod tests {
             let at = err.location().expect("content errors are located");
             assert_eq!(format!("{at}: "), got[..got.find(": ").unwrap() + 2]);
         }
+    }
+
+    #[test]
+    fn more_layers_than_overlayfs_can_stack_are_refused_at_the_first_too_many() {
+        let mut text = String::from("version = 1\n");
+        for i in 0..=MAX_STACK {
+            text += &format!("[[layer]]\nname = \"l{i}\"\n");
+        }
+        let err = Plan::parse(&text, "p").unwrap_err().to_string();
+        let line = 2 + 2 * MAX_STACK as usize;
+        assert!(
+            err.starts_with(&format!(
+                "p:{line}:1: the plan lists 501 layers; at most 500"
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_long_parent_chain_is_checked_quickly_and_a_cycle_in_it_found() {
+        // 500 layers, each built on the next; the bottom one closes the loop.
+        let count = MAX_STACK as usize;
+        let mut layers: Vec<Layer> = (0..count).map(|i| Layer::new(format!("l{i}"))).collect();
+        for i in 0..count - 1 {
+            layers[i].parent = Some(format!("l{}", i + 1));
+        }
+        let plan = Plan::new(layers.clone());
+        assert!(plan.check().is_ok());
+        layers[count - 1].parent = Some("l0".into());
+        let err = Plan::new(layers).check().unwrap_err();
+        let PlanError::ParentCycle { cycle, .. } = err else {
+            panic!("{err}")
+        };
+        assert_eq!(cycle.len(), count + 1);
+        assert_eq!((cycle[0].as_str(), cycle[count].as_str()), ("l0", "l0"));
+    }
+
+    #[test]
+    fn values_toml_cannot_hold_are_an_error_not_a_panic() {
+        let mut layer = Layer::new("a");
+        let mut created: Datetime = "2007-05-20T10:00:00Z".parse().unwrap();
+        created.date.as_mut().unwrap().month = 13;
+        layer.created = Some(created);
+        let err = Plan::new(vec![layer]).check().unwrap_err().to_string();
+        assert!(err.starts_with("the plan cannot be written: "), "{err}");
     }
 
     #[test]

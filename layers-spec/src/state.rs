@@ -3,10 +3,12 @@
 
 use std::collections::BTreeMap;
 
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Deserializer, Serialize};
+use toml::Spanned;
 use toml::value::Datetime;
 
-use crate::error::PlanError;
+use crate::error::{Location, PlanError};
 use crate::name::check_name;
 use crate::plan::{PLAN_VERSION, UpperMode, check_version};
 
@@ -26,11 +28,7 @@ pub struct BootState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub once: Option<OneShot>,
     /// Boots already tried, per trial layer.
-    #[serde(
-        default,
-        deserialize_with = "tries_by_layer",
-        skip_serializing_if = "BTreeMap::is_empty"
-    )]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub trial_tries: BTreeMap<String, u32>,
     /// What the previous boot mounted, and why it fell back if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,12 +75,45 @@ impl BootState {
     pub fn parse(text: &str, file: &str) -> Result<Self, PlanError> {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         check_version(text, file)?;
-        toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))
+        let state: Self = toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))?;
+        // Map keys carry no span of their own through serde, so they are checked here.
+        #[derive(Deserialize)]
+        struct KeySpans {
+            #[serde(default)]
+            trial_tries: BTreeMap<Spanned<String>, IgnoredAny>,
+        }
+        let keys: KeySpans =
+            toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))?;
+        for key in keys.trial_tries.keys() {
+            check_name(key.get_ref()).map_err(|problem| PlanError::BadName {
+                at: Location::of_span(file, text, Some(key.span())),
+                name: key.get_ref().clone(),
+                problem,
+            })?;
+        }
+        Ok(state)
     }
 
-    pub fn to_toml(&self) -> String {
-        let body = toml::to_string_pretty(self).expect("boot state always serialises");
-        format!("# Strata boot state: written by the boot hook and the menu.\n{body}")
+    pub fn to_toml(&self) -> Result<String, PlanError> {
+        let body = toml::to_string_pretty(self).map_err(|e| PlanError::Unwritable {
+            what: "boot state",
+            message: e.to_string(),
+        })?;
+        Ok(format!(
+            "# Strata boot state: written by the boot hook and the menu.\n{body}"
+        ))
+    }
+
+    /// Validates boot state built in memory and returns the text it is written as.
+    pub fn check(&self) -> Result<String, PlanError> {
+        let text = self.to_toml()?;
+        if &Self::parse(&text, "(boot state to be written)")? != self {
+            return Err(PlanError::Unwritable {
+                what: "boot state",
+                message: "it does not read back as itself".into(),
+            });
+        }
+        Ok(text)
     }
 
     /// Boots tried so far by a trial layer.
@@ -99,18 +130,6 @@ fn layer_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
         })?;
     }
     Ok(names)
-}
-
-fn tries_by_layer<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, u32>, D::Error> {
-    let tries = BTreeMap::<String, u32>::deserialize(d)?;
-    for name in tries.keys() {
-        check_name(name).map_err(|p| {
-            serde::de::Error::custom(format!(
-                "trial_tries names layer {name:?}, which is not a valid name: {p}"
-            ))
-        })?;
-    }
-    Ok(tries)
 }
 
 #[cfg(test)]
@@ -137,7 +156,7 @@ mod tests {
     #[test]
     fn round_trips() {
         for state in [BootState::default(), full()] {
-            let text = state.to_toml();
+            let text = state.to_toml().unwrap();
             assert_eq!(BootState::parse(&text, "s").unwrap(), state, "{text}");
         }
     }
@@ -155,7 +174,10 @@ mod tests {
         let cases = [
             ("version = 1\nlast_good = [\"ok\", \"../x\"]\n", "s:2:"),
             ("version = 1\n[once]\nlayers = [\"a/b\"]\n", "s:3:"),
-            ("version = 1\n[trial_tries]\n\"../../etc\" = 1\n", "s:"),
+            (
+                "version = 1\n[trial_tries]\nok = 1\n\"../../etc\" = 1\n",
+                "s:4:1: layer name \"../../etc\" is not valid",
+            ),
             ("version = 1\nbogus = 1\n", "s:2:1: unknown key `bogus`"),
             ("version = 2\n", "s:1:11: version 2 is not supported"),
             ("last_good = []\n", "s:1:1: the file has no `version` key"),

@@ -4,6 +4,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::PlanError;
 use crate::plan::Plan;
@@ -49,12 +50,10 @@ pub fn load_plan(store: &Path) -> Result<Loaded<Plan>, PlanError> {
 /// Saves the plan atomically after checking it; the plan it replaces is kept as `.prev` when it
 /// was valid (an invalid one never pushes out the last good copy).
 pub fn save_plan(store: &Path, plan: &Plan) -> Result<(), PlanError> {
-    plan.check()?;
-    replace_keeping_prev(
-        &plan_path(store),
-        plan.to_toml().as_bytes(),
-        |text, file| Plan::parse(text, file).is_ok(),
-    )
+    let text = plan.check()?;
+    replace_keeping_prev(&plan_path(store), text.as_bytes(), |text, file| {
+        Plan::parse(text, file).is_ok()
+    })
 }
 
 /// Loads the boot state; a store that has none yet has the default state.
@@ -70,11 +69,17 @@ pub fn load_state(store: &Path) -> Result<Loaded<BootState>, PlanError> {
     load_with_prev(&path, BootState::parse)
 }
 
+/// Saves the boot state atomically after checking it, creating `state/` in an existing store.
 pub fn save_state(store: &Path, state: &BootState) -> Result<(), PlanError> {
+    let text = state.check()?;
     let path = state_path(store);
-    let dir = path.parent().expect("state path has a parent");
-    fs::create_dir_all(dir).map_err(|e| PlanError::io(dir, "creating the state directory", e))?;
-    replace_keeping_prev(&path, state.to_toml().as_bytes(), |text, file| {
+    let dir = store.join(STATE_DIR);
+    match fs::create_dir(&dir) {
+        Ok(()) => sync_dir(store)?,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(PlanError::io(dir, "creating the state directory", e)),
+    }
+    replace_keeping_prev(&path, text.as_bytes(), |text, file| {
         BootState::parse(text, file).is_ok()
     })
 }
@@ -110,9 +115,18 @@ fn load_with_prev<T>(
     }
 }
 
+/// A name for a temporary file beside `name`, unique within this process and across processes.
+/// Leftovers from a crash start with `.` and end in `.tmp`, for whoever cleans the store.
+fn temp_name(name: &str, purpose: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(".{name}.{purpose}.{}.{n}.tmp", std::process::id())
+}
+
 /// Replaces `path` with `contents` so that a crash at any point leaves either the old or the new
 /// file: write a temporary file in the same directory, fsync it, keep the old file as `.prev`
-/// (a hard link, so no copy and no moment without a plan), rename over, fsync the directory.
+/// (a hard link, so no copy and no moment without a plan; a copy where the filesystem has no
+/// hard links), rename over, fsync the directory.
 fn replace_keeping_prev(
     path: &Path,
     contents: &[u8],
@@ -123,23 +137,23 @@ fn replace_keeping_prev(
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-
-    // A leftover from a crash (pids repeat across boots) is ours to replace.
-    let _ = fs::remove_file(&tmp);
+    let tmp = dir.join(temp_name(&name, "new"));
     write_synced(&tmp, contents).map_err(|e| {
         let _ = fs::remove_file(&tmp);
         PlanError::io(&tmp, "writing the new copy", e)
     })?;
 
-    let old_is_valid = fs::read_to_string(path)
-        .map(|old| is_valid(&old, &path.display().to_string()))
-        .unwrap_or(false);
-    if old_is_valid {
+    let old = fs::read_to_string(path).ok();
+    if let Some(old) = old.filter(|old| is_valid(old, &path.display().to_string())) {
         let prev = prev_path(path);
-        let prev_tmp = dir.join(format!(".{name}.prev.tmp.{}", std::process::id()));
-        let _ = fs::remove_file(&prev_tmp);
-        let kept = fs::hard_link(path, &prev_tmp).and_then(|()| fs::rename(&prev_tmp, &prev));
+        let prev_tmp = dir.join(temp_name(&name, "prev"));
+        let kept = match fs::hard_link(path, &prev_tmp) {
+            Err(e) if [Some(EPERM), Some(EOPNOTSUPP)].contains(&e.raw_os_error()) => {
+                write_synced(&prev_tmp, old.as_bytes())
+            }
+            other => other,
+        }
+        .and_then(|()| fs::rename(&prev_tmp, &prev));
         if let Err(e) = kept {
             let _ = fs::remove_file(&prev_tmp);
             let _ = fs::remove_file(&tmp);
@@ -151,6 +165,14 @@ fn replace_keeping_prev(
         let _ = fs::remove_file(&tmp);
         PlanError::io(path, "replacing", e)
     })?;
+    sync_dir(dir)
+}
+
+/// Without hard links (vfat, some FUSE filesystems) `link(2)` fails with one of these.
+const EPERM: i32 = 1;
+const EOPNOTSUPP: i32 = 95;
+
+fn sync_dir(dir: &Path) -> Result<(), PlanError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| PlanError::io(dir, "syncing the directory", e))

@@ -152,15 +152,15 @@ proptest! {
 
     #[test]
     fn plans_round_trip_through_toml(plan in plan()) {
-        let text = plan.to_toml();
+        let text = plan.to_toml().unwrap();
         let back = Plan::parse(&text, "p").map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
         prop_assert_eq!(&back, &plan);
-        prop_assert_eq!(back.to_toml(), text);
+        prop_assert_eq!(back.to_toml().unwrap(), text);
     }
 
     #[test]
     fn boot_state_round_trips((_plan, state, _o, _p) in scenario()) {
-        let text = state.to_toml();
+        let text = state.to_toml().unwrap();
         prop_assert_eq!(BootState::parse(&text, "s").unwrap(), state);
     }
 
@@ -174,7 +174,7 @@ proptest! {
 
     #[test]
     fn mangled_plans_fail_cleanly_or_parse_validly(plan in plan(), cut in any::<prop::sample::Index>(), junk in "[\\[\\]=\"a-z\n .]{0,8}") {
-        let text = plan.to_toml();
+        let text = plan.to_toml().unwrap();
         let mut at = cut.index(text.len() + 1);
         while !text.is_char_boundary(at) { at -= 1; }
         let mangled = format!("{}{junk}{}", &text[..at], &text[at..]);

@@ -130,8 +130,30 @@ fn a_store_that_cannot_be_written_reports_where() {
     let err = store::save_plan(&missing, &plan(&["one"]))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("no-such-store/.overlayplan.toml.tmp"), "{err}");
+    assert!(
+        err.contains("no-such-store/.overlayplan.toml.new."),
+        "{err}"
+    );
     assert!(err.contains("writing the new copy"), "{err}");
+}
+
+#[test]
+fn bad_boot_state_is_not_written_and_no_store_is_made_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = BootState::default();
+    state.last_good = vec!["../etc".into()];
+    let err = store::save_state(dir.path(), &state)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer name \"../etc\" is not valid"), "{err}");
+    assert!(files(dir.path()).is_empty());
+
+    let missing = dir.path().join("no-such-store");
+    let err = store::save_state(&missing, &BootState::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("creating the state directory"), "{err}");
+    assert!(!missing.exists());
 }
 
 #[test]
