@@ -782,8 +782,8 @@ mod tests {
         // 500 layers, each built on the next; the bottom one closes the loop.
         let count = MAX_STACK as usize;
         let mut layers: Vec<Layer> = (0..count).map(|i| Layer::new(format!("l{i}"))).collect();
-        for i in 0..count - 1 {
-            layers[i].parent = Some(format!("l{}", i + 1));
+        for (i, layer) in layers.iter_mut().enumerate().take(count - 1) {
+            layer.parent = Some(format!("l{}", i + 1));
         }
         let plan = Plan::new(layers.clone());
         assert!(plan.check().is_ok());
