@@ -140,8 +140,10 @@ fn a_store_that_cannot_be_written_reports_where() {
 #[test]
 fn bad_boot_state_is_not_written_and_no_store_is_made_up() {
     let dir = tempfile::tempdir().unwrap();
-    let mut state = BootState::default();
-    state.last_good = vec!["../etc".into()];
+    let state = BootState {
+        last_good: vec!["../etc".into()],
+        ..BootState::default()
+    };
     let err = store::save_state(dir.path(), &state)
         .unwrap_err()
         .to_string();
