@@ -1,6 +1,8 @@
 //! `overlayctl`: the command line over a Strata store. One command enum, one function per
 //! command; the plan logic lives in `layers-spec`.
 
+pub mod engine;
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};

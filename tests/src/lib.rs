@@ -42,22 +42,29 @@ pub fn private_mount_namespace() {
 }
 
 /// The options that keep an upper a clean, portable future layer (see shared FACTS).
-pub const CLEAN_UPPER_OPTIONS: &str = "redirect_dir=off,index=off,metacopy=off,xino=off";
+/// `redirect_dir=nofollow` rather than `off`: `off` still follows redirects found in lowers,
+/// and the kernel refuses it together with `userxattr` ("conflicting options").
+pub const CLEAN_UPPER_OPTIONS: &str = "redirect_dir=nofollow,index=off,metacopy=off,xino=off";
 
-/// Mounts an overlay of `lowers` (top first) with a writable upper at `target`.
+/// Mounts an overlay of `lowers` (top first) with a writable upper at `target`; `extra` is
+/// appended to the options (such as `userxattr`).
 pub fn mount_overlay(
     lowers: &[&Path],
     upper: &Path,
     work: &Path,
     target: &Path,
+    extra: &str,
 ) -> nix::Result<()> {
     let lowerdir: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
-    let options = format!(
+    let mut options = format!(
         "lowerdir={},upperdir={},workdir={},{CLEAN_UPPER_OPTIONS}",
         lowerdir.join(":"),
         upper.display(),
         work.display()
     );
+    if !extra.is_empty() {
+        options = format!("{options},{extra}");
+    }
     mount(
         Some("overlay"),
         target,

@@ -54,7 +54,7 @@ fn boot(
     for dir in [&upper, &work, &merged] {
         fs::create_dir_all(dir).unwrap();
     }
-    mount_overlay(&lowers, &upper, &work, &merged).expect("overlay mount");
+    mount_overlay(&lowers, &upper, &work, &merged, "").expect("overlay mount");
     let mut files: Vec<(String, String)> = fs::read_dir(&merged)
         .unwrap()
         .map(|e| {

@@ -1,0 +1,11 @@
+//! The layer engine: overlay semantics on disk. Layers are read into trees ([`tree`]), stacks
+//! merged as the kernel would merge them ([`merge`]), and layers described by a canonical
+//! manifest and digest ([`manifest`]).
+
+pub mod manifest;
+pub mod merge;
+pub mod tree;
+
+pub use manifest::Manifest;
+pub use merge::{MergedNode, MergedView};
+pub use tree::{Kind, Layer, LayerError, Meta, Node, XattrNs};
