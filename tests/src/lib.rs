@@ -3,6 +3,8 @@
 //!
 //! With `CI=true` no test may skip itself: a privileged test that cannot run fails.
 
+pub mod layergen;
+
 use std::path::Path;
 
 use nix::mount::{MsFlags, mount};

@@ -2,6 +2,7 @@
 //! merged as the kernel would merge them ([`merge`]), and layers described by a canonical
 //! manifest and digest ([`manifest`]).
 
+pub mod copy;
 pub mod manifest;
 pub mod merge;
 pub mod tree;

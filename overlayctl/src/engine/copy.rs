@@ -1,0 +1,343 @@
+//! Writing a layer tree into a new directory, preserving everything a root filesystem needs:
+//! hard links, owners, modes (setuid included), times, xattrs, devices, fifos, sockets, sparse
+//! files. Every write goes through directory handles opened with `O_NOFOLLOW`, so a symlink in
+//! the source can never make the copy write outside the destination. Whiteouts are written as
+//! 0/0 character devices and opaque directories as `trusted.overlay.opaque = "y"`, the form every
+//! kernel reads.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{
+    AtFlags, FileType, Gid, Mode, OFlags, SeekFrom, Timespec, Timestamps, Uid, XattrFlags, chownat,
+    copy_file_range, fchmod, fchown, fsetxattr, fstat, ftruncate, futimens, linkat, lsetxattr,
+    mkdirat, mknodat, openat, seek, symlinkat, syncfs, utimensat,
+};
+
+use super::tree::{Kind, Layer, LayerError, Meta, Node, XattrNs};
+
+/// What a copy wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CopyStats {
+    pub entries: u64,
+    /// Bytes of file content (hard links counted once).
+    pub bytes: u64,
+}
+
+/// Copies `layer` into a new directory `name` inside the directory `parent` (which must exist
+/// and not contain `name`), then flushes the filesystem. The new layer keeps overlay's
+/// attributes in the `trusted.` namespace, whatever the source used.
+pub fn copy_layer(layer: &Layer, parent: &Path, name: &OsStr) -> Result<CopyStats, LayerError> {
+    let parent_fd = open_dir(rustix::fs::CWD, parent)
+        .map_err(io_at(parent, "opening the destination directory"))?;
+    let mut copier = Copier {
+        source_root: &layer.root,
+        dest_root: parent.join(name),
+        links: HashMap::new(),
+        stats: CopyStats::default(),
+    };
+    copier.dir(&parent_fd, name, Path::new(""), &layer.tree)?;
+    syncfs(&parent_fd).map_err(io_at(parent, "flushing the filesystem"))?;
+    Ok(copier.stats)
+}
+
+fn io_at<'a>(
+    path: &'a Path,
+    action: &'static str,
+) -> impl FnOnce(rustix::io::Errno) -> LayerError + 'a {
+    move |errno| LayerError::Io {
+        path: path.to_owned(),
+        action,
+        source: io::Error::from(errno),
+    }
+}
+
+fn open_dir(at: impl AsFd, name: impl rustix::path::Arg) -> rustix::io::Result<OwnedFd> {
+    openat(
+        at,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+struct Copier<'a> {
+    source_root: &'a Path,
+    dest_root: PathBuf,
+    /// Source inode → where its first copy is, relative to the destination root.
+    links: HashMap<(u64, u64), PathBuf>,
+    stats: CopyStats,
+}
+
+impl Copier<'_> {
+    fn dest(&self, rel: &Path) -> PathBuf {
+        self.dest_root.join(rel)
+    }
+
+    fn dir(
+        &mut self,
+        parent: &OwnedFd,
+        name: &OsStr,
+        rel: &Path,
+        node: &Node,
+    ) -> Result<(), LayerError> {
+        let dest = self.dest(rel);
+        mkdirat(parent, name, Mode::from_raw_mode(0o700))
+            .map_err(io_at(&dest, "creating the directory"))?;
+        let fd = open_dir(parent, name).map_err(io_at(&dest, "opening the new directory"))?;
+        self.stats.entries += 1;
+        let Kind::Dir { opaque, children } = &node.kind else {
+            unreachable!("dir() is called for directories");
+        };
+        for (child_name, child) in children {
+            let child_rel = rel.join(child_name);
+            self.entry(&fd, child_name, &child_rel, child)?;
+        }
+        if *opaque {
+            fsetxattr(
+                &fd,
+                XattrNs::Trusted.name("opaque").as_str(),
+                b"y",
+                XattrFlags::empty(),
+            )
+            .map_err(io_at(&dest, "marking the directory opaque"))?;
+        }
+        // Metadata last: creating children changes the directory's times.
+        set_fd_meta(&fd, &node.meta).map_err(io_at(&dest, "setting metadata"))
+    }
+
+    fn entry(
+        &mut self,
+        dir: &OwnedFd,
+        name: &OsString,
+        rel: &Path,
+        node: &Node,
+    ) -> Result<(), LayerError> {
+        let dest = self.dest(rel);
+        match &node.kind {
+            Kind::Dir { .. } => return self.dir(dir, name, rel, node),
+            Kind::File { size, inode, nlink } => {
+                if *nlink > 1 {
+                    if let Some(first) = self.links.get(inode) {
+                        let root = self.dest_root.clone();
+                        linkat(
+                            rustix::fs::CWD,
+                            root.join(first),
+                            dir,
+                            name.as_os_str(),
+                            AtFlags::empty(),
+                        )
+                        .map_err(io_at(&dest, "making a hard link"))?;
+                        self.stats.entries += 1;
+                        return Ok(());
+                    }
+                    self.links.insert(*inode, rel.to_owned());
+                }
+                self.file(dir, name, rel, node, *size)?;
+            }
+            Kind::Symlink { target } => {
+                symlinkat(target.as_os_str(), dir, name.as_os_str())
+                    .map_err(io_at(&dest, "creating the symlink"))?;
+                self.set_path_meta(dir, name, &dest, &node.meta, false)?;
+            }
+            Kind::Whiteout => {
+                mknodat(
+                    dir,
+                    name.as_os_str(),
+                    FileType::CharacterDevice,
+                    Mode::empty(),
+                    0,
+                )
+                .map_err(io_at(&dest, "creating the whiteout"))?;
+            }
+            Kind::CharDevice { rdev } | Kind::BlockDevice { rdev } => {
+                let kind = if matches!(node.kind, Kind::CharDevice { .. }) {
+                    FileType::CharacterDevice
+                } else {
+                    FileType::BlockDevice
+                };
+                mknodat(
+                    dir,
+                    name.as_os_str(),
+                    kind,
+                    Mode::from_raw_mode(0o600),
+                    *rdev,
+                )
+                .map_err(io_at(&dest, "creating the device node"))?;
+                self.set_path_meta(dir, name, &dest, &node.meta, true)?;
+            }
+            Kind::Fifo | Kind::Socket => {
+                let kind = if matches!(node.kind, Kind::Fifo) {
+                    FileType::Fifo
+                } else {
+                    FileType::Socket
+                };
+                mknodat(dir, name.as_os_str(), kind, Mode::from_raw_mode(0o600), 0)
+                    .map_err(io_at(&dest, "creating the special file"))?;
+                self.set_path_meta(dir, name, &dest, &node.meta, true)?;
+            }
+        }
+        self.stats.entries += 1;
+        Ok(())
+    }
+
+    fn file(
+        &mut self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        rel: &Path,
+        node: &Node,
+        size: u64,
+    ) -> Result<(), LayerError> {
+        let source = self.source_root.join(rel);
+        let dest = self.dest(rel);
+        let src = File::from(
+            openat(
+                rustix::fs::CWD,
+                &source,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(io_at(&source, "opening"))?,
+        );
+        let dst = openat(
+            dir,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(io_at(&dest, "creating"))?;
+        let dst = File::from(dst);
+        let sparse = fstat(&src)
+            .map(|st| (st.st_blocks as u64) * 512 < size)
+            .unwrap_or(false);
+        copy_data(&src, &dst, size, sparse).map_err(|source| LayerError::Io {
+            path: dest.clone(),
+            action: "copying the content",
+            source,
+        })?;
+        self.stats.bytes += size;
+        set_fd_meta(&dst, &node.meta).map_err(io_at(&dest, "setting metadata"))
+    }
+
+    /// Metadata of an entry that cannot be opened for writing (symlinks, devices, fifos,
+    /// sockets): by name in its directory, never following a symlink.
+    fn set_path_meta(
+        &self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        dest: &Path,
+        meta: &Meta,
+        chmod: bool,
+    ) -> Result<(), LayerError> {
+        // The directory's handle, seen through /proc, pins the parent; the last component is
+        // not followed by lsetxattr.
+        let via_proc = Path::new("/proc/self/fd")
+            .join(dir.as_raw_fd().to_string())
+            .join(name);
+        for (key, value) in &meta.xattrs {
+            lsetxattr(&via_proc, key.as_os_str(), value, XattrFlags::empty())
+                .map_err(io_at(dest, "setting an extended attribute"))?;
+        }
+        chownat(
+            dir,
+            name,
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(io_at(dest, "setting the owner"))?;
+        if chmod {
+            rustix::fs::chmodat(dir, name, Mode::from_raw_mode(meta.mode), AtFlags::empty())
+                .map_err(io_at(dest, "setting the mode"))?;
+        }
+        utimensat(dir, name, &timestamps(meta), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(io_at(dest, "setting the times"))
+    }
+}
+
+fn timestamps(meta: &Meta) -> Timestamps {
+    let t = Timespec {
+        tv_sec: meta.mtime.0,
+        tv_nsec: meta.mtime.1 as _,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+/// Xattrs, owner, then mode (a chown clears setuid), then times, on an open file or directory.
+fn set_fd_meta(fd: impl AsFd, meta: &Meta) -> rustix::io::Result<()> {
+    for (key, value) in &meta.xattrs {
+        fsetxattr(&fd, key.as_os_str(), value, XattrFlags::empty())?;
+    }
+    fchown(
+        &fd,
+        Some(Uid::from_raw(meta.uid)),
+        Some(Gid::from_raw(meta.gid)),
+    )?;
+    fchmod(&fd, Mode::from_raw_mode(meta.mode))?;
+    futimens(&fd, &timestamps(meta))
+}
+
+/// Copies `size` bytes in the kernel (`copy_file_range`, which reflinks where the filesystem
+/// can); a sparse source keeps its holes.
+fn copy_data(src: &File, dst: &File, size: u64, sparse: bool) -> io::Result<()> {
+    if !sparse {
+        return copy_range(src, dst, 0, size);
+    }
+    let mut offset = 0;
+    while offset < size {
+        let data = match seek(src, SeekFrom::Data(offset)) {
+            Ok(at) => at,
+            Err(rustix::io::Errno::NXIO) => break, // only a hole is left
+            Err(e) => return Err(e.into()),
+        };
+        let hole = seek(src, SeekFrom::Hole(data))?.min(size);
+        copy_range(src, dst, data, hole - data)?;
+        offset = hole;
+    }
+    ftruncate(dst, size)?;
+    Ok(())
+}
+
+fn copy_range(src: &File, dst: &File, start: u64, len: u64) -> io::Result<()> {
+    let (mut from, mut to) = (start, start);
+    let end = start + len;
+    while from < end {
+        let chunk = usize::try_from(end - from)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        match copy_file_range(src, Some(&mut from), dst, Some(&mut to), chunk) {
+            Ok(0) => break, // the source shrank under us; the manifest will tell
+            Ok(_) => {}
+            Err(rustix::io::Errno::XDEV | rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL) => {
+                return copy_range_by_hand(src, dst, from, end - from, to);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// For filesystems without `copy_file_range` between them.
+fn copy_range_by_hand(src: &File, dst: &File, from: u64, len: u64, to: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        let want = buf.len().min((len - done) as usize);
+        let n = src.read_at(&mut buf[..want], from + done)?;
+        if n == 0 {
+            break;
+        }
+        dst.write_all_at(&buf[..n], to + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
