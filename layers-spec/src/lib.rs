@@ -3,11 +3,13 @@
 //! turns all of them into the stack of layers to mount.
 //!
 //! Parsers take text and resolution is pure; [`store`] is the thin layer that reads and writes
-//! the files atomically.
+//! the files atomically, and [`mount`] mounts a stack (shared by the hook and `overlayctl`).
 
+pub mod booted;
 pub mod cmdline;
 pub mod error;
 pub mod legacy;
+pub mod mount;
 pub mod name;
 pub mod plan;
 pub mod resolve;
@@ -15,6 +17,7 @@ pub mod size;
 pub mod state;
 pub mod store;
 
+pub use booted::Booted;
 pub use cmdline::{BootOverrides, CmdlineProblem};
 pub use error::{Location, NameProblem, PlanError};
 pub use name::check_name;

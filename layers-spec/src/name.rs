@@ -38,6 +38,19 @@ pub fn check_name(name: &str) -> Result<(), NameProblem> {
     Ok(())
 }
 
+/// Serde helper: a list of layer names, each checked, for files whose names become paths.
+pub(crate) fn de_layer_names<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<String>, D::Error> {
+    let names = <Vec<String> as serde::Deserialize>::deserialize(d)?;
+    for name in &names {
+        check_name(name).map_err(|p| {
+            serde::de::Error::custom(format!("layer name {name:?} is not valid: {p}"))
+        })?;
+    }
+    Ok(names)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

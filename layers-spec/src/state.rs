@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde::de::IgnoredAny;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use toml::value::Datetime;
 
@@ -20,7 +20,7 @@ pub struct BootState {
     /// The last stack (top first) that booted and was confirmed healthy; the first fallback.
     #[serde(
         default,
-        deserialize_with = "layer_names",
+        deserialize_with = "crate::name::de_layer_names",
         skip_serializing_if = "Vec::is_empty"
     )]
     pub last_good: Vec<String>,
@@ -39,7 +39,7 @@ pub struct BootState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OneShot {
-    #[serde(deserialize_with = "layer_names")]
+    #[serde(deserialize_with = "crate::name::de_layer_names")]
     pub layers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upper: Option<UpperMode>,
@@ -48,7 +48,7 @@ pub struct OneShot {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LastBoot {
-    #[serde(deserialize_with = "layer_names")]
+    #[serde(deserialize_with = "crate::name::de_layer_names")]
     pub layers: Vec<String>,
     /// Why the boot did not mount the stack it resolved, when it did not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -120,16 +120,6 @@ impl BootState {
     pub fn tries(&self, layer: &str) -> u32 {
         self.trial_tries.get(layer).copied().unwrap_or(0)
     }
-}
-
-fn layer_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    let names = Vec::<String>::deserialize(d)?;
-    for name in &names {
-        check_name(name).map_err(|p| {
-            serde::de::Error::custom(format!("layer name {name:?} is not valid: {p}"))
-        })?;
-    }
-    Ok(names)
 }
 
 #[cfg(test)]

@@ -1,26 +1,26 @@
-//! `overlayctl`: the command line over a Strata store. One command enum, one function per
-//! command; the plan logic lives in `layers-spec`.
+//! `overlayctl`: the command line over a Strata store. One command enum whose doc comments are
+//! the help; `run` calls one function per command, and those call the engine and `layers-spec`.
 
+pub mod commands;
 pub mod engine;
+pub mod mount;
+pub mod ops;
+pub mod status;
+pub mod store;
 
-use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use layers_spec::store::{self, Loaded};
-use layers_spec::{BootOverrides, BootState, LayerState, Plan, Resolution, legacy, resolve};
-use serde::Serialize;
 
 /// Where the hook leaves the store of the running system.
 pub const BOOTED_STORE: &str = "/run/strata/store";
-/// The hook's record of the current boot; its presence means the hook booted this system.
-pub const BOOTED_RECORD: &str = "/run/strata/booted.toml";
 /// The store on an unbooted root filesystem.
 pub const DEFAULT_STORE: &str = "/strata";
 
-/// Manage the layered root filesystem of this device.
+/// Manage the layered root filesystem of this device: which layers the next boot mounts, new
+/// upgrade layers, rollback, and inspection.
 #[derive(Debug, Parser)]
 #[command(name = "overlayctl", version, about)]
 pub struct Cli {
@@ -32,18 +32,157 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Say more about what is being done.
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Show the layers, top first, and what the next boot mounts (the default command).
+    /// Show the layers, top first: A = in the next boot's stack, C = in the stack mounted now
+    /// (the default command).
     Status,
+    /// Create a store whose bottom layer is a copy of DIR, active and known-good.
+    Init(InitOpts),
+    /// Copy DIR into the store as a new layer on top of the stack.
+    AddLayer(AddLayerOpts),
+    /// Include layers in the stack again (their state becomes active).
+    Enable(LayersOpts),
+    /// Leave layers out of the stack from the next boot on.
+    Disable(LayersOpts),
+    /// Accept trial layers. Without names: the trial layers of the running boot, which is then
+    /// remembered as the last good stack (run this from a unit after a healthy boot).
+    Accept(AcceptOpts),
+    /// Mark a layer known-good (a fallback, never merged away), or unmark it.
+    KnownGood(KnownGoodOpts),
+    /// Leave out every layer above LAYER (by default above the highest known-good layer).
+    Rollback(RollbackOpts),
+    /// Delete a layer from the plan and the store.
+    Remove(RemoveOpts),
+    /// Assemble a selection of layers with overlayfs at MOUNTPOINT, for inspection or recovery.
+    Mount(MountOpts),
+    /// Unmount what `overlayctl mount` mounted (and nothing else).
+    Umount(UmountOpts),
+    /// Recompute layer digests and compare them with the plan, naming the first differing path.
+    Verify(VerifyOpts),
     /// Check a plan file and report the first problem with its line and column.
     Check(CheckOpts),
     /// Convert a legacy XO `.overlayplan` into the store's plan.
     ImportLegacy(ImportLegacyOpts),
+}
+
+#[derive(Debug, Args)]
+pub struct InitOpts {
+    /// The tree that becomes the base layer.
+    #[arg(long, value_name = "DIR")]
+    pub base: PathBuf,
+    /// The base layer's name.
+    #[arg(long, default_value = "base")]
+    pub name: String,
+    #[arg(long)]
+    pub title: Option<String>,
+    /// Rename DIR into the store instead of copying it (same filesystem only).
+    #[arg(long = "move")]
+    pub move_base: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AddLayerOpts {
+    /// The layer: a tree in overlayfs lower format (whiteouts and opaque directories allowed).
+    pub dir: PathBuf,
+    /// The layer's name [default: DIR's file name]
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub title: Option<String>,
+    /// The layer it was built on [default: the current top layer]
+    #[arg(long)]
+    pub parent: Option<String>,
+    /// Add it as a trial layer: it must be accepted within the plan's trial boots (the default).
+    #[arg(long, conflicts_with = "active")]
+    pub trial: bool,
+    /// Add it as an accepted layer.
+    #[arg(long)]
+    pub active: bool,
+    /// Mark it known-good.
+    #[arg(long)]
+    pub known_good: bool,
+    /// Free text kept in the plan.
+    #[arg(long)]
+    pub notes: Option<String>,
+    /// DIR keeps overlay's attributes in the `user.overlay.*` namespace (userxattr).
+    #[arg(long)]
+    pub userxattr: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LayersOpts {
+    /// Layer names.
+    #[arg(required = true, value_name = "LAYER")]
+    pub layers: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AcceptOpts {
+    #[arg(value_name = "LAYER")]
+    pub layers: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct KnownGoodOpts {
+    pub layer: String,
+    /// Remove the mark instead.
+    #[arg(long)]
+    pub unset: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackOpts {
+    /// The layer that becomes the top.
+    #[arg(long, value_name = "LAYER")]
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RemoveOpts {
+    pub layer: String,
+    /// Remove it even though enabled layers above were built on it.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MountOpts {
+    pub mountpoint: PathBuf,
+    /// Mount the stack with LAYER on top (what `strata.top=` would boot).
+    #[arg(long, value_name = "LAYER", conflicts_with = "layers")]
+    pub top: Option<String>,
+    /// Mount exactly these layers, in plan order.
+    #[arg(long, value_name = "A,B,…", value_delimiter = ',')]
+    pub layers: Option<Vec<String>>,
+    /// Use the archived or current persistent upper `uppers/ID` (changes go into it).
+    #[arg(long, value_name = "ID", conflicts_with_all = ["tmpfs_upper", "read_only"])]
+    pub upper: Option<String>,
+    /// Put changes in a throw-away tmpfs upper.
+    #[arg(long, conflicts_with = "read_only")]
+    pub tmpfs_upper: bool,
+    /// Mount read-only, with no upper (the default).
+    #[arg(long)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UmountOpts {
+    pub mountpoint: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyOpts {
+    /// One layer [default: every layer]
+    pub layer: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -64,233 +203,46 @@ pub struct ImportLegacyOpts {
 /// Runs one command, writing its report to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     let store = cli.store.unwrap_or_else(default_store);
+    let json = cli.json;
     match cli.command.unwrap_or(Command::Status) {
-        Command::Status => status(&store, cli.json, out),
-        Command::Check(opts) => check(&store, &opts, cli.json, out),
-        Command::ImportLegacy(opts) => import_legacy(&store, &opts, cli.json, out),
+        Command::Status => status::status(&store, json, out),
+        Command::Init(opts) => commands::init(&store, &opts, json, out),
+        Command::AddLayer(opts) => commands::add_layer(&store, &opts, json, out),
+        Command::Enable(opts) => commands::enable(&store, &opts.layers, json, out),
+        Command::Disable(opts) => commands::disable(&store, &opts.layers, json, out),
+        Command::Accept(opts) => commands::accept(&store, &opts.layers, json, out),
+        Command::KnownGood(opts) => commands::known_good(&store, &opts, json, out),
+        Command::Rollback(opts) => commands::rollback(&store, opts.to.as_deref(), json, out),
+        Command::Remove(opts) => commands::remove(&store, &opts, json, out),
+        Command::Mount(opts) => mount::mount_command(&store, &opts, json, out),
+        Command::Umount(opts) => mount::umount_command(&opts.mountpoint, json, out),
+        Command::Verify(opts) => commands::verify(&store, opts.layer.as_deref(), json, out),
+        Command::Check(opts) => commands::check(&store, &opts, json, out),
+        Command::ImportLegacy(opts) => commands::import_legacy(&store, &opts, json, out),
     }
 }
 
 fn default_store() -> PathBuf {
-    if Path::new(BOOTED_RECORD).exists() {
+    if store::booted_record_path().exists() {
         BOOTED_STORE.into()
     } else {
         DEFAULT_STORE.into()
     }
 }
 
-fn load_plan(store: &Path) -> Result<Loaded<Plan>> {
-    let loaded = store::load_plan(store)
-        .with_context(|| format!("loading the plan of the store at {}", store.display()))?;
-    if let Some(why) = &loaded.fell_back {
-        eprintln!(
-            "overlayctl: warning: using {} because {why}",
-            loaded.path.display()
-        );
-    }
-    Ok(loaded)
-}
-
-#[derive(Serialize)]
-struct StatusJson<'a> {
-    store: &'a Path,
-    plan: &'a Path,
-    plan_fell_back: Option<String>,
-    layers: Vec<LayerJson<'a>>,
-    next_boot: &'a [String],
-    notes: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct LayerJson<'a> {
-    name: &'a str,
-    title: Option<&'a str>,
-    state: LayerState,
-    trial_tries_left: Option<u32>,
-    known_good: bool,
-    parent: Option<&'a str>,
-    created: Option<String>,
-    digest: Option<&'a str>,
-    next_boot: bool,
-    left_out: Option<String>,
-}
-
-fn status(store: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
-    let loaded = load_plan(store)?;
-    let plan = &loaded.value;
-    let state = store::load_state(store)
-        .with_context(|| format!("loading the boot state of {}", store.display()))?
-        .value;
-    let present = |name: &str| store.join("layers").join(name).is_dir();
-    let next = resolve(plan, &state, &BootOverrides::default(), Some(&present));
-
-    if json {
-        let report = StatusJson {
-            store,
-            plan: &loaded.path,
-            plan_fell_back: loaded.fell_back.as_ref().map(ToString::to_string),
-            layers: plan
-                .layers
-                .iter()
-                .map(|l| LayerJson {
-                    name: &l.name,
-                    title: l.title.as_deref(),
-                    state: l.state,
-                    trial_tries_left: tries_left(plan, &state, &l.name),
-                    known_good: l.known_good,
-                    parent: l.parent.as_deref(),
-                    created: l.created.map(|c| c.to_string()),
-                    digest: l.digest.as_deref(),
-                    next_boot: next.stack.contains(&l.name),
-                    left_out: next.reason(&l.name).map(ToString::to_string),
-                })
-                .collect(),
-            next_boot: &next.stack,
-            notes: next.notes.iter().map(ToString::to_string).collect(),
-        };
-        serde_json::to_writer_pretty(&mut *out, &report)?;
-        writeln!(out)?;
-        return Ok(());
-    }
-    write_status_table(plan, &state, &next, out)?;
+/// Writes `value` as JSON and a newline.
+pub(crate) fn write_json(out: &mut dyn Write, value: &impl serde::Serialize) -> Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)?;
     Ok(())
 }
 
-fn tries_left(plan: &Plan, state: &BootState, name: &str) -> Option<u32> {
-    let layer = plan.layer(name)?;
-    (layer.state == LayerState::Trial)
-        .then(|| plan.boot.trial_boots.saturating_sub(state.tries(name)))
-}
-
-/// The text table. Names are never cut (they are what people type); the title takes what is
-/// left of 80 columns.
-fn write_status_table(
-    plan: &Plan,
-    state: &BootState,
-    next: &Resolution,
-    out: &mut dyn Write,
-) -> Result<()> {
-    const FIXED: usize = 2 + 1 + 10 + 1 + 2 + 1 + 10 + 1;
-    const MIN_TITLE: usize = 8;
-    let name_width = plan
-        .layers
-        .iter()
-        .map(|l| l.name.len())
-        .max()
-        .unwrap_or(0)
-        .max(4);
-    let title_width = 80usize.saturating_sub(FIXED + name_width).max(MIN_TITLE);
-    writeln!(
-        out,
-        "A {:<name_width$} {:<10} {:<2} {:<10} TITLE",
-        "NAME", "STATE", "KG", "CREATED"
-    )?;
-    for layer in &plan.layers {
-        let mark = if next.stack.contains(&layer.name) {
-            "*"
-        } else {
-            " "
-        };
-        let shown_state = match tries_left(plan, state, &layer.name) {
-            Some(left) => format!("trial {left}/{}", plan.boot.trial_boots),
-            None => format!("{:?}", layer.state).to_lowercase(),
-        };
-        let created = layer
-            .created
-            .and_then(|c| c.date)
-            .map(|d| d.to_string())
-            .unwrap_or_default();
-        let line = format!(
-            "{mark} {:<name_width$} {:<10} {:<2} {:<10} {}",
-            layer.name,
-            shown_state,
-            if layer.known_good { "kg" } else { "" },
-            created,
-            ellipsize(layer.display_title(), title_width),
-        );
-        writeln!(out, "{}", line.trim_end())?;
-    }
-    if !next.left_out.is_empty() {
-        writeln!(out, "Left out of the next boot:")?;
-    }
-    for left in &next.left_out {
-        writeln!(out, "  {}: {}", left.name, left.reason)?;
-    }
-    for note in &next.notes {
-        writeln!(out, "note: {note}")?;
-    }
-    Ok(())
-}
-
-fn ellipsize(text: &str, width: usize) -> String {
-    let text = text.lines().next().unwrap_or("");
-    if text.chars().count() <= width {
-        return text.to_owned();
-    }
-    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
-    cut.push('…');
-    cut
-}
-
-fn check(store: &Path, opts: &CheckOpts, json: bool, out: &mut dyn Write) -> Result<()> {
-    let path = opts.file.clone().unwrap_or_else(|| store::plan_path(store));
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let plan = Plan::parse(&text, &path.display().to_string())?;
-    if json {
-        serde_json::to_writer(
-            &mut *out,
-            &serde_json::json!({ "file": path, "valid": true, "layers": plan.layers.len() }),
-        )?;
-        writeln!(out)?;
-    } else {
-        writeln!(
-            out,
-            "{}: a valid plan of {} layers",
-            path.display(),
-            plan.layers.len()
-        )?;
-    }
-    Ok(())
-}
-
-fn import_legacy(
-    store: &Path,
-    opts: &ImportLegacyOpts,
-    json: bool,
-    out: &mut dyn Write,
-) -> Result<()> {
-    let text = fs::read_to_string(&opts.file)
-        .with_context(|| format!("reading {}", opts.file.display()))?;
-    let plan = legacy::import(&text, &opts.file.display().to_string())?;
-    if !store.is_dir() {
-        bail!(
-            "the store {} does not exist; create it first (overlayctl init, or mkdir)",
-            store.display()
-        );
-    }
-    let target = store::plan_path(store);
-    if target.exists() && !opts.force {
-        bail!(
-            "{} already exists; pass --force to replace it (the old plan is kept as .prev)",
-            target.display()
-        );
-    }
-    store::save_plan(store, &plan).with_context(|| format!("writing {}", target.display()))?;
-    if json {
-        serde_json::to_writer(
-            &mut *out,
-            &serde_json::json!({ "plan": target, "layers": plan.layers.len() }),
-        )?;
-        writeln!(out)?;
-    } else {
-        writeln!(
-            out,
-            "imported {} layers into {}",
-            plan.layers.len(),
-            target.display()
-        )?;
-    }
-    Ok(())
+/// The file name of a path, when it is a valid layer name.
+pub(crate) fn name_from_path(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    layers_spec::check_name(name)
+        .is_ok()
+        .then(|| name.to_owned())
 }
 
 #[cfg(test)]
@@ -308,15 +260,46 @@ mod tests {
             cli.command,
             Some(Command::ImportLegacy(ImportLegacyOpts { force: true, .. }))
         ));
-        assert!(Cli::try_parse_from(["overlayctl", "bogus"]).is_err());
-        assert!(Cli::try_parse_from(["overlayctl", "import-legacy"]).is_err());
+        let cli = Cli::try_parse_from(["overlayctl", "mount", "/mnt", "--layers", "a,b"]).unwrap();
+        let Some(Command::Mount(m)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(m.layers, Some(vec!["a".to_owned(), "b".to_owned()]));
+        let cli = Cli::try_parse_from([
+            "overlayctl",
+            "add-layer",
+            "/tmp/up-1",
+            "--active",
+            "--known-good",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::AddLayer(AddLayerOpts {
+                active: true,
+                known_good: true,
+                ..
+            }))
+        ));
+        for bad in [
+            &["overlayctl", "bogus"][..],
+            &["overlayctl", "import-legacy"],
+            &["overlayctl", "add-layer", "d", "--trial", "--active"],
+            &["overlayctl", "mount", "/m", "--top", "a", "--layers", "b"],
+            &["overlayctl", "mount", "/m", "--tmpfs-upper", "--read-only"],
+            &["overlayctl", "disable"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
-    fn ellipsizes_to_width() {
-        assert_eq!(ellipsize("short", 10), "short");
-        assert_eq!(ellipsize("exactly-10", 10), "exactly-10");
-        assert_eq!(ellipsize("much-too-long", 10), "much-too-…");
-        assert_eq!(ellipsize("two\nlines", 10), "two");
+    fn layer_names_from_paths() {
+        assert_eq!(
+            name_from_path(Path::new("/tmp/upgrade-2")).as_deref(),
+            Some("upgrade-2")
+        );
+        assert_eq!(name_from_path(Path::new("/tmp/has space")), None);
+        assert_eq!(name_from_path(Path::new("/")), None);
     }
 }

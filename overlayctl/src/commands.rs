@@ -1,0 +1,478 @@
+//! One function per command that changes or checks the store (status and mount have their own
+//! modules). Each takes the store lock for a change, refuses bad input before touching anything,
+//! and reports what the next boot will mount.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use layers_spec::{LayerState, Plan, legacy};
+use serde::Serialize;
+
+use crate::engine::{Layer, Manifest, XattrNs};
+use crate::ops::{self, NewLayer};
+use crate::status::next_boot;
+use crate::store::{Store, StoreLock, remove_path};
+use crate::{
+    AddLayerOpts, CheckOpts, ImportLegacyOpts, InitOpts, KnownGoodOpts, RemoveOpts, name_from_path,
+    write_json,
+};
+
+/// The store, locked, with a plan that was read from its own file (a change is never written
+/// over a plan that could not be read: that would silently drop it).
+fn open_for_change(root: &Path) -> Result<(Store, StoreLock, Plan)> {
+    let store = Store::open(root)?;
+    let lock = store.lock()?;
+    let loaded = store.plan()?;
+    if let Some(why) = loaded.fell_back {
+        bail!(
+            "the plan cannot be read ({why}); nothing was changed. Repair {} or copy overlayplan.toml.prev over it",
+            store.root.join(layers_spec::store::PLAN_FILE).display()
+        );
+    }
+    Ok((store, lock, loaded.value))
+}
+
+fn layer_index(plan: &Plan, name: &str) -> Result<usize> {
+    plan.position(name).ok_or_else(|| {
+        let names: Vec<&str> = plan.layers.iter().map(|l| l.name.as_str()).collect();
+        anyhow!(
+            "there is no layer {name:?} in the plan; its layers are: {}",
+            names.join(", ")
+        )
+    })
+}
+
+#[derive(Serialize)]
+struct ChangeReport<'a> {
+    changed: &'a [String],
+    next_boot: Vec<String>,
+    notes: Vec<String>,
+}
+
+/// Saves the plan and says what changed and what the next boot will mount.
+fn finish(
+    store: &Store,
+    plan: &Plan,
+    changed: &[String],
+    summary: &str,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
+    store.save_plan(plan)?;
+    let next = next_boot(store, plan, &store.state()?);
+    let notes: Vec<String> = next.notes.iter().map(ToString::to_string).collect();
+    if json {
+        return write_json(
+            out,
+            &ChangeReport {
+                changed,
+                next_boot: next.stack,
+                notes,
+            },
+        );
+    }
+    writeln!(out, "{summary}")?;
+    writeln!(out, "next boot: {}", next.stack.join(", "))?;
+    for note in notes {
+        writeln!(out, "warning: {note}")?;
+    }
+    Ok(())
+}
+
+pub fn init(root: &Path, opts: &InitOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    let layer = NewLayer {
+        name: opts.name.clone(),
+        title: opts.title.clone(),
+        parent: None,
+        state: LayerState::Active,
+        known_good: true,
+        notes: None,
+    };
+    let added = ops::init(root, &opts.base, &layer, opts.move_base)?;
+    report_added(&added, root, json, out)
+}
+
+fn report_added(added: &ops::Added, root: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
+    if json {
+        return write_json(
+            out,
+            &serde_json::json!({
+                "layer": added.name, "digest": added.digest, "entries": added.stats.entries,
+                "bytes": added.stats.bytes, "store": root,
+            }),
+        );
+    }
+    writeln!(
+        out,
+        "added layer {} ({} entries, {} of content) to {}\ndigest {}",
+        added.name,
+        added.stats.entries,
+        crate::status::human(added.stats.bytes),
+        root.display(),
+        added.digest
+    )?;
+    Ok(())
+}
+
+pub fn add_layer(root: &Path, opts: &AddLayerOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    let store = Store::open(root)?;
+    let name = match &opts.name {
+        Some(name) => name.clone(),
+        None => name_from_path(&opts.dir).ok_or_else(|| {
+            anyhow!(
+                "{} is not usable as a layer name; give one with --name",
+                opts.dir.display()
+            )
+        })?,
+    };
+    let layer = NewLayer {
+        name,
+        title: opts.title.clone(),
+        parent: opts.parent.clone(),
+        state: if opts.active {
+            LayerState::Active
+        } else {
+            LayerState::Trial
+        },
+        known_good: opts.known_good,
+        notes: opts.notes.clone(),
+    };
+    let ns = if opts.userxattr {
+        XattrNs::User
+    } else {
+        XattrNs::Trusted
+    };
+    let added = ops::add_layer(&store, &opts.dir, ns, &layer)?;
+    report_added(&added, root, json, out)
+}
+
+/// Sets layers' state; trial counters of the layers go, since the choice is now explicit.
+fn set_state(
+    root: &Path,
+    names: &[String],
+    state: LayerState,
+    verb: &str,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let (store, _lock, mut plan) = open_for_change(root)?;
+    for name in names {
+        layer_index(&plan, name)?;
+    }
+    for name in names {
+        plan.layer_mut(name).expect("checked above").state = state;
+    }
+    clear_tries(&store, names)?;
+    finish(
+        &store,
+        &plan,
+        names,
+        &format!("{verb}: {}", names.join(", ")),
+        json,
+        out,
+    )
+}
+
+fn clear_tries(store: &Store, names: &[String]) -> Result<()> {
+    let mut state = store.state()?;
+    let before = state.trial_tries.len();
+    state.trial_tries.retain(|name, _| !names.contains(name));
+    if state.trial_tries.len() != before {
+        store.save_state(&state)?;
+    }
+    Ok(())
+}
+
+pub fn enable(root: &Path, names: &[String], json: bool, out: &mut dyn Write) -> Result<()> {
+    set_state(root, names, LayerState::Active, "enabled", json, out)
+}
+
+pub fn disable(root: &Path, names: &[String], json: bool, out: &mut dyn Write) -> Result<()> {
+    set_state(root, names, LayerState::Disabled, "disabled", json, out)
+}
+
+pub fn accept(root: &Path, names: &[String], json: bool, out: &mut dyn Write) -> Result<()> {
+    let (store, _lock, mut plan) = open_for_change(root)?;
+    let chosen: Vec<String> = if names.is_empty() {
+        let booted = store.booted()?.ok_or_else(|| {
+            anyhow!(
+                "this system was not booted from {}; name the layers to accept",
+                store.root.display()
+            )
+        })?;
+        // The running stack booted well enough to accept: it is the new last good stack.
+        let mut state = store.state()?;
+        state.last_good = booted.stack.clone();
+        store.save_state(&state)?;
+        booted
+            .stack
+            .iter()
+            .filter(|n| plan.layer(n).is_some_and(|l| l.state == LayerState::Trial))
+            .cloned()
+            .collect()
+    } else {
+        for name in names {
+            let i = layer_index(&plan, name)?;
+            if plan.layers[i].state == LayerState::Disabled {
+                bail!("layer {name:?} is disabled; enable it, boot it, then accept it");
+            }
+        }
+        names.to_vec()
+    };
+    for name in &chosen {
+        plan.layer_mut(name).expect("names were checked").state = LayerState::Active;
+    }
+    clear_tries(&store, &chosen)?;
+    let summary = if chosen.is_empty() {
+        "no trial layers to accept".to_owned()
+    } else {
+        format!("accepted: {}", chosen.join(", "))
+    };
+    finish(&store, &plan, &chosen, &summary, json, out)
+}
+
+pub fn known_good(
+    root: &Path,
+    opts: &KnownGoodOpts,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let (store, _lock, mut plan) = open_for_change(root)?;
+    let i = layer_index(&plan, &opts.layer)?;
+    plan.layers[i].known_good = !opts.unset;
+    let summary = format!(
+        "{} is {}known-good",
+        opts.layer,
+        if opts.unset { "no longer " } else { "" }
+    );
+    finish(
+        &store,
+        &plan,
+        std::slice::from_ref(&opts.layer),
+        &summary,
+        json,
+        out,
+    )
+}
+
+pub fn rollback(root: &Path, to: Option<&str>, json: bool, out: &mut dyn Write) -> Result<()> {
+    let (store, _lock, mut plan) = open_for_change(root)?;
+    let target = match to {
+        Some(name) => layer_index(&plan, name)?,
+        None => plan.layers.iter().position(|l| l.known_good).ok_or_else(|| {
+            anyhow!("no layer is known-good, so there is nothing to roll back to; name one with --to")
+        })?,
+    };
+    let mut changed = Vec::new();
+    for layer in &mut plan.layers[..target] {
+        if layer.state != LayerState::Disabled {
+            layer.state = LayerState::Disabled;
+            changed.push(layer.name.clone());
+        }
+    }
+    let top = &mut plan.layers[target];
+    if top.state == LayerState::Disabled {
+        top.state = LayerState::Active;
+        changed.push(top.name.clone());
+    }
+    let summary = format!(
+        "rolled back to {}; disabled: {}",
+        plan.layers[target].name,
+        if changed.is_empty() {
+            "nothing".into()
+        } else {
+            changed.join(", ")
+        }
+    );
+    finish(&store, &plan, &changed, &summary, json, out)
+}
+
+pub fn remove(root: &Path, opts: &RemoveOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    let (store, _lock, mut plan) = open_for_change(root)?;
+    let i = layer_index(&plan, &opts.layer)?;
+    if store.in_use(&opts.layer)? {
+        bail!(
+            "can not remove a layer the running system is using: {} is in the mounted stack; disable it, reboot, then remove it",
+            opts.layer
+        );
+    }
+    if plan.layers.len() == 1 {
+        bail!(
+            "{} is the only layer of the plan; a plan needs at least one",
+            opts.layer
+        );
+    }
+    let built_on: Vec<String> = plan.layers[..i]
+        .iter()
+        .filter(|l| l.parent.as_deref() == Some(opts.layer.as_str()))
+        .filter(|l| l.state != LayerState::Disabled)
+        .map(|l| l.name.clone())
+        .collect();
+    if !built_on.is_empty() && !opts.force {
+        bail!(
+            "enabled layers were built on {}: {}; remove or disable them first, or pass --force",
+            opts.layer,
+            built_on.join(", ")
+        );
+    }
+    // Layers that named it as their parent now stand on their own.
+    for layer in &mut plan.layers {
+        if layer.parent.as_deref() == Some(opts.layer.as_str()) {
+            layer.parent = None;
+        }
+    }
+    plan.layers.remove(i);
+    // The plan stops naming the layer first; only then does its directory go.
+    store.save_plan(&plan)?;
+    clear_tries(&store, std::slice::from_ref(&opts.layer))?;
+    remove_path(&store.layer_dir(&opts.layer))?;
+    remove_path(&store.manifest_path(&opts.layer))?;
+    finish(
+        &store,
+        &plan,
+        std::slice::from_ref(&opts.layer),
+        &format!("removed {}", opts.layer),
+        json,
+        out,
+    )
+}
+
+#[derive(Serialize)]
+struct Verified {
+    layer: String,
+    ok: bool,
+    problem: Option<String>,
+}
+
+pub fn verify(root: &Path, only: Option<&str>, json: bool, out: &mut dyn Write) -> Result<()> {
+    let store = Store::open(root)?;
+    let plan = store.plan()?.value;
+    let layers: Vec<&layers_spec::Layer> = match only {
+        Some(name) => vec![&plan.layers[layer_index(&plan, name)?]],
+        None => plan.layers.iter().collect(),
+    };
+    let mut results = Vec::new();
+    for layer in layers {
+        let problem = verify_layer(&store, layer)?;
+        results.push(Verified {
+            layer: layer.name.clone(),
+            ok: problem.is_none(),
+            problem,
+        });
+    }
+    if json {
+        write_json(out, &results)?;
+    } else {
+        for r in &results {
+            match &r.problem {
+                None => writeln!(out, "{}: ok", r.layer)?,
+                Some(problem) => writeln!(out, "{}: {problem}", r.layer)?,
+            }
+        }
+    }
+    let bad: Vec<&str> = results
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| r.layer.as_str())
+        .collect();
+    if !bad.is_empty() {
+        bail!(
+            "{} layer{} failed verification: {}",
+            bad.len(),
+            if bad.len() == 1 { "" } else { "s" },
+            bad.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `None` when the layer matches its recorded digest.
+fn verify_layer(store: &Store, layer: &layers_spec::Layer) -> Result<Option<String>> {
+    let dir = store.layer_dir(&layer.name);
+    if !dir.is_dir() {
+        return Ok(Some(format!("missing: {} does not exist", dir.display())));
+    }
+    let Some(recorded) = &layer.digest else {
+        return Ok(Some(
+            "the plan records no digest for it, so it cannot be verified".into(),
+        ));
+    };
+    let read = Layer::read(&dir, XattrNs::Trusted)
+        .with_context(|| format!("reading {}", dir.display()))?;
+    let manifest =
+        Manifest::of_layer(&read).with_context(|| format!("hashing {}", dir.display()))?;
+    if &manifest.digest() == recorded {
+        return Ok(None);
+    }
+    let stored = fs::read_to_string(store.manifest_path(&layer.name))
+        .ok()
+        .map(|text| Manifest { text });
+    Ok(Some(match stored.filter(|m| &m.digest() == recorded) {
+        Some(stored) => match stored.first_difference(&manifest) {
+            Some(path) => format!("differs from its recorded manifest, first at {path}"),
+            None => "differs from its recorded digest".into(),
+        },
+        None => format!(
+            "digest {} differs from the recorded {recorded}",
+            manifest.digest()
+        ),
+    }))
+}
+
+pub fn check(root: &Path, opts: &CheckOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    let path = opts
+        .file
+        .clone()
+        .unwrap_or_else(|| layers_spec::store::plan_path(root));
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let plan = Plan::parse(&text, &path.display().to_string())?;
+    if json {
+        return write_json(
+            out,
+            &serde_json::json!({ "file": path, "valid": true, "layers": plan.layers.len() }),
+        );
+    }
+    writeln!(
+        out,
+        "{}: a valid plan of {} layers",
+        path.display(),
+        plan.layers.len()
+    )?;
+    Ok(())
+}
+
+pub fn import_legacy(
+    root: &Path,
+    opts: &ImportLegacyOpts,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let text = fs::read_to_string(&opts.file)
+        .with_context(|| format!("reading {}", opts.file.display()))?;
+    let plan = legacy::import(&text, &opts.file.display().to_string())?;
+    let store = Store::open(root)?;
+    let _lock = store.lock()?;
+    let target = layers_spec::store::plan_path(root);
+    if target.exists() && !opts.force {
+        bail!(
+            "{} already exists; pass --force to replace it (the old plan is kept as .prev)",
+            target.display()
+        );
+    }
+    store.save_plan(&plan)?;
+    if json {
+        return write_json(
+            out,
+            &serde_json::json!({ "plan": target, "layers": plan.layers.len() }),
+        );
+    }
+    writeln!(
+        out,
+        "imported {} layers into {}",
+        plan.layers.len(),
+        target.display()
+    )?;
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! `overlayctl mount` and `umount`: any selection of layers, with an archived or current upper,
+//! a throw-away tmpfs upper, or read-only, mounted with real overlayfs for inspection and
+//! recovery; and unmounting only what was mounted so.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use layers_spec::mount::{
+    MountApi, OverlaySpec, SOURCE_PREFIX, mount_overlay, strata_mount_at, unmount,
+};
+use layers_spec::{BootOverrides, check_name, resolve};
+use rustix::mount::MountFlags;
+
+use crate::store::{Store, UPPERS, booted_record_path};
+use crate::{MountOpts, write_json};
+
+/// A small tmpfs for a throw-away upper or an empty bottom layer. Once the overlay holds its
+/// directories it is detached: it lives as long as the overlay and needs no cleaning up.
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Result<Self> {
+        let run = booted_record_path()
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| "/run/strata".into());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = run
+            .join("tmp")
+            .join(format!("mount.{}.{nanos}", std::process::id()));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        rustix::mount::mount(
+            "strata-scratch",
+            &dir,
+            "tmpfs",
+            MountFlags::empty(),
+            c"mode=0755",
+        )
+        .map_err(std::io::Error::from)
+        .with_context(|| {
+            format!(
+                "mounting a tmpfs at {} (mounting needs root)",
+                dir.display()
+            )
+        })?;
+        Ok(Self { dir })
+    }
+
+    fn subdir(&self, name: &str) -> Result<PathBuf> {
+        let path = self.dir.join(name);
+        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = unmount(&self.dir, true);
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+pub fn mount_command(root: &Path, opts: &MountOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    let store = Store::open(root)?;
+    let plan = store.plan()?.value;
+    let stack: Vec<String> = match (&opts.layers, &opts.top) {
+        (Some(names), _) => {
+            for name in names {
+                if plan.layer(name).is_none() {
+                    bail!("--layers names {name:?}, which is not a layer of the plan");
+                }
+            }
+            plan.layers
+                .iter()
+                .filter(|l| names.contains(&l.name))
+                .map(|l| l.name.clone())
+                .collect()
+        }
+        (None, top) => {
+            if let Some(top) = top.as_ref().filter(|t| plan.layer(t).is_none()) {
+                bail!("--top {top:?} is not a layer of the plan");
+            }
+            let overrides = BootOverrides {
+                top: top.clone(),
+                ..BootOverrides::default()
+            };
+            resolve(&plan, &store.state()?, &overrides, None).stack
+        }
+    };
+    if stack.is_empty() {
+        bail!("the selection has no layers to mount");
+    }
+    for name in &stack {
+        let dir = store.layer_dir(name);
+        if !dir.is_dir() {
+            bail!("layer {name} is missing: {} does not exist", dir.display());
+        }
+    }
+    if !opts.mountpoint.is_dir() {
+        bail!(
+            "the mount point {} is not a directory",
+            opts.mountpoint.display()
+        );
+    }
+
+    let mut lowers: Vec<PathBuf> = stack.iter().map(|n| store.layer_dir(n)).collect();
+    let mut scratch = None;
+    let upper = if let Some(id) = &opts.upper {
+        check_name(id).map_err(|p| anyhow!("upper id {id:?} is not valid: {p}"))?;
+        if store
+            .booted()?
+            .is_some_and(|b| b.upper_id.as_deref() == Some(id.as_str()))
+        {
+            bail!("upper {id} is the running system's upper; mounting it twice would corrupt it");
+        }
+        let dir = store.root.join(UPPERS).join(id);
+        let (data, work) = (dir.join("data"), dir.join("work"));
+        if !data.is_dir() || !work.is_dir() {
+            bail!(
+                "there is no upper {id}: {} needs data/ and work/",
+                dir.display()
+            );
+        }
+        Some((data, work))
+    } else if opts.tmpfs_upper {
+        let tmp = scratch.insert(Scratch::new()?);
+        Some((tmp.subdir("data")?, tmp.subdir("work")?))
+    } else {
+        if lowers.len() == 1 {
+            // overlayfs wants two lowers when there is no upper: add an empty one.
+            lowers.push(scratch.insert(Scratch::new()?).subdir("empty")?);
+        }
+        None
+    };
+    let spec = OverlaySpec {
+        lowers,
+        upper,
+        userxattr: false,
+        read_only: opts.upper.is_none() && !opts.tmpfs_upper,
+        source: format!("{SOURCE_PREFIX}:{}", store.root.display()),
+    };
+    let api = mount_overlay(&spec, &opts.mountpoint).with_context(|| {
+        format!(
+            "mounting {} layers at {}",
+            stack.len(),
+            opts.mountpoint.display()
+        )
+    })?;
+    drop(scratch);
+    if json {
+        return write_json(
+            out,
+            &serde_json::json!({
+                "mountpoint": opts.mountpoint, "layers": stack, "read_only": spec.read_only,
+                "api": if api == MountApi::New { "new" } else { "classic" },
+            }),
+        );
+    }
+    writeln!(
+        out,
+        "mounted {} layer{} at {} ({}): {}",
+        stack.len(),
+        if stack.len() == 1 { "" } else { "s" },
+        opts.mountpoint.display(),
+        match (&opts.upper, opts.tmpfs_upper) {
+            (Some(id), _) => format!("changes go to upper {id}"),
+            (None, true) => "changes go to a tmpfs and are lost at umount".to_owned(),
+            _ => "read-only".to_owned(),
+        },
+        stack.join(", ")
+    )?;
+    Ok(())
+}
+
+pub fn umount_command(target: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
+    let canonical =
+        fs::canonicalize(target).with_context(|| format!("finding {}", target.display()))?;
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let Some(entry) = strata_mount_at(&mountinfo, &canonical) else {
+        bail!(
+            "{} is not an overlay that overlayctl mounted; nothing was unmounted",
+            target.display()
+        );
+    };
+    unmount(&canonical, false).with_context(|| format!("unmounting {}", target.display()))?;
+    if json {
+        return write_json(
+            out,
+            &serde_json::json!({ "unmounted": canonical, "source": entry.source }),
+        );
+    }
+    writeln!(out, "unmounted {}", canonical.display())?;
+    Ok(())
+}

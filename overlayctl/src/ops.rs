@@ -1,0 +1,221 @@
+//! Store transactions that bring layers in: `init` (a new store around a base tree) and
+//! `add-layer`. Each writes under `staging/`, flushes, renames into `layers/`, and only then
+//! names the layer in the plan, so an interruption at any point leaves the old plan and at most
+//! a leftover that the next command removes.
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use layers_spec::{Layer as PlanLayer, LayerState, Plan, check_name};
+
+use crate::engine::copy::{CopyStats, copy_layer};
+use crate::engine::{Kind, Layer, Manifest, XattrNs};
+use crate::store::{self, Store, remove_path};
+
+/// What a new layer is called and how the plan takes it.
+#[derive(Debug, Clone)]
+pub struct NewLayer {
+    pub name: String,
+    pub title: Option<String>,
+    /// Defaults to the current top layer.
+    pub parent: Option<String>,
+    pub state: LayerState,
+    pub known_good: bool,
+    pub notes: Option<String>,
+}
+
+/// What was added.
+#[derive(Debug, Clone)]
+pub struct Added {
+    pub name: String,
+    pub digest: String,
+    pub stats: CopyStats,
+}
+
+/// Reads a source tree and refuses anything a clean layer must not have.
+pub fn read_clean(source: &Path, ns: XattrNs) -> Result<Layer> {
+    let layer = Layer::read(source, ns).with_context(|| format!("reading {}", source.display()))?;
+    if let Some(problem) = layer.unclean.first() {
+        bail!(
+            "{} is not a clean layer ({} problem{} in all); the first: {problem}",
+            source.display(),
+            layer.unclean.len(),
+            if layer.unclean.len() == 1 { "" } else { "s" }
+        );
+    }
+    Ok(layer)
+}
+
+/// Bytes of file content in a tree (what a copy needs at least).
+fn content_bytes(node: &crate::engine::Node) -> u64 {
+    match &node.kind {
+        Kind::File { size, .. } => *size,
+        Kind::Dir { children, .. } => children.values().map(content_bytes).sum(),
+        _ => 0,
+    }
+}
+
+/// Refuses a copy that would leave less than the plan's `min_free` on the store's filesystem.
+fn check_room(store: &Store, plan: &Plan, needed: u64) -> Result<()> {
+    let stat = rustix::fs::statvfs(&store.root)
+        .with_context(|| format!("checking free space on {}", store.root.display()))?;
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    let min_free = plan.policy.min_free.0;
+    if free < needed.saturating_add(min_free) {
+        bail!(
+            "not enough room in {}: the layer needs {} and policy.min_free keeps {} free, but only {} is free",
+            store.root.display(),
+            layers_spec::ByteSize(needed),
+            plan.policy.min_free,
+            layers_spec::ByteSize(free)
+        );
+    }
+    Ok(())
+}
+
+/// Copies `layer` into `staging/`, writes its manifest beside it, and renames both into place.
+/// Returns the digest.
+fn stage_and_install(store: &Store, layer: &Layer, name: &str) -> Result<(String, CopyStats)> {
+    let staged = store.staging_path(name);
+    let staging = staged.parent().expect("staging paths have a parent");
+    let stats = copy_layer(
+        layer,
+        staging,
+        staged.file_name().expect("staging paths have a name"),
+    )
+    .with_context(|| format!("copying {} into the store", layer.root.display()))?;
+    let (digest, manifest_text) = manifest_of(&staged)?;
+    let staged_manifest = staged.with_extension("manifest");
+    write_synced(&staged_manifest, manifest_text.as_bytes())?;
+    install(store, &staged, &staged_manifest, name)?;
+    Ok((digest, stats))
+}
+
+fn manifest_of(dir: &Path) -> Result<(String, String)> {
+    let copy = Layer::read(dir, XattrNs::Trusted)
+        .with_context(|| format!("reading back {}", dir.display()))?;
+    let manifest =
+        Manifest::of_layer(&copy).with_context(|| format!("hashing {}", dir.display()))?;
+    Ok((manifest.digest(), manifest.text))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut file =
+        fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Renames a staged layer and its manifest into `layers/` and `manifests/`, durably.
+fn install(store: &Store, staged: &Path, staged_manifest: &Path, name: &str) -> Result<()> {
+    let target = store.layer_dir(name);
+    let manifest = store.manifest_path(name);
+    fs::create_dir_all(manifest.parent().expect("manifests have a parent"))
+        .with_context(|| format!("creating {}", store.root.join(store::MANIFESTS).display()))?;
+    fs::rename(staged_manifest, &manifest)
+        .with_context(|| format!("moving the manifest to {}", manifest.display()))?;
+    fs::rename(staged, &target)
+        .with_context(|| format!("moving the layer to {}", target.display()))?;
+    Store::sync_dir(&store.root.join(store::MANIFESTS))?;
+    Store::sync_dir(&store.root.join(store::LAYERS))
+}
+
+/// Creates a store at `root` whose bottom layer is a copy of `base` (or `base` itself, renamed
+/// into place, with `move_base`), active and known-good.
+pub fn init(root: &Path, base: &Path, layer: &NewLayer, move_base: bool) -> Result<Added> {
+    check_name(&layer.name)
+        .map_err(|p| anyhow::anyhow!("layer name {:?} is not valid: {p}", layer.name))?;
+    let source = read_clean(base, XattrNs::Trusted)?;
+    let store = Store::create(root)?;
+    let _lock = store.lock()?;
+    let (digest, stats) = if move_base {
+        let target = store.layer_dir(&layer.name);
+        fs::rename(base, &target).with_context(|| {
+            format!(
+                "moving {} to {} (--move needs both on one filesystem; without it the base is copied)",
+                base.display(),
+                target.display()
+            )
+        })?;
+        Store::sync_dir(&store.root.join(store::LAYERS))?;
+        let (digest, text) = manifest_of(&target)?;
+        let staged_manifest = store.staging_path(&layer.name).with_extension("manifest");
+        write_synced(&staged_manifest, text.as_bytes())?;
+        fs::rename(&staged_manifest, store.manifest_path(&layer.name))
+            .context("moving the manifest into place")?;
+        Store::sync_dir(&store.root.join(store::MANIFESTS))?;
+        (digest, CopyStats::default())
+    } else {
+        stage_and_install(&store, &source, &layer.name)?
+    };
+    let mut base_layer = plan_layer(layer, &digest);
+    base_layer.parent = None;
+    base_layer.state = LayerState::Active;
+    base_layer.known_good = true;
+    store.save_plan(&Plan::new(vec![base_layer]))?;
+    Ok(Added {
+        name: layer.name.clone(),
+        digest,
+        stats,
+    })
+}
+
+fn plan_layer(layer: &NewLayer, digest: &str) -> PlanLayer {
+    let mut new = PlanLayer::new(layer.name.clone());
+    new.title = layer.title.clone();
+    new.state = layer.state;
+    new.known_good = layer.known_good;
+    new.parent = layer.parent.clone();
+    new.created = Some(store::now());
+    new.digest = Some(digest.to_owned());
+    new.notes = layer.notes.clone();
+    new
+}
+
+/// Adds a copy of `source` on top of the stack.
+pub fn add_layer(store: &Store, source: &Path, ns: XattrNs, layer: &NewLayer) -> Result<Added> {
+    check_name(&layer.name)
+        .map_err(|p| anyhow::anyhow!("layer name {:?} is not valid: {p}", layer.name))?;
+    let _lock = store.lock()?;
+    let loaded = store.plan()?;
+    let mut plan = loaded.value;
+    if plan.layer(&layer.name).is_some() {
+        bail!(
+            "the plan already has a layer named {:?}; choose another --name",
+            layer.name
+        );
+    }
+    let mut layer = layer.clone();
+    match &layer.parent {
+        Some(parent) if plan.layer(parent).is_none() => {
+            bail!("--parent {parent:?} is not a layer of the plan")
+        }
+        Some(_) => {}
+        None => layer.parent = plan.layers.first().map(|l| l.name.clone()),
+    }
+    let source = read_clean(source, ns)?;
+    check_room(store, &plan, content_bytes(&source.tree))?;
+
+    let target = store.layer_dir(&layer.name);
+    if fs::symlink_metadata(&target).is_ok() {
+        if loaded.fell_back.is_some() {
+            bail!(
+                "{} exists but the plan in use does not name it; the plan was read from its previous copy, so nothing is removed: repair the plan first",
+                target.display()
+            );
+        }
+        log::warn!("removing {}, left by an interrupted add", target.display());
+        remove_path(&target)?;
+    }
+    let (digest, stats) = stage_and_install(store, &source, &layer.name)?;
+    plan.layers.insert(0, plan_layer(&layer, &digest));
+    store.save_plan(&plan)?;
+    Ok(Added {
+        name: layer.name.clone(),
+        digest,
+        stats,
+    })
+}

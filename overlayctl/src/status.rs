@@ -1,0 +1,240 @@
+//! `overlayctl status`: the layers top first, what the next boot mounts (A), what is mounted now
+//! (C), and why anything is left out.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Result;
+use layers_spec::{BootOverrides, BootState, Booted, LayerState, Plan, Resolution, resolve};
+use serde::Serialize;
+
+use crate::store::Store;
+use crate::write_json;
+
+/// The next boot's resolution for a store, with layer presence checked on disk.
+pub fn next_boot(store: &Store, plan: &Plan, state: &BootState) -> Resolution {
+    let present = |name: &str| store.layer_dir(name).is_dir();
+    resolve(plan, state, &BootOverrides::default(), Some(&present))
+}
+
+/// Bytes of file content in a layer, from its manifest (no walk of the layer itself).
+pub fn layer_size(store: &Store, name: &str) -> Option<u64> {
+    let text = fs::read_to_string(store.manifest_path(name)).ok()?;
+    Some(
+        text.split(' ')
+            .filter_map(|field| field.strip_prefix("size="))
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum(),
+    )
+}
+
+/// A size for people: `0`, `812`, `4.0K`, `1.2M`, `37G`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["", "K", "M", "G", "T", "P"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => bytes.to_string(),
+        _ if value < 10.0 => format!("{value:.1}{}", UNITS[unit]),
+        _ => format!("{value:.0}{}", UNITS[unit]),
+    }
+}
+
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    store: &'a Path,
+    plan: &'a Path,
+    plan_fell_back: Option<String>,
+    layers: Vec<LayerJson<'a>>,
+    next_boot: &'a [String],
+    current_boot: Option<&'a [String]>,
+    notes: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct LayerJson<'a> {
+    name: &'a str,
+    title: Option<&'a str>,
+    state: LayerState,
+    trial_tries_left: Option<u32>,
+    known_good: bool,
+    parent: Option<&'a str>,
+    created: Option<String>,
+    digest: Option<&'a str>,
+    size: Option<u64>,
+    next_boot: bool,
+    current_boot: bool,
+    left_out: Option<String>,
+}
+
+pub fn status(root: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
+    let store = Store::open(root)?;
+    let loaded = store.plan()?;
+    let plan = &loaded.value;
+    let state = store.state()?;
+    let booted = store.booted()?;
+    let next = next_boot(&store, plan, &state);
+    if json {
+        let report = StatusJson {
+            store: root,
+            plan: &loaded.path,
+            plan_fell_back: loaded.fell_back.as_ref().map(ToString::to_string),
+            layers: plan
+                .layers
+                .iter()
+                .map(|l| LayerJson {
+                    name: &l.name,
+                    title: l.title.as_deref(),
+                    state: l.state,
+                    trial_tries_left: tries_left(plan, &state, &l.name),
+                    known_good: l.known_good,
+                    parent: l.parent.as_deref(),
+                    created: l.created.map(|c| c.to_string()),
+                    digest: l.digest.as_deref(),
+                    size: layer_size(&store, &l.name),
+                    next_boot: next.stack.contains(&l.name),
+                    current_boot: booted.as_ref().is_some_and(|b| b.stack.contains(&l.name)),
+                    left_out: next.reason(&l.name).map(ToString::to_string),
+                })
+                .collect(),
+            next_boot: &next.stack,
+            current_boot: booted.as_ref().map(|b| b.stack.as_slice()),
+            notes: next.notes.iter().map(ToString::to_string).collect(),
+        };
+        return write_json(out, &report);
+    }
+    write_table(&store, plan, &state, &next, booted.as_ref(), out)
+}
+
+pub fn tries_left(plan: &Plan, state: &BootState, name: &str) -> Option<u32> {
+    let layer = plan.layer(name)?;
+    (layer.state == LayerState::Trial)
+        .then(|| plan.boot.trial_boots.saturating_sub(state.tries(name)))
+}
+
+/// The table. Names are never cut (they are what people type); the title takes what is left of
+/// 80 columns, or a line of its own when too little is left.
+fn write_table(
+    store: &Store,
+    plan: &Plan,
+    state: &BootState,
+    next: &Resolution,
+    booted: Option<&Booted>,
+    out: &mut dyn Write,
+) -> Result<()> {
+    const WIDTH: usize = 80;
+    const MIN_TITLE: usize = 16;
+    let name_width = plan
+        .layers
+        .iter()
+        .map(|l| l.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    // "A C K " + name + " " + state(9) + " " + size(6) + " " + created(10) + " "
+    let fixed = 6 + name_width + 1 + 9 + 1 + 6 + 1 + 10 + 1;
+    let title_inline = WIDTH.saturating_sub(fixed) >= MIN_TITLE;
+    let header = format!(
+        "A C K {:<name_width$} {:<9} {:>6} {:<10}",
+        "NAME", "STATE", "SIZE", "CREATED"
+    );
+    let header = if title_inline {
+        format!("{header} TITLE")
+    } else {
+        header.trim_end().to_owned()
+    };
+    writeln!(out, "{header}")?;
+    for layer in &plan.layers {
+        let mark = |on: bool, c: char| if on { c } else { ' ' };
+        let shown_state = match tries_left(plan, state, &layer.name) {
+            Some(left) => format!("trial {left}/{}", plan.boot.trial_boots),
+            None => format!("{:?}", layer.state).to_lowercase(),
+        };
+        let created = layer
+            .created
+            .and_then(|c| c.date)
+            .map(|d| d.to_string())
+            .unwrap_or_default();
+        let size = layer_size(store, &layer.name)
+            .map(human)
+            .unwrap_or_else(|| "-".into());
+        let row = format!(
+            "{} {} {} {:<name_width$} {:<9} {:>6} {:<10}",
+            mark(next.stack.contains(&layer.name), 'A'),
+            mark(booted.is_some_and(|b| b.stack.contains(&layer.name)), 'C'),
+            mark(layer.known_good, 'K'),
+            layer.name,
+            shown_state,
+            size,
+            created,
+        );
+        let title = layer.title.as_deref().unwrap_or("");
+        if title_inline {
+            writeln!(
+                out,
+                "{}",
+                format!("{row} {}", ellipsize(title, WIDTH - fixed)).trim_end()
+            )?;
+        } else {
+            writeln!(out, "{}", row.trim_end())?;
+            if !title.is_empty() {
+                writeln!(out, "      {}", ellipsize(title, WIDTH - 6))?;
+            }
+        }
+    }
+    if !next.left_out.is_empty() {
+        writeln!(out, "Left out of the next boot:")?;
+    }
+    for left in &next.left_out {
+        writeln!(out, "  {}: {}", left.name, left.reason)?;
+    }
+    for note in &next.notes {
+        writeln!(out, "note: {note}")?;
+    }
+    if let Some(fallback) = booted.and_then(|b| b.fallback.as_deref()) {
+        writeln!(out, "note: the running boot fell back: {fallback}")?;
+    }
+    Ok(())
+}
+
+pub fn ellipsize(text: &str, width: usize) -> String {
+    let text = text.lines().next().unwrap_or("");
+    if text.chars().count() <= width {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ellipsizes_to_width() {
+        assert_eq!(ellipsize("short", 10), "short");
+        assert_eq!(ellipsize("exactly-10", 10), "exactly-10");
+        assert_eq!(ellipsize("much-too-long", 10), "much-too-…");
+        assert_eq!(ellipsize("two\nlines", 10), "two");
+    }
+
+    #[test]
+    fn human_sizes() {
+        let cases = [
+            (0, "0"),
+            (812, "812"),
+            (4096, "4.0K"),
+            (1_258_291, "1.2M"),
+            (39_728_447_488, "37G"),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(human(bytes), want);
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The store on disk: its directories, the lock that makes changes one at a time, the plan and
+//! boot state, manifests, and what the running boot is using.
+//!
+//! Every change is a transaction (DESIGN): new content is written under `staging/`, flushed,
+//! renamed into place, and only then does the plan name it. Anything found in `staging/` by the
+//! next command that holds the lock is a leftover of an interrupted one and is deleted, as is a
+//! layer directory the plan does not name.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use layers_spec::store::{self as spec_store, Loaded};
+use layers_spec::{BootState, Booted, Datetime, Plan};
+use rustix::fs::{FlockOperation, flock};
+
+/// The directories a store has.
+pub const LAYERS: &str = "layers";
+pub const STAGING: &str = "staging";
+pub const UPPERS: &str = "uppers";
+pub const MANIFESTS: &str = "manifests";
+pub const KEYS: &str = "keys";
+const LOCK_FILE: &str = ".lock";
+
+/// Where the hook leaves its record of the running boot; `STRATA_RUN_DIR` overrides it (tests).
+pub fn booted_record_path() -> PathBuf {
+    std::env::var_os("STRATA_RUN_DIR")
+        .map(|d| PathBuf::from(d).join("booted.toml"))
+        .unwrap_or_else(|| PathBuf::from(layers_spec::booted::BOOTED_RECORD))
+}
+
+#[derive(Debug)]
+pub struct Store {
+    pub root: PathBuf,
+}
+
+/// Held while a command changes the store; released when dropped.
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: File,
+}
+
+impl Store {
+    /// A store that exists: a directory with a plan (or its `.prev`).
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.is_dir() {
+            bail!(
+                "there is no store at {}; create one with `overlayctl init --base DIR`, or name another with --store",
+                root.display()
+            );
+        }
+        Ok(Self {
+            root: root.to_owned(),
+        })
+    }
+
+    /// Creates the directories of a new store at `root`, which must not exist or be empty.
+    pub fn create(root: &Path) -> Result<Self> {
+        if root.exists() {
+            let empty = fs::read_dir(root)
+                .with_context(|| format!("reading {}", root.display()))?
+                .next()
+                .is_none();
+            if !empty {
+                bail!(
+                    "{} exists and is not empty; a new store needs an empty or new directory",
+                    root.display()
+                );
+            }
+        }
+        for dir in [
+            "",
+            LAYERS,
+            STAGING,
+            UPPERS,
+            MANIFESTS,
+            KEYS,
+            spec_store::STATE_DIR,
+        ] {
+            let path = root.join(dir);
+            fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        }
+        Ok(Self {
+            root: root.to_owned(),
+        })
+    }
+
+    /// Takes the store's lock, or says who holds it; then clears what an interrupted command
+    /// left in `staging/`.
+    pub fn lock(&self) -> Result<StoreLock> {
+        let path = self.root.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening the lock {}", path.display()))?;
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => bail!(
+                "another overlayctl is changing the store {} (it holds {}); try again when it is done",
+                self.root.display(),
+                path.display()
+            ),
+            Err(e) => {
+                return Err(io::Error::from(e))
+                    .with_context(|| format!("locking {}", path.display()));
+            }
+        }
+        self.clear_staging()?;
+        Ok(StoreLock { _file: file })
+    }
+
+    fn clear_staging(&self) -> Result<()> {
+        let staging = self.root.join(STAGING);
+        let entries = match fs::read_dir(&staging) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(&staging)
+                    .with_context(|| format!("creating {}", staging.display()))?;
+                return Ok(());
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", staging.display())),
+        };
+        for entry in entries {
+            let path = entry
+                .with_context(|| format!("reading {}", staging.display()))?
+                .path();
+            log::info!(
+                "removing {}, left by an interrupted command",
+                path.display()
+            );
+            remove_path(&path)?;
+        }
+        Ok(())
+    }
+
+    pub fn layer_dir(&self, name: &str) -> PathBuf {
+        self.root.join(LAYERS).join(name)
+    }
+
+    pub fn manifest_path(&self, name: &str) -> PathBuf {
+        self.root.join(MANIFESTS).join(name)
+    }
+
+    /// A fresh path under `staging/` for work in progress.
+    pub fn staging_path(&self, what: &str) -> PathBuf {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        self.root
+            .join(STAGING)
+            .join(format!("{what}.{}.{nanos}", std::process::id()))
+    }
+
+    pub fn plan(&self) -> Result<Loaded<Plan>> {
+        let loaded = spec_store::load_plan(&self.root)
+            .with_context(|| format!("loading the plan of the store at {}", self.root.display()))?;
+        if let Some(why) = &loaded.fell_back {
+            log::warn!("using {} because {why}", loaded.path.display());
+        }
+        Ok(loaded)
+    }
+
+    pub fn save_plan(&self, plan: &Plan) -> Result<()> {
+        spec_store::save_plan(&self.root, plan)
+            .with_context(|| format!("writing the plan of {}", self.root.display()))
+    }
+
+    pub fn state(&self) -> Result<BootState> {
+        Ok(spec_store::load_state(&self.root)
+            .with_context(|| format!("loading the boot state of {}", self.root.display()))?
+            .value)
+    }
+
+    pub fn save_state(&self, state: &BootState) -> Result<()> {
+        spec_store::save_state(&self.root, state)
+            .with_context(|| format!("writing the boot state of {}", self.root.display()))
+    }
+
+    /// The running boot's record, when the running system was booted from this store.
+    pub fn booted(&self) -> Result<Option<Booted>> {
+        let path = booted_record_path();
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let booted = Booted::parse(&text, &path.display().to_string())?;
+        let same = match (
+            fs::canonicalize(&booted.store),
+            fs::canonicalize(&self.root),
+        ) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        Ok(same.then_some(booted))
+    }
+
+    /// Whether a layer is in the stack the running system has mounted.
+    pub fn in_use(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .booted()?
+            .is_some_and(|b| b.stack.iter().any(|l| l == name)))
+    }
+
+    /// Makes a path renamed into the store durable: fsync its parent directory.
+    pub fn sync_dir(path: &Path) -> Result<()> {
+        File::open(path)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", path.display()))
+    }
+}
+
+/// Deletes a file or a whole tree, whatever its permissions.
+pub fn remove_path(path: &Path) -> Result<()> {
+    let result = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    result.with_context(|| format!("removing {}", path.display()))
+}
+
+/// The current time as a TOML date-time in UTC, to the second.
+pub fn now() -> Datetime {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    utc_datetime(secs)
+}
+
+/// Seconds since the epoch as a UTC date-time (the civil-from-days algorithm).
+pub fn utc_datetime(secs: u64) -> Datetime {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let text = format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    );
+    text.parse().expect("a formatted date-time parses")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates_are_right() {
+        assert_eq!(utc_datetime(0).to_string(), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            utc_datetime(951_782_400).to_string(),
+            "2000-02-29T00:00:00Z"
+        );
+        assert_eq!(
+            utc_datetime(1_179_655_200).to_string(),
+            "2007-05-20T10:00:00Z"
+        );
+        assert_eq!(
+            utc_datetime(1_795_316_399).to_string(),
+            "2026-11-22T02:59:59Z"
+        );
+    }
+}
