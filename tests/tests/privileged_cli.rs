@@ -1,0 +1,608 @@
+//! `overlayctl` as a user runs it, as root, against temporary stores and real overlay mounts in a
+//! private mount namespace. Each test has its own directory and command builder.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command as StdCommand;
+use std::time::Duration;
+
+use assert_cmd::Command;
+use layers_spec::{Layer, LayerState, Plan};
+use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+use tempfile::TempDir;
+use tests::{have_root, private_mount_namespace};
+
+/// A scratch directory holding a store, a run directory (for `booted.toml`) and source trees.
+struct Env {
+    dir: TempDir,
+}
+
+impl Env {
+    /// `None` when the test cannot run (no root, outside CI).
+    fn new(test: &str) -> Option<Self> {
+        if !have_root(test) {
+            return None;
+        }
+        private_mount_namespace();
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("run")).unwrap();
+        Some(Self { dir })
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::cargo_bin("overlayctl").unwrap();
+        cmd.env("STRATA_RUN_DIR", self.path("run"))
+            .env_remove("STRATA_STORE")
+            .arg("--store")
+            .arg(self.store())
+            .args(args);
+        cmd
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self
+            .cmd(args)
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self
+            .cmd(args)
+            .assert()
+            .failure()
+            .code(1)
+            .get_output()
+            .stderr
+            .clone();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn plan(&self) -> Plan {
+        Plan::parse(
+            &fs::read_to_string(self.store().join("overlayplan.toml")).unwrap(),
+            "plan",
+        )
+        .unwrap()
+    }
+
+    /// Everything in the store, for "nothing changed" checks.
+    fn snapshot(&self) -> Vec<(PathBuf, u64, u64)> {
+        let mut out = Vec::new();
+        fn go(dir: &Path, out: &mut Vec<(PathBuf, u64, u64)>) {
+            let mut entries: Vec<_> = fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            entries.sort();
+            for path in entries {
+                let meta = fs::symlink_metadata(&path).unwrap();
+                out.push((path.clone(), meta.len(), meta.ino()));
+                if meta.is_dir() {
+                    go(&path, out);
+                }
+            }
+        }
+        go(&self.store(), &mut out);
+        out.retain(|(p, _, _)| !p.ends_with(".lock"));
+        out
+    }
+
+    fn write_booted(&self, stack: &[&str], upper_id: Option<&str>) {
+        let booted = layers_spec::Booted {
+            version: 1,
+            stack: stack.iter().map(|s| s.to_string()).collect(),
+            upper: layers_spec::UpperMode::Persistent,
+            upper_id: upper_id.map(str::to_owned),
+            store: self.store().display().to_string(),
+            one_shot: false,
+            fallback: None,
+            notes: vec![],
+            at: None,
+        };
+        fs::write(self.path("run/booted.toml"), booted.to_toml().unwrap()).unwrap();
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, text).unwrap();
+}
+
+/// A base system with the awkward things a real root has.
+fn base_tree(root: &Path) {
+    write(&root.join("etc/motd"), "base\n");
+    write(&root.join("etc/old.conf"), "old\n");
+    write(&root.join("usr/bin/tool"), "#!/bin/sh\necho tool\n");
+    fs::set_permissions(
+        root.join("usr/bin/tool"),
+        fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    fs::hard_link(root.join("usr/bin/tool"), root.join("usr/bin/tool-alias")).unwrap();
+    std::os::unix::fs::symlink("tool", root.join("usr/bin/link")).unwrap();
+    fs::create_dir_all(root.join("dev")).unwrap();
+    mknod(
+        &root.join("dev/null"),
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o666),
+        makedev(1, 3),
+    )
+    .unwrap();
+    nix::unistd::mkfifo(&root.join("dev/fifo"), Mode::from_bits_truncate(0o600)).unwrap();
+    xattr::set(root.join("etc/motd"), "user.origin", b"base").unwrap();
+    write(&root.join("var/lib/app/data"), "v1\n");
+}
+
+/// An upgrade: changes motd, deletes old.conf (whiteout), replaces var/lib/app (opaque).
+fn upgrade_tree(root: &Path) {
+    write(&root.join("etc/motd"), "upgrade 1\n");
+    mknod(
+        &root.join("etc/old.conf"),
+        SFlag::S_IFCHR,
+        Mode::empty(),
+        makedev(0, 0),
+    )
+    .unwrap();
+    write(&root.join("var/lib/app/new"), "v2\n");
+    xattr::set(root.join("var/lib/app"), "trusted.overlay.opaque", b"y").unwrap();
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| format!("<{e}>"))
+}
+
+#[test]
+fn privileged_init_add_status_verify() {
+    let Some(env) = Env::new("privileged_init_add_status_verify") else {
+        return;
+    };
+    base_tree(&env.path("base"));
+    upgrade_tree(&env.path("up-1"));
+
+    let said = env.ok(&[
+        "init",
+        "--base",
+        env.path("base").to_str().unwrap(),
+        "--title",
+        "Core System Image",
+    ]);
+    assert!(
+        said.starts_with("added layer base (16 entries, 32 of content)"),
+        "{said}"
+    );
+    let said = env.ok(&[
+        "add-layer",
+        env.path("up-1").to_str().unwrap(),
+        "--title",
+        "First upgrade",
+    ]);
+    assert!(said.starts_with("added layer up-1 "), "{said}");
+
+    let plan = env.plan();
+    assert_eq!(
+        plan.layers
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect::<Vec<_>>(),
+        ["up-1", "base"]
+    );
+    assert_eq!(
+        (plan.layers[0].state, plan.layers[0].parent.as_deref()),
+        (LayerState::Trial, Some("base"))
+    );
+    assert!(plan.layers[1].known_good && plan.layers[1].state == LayerState::Active);
+    for layer in &plan.layers {
+        assert!(
+            layer
+                .digest
+                .as_deref()
+                .is_some_and(|d| d.starts_with("blake3:"))
+        );
+        assert!(layer.created.is_some());
+    }
+    // The copy kept the setuid bit, the hard link and the device.
+    let tool = fs::metadata(env.store().join("layers/base/usr/bin/tool")).unwrap();
+    assert_eq!((tool.mode() & 0o7777, tool.nlink()), (0o4755, 2));
+    let null = fs::symlink_metadata(env.store().join("layers/base/dev/null")).unwrap();
+    assert_eq!(null.rdev(), makedev(1, 3));
+
+    env.write_booted(&["up-1", "base"], Some("1"));
+    let table = env.ok(&[]);
+    insta::with_settings!({ filters => vec![(r"\d{4}-\d{2}-\d{2}", "[date]")] }, {
+        insta::assert_snapshot!("status_booted", table);
+    });
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    assert_eq!(json["current_boot"], serde_json::json!(["up-1", "base"]));
+    assert_eq!(
+        json["layers"][1]["size"],
+        5 + 4 + 20 + 3,
+        "a hard link counts once"
+    );
+
+    assert_eq!(env.ok(&["verify"]), "up-1: ok\nbase: ok\n");
+    fs::write(
+        env.store().join("layers/base/var/lib/app/data"),
+        "tampered\n",
+    )
+    .unwrap();
+    let out = env
+        .cmd(&["verify"])
+        .assert()
+        .failure()
+        .code(1)
+        .get_output()
+        .clone();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("base: differs from its recorded manifest, first at var/lib/app/data"),
+        "{stdout}"
+    );
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("1 layer failed verification: base")
+    );
+}
+
+#[test]
+fn privileged_mount_selections_and_uppers() {
+    let Some(env) = Env::new("privileged_mount_selections_and_uppers") else {
+        return;
+    };
+    base_tree(&env.path("base"));
+    upgrade_tree(&env.path("up-1"));
+    env.ok(&["init", "--base", env.path("base").to_str().unwrap()]);
+    env.ok(&["add-layer", env.path("up-1").to_str().unwrap()]);
+    let mnt = env.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let m = mnt.to_str().unwrap();
+
+    let said = env.ok(&["mount", m]);
+    assert!(said.contains("(read-only): up-1, base"), "{said}");
+    assert_eq!(read(&mnt.join("etc/motd")), "upgrade 1\n");
+    assert!(!mnt.join("etc/old.conf").exists(), "the whiteout hides it");
+    let app: Vec<_> = fs::read_dir(mnt.join("var/lib/app"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(app, ["new"], "the opaque directory hides the base's files");
+    assert!(fs::write(mnt.join("etc/motd"), "x").is_err(), "read-only");
+    env.ok(&["umount", m]);
+
+    env.ok(&["mount", "--top", "base", m]);
+    assert_eq!(read(&mnt.join("etc/old.conf")), "old\n");
+    env.ok(&["umount", m]);
+
+    // A throw-away upper: writes work and vanish with the mount.
+    env.ok(&["mount", "--tmpfs-upper", m]);
+    fs::write(mnt.join("etc/motd"), "scratch\n").unwrap();
+    env.ok(&["umount", m]);
+    env.ok(&["mount", m]);
+    assert_eq!(read(&mnt.join("etc/motd")), "upgrade 1\n");
+    env.ok(&["umount", m]);
+
+    // An archived upper keeps what is written through it.
+    fs::create_dir_all(env.store().join("uppers/7/data")).unwrap();
+    fs::create_dir_all(env.store().join("uppers/7/work")).unwrap();
+    env.ok(&["mount", "--upper", "7", "--layers", "base", m]);
+    fs::write(mnt.join("etc/new-file"), "kept\n").unwrap();
+    env.ok(&["umount", m]);
+    assert_eq!(
+        read(&env.store().join("uppers/7/data/etc/new-file")),
+        "kept\n"
+    );
+
+    // umount touches only overlayctl's own mounts.
+    nix::mount::mount(
+        Some("tmpfs"),
+        &mnt,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    let err = env.fails(&["umount", m]);
+    assert!(
+        err.contains("is not an overlay that overlayctl mounted"),
+        "{err}"
+    );
+    nix::mount::umount(&mnt).unwrap();
+
+    // The running system's upper is not mounted twice.
+    env.write_booted(&["up-1", "base"], Some("7"));
+    let err = env.fails(&["mount", "--upper", "7", m]);
+    assert!(
+        err.contains("upper 7 is the running system's upper"),
+        "{err}"
+    );
+    for (args, want) in [
+        (
+            vec!["mount", "--top", "nope", m],
+            "--top \"nope\" is not a layer of the plan",
+        ),
+        (
+            vec!["mount", "--layers", "base,ghost", m],
+            "--layers names \"ghost\"",
+        ),
+        (vec!["mount", "--upper", "9", m], "there is no upper 9"),
+        (
+            vec!["mount", "/no/such/dir"],
+            "the mount point /no/such/dir is not a directory",
+        ),
+    ] {
+        let err = env.fails(&args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn privileged_hundreds_of_layers_mount_through_the_new_api() {
+    let Some(env) = Env::new("privileged_hundreds_of_layers_mount_through_the_new_api") else {
+        return;
+    };
+    let layers_dir = env.store().join("layers");
+    let count = 300;
+    let mut layers = Vec::new();
+    for i in (0..count).rev() {
+        let name = format!("layer-with-a-rather-long-name-{i:04}");
+        write(
+            &layers_dir.join(&name).join(format!("file-{i}")),
+            &i.to_string(),
+        );
+        write(&layers_dir.join(&name).join("top"), &i.to_string());
+        layers.push(Layer::new(name));
+    }
+    fs::write(
+        env.store().join("overlayplan.toml"),
+        Plan::new(layers).to_toml().unwrap(),
+    )
+    .unwrap();
+    let mnt = env.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let said = env.ok(&["mount", "--json", mnt.to_str().unwrap()]);
+    let json: serde_json::Value = serde_json::from_str(&said).unwrap();
+    assert_eq!(
+        json["api"], "new",
+        "a classic option string cannot hold {count} long names"
+    );
+    assert_eq!(read(&mnt.join("top")), (count - 1).to_string());
+    assert_eq!(fs::read_dir(&mnt).unwrap().count(), count + 1);
+    env.ok(&["umount", mnt.to_str().unwrap()]);
+}
+
+#[test]
+fn privileged_state_commands_and_remove() {
+    let Some(env) = Env::new("privileged_state_commands_and_remove") else {
+        return;
+    };
+    base_tree(&env.path("base"));
+    upgrade_tree(&env.path("up-1"));
+    write(&env.path("up-2/etc/motd"), "upgrade 2\n");
+    env.ok(&["init", "--base", env.path("base").to_str().unwrap()]);
+    env.ok(&["add-layer", env.path("up-1").to_str().unwrap(), "--active"]);
+    env.ok(&["add-layer", env.path("up-2").to_str().unwrap()]);
+
+    let said = env.ok(&["disable", "up-1"]);
+    assert!(said.contains("next boot: up-2, base"), "{said}");
+    assert!(
+        said.contains("warning: layer \"up-2\" was built on \"up-1\", which is left out"),
+        "{said}"
+    );
+    env.ok(&["enable", "up-1"]);
+    assert_eq!(env.plan().layers[1].state, LayerState::Active);
+
+    let said = env.ok(&["rollback"]);
+    assert!(
+        said.starts_with("rolled back to base; disabled: up-2, up-1"),
+        "{said}"
+    );
+    env.ok(&["rollback", "--to", "up-2"]);
+    assert_eq!(
+        env.plan().layers[0].state,
+        LayerState::Active,
+        "--to enables the chosen top"
+    );
+    env.ok(&["known-good", "up-1"]);
+    assert!(env.plan().layers[1].known_good);
+    env.ok(&["known-good", "--unset", "up-1"]);
+    assert!(!env.plan().layers[1].known_good);
+
+    // accept without names: the running boot's trial layers, and it becomes the last good stack.
+    env.ok(&["disable", "up-2"]);
+    env.ok(&["enable", "up-2"]);
+    let plan_text = fs::read_to_string(env.store().join("overlayplan.toml")).unwrap();
+    fs::write(
+        env.store().join("overlayplan.toml"),
+        plan_text.replacen("state = \"active\"", "state = \"trial\"", 1),
+    )
+    .unwrap();
+    env.write_booted(&["up-2", "up-1", "base"], None);
+    let said = env.ok(&["accept"]);
+    assert!(said.starts_with("accepted: up-2"), "{said}");
+    let state = fs::read_to_string(env.store().join("state/boot.toml")).unwrap();
+    assert!(
+        state.contains("last_good = [\n    \"up-2\",\n    \"up-1\",\n    \"base\",\n]"),
+        "{state}"
+    );
+
+    let before = env.snapshot();
+    for (args, want) in [
+        (
+            vec!["remove", "up-1"],
+            "can not remove a layer the running system is using",
+        ),
+        (
+            vec!["disable", "ghost"],
+            "there is no layer \"ghost\" in the plan; its layers are: up-2, up-1, base",
+        ),
+        (
+            vec!["rollback", "--to", "ghost"],
+            "there is no layer \"ghost\"",
+        ),
+    ] {
+        let err = env.fails(&args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(env.snapshot(), before, "refused commands change nothing");
+
+    fs::remove_file(env.path("run/booted.toml")).unwrap();
+    let err = env.fails(&["remove", "up-1"]);
+    assert!(
+        err.contains("enabled layers were built on up-1: up-2"),
+        "{err}"
+    );
+    let said = env.ok(&["remove", "--force", "up-1"]);
+    assert!(said.starts_with("removed up-1"), "{said}");
+    assert!(
+        !env.store().join("layers/up-1").exists() && !env.store().join("manifests/up-1").exists()
+    );
+    assert_eq!(
+        env.plan().layers[0].parent,
+        None,
+        "up-2 no longer names a parent that is gone"
+    );
+}
+
+#[test]
+fn privileged_bad_input_changes_nothing() {
+    let Some(env) = Env::new("privileged_bad_input_changes_nothing") else {
+        return;
+    };
+    base_tree(&env.path("base"));
+    env.ok(&["init", "--base", env.path("base").to_str().unwrap()]);
+    write(&env.path("redirected/etc/x"), "x");
+    xattr::set(
+        env.path("redirected/etc"),
+        "trusted.overlay.redirect",
+        b"/elsewhere",
+    )
+    .unwrap();
+    write(&env.path("fine/etc/y"), "y");
+    write(&env.path("odd name/etc/y"), "y");
+
+    let before = env.snapshot();
+    let p = |rel: &str| env.path(rel).display().to_string();
+    for (args, want) in [
+        (
+            vec!["add-layer".to_owned(), p("redirected")],
+            "redirected/etc: has `trusted.overlay.redirect`",
+        ),
+        (
+            vec!["add-layer".into(), p("missing")],
+            "missing: reading the layer: No such file or directory",
+        ),
+        (
+            vec!["add-layer".into(), p("odd name")],
+            "is not usable as a layer name; give one with --name",
+        ),
+        (
+            vec![
+                "add-layer".into(),
+                p("fine"),
+                "--name".into(),
+                "../x".into(),
+            ],
+            "layer name \"../x\" is not valid",
+        ),
+        (
+            vec![
+                "add-layer".into(),
+                p("fine"),
+                "--name".into(),
+                "base".into(),
+            ],
+            "already has a layer named \"base\"",
+        ),
+        (
+            vec![
+                "add-layer".into(),
+                p("fine"),
+                "--parent".into(),
+                "ghost".into(),
+            ],
+            "--parent \"ghost\" is not a layer",
+        ),
+        (
+            vec!["init".into(), "--base".into(), p("fine")],
+            "is not empty; a new store needs an empty or new directory",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = env.fails(&args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(env.snapshot(), before);
+
+    // A plan that cannot be read: changes are refused rather than written over it, even when
+    // its previous copy could stand in for reading.
+    env.ok(&["known-good", "base"]);
+    let plan = env.store().join("overlayplan.toml");
+    fs::write(&plan, "version = 1\n[[layer]]\nnaem = \"x\"\n").unwrap();
+    let err = env.fails(&["disable", "base"]);
+    assert!(
+        err.contains("the plan cannot be read")
+            && err.contains("overlayplan.toml:3:1: unknown key `naem`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn privileged_interrupted_adds_never_reach_the_plan() {
+    let Some(env) = Env::new("privileged_interrupted_adds_never_reach_the_plan") else {
+        return;
+    };
+    write(&env.path("base/etc/motd"), "base\n");
+    env.ok(&["init", "--base", env.path("base").to_str().unwrap()]);
+    // Enough content that a kill lands in the middle of the copy or the hashing.
+    for i in 0..40 {
+        fs::create_dir_all(env.path("big/data")).unwrap();
+        fs::write(env.path(&format!("big/data/{i}")), vec![i as u8; 1 << 20]).unwrap();
+    }
+    let plan_before = fs::read(env.store().join("overlayplan.toml")).unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("overlayctl");
+    for delay_ms in [1, 5, 20, 60] {
+        let mut child = StdCommand::new(&bin)
+            .env("STRATA_RUN_DIR", env.path("run"))
+            .arg("--store")
+            .arg(env.store())
+            .args(["add-layer", env.path("big").to_str().unwrap()])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let finished = child.wait().unwrap().success();
+        let plan_now = fs::read(env.store().join("overlayplan.toml")).unwrap();
+        if finished {
+            // It won the race: the layer is whole and named. Take it out for the next round.
+            env.ok(&["verify", "big"]);
+            env.ok(&["remove", "big"]);
+        } else {
+            assert_eq!(
+                plan_now, plan_before,
+                "a killed add (after {delay_ms} ms) left the plan as it was"
+            );
+            assert_eq!(env.ok(&["verify"]), "base: ok\n");
+        }
+    }
+    // The next command clears what the killed ones left, and the add goes through.
+    env.ok(&["add-layer", env.path("big").to_str().unwrap()]);
+    assert_eq!(
+        fs::read_dir(env.store().join("staging")).unwrap().count(),
+        0
+    );
+    assert_eq!(env.ok(&["verify", "big"]), "big: ok\n");
+}
