@@ -5,9 +5,12 @@ use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, CWD, Dir, FileType, Mode, OFlags, Stat, fstat, openat, statat};
+use rustix::io::Errno;
 
 /// Which xattr namespace overlayfs keeps its own attributes in for a layer: `trusted.overlay.*`
 /// (the default, needs root to read) or `user.overlay.*` (the `userxattr` mount option).
@@ -168,22 +171,52 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// Reads the layer at `root`. Symlinks are never followed. Layers made by an overlay with
-    /// redirects or metacopy are refused, as are malformed whiteouts.
+    /// Reads the layer at `root`, walking it through directory handles that never follow a
+    /// symlink. Layers made by an overlay with redirects or metacopy are refused; entries a
+    /// clean layer must not have are collected in `unclean`.
     pub fn read(root: &Path, ns: XattrNs) -> Result<Self, LayerError> {
-        let meta = fs::symlink_metadata(root).map_err(io_err(root, "reading the layer"))?;
-        if !meta.is_dir() {
-            return Err(LayerError::NotADirectory {
+        let fd = open_dir(CWD, root).map_err(|e| match e {
+            Errno::NOTDIR | Errno::LOOP => LayerError::NotADirectory {
                 path: root.to_owned(),
-            });
-        }
-        let mut unclean = Vec::new();
-        let tree = read_node(root, &meta, ns, false, &mut unclean)?;
+            },
+            e => LayerError::Io {
+                path: root.to_owned(),
+                action: "reading the layer",
+                source: e.into(),
+            },
+        })?;
+        let st = fstat(&fd).map_err(errno_at(root, "reading metadata"))?;
+        let mut reader = Reader {
+            ns,
+            unclean: Vec::new(),
+        };
+        let tree = reader.node(root, &st, Some(fd), false)?;
         Ok(Self {
             root: root.to_owned(),
             ns,
             tree,
-            unclean,
+            unclean: reader.unclean,
+        })
+    }
+
+    /// Reads several layers at once, one thread per layer up to the machine's cores.
+    pub fn read_all(roots: &[PathBuf], ns: XattrNs) -> Result<Vec<Self>, LayerError> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(roots.len())
+            .max(1);
+        let chunk = roots.len().div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = roots
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || part.iter().map(|r| Self::read(r, ns)).collect::<Vec<_>>())
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("a layer reader panicked"))
+                .collect()
         })
     }
 
@@ -203,134 +236,199 @@ impl Layer {
 /// Extended attributes by name.
 pub type Xattrs = BTreeMap<OsString, Vec<u8>>;
 
+/// Calls a list/get xattr function with a buffer that grows on ERANGE. Most entries have no
+/// xattrs, so one call with a small buffer usually answers.
+fn with_buffer(
+    mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>,
+) -> rustix::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        match call(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(Errno::RANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 16, 0),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// An entry's xattrs: the plain ones, and overlayfs's own by their short name (`opaque`, …).
+/// Reads through the path, never following a final symlink.
 fn read_xattrs(
     path: &Path,
     ns: XattrNs,
 ) -> Result<(Xattrs, BTreeMap<String, Vec<u8>>), LayerError> {
     let mut plain = BTreeMap::new();
     let mut private = BTreeMap::new();
-    let names = xattr::list(path).map_err(io_err(path, "listing extended attributes"))?;
-    for name in names {
-        // An attribute removed between list and get is simply gone.
-        let Some(value) =
-            xattr::get(path, &name).map_err(io_err(path, "reading an extended attribute"))?
-        else {
-            continue;
+    let names = match with_buffer(|buf| rustix::fs::llistxattr(path, buf)) {
+        Ok(names) => names,
+        // Filesystems without xattrs have none to give.
+        Err(Errno::NOTSUP) => return Ok((plain, private)),
+        Err(e) => return Err(errno_at(path, "listing extended attributes")(e)),
+    };
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let name = OsStr::from_bytes(name);
+        let value = match with_buffer(|buf| rustix::fs::lgetxattr(path, name, buf)) {
+            Ok(value) => value,
+            // Removed between list and get: simply gone.
+            Err(Errno::NODATA) => continue,
+            Err(e) => return Err(errno_at(path, "reading an extended attribute")(e)),
         };
-        if ns.is_private(&name) {
+        if ns.is_private(name) {
             private.insert(
                 name.to_string_lossy()[ns.prefix().len()..].to_owned(),
                 value,
             );
         } else {
-            plain.insert(name, value);
+            plain.insert(name.to_owned(), value);
         }
     }
     Ok((plain, private))
 }
 
-/// Reads one entry as the kernel (6.8 and later) looks it up: an empty regular file with
-/// `overlay.whiteout` is a whiteout wherever it is. Only a parent marked `opaque = "x"` makes the
-/// kernel's readdir hide it too, so one elsewhere is noted in `unclean`.
-fn read_node(
-    path: &Path,
-    meta: &fs::Metadata,
+fn errno_at<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(Errno) -> LayerError + 'a {
+    move |e| LayerError::Io {
+        path: path.to_owned(),
+        action,
+        source: e.into(),
+    }
+}
+
+fn open_dir(at: impl AsFd, name: impl rustix::path::Arg) -> rustix::io::Result<OwnedFd> {
+    openat(
+        at,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+struct Reader {
     ns: XattrNs,
-    in_x_dir: bool,
-    unclean: &mut Vec<LayerError>,
-) -> Result<Node, LayerError> {
-    let file_type = meta.file_type();
-    let (xattrs, private) = read_xattrs(path, ns)?;
-    for attr in ["redirect", "metacopy"] {
-        if private.contains_key(attr) {
-            return Err(LayerError::NotPlain {
-                path: path.to_owned(),
-                attr: ns.name(attr),
-            });
-        }
-    }
-    let node_meta = Meta {
-        mode: meta.mode() & 0o7777,
-        uid: meta.uid(),
-        gid: meta.gid(),
-        mtime: (meta.mtime(), meta.mtime_nsec() as u32),
-        xattrs,
-    };
-    let whiteout_attr = private.contains_key("whiteout");
-    let xattr_whiteout = whiteout_attr && file_type.is_file() && meta.len() == 0;
-    if whiteout_attr && !xattr_whiteout {
-        unclean.push(LayerError::MalformedWhiteout {
-            path: path.to_owned(),
-            attr: ns.name("whiteout"),
-            what: if file_type.is_file() {
-                format!("a file of {} bytes", meta.len())
-            } else {
-                "not a regular file".to_owned()
-            },
-        });
-    } else if xattr_whiteout && !in_x_dir {
-        unclean.push(LayerError::UnmarkedXattrWhiteout {
-            path: path.to_owned(),
-            attr: ns.name("whiteout"),
-            marker: ns.name("opaque"),
-        });
-    }
-    let kind = if file_type.is_dir() {
-        let (opaque, x_dir) = match private.get("opaque").map(Vec::as_slice) {
-            None => (false, false),
-            Some(b"y") => (true, false),
-            Some(b"x") => (false, true),
-            Some(other) => {
-                return Err(LayerError::BadOpaque {
+    unclean: Vec<LayerError>,
+}
+
+impl Reader {
+    /// Reads one entry as the kernel (6.8 and later) looks it up: an empty regular file with
+    /// `overlay.whiteout` is a whiteout wherever it is. Only a parent marked `opaque = "x"` makes
+    /// the kernel's readdir hide it too, so one elsewhere is noted in `unclean`. `dir_fd` is the
+    /// entry's own handle when it is a directory.
+    fn node(
+        &mut self,
+        path: &Path,
+        st: &Stat,
+        dir_fd: Option<OwnedFd>,
+        in_x_dir: bool,
+    ) -> Result<Node, LayerError> {
+        let ns = self.ns;
+        let file_type = FileType::from_raw_mode(st.st_mode);
+        let (xattrs, private) = read_xattrs(path, ns)?;
+        for attr in ["redirect", "metacopy"] {
+            if private.contains_key(attr) {
+                return Err(LayerError::NotPlain {
                     path: path.to_owned(),
-                    attr: ns.name("opaque"),
-                    value: String::from_utf8_lossy(other).into_owned(),
+                    attr: ns.name(attr),
                 });
             }
+        }
+        let size = st.st_size as u64;
+        let meta = Meta {
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
+            xattrs,
         };
-        let mut children = BTreeMap::new();
-        let entries = fs::read_dir(path).map_err(io_err(path, "reading the directory"))?;
-        for entry in entries {
-            let entry = entry.map_err(io_err(path, "reading the directory"))?;
-            let child = entry.path();
-            let child_meta =
-                fs::symlink_metadata(&child).map_err(io_err(&child, "reading metadata"))?;
-            let node = read_node(&child, &child_meta, ns, x_dir, unclean)?;
-            children.insert(entry.file_name(), node);
+        let whiteout_attr = private.contains_key("whiteout");
+        let xattr_whiteout = whiteout_attr && file_type == FileType::RegularFile && size == 0;
+        if whiteout_attr && !xattr_whiteout {
+            self.unclean.push(LayerError::MalformedWhiteout {
+                path: path.to_owned(),
+                attr: ns.name("whiteout"),
+                what: if file_type == FileType::RegularFile {
+                    format!("a file of {size} bytes")
+                } else {
+                    "not a regular file".to_owned()
+                },
+            });
+        } else if xattr_whiteout && !in_x_dir {
+            self.unclean.push(LayerError::UnmarkedXattrWhiteout {
+                path: path.to_owned(),
+                attr: ns.name("whiteout"),
+                marker: ns.name("opaque"),
+            });
         }
-        Kind::Dir { opaque, children }
-    } else if file_type.is_file() {
-        if xattr_whiteout {
-            Kind::Whiteout
-        } else {
-            Kind::File {
-                size: meta.len(),
-                inode: (meta.dev(), meta.ino()),
-                nlink: meta.nlink(),
+        let kind = match file_type {
+            FileType::Directory => {
+                let (opaque, x_dir) = match private.get("opaque").map(Vec::as_slice) {
+                    None => (false, false),
+                    Some(b"y") => (true, false),
+                    Some(b"x") => (false, true),
+                    Some(other) => {
+                        return Err(LayerError::BadOpaque {
+                            path: path.to_owned(),
+                            attr: ns.name("opaque"),
+                            value: String::from_utf8_lossy(other).into_owned(),
+                        });
+                    }
+                };
+                let fd = dir_fd.expect("directories come with their handle");
+                Kind::Dir {
+                    opaque,
+                    children: self.children(path, &fd, x_dir)?,
+                }
             }
+            FileType::RegularFile if xattr_whiteout => Kind::Whiteout,
+            FileType::RegularFile => Kind::File {
+                size,
+                inode: (st.st_dev as u64, st.st_ino as u64),
+                nlink: st.st_nlink as u64,
+            },
+            FileType::Symlink => Kind::Symlink {
+                target: fs::read_link(path)
+                    .map_err(io_err(path, "reading the link"))?
+                    .into_os_string(),
+            },
+            FileType::CharacterDevice if st.st_rdev == 0 => Kind::Whiteout,
+            FileType::CharacterDevice => Kind::CharDevice {
+                rdev: st.st_rdev as u64,
+            },
+            FileType::BlockDevice => Kind::BlockDevice {
+                rdev: st.st_rdev as u64,
+            },
+            FileType::Fifo => Kind::Fifo,
+            _ => Kind::Socket,
+        };
+        Ok(Node { meta, kind })
+    }
+
+    fn children(
+        &mut self,
+        path: &Path,
+        fd: &OwnedFd,
+        in_x_dir: bool,
+    ) -> Result<BTreeMap<OsString, Node>, LayerError> {
+        let mut children = BTreeMap::new();
+        let mut dir = Dir::read_from(fd).map_err(errno_at(path, "reading the directory"))?;
+        while let Some(entry) = dir.next() {
+            let entry = entry.map_err(errno_at(path, "reading the directory"))?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if name == "." || name == ".." {
+                continue;
+            }
+            let child = path.join(name);
+            let st = statat(fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(errno_at(&child, "reading metadata"))?;
+            let child_fd = if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                Some(open_dir(fd, name).map_err(errno_at(&child, "opening the directory"))?)
+            } else {
+                None
+            };
+            let node = self.node(&child, &st, child_fd, in_x_dir)?;
+            children.insert(name.to_owned(), node);
         }
-    } else if file_type.is_symlink() {
-        Kind::Symlink {
-            target: fs::read_link(path)
-                .map_err(io_err(path, "reading the link"))?
-                .into_os_string(),
-        }
-    } else if file_type.is_char_device() {
-        if meta.rdev() == 0 {
-            Kind::Whiteout
-        } else {
-            Kind::CharDevice { rdev: meta.rdev() }
-        }
-    } else if file_type.is_block_device() {
-        Kind::BlockDevice { rdev: meta.rdev() }
-    } else if file_type.is_fifo() {
-        Kind::Fifo
-    } else {
-        Kind::Socket
-    };
-    Ok(Node {
-        meta: node_meta,
-        kind,
-    })
+        Ok(children)
+    }
 }

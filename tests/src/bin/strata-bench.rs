@@ -1,0 +1,218 @@
+//! Benchmarks beside the tools a user would otherwise use (root; run by `scripts/bench`):
+//!
+//! 1. the engine's merged view of a 5-layer stack of 50,000 entries, against the kernel's own
+//!    overlay mount of the same layers walked by `find`;
+//! 2. `overlayctl add-layer` of a 1 GiB tree, against `cp -a` followed by `sync`.
+//!
+//! Prints a Markdown table of median times and ratios. Not a test: nothing here asserts speed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use overlayctl::engine::{Layer, MergedView, XattrNs};
+use tests::{mount_overlay, private_mount_namespace};
+
+const RUNS: usize = 5;
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn time(runs: usize, mut f: impl FnMut()) -> Duration {
+    f(); // warm the page cache and the dentry cache
+    median(
+        (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed()
+            })
+            .collect(),
+    )
+}
+
+fn run(cmd: &mut Command) {
+    let status = cmd.status().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(status.success(), "{cmd:?} failed");
+}
+
+/// Five layers of 10,000 entries each over the same directory names, so they merge: each layer
+/// has 100 directories of 99 files; upper layers replace some files of lower ones.
+fn make_stack(root: &Path) -> Vec<PathBuf> {
+    (0..5)
+        .map(|layer| {
+            let dir = root.join(format!("layer{layer}"));
+            for d in 0..100 {
+                let sub = dir.join(format!("dir{d:03}"));
+                fs::create_dir_all(&sub).unwrap();
+                for f in 0..99 {
+                    // Layers share a third of their names, so the view really merges.
+                    let name = if f % 3 == 0 {
+                        format!("shared{f:03}")
+                    } else {
+                        format!("l{layer}-f{f:03}")
+                    };
+                    fs::write(sub.join(name), format!("{layer}/{d}/{f}")).unwrap();
+                }
+            }
+            dir
+        })
+        .collect()
+}
+
+fn count_entries(layers: &[Layer]) -> usize {
+    MergedView::new(layers).len()
+}
+
+fn bench_merged_view(scratch: &Path) -> (Duration, Duration, Duration, usize) {
+    let dirs = make_stack(&scratch.join("stack"));
+    let top_first: Vec<PathBuf> = dirs.iter().rev().cloned().collect();
+    let mut entries = 0;
+    let engine = time(RUNS, || {
+        let layers = Layer::read_all(&top_first, XattrNs::Trusted).unwrap();
+        entries = count_entries(&layers);
+    });
+    let (upper, work, merged) = (
+        scratch.join("upper"),
+        scratch.join("work"),
+        scratch.join("merged"),
+    );
+    for dir in [&upper, &work, &merged] {
+        fs::create_dir_all(dir).unwrap();
+    }
+    let lowers: Vec<&Path> = top_first.iter().map(PathBuf::as_path).collect();
+    mount_overlay(&lowers, &upper, &work, &merged, "").unwrap();
+    let mut found = 0;
+    let kernel = time(RUNS, || {
+        let out = Command::new("find").arg(&merged).output().unwrap();
+        found = out.stdout.iter().filter(|&&b| b == b'\n').count();
+    });
+    // The same, with the metadata the engine reads for every path.
+    let kernel_stat = time(RUNS, || {
+        let out = Command::new("find")
+            .arg(&merged)
+            .args(["-printf", "%p %m %U %G %s %T@ %l\\n"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    });
+    nix::mount::umount(&merged).unwrap();
+    assert_eq!(
+        found, entries,
+        "find over the mount and the engine see the same number of paths"
+    );
+    (engine, kernel, kernel_stat, entries)
+}
+
+/// A 1 GiB tree: 16 files of 32 MiB, 4,096 of 64 KiB and 8,192 of 32 KiB in 64 directories.
+fn make_gib_tree(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut write = |path: PathBuf, size: usize, seed: usize| {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let data: Vec<u8> = (0..size)
+            .map(|i| (i.wrapping_mul(31) ^ seed) as u8)
+            .collect();
+        fs::write(path, data).unwrap();
+        total += size as u64;
+    };
+    for i in 0..16 {
+        write(root.join(format!("big/file{i}")), 32 << 20, i);
+    }
+    for i in 0..4096 {
+        write(root.join(format!("mid/d{:02}/f{i}", i % 64)), 64 << 10, i);
+    }
+    for i in 0..8192 {
+        write(root.join(format!("small/d{:02}/f{i}", i % 64)), 32 << 10, i);
+    }
+    total
+}
+
+fn drop_caches() {
+    run(&mut Command::new("sync"));
+    let _ = fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+fn bench_add_layer(scratch: &Path, overlayctl: &Path) -> (Duration, Duration, u64) {
+    let source = scratch.join("gib");
+    let bytes = make_gib_tree(&source);
+    let base = scratch.join("base");
+    fs::create_dir_all(base.join("etc")).unwrap();
+    let mut ours = Vec::new();
+    let mut cp = Vec::new();
+    for round in 0..3 {
+        let store = scratch.join(format!("store{round}"));
+        run(&mut Command::new(overlayctl)
+            .arg("--store")
+            .arg(&store)
+            .args(["init", "--base"])
+            .arg(&base)
+            .stdout(std::process::Stdio::null()));
+        drop_caches();
+        let start = Instant::now();
+        run(&mut Command::new(overlayctl)
+            .arg("--store")
+            .arg(&store)
+            .args(["add-layer", "--name", "gib"])
+            .arg(&source)
+            .stdout(std::process::Stdio::null()));
+        ours.push(start.elapsed());
+        fs::remove_dir_all(&store).unwrap();
+
+        let copy = scratch.join(format!("copy{round}"));
+        drop_caches();
+        let start = Instant::now();
+        run(&mut Command::new("cp").arg("-a").arg(&source).arg(&copy));
+        run(&mut Command::new("sync"));
+        cp.push(start.elapsed());
+        fs::remove_dir_all(&copy).unwrap();
+    }
+    (median(ours), median(cp), bytes)
+}
+
+fn main() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the benchmarks mount overlays and drop caches: run as root"
+    );
+    let overlayctl = std::env::args()
+        .nth(1)
+        .map(PathBuf::from)
+        .expect("usage: strata-bench PATH-TO-overlayctl [SCRATCH-DIR]");
+    let scratch_parent = std::env::args()
+        .nth(2)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp".into());
+    let scratch = tempfile::Builder::new()
+        .prefix("strata-bench.")
+        .tempdir_in(&scratch_parent)
+        .unwrap();
+    private_mount_namespace();
+
+    let (engine, find, find_stat, entries) = bench_merged_view(scratch.path());
+    let (add, cp, bytes) = bench_add_layer(scratch.path(), &overlayctl);
+    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
+    println!("| benchmark | Strata | the usual tool | ratio (tool / Strata) |");
+    println!("|---|---|---|---|");
+    println!(
+        "| merged view of 5 layers of 10,100 entries, {entries} merged paths (warm cache) | engine: read + merge + walk {} | overlay mount + `find` (names only) {} | {:.2} |",
+        ms(engine),
+        ms(find),
+        find.as_secs_f64() / engine.as_secs_f64()
+    );
+    println!(
+        "| the same, with each path's metadata | engine (as above; it always reads metadata and xattrs) {} | overlay mount + `find -printf '%m %U %G %s %T@ %l'` {} | {:.2} |",
+        ms(engine),
+        ms(find_stat),
+        find_stat.as_secs_f64() / engine.as_secs_f64()
+    );
+    println!(
+        "| add a {} MiB tree of 12,304 files (cold cache) | `overlayctl add-layer` (copy, fsync, manifest) {} | `cp -a` + `sync` {} | {:.2} |",
+        bytes >> 20,
+        ms(add),
+        ms(cp),
+        cp.as_secs_f64() / add.as_secs_f64()
+    );
+}
