@@ -338,7 +338,7 @@ impl Reader {
             mode: st.st_mode & 0o7777,
             uid: st.st_uid,
             gid: st.st_gid,
-            mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
+            mtime: (st.st_mtime, st.st_mtime_nsec as u32),
             xattrs,
         };
         let whiteout_attr = private.contains_key("whiteout");
@@ -383,8 +383,8 @@ impl Reader {
             FileType::RegularFile if xattr_whiteout => Kind::Whiteout,
             FileType::RegularFile => Kind::File {
                 size,
-                inode: (st.st_dev as u64, st.st_ino as u64),
-                nlink: st.st_nlink as u64,
+                inode: (st.st_dev, st.st_ino),
+                nlink: st.st_nlink,
             },
             FileType::Symlink => Kind::Symlink {
                 target: fs::read_link(path)
@@ -392,12 +392,8 @@ impl Reader {
                     .into_os_string(),
             },
             FileType::CharacterDevice if st.st_rdev == 0 => Kind::Whiteout,
-            FileType::CharacterDevice => Kind::CharDevice {
-                rdev: st.st_rdev as u64,
-            },
-            FileType::BlockDevice => Kind::BlockDevice {
-                rdev: st.st_rdev as u64,
-            },
+            FileType::CharacterDevice => Kind::CharDevice { rdev: st.st_rdev },
+            FileType::BlockDevice => Kind::BlockDevice { rdev: st.st_rdev },
             FileType::Fifo => Kind::Fifo,
             _ => Kind::Socket,
         };
@@ -411,8 +407,8 @@ impl Reader {
         in_x_dir: bool,
     ) -> Result<BTreeMap<OsString, Node>, LayerError> {
         let mut children = BTreeMap::new();
-        let mut dir = Dir::read_from(fd).map_err(errno_at(path, "reading the directory"))?;
-        while let Some(entry) = dir.next() {
+        let dir = Dir::read_from(fd).map_err(errno_at(path, "reading the directory"))?;
+        for entry in dir {
             let entry = entry.map_err(errno_at(path, "reading the directory"))?;
             let name = OsStr::from_bytes(entry.file_name().to_bytes());
             if name == "." || name == ".." {

@@ -144,7 +144,7 @@ fn bench_add_layer(scratch: &Path, overlayctl: &Path) -> (Duration, Duration, u6
     let mut cp = Vec::new();
     for round in 0..3 {
         let store = scratch.join(format!("store{round}"));
-        run(&mut Command::new(overlayctl)
+        run(Command::new(overlayctl)
             .arg("--store")
             .arg(&store)
             .args(["init", "--base"])
@@ -152,7 +152,7 @@ fn bench_add_layer(scratch: &Path, overlayctl: &Path) -> (Duration, Duration, u6
             .stdout(std::process::Stdio::null()));
         drop_caches();
         let start = Instant::now();
-        run(&mut Command::new(overlayctl)
+        run(Command::new(overlayctl)
             .arg("--store")
             .arg(&store)
             .args(["add-layer", "--name", "gib"])
@@ -164,7 +164,7 @@ fn bench_add_layer(scratch: &Path, overlayctl: &Path) -> (Duration, Duration, u6
         let copy = scratch.join(format!("copy{round}"));
         drop_caches();
         let start = Instant::now();
-        run(&mut Command::new("cp").arg("-a").arg(&source).arg(&copy));
+        run(Command::new("cp").arg("-a").arg(&source).arg(&copy));
         run(&mut Command::new("sync"));
         cp.push(start.elapsed());
         fs::remove_dir_all(&copy).unwrap();
