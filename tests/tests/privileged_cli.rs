@@ -259,6 +259,55 @@ fn privileged_init_add_status_verify() {
 }
 
 #[test]
+fn privileged_init_moves_the_base_in() {
+    let Some(env) = Env::new("privileged_init_moves_the_base_in") else {
+        return;
+    };
+    base_tree(&env.path("base"));
+    let inode = fs::metadata(env.path("base/etc/motd")).unwrap().ino();
+    env.ok(&[
+        "init",
+        "--move",
+        "--base",
+        env.path("base").to_str().unwrap(),
+        "--name",
+        "core",
+    ]);
+    assert!(
+        !env.path("base").exists(),
+        "the tree was renamed into the store"
+    );
+    let moved = env.store().join("layers/core/etc/motd");
+    assert_eq!(
+        fs::metadata(&moved).unwrap().ino(),
+        inode,
+        "renamed, not copied"
+    );
+    assert_eq!(env.ok(&["verify"]), "core: ok\n");
+    let plan = env.plan();
+    assert!(plan.layers[0].known_good && plan.layers[0].state == LayerState::Active);
+    // A base that is not a clean layer is refused before anything is created.
+    write(&env.path("dirty/etc/x"), "x");
+    xattr::set(env.path("dirty/etc"), "trusted.overlay.metacopy", b"").unwrap();
+    let err = Command::cargo_bin("overlayctl")
+        .unwrap()
+        .arg("--store")
+        .arg(env.path("store2"))
+        .args(["init", "--base", env.path("dirty").to_str().unwrap()])
+        .assert()
+        .failure()
+        .get_output()
+        .stderr
+        .clone();
+    assert!(
+        String::from_utf8(err)
+            .unwrap()
+            .contains("has `trusted.overlay.metacopy`")
+    );
+    assert!(!env.path("store2").exists());
+}
+
+#[test]
 fn privileged_mount_selections_and_uppers() {
     let Some(env) = Env::new("privileged_mount_selections_and_uppers") else {
         return;
