@@ -56,13 +56,17 @@ pub enum MountApi {
 pub enum MountError {
     #[error("mounting needs root (CAP_SYS_ADMIN): {0}")]
     NotPermitted(io::Error),
-    #[error("the overlay of {layers} layers was refused by the kernel ({api:?} mount API): {source}{}", kernel_says(.messages))]
+    #[error("the overlay of {layers} layers was refused by the kernel ({api:?} mount API): {error}{}", kernel_says(.messages))]
     Refused {
         layers: usize,
         api: MountApi,
-        source: io::Error,
+        error: io::Error,
         messages: Vec<String>,
     },
+    #[error(
+        "{path}: the classic mount call cannot name a path with `,`, `:` or `\\` in it (this kernel has no new mount API for it)"
+    )]
+    UnsafePath { path: PathBuf },
     #[error(
         "the option string for {layers} layers is {len} bytes, more than the one page the classic mount call takes; this kernel has no lowerdir+ for longer stacks"
     )]
@@ -86,16 +90,53 @@ fn kernel_says(messages: &[String]) -> String {
 /// Mounts the overlay at `target`: the new API first, the classic call where the kernel lacks
 /// `lowerdir+`.
 pub fn mount_overlay(spec: &OverlaySpec, target: &Path) -> Result<MountApi, MountError> {
-    match mount_new_api(spec, target) {
+    let absolute = |p: &Path| {
+        std::path::absolute(p).map_err(|source| MountError::Io {
+            path: p.to_owned(),
+            action: "resolving the path",
+            source,
+        })
+    };
+    let spec = OverlaySpec {
+        lowers: spec
+            .lowers
+            .iter()
+            .map(|l| absolute(l))
+            .collect::<Result<_, _>>()?,
+        upper: match &spec.upper {
+            Some((upper, work)) => Some((absolute(upper)?, absolute(work)?)),
+            None => None,
+        },
+        ..spec.clone()
+    };
+    let target = absolute(target)?;
+    match mount_new_api(&spec, &target) {
         Ok(()) => Ok(MountApi::New),
-        Err(NewApiError::Unsupported) => mount_classic(spec, target).map(|()| MountApi::Classic),
+        Err(NewApiError::Unsupported { messages }) => match mount_classic(&spec, &target) {
+            Ok(()) => Ok(MountApi::Classic),
+            // What the kernel said to the new API is often the reason the classic call fails.
+            Err(MountError::Refused {
+                layers,
+                api,
+                error,
+                messages: none,
+            }) if none.is_empty() => Err(MountError::Refused {
+                layers,
+                api,
+                error,
+                messages,
+            }),
+            Err(e) => Err(e),
+        },
         Err(NewApiError::Failed(e)) => Err(e),
     }
 }
 
 enum NewApiError {
-    /// No fsopen, or no `lowerdir+`: try the classic call.
-    Unsupported,
+    /// No fsopen, or no `lowerdir+`: try the classic call. Carries what the kernel said.
+    Unsupported {
+        messages: Vec<String>,
+    },
     Failed(MountError),
 }
 
@@ -107,7 +148,7 @@ fn refused(spec: &OverlaySpec, api: MountApi, errno: Errno, messages: Vec<String
     MountError::Refused {
         layers: spec.lowers.len(),
         api,
-        source,
+        error: source,
         messages,
     }
 }
@@ -135,7 +176,11 @@ fn context_messages(fd: &OwnedFd) -> Vec<String> {
 fn mount_new_api(spec: &OverlaySpec, target: &Path) -> Result<(), NewApiError> {
     let fs = match fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
         Ok(fd) => fd,
-        Err(Errno::NOSYS) => return Err(NewApiError::Unsupported),
+        Err(Errno::NOSYS) => {
+            return Err(NewApiError::Unsupported {
+                messages: Vec::new(),
+            });
+        }
         Err(e) => {
             return Err(NewApiError::Failed(refused(
                 spec,
@@ -153,7 +198,11 @@ fn mount_new_api(spec: &OverlaySpec, target: &Path) -> Result<(), NewApiError> {
         match set("lowerdir+", lower) {
             Ok(()) => {}
             // Before 6.5 the key itself is unknown.
-            Err(Errno::INVAL) if lower == &spec.lowers[0] => return Err(NewApiError::Unsupported),
+            Err(Errno::INVAL) if lower == &spec.lowers[0] => {
+                return Err(NewApiError::Unsupported {
+                    messages: context_messages(&fs),
+                });
+            }
             Err(e) => return Err(fail(e)),
         }
     }
@@ -167,17 +216,21 @@ fn mount_new_api(spec: &OverlaySpec, target: &Path) -> Result<(), NewApiError> {
     if spec.userxattr {
         rustix::mount::fsconfig_set_flag(&fs, "userxattr").map_err(fail)?;
     }
-    match fsconfig_create(&fs) {
-        Ok(()) => {}
-        // 6.1 to 6.7 accept `lowerdir+` as a key and fail here (FACTS).
-        Err(Errno::INVAL)
-            if context_messages(&fs)
-                .iter()
-                .all(|m| !m.contains("lowerdir")) =>
+    if let Err(e) = fsconfig_create(&fs) {
+        let messages = context_messages(&fs);
+        // 6.1 to 6.7 accept `lowerdir+` as a key and fail here, finding no lower layer (FACTS);
+        // any other complaint is the real reason and is reported as it is.
+        if e == Errno::INVAL
+            && (messages.is_empty() || messages.iter().any(|m| m.contains("lowerdir")))
         {
-            return Err(NewApiError::Unsupported);
+            return Err(NewApiError::Unsupported { messages });
         }
-        Err(e) => return Err(fail(e)),
+        return Err(NewApiError::Failed(refused(
+            spec,
+            MountApi::New,
+            e,
+            messages,
+        )));
     }
     let attrs = if spec.read_only {
         MountAttrFlags::MOUNT_ATTR_RDONLY
@@ -243,6 +296,15 @@ fn classic_options(spec: &OverlaySpec) -> (Option<PathBuf>, String) {
 const PAGE: usize = 4096;
 
 fn mount_classic(spec: &OverlaySpec, target: &Path) -> Result<(), MountError> {
+    let upper_paths = spec.upper.iter().flat_map(|(u, w)| [u, w]);
+    if let Some(path) = spec.lowers.iter().chain(upper_paths).find(|p| {
+        p.as_os_str()
+            .as_encoded_bytes()
+            .iter()
+            .any(|b| matches!(b, b',' | b':' | b'\\'))
+    }) {
+        return Err(MountError::UnsafePath { path: path.clone() });
+    }
     let (cwd, options) = classic_options(spec);
     if options.len() >= PAGE {
         return Err(MountError::TooLong {
@@ -298,6 +360,24 @@ pub struct MountEntry {
     pub target: PathBuf,
     pub fstype: String,
     pub source: String,
+    /// The filesystem's own options (`lowerdir+=…,redirect_dir=…` for an overlay).
+    pub options: String,
+}
+
+impl MountEntry {
+    /// An overlay's lower layers as its options name them (`lowerdir+=` entries, or the
+    /// `lowerdir=` list, whose names may be relative to where it was mounted from).
+    pub fn lowers(&self) -> Vec<String> {
+        let mut lowers = Vec::new();
+        for option in self.options.split(',') {
+            if let Some(path) = option.strip_prefix("lowerdir+=") {
+                lowers.push(path.to_owned());
+            } else if let Some(list) = option.strip_prefix("lowerdir=") {
+                lowers.extend(list.split(':').filter(|p| !p.is_empty()).map(str::to_owned));
+            }
+        }
+        lowers
+    }
 }
 
 /// The mounts of this process's namespace, from `/proc/self/mountinfo` text.
@@ -311,6 +391,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
                 target: PathBuf::from(target),
                 fstype: fields.get(dash + 1)?.to_string(),
                 source: unescape_mountinfo(fields.get(dash + 2)?),
+                options: unescape_mountinfo(fields.get(dash + 3).unwrap_or(&"")),
             })
         })
         .collect()
@@ -407,5 +488,11 @@ mod tests {
         assert!(strata_mount_at(text, Path::new("/mnt/with space")).is_some());
         assert!(strata_mount_at(text, Path::new("/mnt/plain")).is_none());
         assert!(strata_mount_at(text, Path::new("/elsewhere")).is_none());
+        assert_eq!(mounts[0].lowers(), ["a"]);
+        let new_api = "65 43 0:39 / /m ro - overlay strata:/s ro,lowerdir+=/s/layers/b,lowerdir+=/s/layers/base,redirect_dir=nofollow\n";
+        assert_eq!(
+            parse_mountinfo(new_api)[0].lowers(),
+            ["/s/layers/b", "/s/layers/base"]
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
-use layers_spec::{LayerState, Plan, legacy};
+use layers_spec::{BootState, LayerState, Plan, legacy};
 use serde::Serialize;
 
 use crate::engine::{Layer, Manifest, XattrNs};
@@ -19,9 +19,17 @@ use crate::{
     write_json,
 };
 
-/// The store, locked, with a plan that was read from its own file (a change is never written
-/// over a plan that could not be read: that would silently drop it).
-fn open_for_change(root: &Path) -> Result<(Store, StoreLock, Plan)> {
+/// What a change works on: the store, locked, its plan (read from its own file: a change is
+/// never written over a plan that could not be read, which would silently drop it) and its boot
+/// state, all read before anything is written.
+struct Change {
+    store: Store,
+    _lock: StoreLock,
+    plan: Plan,
+    state: BootState,
+}
+
+fn open_for_change(root: &Path) -> Result<Change> {
     let store = Store::open(root)?;
     let lock = store.lock()?;
     let loaded = store.plan()?;
@@ -31,7 +39,14 @@ fn open_for_change(root: &Path) -> Result<(Store, StoreLock, Plan)> {
             store.root.join(layers_spec::store::PLAN_FILE).display()
         );
     }
-    Ok((store, lock, loaded.value))
+    let state = store.state()?;
+    store.clean_orphans(&loaded.value, &state)?;
+    Ok(Change {
+        store,
+        _lock: lock,
+        plan: loaded.value,
+        state,
+    })
 }
 
 fn layer_index(plan: &Plan, name: &str) -> Result<usize> {
@@ -53,15 +68,14 @@ struct ChangeReport<'a> {
 
 /// Saves the plan and says what changed and what the next boot will mount.
 fn finish(
-    store: &Store,
-    plan: &Plan,
+    change: &Change,
     changed: &[String],
     summary: &str,
     json: bool,
     out: &mut dyn Write,
 ) -> Result<()> {
-    store.save_plan(plan)?;
-    let next = next_boot(store, plan, &store.state()?);
+    change.store.save_plan(&change.plan)?;
+    let next = next_boot(&change.store, &change.plan, &change.state);
     let notes: Vec<String> = next.notes.iter().map(ToString::to_string).collect();
     if json {
         return write_json(
@@ -77,6 +91,20 @@ fn finish(
     writeln!(out, "next boot: {}", next.stack.join(", "))?;
     for note in notes {
         writeln!(out, "warning: {note}")?;
+    }
+    Ok(())
+}
+
+/// Forgets the trial counters of `names` (saved before the plan: a failure then leaves only
+/// reset counters behind).
+fn clear_tries(change: &mut Change, names: &[String]) -> Result<()> {
+    let before = change.state.trial_tries.len();
+    change
+        .state
+        .trial_tries
+        .retain(|name, _| !names.contains(name));
+    if change.state.trial_tries.len() != before {
+        change.store.save_state(&change.state)?;
     }
     Ok(())
 }
@@ -157,32 +185,21 @@ fn set_state(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let (store, _lock, mut plan) = open_for_change(root)?;
+    let mut change = open_for_change(root)?;
     for name in names {
-        layer_index(&plan, name)?;
+        layer_index(&change.plan, name)?;
     }
     for name in names {
-        plan.layer_mut(name).expect("checked above").state = state;
+        change.plan.layer_mut(name).expect("checked above").state = state;
     }
-    clear_tries(&store, names)?;
+    clear_tries(&mut change, names)?;
     finish(
-        &store,
-        &plan,
+        &change,
         names,
         &format!("{verb}: {}", names.join(", ")),
         json,
         out,
     )
-}
-
-fn clear_tries(store: &Store, names: &[String]) -> Result<()> {
-    let mut state = store.state()?;
-    let before = state.trial_tries.len();
-    state.trial_tries.retain(|name, _| !names.contains(name));
-    if state.trial_tries.len() != before {
-        store.save_state(&state)?;
-    }
-    Ok(())
 }
 
 pub fn enable(root: &Path, names: &[String], json: bool, out: &mut dyn Write) -> Result<()> {
@@ -194,43 +211,54 @@ pub fn disable(root: &Path, names: &[String], json: bool, out: &mut dyn Write) -
 }
 
 pub fn accept(root: &Path, names: &[String], json: bool, out: &mut dyn Write) -> Result<()> {
-    let (store, _lock, mut plan) = open_for_change(root)?;
+    let mut change = open_for_change(root)?;
     let chosen: Vec<String> = if names.is_empty() {
-        let booted = store.booted()?.ok_or_else(|| {
+        let booted = change.store.booted()?.ok_or_else(|| {
             anyhow!(
                 "this system was not booted from {}; name the layers to accept",
-                store.root.display()
+                change.store.root.display()
             )
         })?;
         // The running stack booted well enough to accept: it is the new last good stack.
-        let mut state = store.state()?;
-        state.last_good = booted.stack.clone();
-        store.save_state(&state)?;
+        change.state.last_good = booted.stack.clone();
         booted
             .stack
             .iter()
-            .filter(|n| plan.layer(n).is_some_and(|l| l.state == LayerState::Trial))
+            .filter(|n| {
+                change
+                    .plan
+                    .layer(n)
+                    .is_some_and(|l| l.state == LayerState::Trial)
+            })
             .cloned()
             .collect()
     } else {
         for name in names {
-            let i = layer_index(&plan, name)?;
-            if plan.layers[i].state == LayerState::Disabled {
+            let i = layer_index(&change.plan, name)?;
+            if change.plan.layers[i].state == LayerState::Disabled {
                 bail!("layer {name:?} is disabled; enable it, boot it, then accept it");
             }
         }
         names.to_vec()
     };
     for name in &chosen {
-        plan.layer_mut(name).expect("names were checked").state = LayerState::Active;
+        change
+            .plan
+            .layer_mut(name)
+            .expect("names were checked")
+            .state = LayerState::Active;
     }
-    clear_tries(&store, &chosen)?;
+    change
+        .state
+        .trial_tries
+        .retain(|name, _| !chosen.contains(name));
+    change.store.save_state(&change.state)?;
     let summary = if chosen.is_empty() {
         "no trial layers to accept".to_owned()
     } else {
         format!("accepted: {}", chosen.join(", "))
     };
-    finish(&store, &plan, &chosen, &summary, json, out)
+    finish(&change, &chosen, &summary, json, out)
 }
 
 pub fn known_good(
@@ -239,17 +267,16 @@ pub fn known_good(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let (store, _lock, mut plan) = open_for_change(root)?;
-    let i = layer_index(&plan, &opts.layer)?;
-    plan.layers[i].known_good = !opts.unset;
+    let mut change = open_for_change(root)?;
+    let i = layer_index(&change.plan, &opts.layer)?;
+    change.plan.layers[i].known_good = !opts.unset;
     let summary = format!(
         "{} is {}known-good",
         opts.layer,
         if opts.unset { "no longer " } else { "" }
     );
     finish(
-        &store,
-        &plan,
+        &change,
         std::slice::from_ref(&opts.layer),
         &summary,
         json,
@@ -258,9 +285,10 @@ pub fn known_good(
 }
 
 pub fn rollback(root: &Path, to: Option<&str>, json: bool, out: &mut dyn Write) -> Result<()> {
-    let (store, _lock, mut plan) = open_for_change(root)?;
+    let mut change = open_for_change(root)?;
+    let plan = &mut change.plan;
     let target = match to {
-        Some(name) => layer_index(&plan, name)?,
+        Some(name) => layer_index(plan, name)?,
         None => plan.layers.iter().position(|l| l.known_good).ok_or_else(|| {
             anyhow!("no layer is known-good, so there is nothing to roll back to; name one with --to")
         })?,
@@ -286,25 +314,25 @@ pub fn rollback(root: &Path, to: Option<&str>, json: bool, out: &mut dyn Write) 
             changed.join(", ")
         }
     );
-    finish(&store, &plan, &changed, &summary, json, out)
+    finish(&change, &changed, &summary, json, out)
 }
 
 pub fn remove(root: &Path, opts: &RemoveOpts, json: bool, out: &mut dyn Write) -> Result<()> {
-    let (store, _lock, mut plan) = open_for_change(root)?;
-    let i = layer_index(&plan, &opts.layer)?;
-    if store.in_use(&opts.layer)? {
+    let mut change = open_for_change(root)?;
+    let i = layer_index(&change.plan, &opts.layer)?;
+    if change.store.in_use(&opts.layer)? {
         bail!(
-            "can not remove a layer the running system is using: {} is in the mounted stack; disable it, reboot, then remove it",
+            "can not remove a layer the running system is using: {} is in a mounted stack (the running boot's, or an `overlayctl mount`); disable it and reboot, or unmount it, then remove it",
             opts.layer
         );
     }
-    if plan.layers.len() == 1 {
+    if change.plan.layers.len() == 1 {
         bail!(
             "{} is the only layer of the plan; a plan needs at least one",
             opts.layer
         );
     }
-    let built_on: Vec<String> = plan.layers[..i]
+    let built_on: Vec<String> = change.plan.layers[..i]
         .iter()
         .filter(|l| l.parent.as_deref() == Some(opts.layer.as_str()))
         .filter(|l| l.state != LayerState::Disabled)
@@ -318,25 +346,25 @@ pub fn remove(root: &Path, opts: &RemoveOpts, json: bool, out: &mut dyn Write) -
         );
     }
     // Layers that named it as their parent now stand on their own.
-    for layer in &mut plan.layers {
+    for layer in &mut change.plan.layers {
         if layer.parent.as_deref() == Some(opts.layer.as_str()) {
             layer.parent = None;
         }
     }
-    plan.layers.remove(i);
+    change.plan.layers.remove(i);
+    change.state.last_good.retain(|name| name != &opts.layer);
+    change.state.trial_tries.remove(&opts.layer);
+    change.store.save_state(&change.state)?;
     // The plan stops naming the layer first; only then does its directory go.
-    store.save_plan(&plan)?;
-    clear_tries(&store, std::slice::from_ref(&opts.layer))?;
-    remove_path(&store.layer_dir(&opts.layer))?;
-    remove_path(&store.manifest_path(&opts.layer))?;
     finish(
-        &store,
-        &plan,
+        &change,
         std::slice::from_ref(&opts.layer),
         &format!("removed {}", opts.layer),
         json,
         out,
-    )
+    )?;
+    remove_path(&change.store.layer_dir(&opts.layer))?;
+    remove_path(&change.store.manifest_path(&opts.layer))
 }
 
 #[derive(Serialize)]

@@ -129,7 +129,38 @@ pub fn init(root: &Path, base: &Path, layer: &NewLayer, move_base: bool) -> Resu
     check_name(&layer.name)
         .map_err(|p| anyhow::anyhow!("layer name {:?} is not valid: {p}", layer.name))?;
     let source = read_clean(base, XattrNs::Trusted)?;
+    let existed = root.exists();
     let store = Store::create(root)?;
+    let result = init_store(&store, &source, base, layer, move_base);
+    if result.is_err() {
+        // Nothing half-made stays behind to block a retry; a moved base goes back.
+        let moved = store.layer_dir(&layer.name);
+        if move_base && moved.exists() && !base.exists() {
+            let _ = fs::rename(&moved, base);
+        }
+        let cleared = if existed {
+            fs::read_dir(root)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .try_for_each(|e| remove_path(&e.path()))
+        } else {
+            remove_path(root)
+        };
+        if let Err(e) = cleared {
+            log::warn!("could not clear the unfinished store: {e:#}");
+        }
+    }
+    result
+}
+
+fn init_store(
+    store: &Store,
+    source: &Layer,
+    base: &Path,
+    layer: &NewLayer,
+    move_base: bool,
+) -> Result<Added> {
     let _lock = store.lock()?;
     let (digest, stats) = if move_base {
         let target = store.layer_dir(&layer.name);
@@ -149,7 +180,7 @@ pub fn init(root: &Path, base: &Path, layer: &NewLayer, move_base: bool) -> Resu
         Store::sync_dir(&store.root.join(store::MANIFESTS))?;
         (digest, CopyStats::default())
     } else {
-        stage_and_install(&store, &source, &layer.name)?
+        stage_and_install(store, source, &layer.name)?
     };
     let mut base_layer = plan_layer(layer, &digest);
     base_layer.parent = None;
@@ -181,10 +212,22 @@ pub fn add_layer(store: &Store, source: &Path, ns: XattrNs, layer: &NewLayer) ->
         .map_err(|p| anyhow::anyhow!("layer name {:?} is not valid: {p}", layer.name))?;
     let _lock = store.lock()?;
     let loaded = store.plan()?;
+    if let Some(why) = loaded.fell_back {
+        bail!(
+            "the plan cannot be read ({why}); nothing was added. Repair it or copy overlayplan.toml.prev over it"
+        );
+    }
     let mut plan = loaded.value;
+    let state = store.state()?;
     if plan.layer(&layer.name).is_some() {
         bail!(
             "the plan already has a layer named {:?}; choose another --name",
+            layer.name
+        );
+    }
+    if store.in_use(&layer.name)? {
+        bail!(
+            "a layer named {:?} is in use (mounted) though the plan no longer names it; choose another --name",
             layer.name
         );
     }
@@ -198,17 +241,13 @@ pub fn add_layer(store: &Store, source: &Path, ns: XattrNs, layer: &NewLayer) ->
     }
     let source = read_clean(source, ns)?;
     check_room(store, &plan, content_bytes(&source.tree))?;
-
+    store.clean_orphans(&plan, &state)?;
     let target = store.layer_dir(&layer.name);
     if fs::symlink_metadata(&target).is_ok() {
-        if loaded.fell_back.is_some() {
-            bail!(
-                "{} exists but the plan in use does not name it; the plan was read from its previous copy, so nothing is removed: repair the plan first",
-                target.display()
-            );
-        }
-        log::warn!("removing {}, left by an interrupted add", target.display());
-        remove_path(&target)?;
+        bail!(
+            "{} exists and is kept (it is in the last good stack); choose another --name",
+            target.display()
+        );
     }
     let (digest, stats) = stage_and_install(store, &source, &layer.name)?;
     plan.layers.insert(0, plan_layer(&layer, &digest));

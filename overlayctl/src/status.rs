@@ -136,11 +136,22 @@ fn write_table(
         .max()
         .unwrap_or(0)
         .max(4);
-    // "A C K " + name + " " + state(9) + " " + size(6) + " " + created(10) + " "
-    let fixed = 6 + name_width + 1 + 9 + 1 + 6 + 1 + 10 + 1;
+    let shown_state = |name: &str, layer_state: LayerState| match tries_left(plan, state, name) {
+        Some(left) => format!("trial {left}/{}", plan.boot.trial_boots),
+        None => format!("{layer_state:?}").to_lowercase(),
+    };
+    let state_width = plan
+        .layers
+        .iter()
+        .map(|l| shown_state(&l.name, l.state).len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    // "A C K " + name + " " + state + " " + size(6) + " " + created(10) + " "
+    let fixed = 6 + name_width + 1 + state_width + 1 + 6 + 1 + 10 + 1;
     let title_inline = WIDTH.saturating_sub(fixed) >= MIN_TITLE;
     let header = format!(
-        "A C K {:<name_width$} {:<9} {:>6} {:<10}",
+        "A C K {:<name_width$} {:<state_width$} {:>6} {:<10}",
         "NAME", "STATE", "SIZE", "CREATED"
     );
     let header = if title_inline {
@@ -151,10 +162,7 @@ fn write_table(
     writeln!(out, "{header}")?;
     for layer in &plan.layers {
         let mark = |on: bool, c: char| if on { c } else { ' ' };
-        let shown_state = match tries_left(plan, state, &layer.name) {
-            Some(left) => format!("trial {left}/{}", plan.boot.trial_boots),
-            None => format!("{:?}", layer.state).to_lowercase(),
-        };
+        let shown_state = shown_state(&layer.name, layer.state);
         let created = layer
             .created
             .and_then(|c| c.date)
@@ -164,7 +172,7 @@ fn write_table(
             .map(human)
             .unwrap_or_else(|| "-".into());
         let row = format!(
-            "{} {} {} {:<name_width$} {:<9} {:>6} {:<10}",
+            "{} {} {} {:<name_width$} {:<state_width$} {:>6} {:<10}",
             mark(next.stack.contains(&layer.name), 'A'),
             mark(booted.is_some_and(|b| b.stack.contains(&layer.name)), 'C'),
             mark(layer.known_good, 'K'),

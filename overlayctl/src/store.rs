@@ -6,6 +6,7 @@
 //! next command that holds the lock is a leftover of an interrupted one and is deleted, as is a
 //! layer directory the plan does not name.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -200,11 +201,67 @@ impl Store {
         Ok(same.then_some(booted))
     }
 
-    /// Whether a layer is in the stack the running system has mounted.
-    pub fn in_use(&self, name: &str) -> Result<bool> {
-        Ok(self
+    /// Layers in use: in the stack the running system booted from this store, or a lower layer
+    /// of an overlay mounted from it (`overlayctl mount`).
+    pub fn layers_in_use(&self) -> Result<BTreeSet<String>> {
+        let mut used: BTreeSet<String> = self
             .booted()?
-            .is_some_and(|b| b.stack.iter().any(|l| l == name)))
+            .map(|b| b.stack.into_iter().collect())
+            .unwrap_or_default();
+        let mountinfo =
+            fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+        let root = fs::canonicalize(&self.root).unwrap_or_else(|_| self.root.clone());
+        let ours = |source: &str| {
+            source
+                .strip_prefix(layers_spec::mount::SOURCE_PREFIX)
+                .and_then(|s| s.strip_prefix(':'))
+                .is_some_and(|path| fs::canonicalize(path).is_ok_and(|p| p == root))
+        };
+        for mount in layers_spec::mount::parse_mountinfo(&mountinfo) {
+            if mount.fstype == "overlay" && ours(&mount.source) {
+                used.extend(
+                    mount
+                        .lowers()
+                        .iter()
+                        .filter_map(|l| Path::new(l).file_name())
+                        .map(|n| n.to_string_lossy().into_owned()),
+                );
+            }
+        }
+        Ok(used)
+    }
+
+    /// Whether a layer is in use (see [`Self::layers_in_use`]).
+    pub fn in_use(&self, name: &str) -> Result<bool> {
+        Ok(self.layers_in_use()?.contains(name))
+    }
+
+    /// Deletes layer directories and manifests the plan does not name: what an add killed after
+    /// its rename and before its plan write left. Layers in use, or in the last good stack, are
+    /// kept whatever the plan says. Call only with a plan read from its own file.
+    pub fn clean_orphans(&self, plan: &Plan, state: &BootState) -> Result<()> {
+        let in_use = self.layers_in_use()?;
+        for dir in [LAYERS, MANIFESTS] {
+            let path = self.root.join(dir);
+            let Ok(entries) = fs::read_dir(&path) else {
+                continue;
+            };
+            for entry in entries {
+                let entry = entry.with_context(|| format!("reading {}", path.display()))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if plan.layer(&name).is_none()
+                    && !in_use.contains(&name)
+                    && !state.last_good.contains(&name)
+                {
+                    log::warn!(
+                        "removing {}, which the plan does not name (left by an interrupted command)",
+                        entry.path().display()
+                    );
+                    remove_path(&entry.path())?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Makes a path renamed into the store durable: fsync its parent directory.

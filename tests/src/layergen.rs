@@ -224,9 +224,21 @@ impl Writer {
     }
 }
 
-/// Layer root children, 1 to 8 layers of them, and whether to use the `user.` namespace.
-pub fn stack() -> impl Strategy<Value = (Vec<BTreeMap<String, Spec>>, bool)> {
-    (prop::collection::vec(layer(), 1..=8), any::<bool>())
+/// One layer: its root's children, and whether its root is marked opaque.
+pub type LayerSpec = (BTreeMap<String, Spec>, bool);
+
+/// Layer root children, 1 to 8 layers of them (each with whether its root is marked opaque),
+/// and whether to use the `user.` namespace.
+pub fn stack() -> impl Strategy<Value = (Vec<LayerSpec>, bool)> {
+    (
+        prop::collection::vec((layer(), prop::bool::weighted(0.1)), 1..=8),
+        any::<bool>(),
+    )
+}
+
+/// Marks a layer's root directory opaque (which the kernel ignores).
+pub fn mark_root_opaque(dir: &Path, ns: XattrNs) {
+    xattr::set(dir, ns.name("opaque"), b"y").unwrap();
 }
 
 /// Writes one layer's root children into the existing directory `dir`.

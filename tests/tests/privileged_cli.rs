@@ -122,6 +122,11 @@ fn write(path: &Path, text: &str) {
     fs::write(path, text).unwrap();
 }
 
+/// `cap_net_raw+ep` as a VFS_CAP_REVISION_2 `security.capability` value.
+const CAP_NET_RAW: &[u8] = &[
+    1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+];
+
 /// A base system with the awkward things a real root has.
 fn base_tree(root: &Path) {
     write(&root.join("etc/motd"), "base\n");
@@ -144,6 +149,13 @@ fn base_tree(root: &Path) {
     .unwrap();
     nix::unistd::mkfifo(&root.join("dev/fifo"), Mode::from_bits_truncate(0o600)).unwrap();
     xattr::set(root.join("etc/motd"), "user.origin", b"base").unwrap();
+    write(&root.join("usr/bin/ping"), "ping\n");
+    xattr::set(
+        root.join("usr/bin/ping"),
+        "security.capability",
+        CAP_NET_RAW,
+    )
+    .unwrap();
     write(&root.join("var/lib/app/data"), "v1\n");
 }
 
@@ -181,7 +193,7 @@ fn privileged_init_add_status_verify() {
         "Core System Image",
     ]);
     assert!(
-        said.starts_with("added layer base (16 entries, 32 of content)"),
+        said.starts_with("added layer base (17 entries, 37 of content)"),
         "{said}"
     );
     let said = env.ok(&[
@@ -217,6 +229,12 @@ fn privileged_init_add_status_verify() {
     // The copy kept the setuid bit, the hard link and the device.
     let tool = fs::metadata(env.store().join("layers/base/usr/bin/tool")).unwrap();
     assert_eq!((tool.mode() & 0o7777, tool.nlink()), (0o4755, 2));
+    let ping = env.store().join("layers/base/usr/bin/ping");
+    assert_eq!(
+        xattr::get(&ping, "security.capability").unwrap().as_deref(),
+        Some(CAP_NET_RAW),
+        "file capabilities survive the copy"
+    );
     let null = fs::symlink_metadata(env.store().join("layers/base/dev/null")).unwrap();
     assert_eq!(null.rdev(), makedev(1, 3));
 
@@ -229,7 +247,7 @@ fn privileged_init_add_status_verify() {
     assert_eq!(json["current_boot"], serde_json::json!(["up-1", "base"]));
     assert_eq!(
         json["layers"][1]["size"],
-        5 + 4 + 20 + 3,
+        5 + 4 + 20 + 3 + 5,
         "a hard link counts once"
     );
 
@@ -308,6 +326,37 @@ fn privileged_init_moves_the_base_in() {
 }
 
 #[test]
+fn privileged_a_failed_init_leaves_nothing_behind() {
+    let Some(env) = Env::new("privileged_a_failed_init_leaves_nothing_behind") else {
+        return;
+    };
+    // The base on another filesystem: --move cannot rename it into the store.
+    let other = env.path("other-fs");
+    fs::create_dir(&other).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &other,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    write(&other.join("base/etc/motd"), "base\n");
+    let err = env.fails(&[
+        "init",
+        "--move",
+        "--base",
+        other.join("base").to_str().unwrap(),
+    ]);
+    assert!(err.contains("--move needs both on one filesystem"), "{err}");
+    assert!(!env.store().exists(), "no half-made store");
+    assert_eq!(read(&other.join("base/etc/motd")), "base\n");
+    // So the retry the message suggests works.
+    env.ok(&["init", "--base", other.join("base").to_str().unwrap()]);
+    nix::mount::umount(&other).unwrap();
+}
+
+#[test]
 fn privileged_mount_selections_and_uppers() {
     let Some(env) = Env::new("privileged_mount_selections_and_uppers") else {
         return;
@@ -354,6 +403,16 @@ fn privileged_mount_selections_and_uppers() {
         read(&env.store().join("uppers/7/data/etc/new-file")),
         "kept\n"
     );
+
+    // A layer under a live `overlayctl mount` is in use: not removed, even with --force.
+    env.ok(&["mount", "--layers", "up-1,base", m]);
+    let err = env.fails(&["remove", "--force", "up-1"]);
+    assert!(
+        err.contains("can not remove a layer the running system is using"),
+        "{err}"
+    );
+    assert!(env.store().join("layers/up-1").is_dir());
+    env.ok(&["umount", m]);
 
     // umount touches only overlayctl's own mounts.
     nix::mount::mount(
@@ -596,11 +655,43 @@ fn privileged_bad_input_changes_nothing() {
     }
     assert_eq!(env.snapshot(), before);
 
+    // Boot state that cannot be read stops a change before the plan is written.
+    let state_file = env.store().join("state/boot.toml");
+    fs::write(&state_file, "version = 1\ngarbage").unwrap();
+    let plan_before = fs::read(env.store().join("overlayplan.toml")).unwrap();
+    let err = env.fails(&["known-good", "--unset", "base"]);
+    assert!(err.contains("loading the boot state"), "{err}");
+    assert_eq!(
+        fs::read(env.store().join("overlayplan.toml")).unwrap(),
+        plan_before
+    );
+    fs::remove_file(&state_file).unwrap();
+
+    // Layer directories the plan does not name are leftovers, removed by the next change,
+    // unless they are in the last good stack.
+    write(&env.store().join("layers/orphan/x"), "x");
+    write(&env.store().join("manifests/orphan"), ". dir\n");
+    write(&env.store().join("layers/kept/x"), "x");
+    fs::write(
+        &state_file,
+        "version = 1\nlast_good = [\"kept\", \"base\"]\n",
+    )
+    .unwrap();
+    env.ok(&["known-good", "base"]);
+    assert!(
+        !env.store().join("layers/orphan").exists()
+            && !env.store().join("manifests/orphan").exists()
+    );
+    assert!(env.store().join("layers/kept").exists());
+
     // A plan that cannot be read: changes are refused rather than written over it, even when
     // its previous copy could stand in for reading.
     env.ok(&["known-good", "base"]);
+    env.ok(&["known-good", "base"]);
     let plan = env.store().join("overlayplan.toml");
     fs::write(&plan, "version = 1\n[[layer]]\nnaem = \"x\"\n").unwrap();
+    let err = env.fails(&["add-layer", &p("fine")]);
+    assert!(err.contains("the plan cannot be read"), "{err}");
     let err = env.fails(&["disable", "base"]);
     assert!(
         err.contains("the plan cannot be read")

@@ -12,7 +12,7 @@ use overlayctl::engine::manifest::hash_file;
 use overlayctl::engine::{Kind, Layer, MergedView, XattrNs};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use tests::layergen::{Spec, stack, write_layer};
+use tests::layergen::{LayerSpec, mark_root_opaque, stack, write_layer};
 use tests::{have_root, mount_overlay, private_mount_namespace};
 
 /// What is compared for each path.
@@ -161,11 +161,7 @@ fn first_difference(
         })
 }
 
-fn check_stack(
-    scratch: &Path,
-    layers: &[BTreeMap<String, Spec>],
-    user_ns: bool,
-) -> Result<(), TestCaseError> {
+fn check_stack(scratch: &Path, layers: &[LayerSpec], user_ns: bool) -> Result<(), TestCaseError> {
     let _ = fs::remove_dir_all(scratch);
     let ns = if user_ns {
         XattrNs::User
@@ -173,10 +169,13 @@ fn check_stack(
         XattrNs::Trusted
     };
     let mut dirs = Vec::new();
-    for (i, children) in layers.iter().enumerate() {
+    for (i, (children, root_opaque)) in layers.iter().enumerate() {
         let dir = scratch.join(format!("l{i}"));
         fs::create_dir_all(&dir).unwrap();
         write_layer(&dir, children, ns);
+        if *root_opaque {
+            mark_root_opaque(&dir, ns);
+        }
         dirs.push(dir);
     }
     let (upper, work, merged) = (

@@ -234,6 +234,15 @@ impl Copier<'_> {
         meta: &Meta,
         chmod: bool,
     ) -> Result<(), LayerError> {
+        // Owner first: a chown clears `security.capability`.
+        chownat(
+            dir,
+            name,
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(io_at(dest, "setting the owner"))?;
         // The directory's handle, seen through /proc, pins the parent; the last component is
         // not followed by lsetxattr.
         let via_proc = Path::new("/proc/self/fd")
@@ -243,14 +252,6 @@ impl Copier<'_> {
             lsetxattr(&via_proc, key.as_os_str(), value, XattrFlags::empty())
                 .map_err(io_at(dest, "setting an extended attribute"))?;
         }
-        chownat(
-            dir,
-            name,
-            Some(Uid::from_raw(meta.uid)),
-            Some(Gid::from_raw(meta.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(io_at(dest, "setting the owner"))?;
         if chmod {
             rustix::fs::chmodat(dir, name, Mode::from_raw_mode(meta.mode), AtFlags::empty())
                 .map_err(io_at(dest, "setting the mode"))?;
@@ -271,16 +272,17 @@ fn timestamps(meta: &Meta) -> Timestamps {
     }
 }
 
-/// Xattrs, owner, then mode (a chown clears setuid), then times, on an open file or directory.
+/// Owner first (a chown clears setuid bits and `security.capability`), then xattrs, then mode,
+/// then times, on an open file or directory.
 fn set_fd_meta(fd: impl AsFd, meta: &Meta) -> rustix::io::Result<()> {
-    for (key, value) in &meta.xattrs {
-        fsetxattr(&fd, key.as_os_str(), value, XattrFlags::empty())?;
-    }
     fchown(
         &fd,
         Some(Uid::from_raw(meta.uid)),
         Some(Gid::from_raw(meta.gid)),
     )?;
+    for (key, value) in &meta.xattrs {
+        fsetxattr(&fd, key.as_os_str(), value, XattrFlags::empty())?;
+    }
     fchmod(&fd, Mode::from_raw_mode(meta.mode))?;
     futimens(&fd, &timestamps(meta))
 }

@@ -2,7 +2,8 @@
 //! metadata and a blake3 hash of each file's content. Equal layers have equal manifests, on any
 //! machine; the digest (`blake3:` and the hash of the manifest) goes into the plan.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io;
@@ -38,29 +39,73 @@ impl Manifest {
         format!("blake3:{}", blake3::hash(self.text.as_bytes()).to_hex())
     }
 
-    /// The path of the first line where two manifests differ, as written in the manifest.
+    /// The first path, in manifest order, whose line differs between two manifests (present in
+    /// one only, or different). A directory whose only difference is its mtime (which any change
+    /// inside it makes) is named only when nothing else differs.
     pub fn first_difference(&self, other: &Manifest) -> Option<String> {
-        let mut ours = self.text.lines();
-        let mut theirs = other.text.lines();
-        loop {
-            match (ours.next(), theirs.next()) {
-                (None, None) => return None,
-                (Some(a), Some(b)) if a == b => continue,
-                (a, b) => {
-                    // The earlier path in manifest order is the one that differs first.
-                    let path = |line: Option<&str>| {
-                        line.and_then(|l| l.split(' ').next()).map(str::to_owned)
+        let lines = |m: &'_ Manifest| -> BTreeMap<PathBuf, String> {
+            m.text
+                .lines()
+                .map(|line| {
+                    let path = match line.split(' ').next().unwrap_or_default() {
+                        "." => PathBuf::new(),
+                        path => PathBuf::from(OsStr::from_bytes(&unescape(path))),
                     };
-                    return match (path(a), path(b)) {
-                        (Some(a), Some(b)) => {
-                            Some(if Path::new(&a) <= Path::new(&b) { a } else { b })
-                        }
-                        (a, b) => a.or(b),
-                    };
-                }
+                    (path, line.to_owned())
+                })
+                .collect()
+        };
+        let (ours, theirs) = (lines(self), lines(other));
+        let differing = ours
+            .keys()
+            .chain(theirs.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter(|path| ours.get(*path) != theirs.get(*path));
+        let mut first_mtime_only = None;
+        for path in differing {
+            let (a, b) = (ours.get(path), theirs.get(path));
+            let dir_mtime_only = matches!((a, b), (Some(a), Some(b)) if without_mtime(a) == without_mtime(b) && a.contains(" dir "));
+            let shown = escape(path.as_os_str().as_bytes());
+            let shown = if shown.is_empty() {
+                ".".to_owned()
+            } else {
+                shown
+            };
+            if !dir_mtime_only {
+                return Some(shown);
             }
+            first_mtime_only.get_or_insert(shown);
         }
+        first_mtime_only
     }
+}
+
+fn without_mtime(line: &str) -> String {
+    line.split(' ')
+        .filter(|f| !f.starts_with("mtime="))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The inverse of [`escape`].
+pub fn unescape(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = text
+            .get(i + 2..i + 4)
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        if let (b'\\', Some(b'x'), Some(value)) = (bytes[i], bytes.get(i + 1), hex) {
+            out.push(value);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
 }
 
 /// The blake3 hash of a file's content, in hex.
@@ -159,23 +204,50 @@ mod tests {
     }
 
     #[test]
+    fn unescape_inverts_escape() {
+        for bytes in [&b"plain/path"[..], b"a b\\c=d\n\xff", b"\\x4", b""] {
+            assert_eq!(unescape(&escape(bytes)), bytes);
+        }
+    }
+
+    #[test]
     fn first_difference_names_the_earlier_path() {
-        let a = Manifest {
-            text: ". dir\na file x\nc file\n".into(),
-        };
-        let b = Manifest {
-            text: ". dir\na file y\nc file\n".into(),
-        };
-        assert_eq!(a.first_difference(&b).as_deref(), Some("a"));
-        let c = Manifest {
-            text: ". dir\nb file\nc file\n".into(),
-        };
-        assert_eq!(a.first_difference(&c).as_deref(), Some("a"));
-        assert_eq!(c.first_difference(&a).as_deref(), Some("a"));
-        let d = Manifest {
-            text: ". dir\na file x\n".into(),
-        };
-        assert_eq!(a.first_difference(&d).as_deref(), Some("c"));
+        let m = |text: &str| Manifest { text: text.into() };
+        let a = m(". dir mtime=1\na file x\nc file\n");
+        assert_eq!(
+            a.first_difference(&m(". dir mtime=1\na file y\nc file\n"))
+                .as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            a.first_difference(&m(". dir mtime=1\nb file\nc file\n"))
+                .as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            a.first_difference(&m(". dir mtime=1\na file x\n"))
+                .as_deref(),
+            Some("c")
+        );
         assert_eq!(a.first_difference(&a), None);
+        // Tree order, not text order: "d/z" comes before "d-x" in a tree walk of d then d-x.
+        let b = m(". dir mtime=1\nd dir mtime=1\nd/z file\nd-x file\n");
+        let c = m(". dir mtime=1\nd dir mtime=1\nd-x file 2\n");
+        assert_eq!(b.first_difference(&c).as_deref(), Some("d/z"));
+    }
+
+    #[test]
+    fn a_deletion_is_named_rather_than_its_directory_mtime() {
+        let before = Manifest {
+            text: ". dir mtime=1\nd dir mode=0755 mtime=1\nd/\\xc3\\xa9 file\nd/z file\n".into(),
+        };
+        let after = Manifest {
+            text: ". dir mtime=1\nd dir mode=0755 mtime=2\nd/\\xc3\\xa9 file\n".into(),
+        };
+        assert_eq!(before.first_difference(&after).as_deref(), Some("d/z"));
+        let touched = Manifest {
+            text: ". dir mtime=1\nd dir mode=0755 mtime=2\nd/\\xc3\\xa9 file\nd/z file\n".into(),
+        };
+        assert_eq!(before.first_difference(&touched).as_deref(), Some("d"));
     }
 }

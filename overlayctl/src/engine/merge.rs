@@ -29,17 +29,16 @@ pub struct MergedView<'a> {
 impl<'a> MergedView<'a> {
     /// Merges `layers`, top first, as overlayfs does: the topmost entry of a path wins; a
     /// whiteout hides the path below it; a directory merges with the directories below it until
-    /// one is opaque or something that is not a directory stands at that path. Panics on an empty
-    /// stack, which has no root.
+    /// one is opaque or something that is not a directory stands at that path (layer roots always
+    /// merge). Panics on an empty stack, which has no root.
     pub fn new(layers: &'a [Layer]) -> Self {
         assert!(!layers.is_empty(), "a merged view needs at least one layer");
-        let mut sources = Vec::new();
-        for (i, layer) in layers.iter().enumerate() {
-            sources.push((i, &layer.tree));
-            if matches!(layer.tree.kind, Kind::Dir { opaque: true, .. }) {
-                break;
-            }
-        }
+        // The kernel ignores `opaque` on a layer's root: every root merges.
+        let sources: Vec<(usize, &Node)> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i, &l.tree))
+            .collect();
         Self {
             layers,
             root: merge_dir(&sources),
@@ -358,10 +357,10 @@ mod tests {
     }
 
     #[test]
-    fn an_opaque_root_hides_every_lower_layer() {
-        let mut top = layer(vec![("a", file(1))]);
+    fn an_opaque_layer_root_is_ignored_as_the_kernel_does() {
+        let mut top = layer(vec![]);
         top.tree = dir(0o755, true, vec![("a", file(1))]);
         let stack = [top, layer(vec![("b", file(1))])];
-        assert_eq!(view(&stack), ["a file L0"]);
+        assert_eq!(view(&stack), ["a file L0", "b file L1"]);
     }
 }

@@ -148,6 +148,10 @@ pub enum LayerError {
         attr: String,
         value: String,
     },
+    #[error(
+        "{path}: a whiteout inside an opaque directory hides nothing, and the kernel lists it as an entry that cannot be opened"
+    )]
+    WhiteoutInOpaque { path: PathBuf },
     #[error("{path}: the layer's top is not a directory")]
     NotADirectory { path: PathBuf },
 }
@@ -375,10 +379,17 @@ impl Reader {
                     }
                 };
                 let fd = dir_fd.expect("directories come with their handle");
-                Kind::Dir {
-                    opaque,
-                    children: self.children(path, &fd, x_dir)?,
+                let children = self.children(path, &fd, x_dir)?;
+                if opaque {
+                    for (name, child) in &children {
+                        if matches!(child.kind, Kind::Whiteout) {
+                            self.unclean.push(LayerError::WhiteoutInOpaque {
+                                path: path.join(name),
+                            });
+                        }
+                    }
                 }
+                Kind::Dir { opaque, children }
             }
             FileType::RegularFile if xattr_whiteout => Kind::Whiteout,
             FileType::RegularFile => Kind::File {
