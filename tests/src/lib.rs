@@ -48,6 +48,21 @@ pub fn private_mount_namespace() {
 /// and the kernel refuses it together with `userxattr` ("conflicting options").
 pub const CLEAN_UPPER_OPTIONS: &str = "redirect_dir=nofollow,index=off,metacopy=off,xino=off";
 
+/// Creates `upper`, `work` and `merged` under `scratch`, for [`mount_overlay`].
+pub fn overlay_dirs(
+    scratch: &Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let dirs = (
+        scratch.join("upper"),
+        scratch.join("work"),
+        scratch.join("merged"),
+    );
+    for dir in [&dirs.0, &dirs.1, &dirs.2] {
+        std::fs::create_dir_all(dir).expect("creating overlay scratch directories");
+    }
+    dirs
+}
+
 /// Mounts an overlay of `lowers` (top first) with a writable upper at `target`; `extra` is
 /// appended to the options (such as `userxattr`).
 pub fn mount_overlay(

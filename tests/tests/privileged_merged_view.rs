@@ -13,7 +13,7 @@ use overlayctl::engine::{Kind, Layer, MergedView, XattrNs};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use tests::layergen::{LayerSpec, mark_root_opaque, stack, write_layer};
-use tests::{have_root, mount_overlay, private_mount_namespace};
+use tests::{have_root, mount_overlay, overlay_dirs, private_mount_namespace};
 
 /// What is compared for each path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,14 +178,7 @@ fn check_stack(scratch: &Path, layers: &[LayerSpec], user_ns: bool) -> Result<()
         }
         dirs.push(dir);
     }
-    let (upper, work, merged) = (
-        scratch.join("upper"),
-        scratch.join("work"),
-        scratch.join("merged"),
-    );
-    for dir in [&upper, &work, &merged] {
-        fs::create_dir_all(dir).unwrap();
-    }
+    let (upper, work, merged) = overlay_dirs(scratch);
     let lowers: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
     mount_overlay(
         &lowers,

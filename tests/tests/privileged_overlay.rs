@@ -8,7 +8,7 @@ use std::path::Path;
 
 use layers_spec::{BootOverrides, BootState, Plan, resolve};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
-use tests::{have_root, mount_overlay, private_mount_namespace};
+use tests::{have_root, mount_overlay, overlay_dirs, private_mount_namespace};
 
 const PLAN: &str = r#"
 version = 1
@@ -46,14 +46,7 @@ fn boot(
     let stack = resolve(plan, state, &overrides, Some(&present)).stack;
     let lowers: Vec<_> = stack.iter().map(|n| store.join("layers").join(n)).collect();
     let lowers: Vec<&Path> = lowers.iter().map(|p| p.as_path()).collect();
-    let (upper, work, merged) = (
-        scratch.join("upper"),
-        scratch.join("work"),
-        scratch.join("merged"),
-    );
-    for dir in [&upper, &work, &merged] {
-        fs::create_dir_all(dir).unwrap();
-    }
+    let (upper, work, merged) = overlay_dirs(scratch);
     mount_overlay(&lowers, &upper, &work, &merged, "").expect("overlay mount");
     let mut files: Vec<(String, String)> = fs::read_dir(&merged)
         .unwrap()

@@ -18,7 +18,7 @@ use rustix::fs::{
     mkdirat, mknodat, openat, seek, symlinkat, syncfs, utimensat,
 };
 
-use super::tree::{Kind, Layer, LayerError, Meta, Node, XattrNs};
+use super::tree::{Kind, Layer, LayerError, Meta, Node, XattrNs, open_dir};
 
 /// What a copy wrote.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -54,15 +54,6 @@ fn io_at<'a>(
         action,
         source: io::Error::from(errno),
     }
-}
-
-fn open_dir(at: impl AsFd, name: impl rustix::path::Arg) -> rustix::io::Result<OwnedFd> {
-    openat(
-        at,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
 }
 
 struct Copier<'a> {

@@ -300,7 +300,8 @@ fn errno_at<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(Errno) -> L
     }
 }
 
-fn open_dir(at: impl AsFd, name: impl rustix::path::Arg) -> rustix::io::Result<OwnedFd> {
+/// Opens a directory without following a symlink at its last component.
+pub(crate) fn open_dir(at: impl AsFd, name: impl rustix::path::Arg) -> rustix::io::Result<OwnedFd> {
     openat(
         at,
         name,

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use overlayctl::engine::{Layer, MergedView, XattrNs};
-use tests::{mount_overlay, private_mount_namespace};
+use tests::{mount_overlay, overlay_dirs, private_mount_namespace};
 
 const RUNS: usize = 5;
 
@@ -75,14 +75,7 @@ fn bench_merged_view(scratch: &Path) -> (Duration, Duration, Duration, usize) {
         let layers = Layer::read_all(&top_first, XattrNs::Trusted).unwrap();
         entries = count_entries(&layers);
     });
-    let (upper, work, merged) = (
-        scratch.join("upper"),
-        scratch.join("work"),
-        scratch.join("merged"),
-    );
-    for dir in [&upper, &work, &merged] {
-        fs::create_dir_all(dir).unwrap();
-    }
+    let (upper, work, merged) = overlay_dirs(scratch);
     let lowers: Vec<&Path> = top_first.iter().map(PathBuf::as_path).collect();
     mount_overlay(&lowers, &upper, &work, &merged, "").unwrap();
     let mut found = 0;
