@@ -3,6 +3,8 @@
 //! stack. `initramfs-hook resolve` runs exactly that against a root directory, so the decision
 //! the boot will make can be checked on any machine; mounting and switch_root come next.
 
+pub mod flow;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -10,8 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use layers_spec::{BootOverrides, resolve, store};
 
-/// The store's place on the root filesystem unless `strata.store=` says otherwise.
-pub const DEFAULT_STORE: &str = "/strata";
+pub use flow::DEFAULT_STORE;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,16 +36,53 @@ pub enum HookCommand {
         #[arg(long)]
         cmdline: Option<String>,
     },
+    /// Run the boot flow on a mounted root: mount the stack at NEWROOT, record it in
+    /// RUN/strata/booted.toml, count trial boots, and bind the store at RUN/strata/store.
+    /// (The standalone /init does this and then switch_roots; dracut and initramfs-tools call
+    /// this.)
+    Boot {
+        /// The real root filesystem, mounted.
+        #[arg(long)]
+        sysroot: PathBuf,
+        /// Where to mount the overlay.
+        #[arg(long)]
+        newroot: PathBuf,
+        /// The directory that becomes the new root's /run.
+        #[arg(long, default_value = "/run")]
+        run: PathBuf,
+        /// The kernel command line [default: /proc/cmdline].
+        #[arg(long)]
+        cmdline: Option<String>,
+    },
 }
 
 pub fn run(cli: &Cli) -> Result<String> {
+    let cmdline = |given: &Option<String>| -> Result<String> {
+        match given {
+            Some(text) => Ok(text.clone()),
+            None => fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline"),
+        }
+    };
     match &cli.command {
-        HookCommand::Resolve { sysroot, cmdline } => {
-            let cmdline = match cmdline {
-                Some(text) => text.clone(),
-                None => fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?,
+        HookCommand::Resolve {
+            sysroot,
+            cmdline: given,
+        } => resolve_report(sysroot, &cmdline(given)?),
+        HookCommand::Boot {
+            sysroot,
+            newroot,
+            run,
+            cmdline: given,
+        } => {
+            let env = flow::BootEnv {
+                sysroot: sysroot.clone(),
+                newroot: newroot.clone(),
+                run: run.clone(),
+                cmdline: cmdline(given)?,
             };
-            resolve_report(sysroot, &cmdline)
+            let mut log = flow::Log::default();
+            let outcome = flow::boot(&env, &mut log)?;
+            Ok(outcome.booted.to_toml()?)
         }
     }
 }

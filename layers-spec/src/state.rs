@@ -30,6 +30,9 @@ pub struct BootState {
     /// Boots already tried, per trial layer.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub trial_tries: BTreeMap<String, u32>,
+    /// The persistent upper in use (`uppers/<id>/`); the hook starts with `1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_upper: Option<String>,
     /// What the previous boot mounted, and why it fell back if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_boot: Option<LastBoot>,
@@ -64,6 +67,7 @@ impl Default for BootState {
             last_good: Vec::new(),
             once: None,
             trial_tries: BTreeMap::new(),
+            current_upper: None,
             last_boot: None,
         }
     }
@@ -81,10 +85,11 @@ impl BootState {
         struct KeySpans {
             #[serde(default)]
             trial_tries: BTreeMap<Spanned<String>, IgnoredAny>,
+            current_upper: Option<Spanned<String>>,
         }
         let keys: KeySpans =
             toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))?;
-        for key in keys.trial_tries.keys() {
+        for key in keys.trial_tries.keys().chain(keys.current_upper.as_ref()) {
             check_name(key.get_ref()).map_err(|problem| PlanError::BadName {
                 at: Location::of_span(file, text, Some(key.span())),
                 name: key.get_ref().clone(),
@@ -135,6 +140,7 @@ mod tests {
                 upper: Some(UpperMode::Tmpfs),
             }),
             trial_tries: [("a.1+x".to_owned(), 2)].into(),
+            current_upper: Some("3".into()),
             last_boot: Some(LastBoot {
                 layers: vec!["a.1+x".into(), "b".into(), "base".into()],
                 fallback: Some("mount of the resolved stack failed: EINVAL".into()),

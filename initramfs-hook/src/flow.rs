@@ -1,0 +1,446 @@
+//! The boot flow on a mounted root (DESIGN, steps 1 and 3 to 6): options, plan and state, the
+//! stack, the overlay with its fallback chain, the record of what was done, trial counting, and
+//! the store made visible to the new root. The standalone `/init` and the dracut and
+//! initramfs-tools glue all call [`boot`]; so do the tests, on a plain directory.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use layers_spec::mount::{OverlaySpec, SOURCE_PREFIX, mount_overlay};
+use layers_spec::store as spec_store;
+use layers_spec::{
+    BootOverrides, BootState, Booted, LastBoot, LayerState, MenuMode, Plan, UpperMode, resolve,
+};
+use rustix::mount::{MountFlags, MountPropagationFlags};
+
+/// The store's place on the root filesystem unless `strata.store=` says otherwise.
+pub const DEFAULT_STORE: &str = "/strata";
+/// The persistent upper a store starts with.
+const FIRST_UPPER: &str = "1";
+
+/// Where things are for one boot.
+#[derive(Debug, Clone)]
+pub struct BootEnv {
+    /// The real root filesystem, mounted.
+    pub sysroot: PathBuf,
+    /// Where the overlay goes (the future `/`).
+    pub newroot: PathBuf,
+    /// The directory that becomes the new root's `/run` (the initramfs's `/run`).
+    pub run: PathBuf,
+    pub cmdline: String,
+}
+
+/// Where log lines go: the kernel log (when open) and the console, with a `strata:` prefix.
+#[derive(Debug, Default)]
+pub struct Log {
+    pub kmsg: Option<fs::File>,
+    pub debug: bool,
+    /// Every line, for the record and for tests.
+    pub lines: Vec<String>,
+}
+
+impl Log {
+    pub fn say(&mut self, line: impl AsRef<str>) {
+        let line = line.as_ref();
+        eprintln!("strata: {line}");
+        if let Some(kmsg) = &mut self.kmsg {
+            // <5> is KERN_NOTICE: shown by default, not an alarm.
+            let _ = writeln!(kmsg, "<5>strata: {line}");
+        }
+        self.lines.push(line.to_owned());
+    }
+
+    pub fn debug(&mut self, line: impl AsRef<str>) {
+        if self.debug {
+            self.say(line);
+        }
+    }
+}
+
+/// How the boot went, when the overlay is mounted.
+#[derive(Debug)]
+pub struct Outcome {
+    pub booted: Booted,
+    /// The resolved stack's summary, printed when the menu was asked for.
+    pub showed_menu: bool,
+}
+
+/// Why no overlay could be mounted.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("there is no store at {0}; this root was not set up by Strata")]
+    NoStore(PathBuf),
+    #[error("no usable plan in {store}: {reason}")]
+    NoPlan { store: PathBuf, reason: String },
+    #[error("every stack failed to mount; the last error: {0}")]
+    NothingMounts(String),
+}
+
+/// Runs the boot flow: mounts the overlay at `env.newroot` and returns what it did.
+pub fn boot(env: &BootEnv, log: &mut Log) -> Result<Outcome, BootError> {
+    let (overrides, problems) = BootOverrides::parse(&env.cmdline);
+    log.debug |= overrides.debug;
+    for problem in &problems {
+        log.say(format!("ignoring {problem}"));
+    }
+    let store_rel = overrides.store.as_deref().unwrap_or(DEFAULT_STORE);
+    let store = env.sysroot.join(store_rel.trim_start_matches('/'));
+    if !store.is_dir() {
+        return Err(BootError::NoStore(store));
+    }
+
+    let loaded = spec_store::load_plan(&store).map_err(|e| BootError::NoPlan {
+        store: store.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut plan_fallback = None;
+    if let Some(why) = &loaded.fell_back {
+        let note = format!("the plan is unusable ({why}); booting from its previous copy");
+        log.say(&note);
+        plan_fallback = Some(note);
+    }
+    let mut plan = loaded.value;
+    let mut state = match spec_store::load_state(&store) {
+        Ok(state) => {
+            if let Some(why) = &state.fell_back {
+                log.say(format!(
+                    "boot state unusable ({why}); using its previous copy"
+                ));
+            }
+            state.value
+        }
+        Err(e) => {
+            log.say(format!("boot state unusable ({e}); starting afresh"));
+            BootState::default()
+        }
+    };
+    clear_staging(&store, log);
+
+    let layers_dir = store.join("layers");
+    let present = |name: &str| layers_dir.join(name).is_dir();
+    let resolution = resolve(&plan, &state, &overrides, Some(&present));
+    for note in &resolution.notes {
+        log.say(note.to_string());
+    }
+    for left in &resolution.left_out {
+        log.debug(format!("{} left out: {}", left.name, left.reason));
+    }
+
+    let fell_back_last_time = state
+        .last_boot
+        .as_ref()
+        .is_some_and(|b| b.fallback.is_some());
+    let showed_menu = overrides.menu
+        || plan.boot.menu == MenuMode::Always
+        || (plan.boot.menu == MenuMode::OnFailure && fell_back_last_time);
+    if showed_menu {
+        // The interactive menu replaces this; until then the stack is shown and booted.
+        for line in boot_ui::describe(&plan, &resolution).lines() {
+            log.say(line.trim_start_matches("strata: "));
+        }
+    }
+
+    // Trial layers whose tries ran out are disabled in the plan for good (DESIGN).
+    let exhausted: Vec<String> = resolution
+        .left_out
+        .iter()
+        .filter(|l| matches!(l.reason, layers_spec::Reason::TrialExhausted { .. }))
+        .map(|l| l.name.clone())
+        .collect();
+    if !exhausted.is_empty() && loaded.fell_back.is_none() {
+        for name in &exhausted {
+            if let Some(layer) = plan.layer_mut(name) {
+                layer.state = LayerState::Disabled;
+            }
+            state.trial_tries.remove(name);
+            log.say(format!(
+                "trial layer {name} was never accepted; it is disabled now"
+            ));
+        }
+        if let Err(e) = spec_store::save_plan(&store, &plan) {
+            log.say(format!("could not save the plan: {e}"));
+        }
+    }
+
+    let upper = prepare_upper(env, &store, &mut state, resolution.upper, log);
+    // A layer that should be in the stack but is missing means a damaged store: rather than
+    // mount the rest without it, start from the fallbacks.
+    let missing: Vec<&str> = resolution
+        .left_out
+        .iter()
+        .filter(|l| l.reason == layers_spec::Reason::MissingOnDisk)
+        .map(|l| l.name.as_str())
+        .collect();
+    let mut candidates = fallback_chain(&plan, &state, &resolution.stack, &present);
+    if !missing.is_empty() {
+        let why = format!("layer {} is missing from the store", missing.join(", "));
+        log.say(&why);
+        candidates.remove(0);
+        for (_, reason) in &mut candidates {
+            if let Some(reason) = reason {
+                *reason = reason.replace("the resolved stack did not mount", &why);
+            }
+        }
+    }
+    let mut last_error = String::from("no layer to mount");
+    let mut mounted = None;
+    for (i, (stack, why)) in candidates.iter().enumerate() {
+        let (upper_dirs, upper_mode) = match (&upper, i + 1 == candidates.len()) {
+            // The very last try trades a broken persistent upper for a tmpfs one.
+            (Ok(dirs), false) => (dirs.clone(), resolution.upper),
+            (Ok(_), true) | (Err(_), _) => match tmpfs_upper(env) {
+                Ok(dirs) => (dirs, UpperMode::Tmpfs),
+                Err(e) => {
+                    last_error = e;
+                    continue;
+                }
+            },
+        };
+        if stack.is_empty() {
+            continue;
+        }
+        let spec = OverlaySpec {
+            lowers: stack.iter().map(|n| layers_dir.join(n)).collect(),
+            upper: Some(upper_dirs),
+            userxattr: false,
+            read_only: false,
+            source: format!("{SOURCE_PREFIX}:{store_rel}"),
+        };
+        match mount_overlay(&spec, &env.newroot) {
+            Ok(api) => {
+                log.debug(format!(
+                    "mounted {} layers with the {api:?} mount API",
+                    stack.len()
+                ));
+                mounted = Some((stack.clone(), why.clone(), upper_mode));
+                break;
+            }
+            Err(e) => {
+                last_error = e.to_string();
+                log.say(format!("mounting {} failed: {e}", stack.join(":")));
+            }
+        }
+    }
+    let Some((stack, fallback, upper_mode)) = mounted else {
+        return Err(BootError::NothingMounts(last_error));
+    };
+    let fallback = match (fallback, plan_fallback) {
+        (Some(a), Some(b)) => Some(format!("{b}; {a}")),
+        (a, b) => a.or(b),
+    };
+    if let Some(why) = &fallback {
+        log.say(format!("fell back: {why}"));
+    }
+    log.say(format!("booting {}", stack.join(", ")));
+
+    // Count a try for every trial layer in the stack; the one-shot selection is used up.
+    for name in &stack {
+        if plan
+            .layer(name)
+            .is_some_and(|l| l.state == LayerState::Trial)
+        {
+            *state.trial_tries.entry(name.clone()).or_insert(0) += 1;
+        }
+    }
+    state.once = None;
+    state.last_boot = Some(LastBoot {
+        layers: stack.clone(),
+        fallback: fallback.clone(),
+        at: None,
+    });
+    if let Err(e) = spec_store::save_state(&store, &state) {
+        log.say(format!("could not save the boot state: {e}"));
+    }
+
+    let booted = Booted {
+        version: layers_spec::plan::PLAN_VERSION,
+        stack,
+        upper: upper_mode,
+        upper_id: (upper_mode == UpperMode::Persistent)
+            .then(|| state.current_upper.clone())
+            .flatten(),
+        store: "/run/strata/store".into(),
+        one_shot: resolution.one_shot,
+        fallback,
+        notes: resolution.notes.iter().map(ToString::to_string).collect(),
+        at: None,
+    };
+    write_record(env, &booted, log);
+    expose_store(env, &store, log);
+    Ok(Outcome {
+        booted,
+        showed_menu,
+    })
+}
+
+/// The stacks to try, in order, each with why it is not the one resolved: the resolved stack,
+/// the last good stack, the known-good layers, the base alone. Repeats are dropped.
+fn fallback_chain(
+    plan: &Plan,
+    state: &BootState,
+    resolved: &[String],
+    present: &dyn Fn(&str) -> bool,
+) -> Vec<(Vec<String>, Option<String>)> {
+    let in_plan_order = |names: &dyn Fn(&str) -> bool| -> Vec<String> {
+        plan.layers
+            .iter()
+            .map(|l| l.name.clone())
+            .filter(|n| names(n) && present(n))
+            .collect()
+    };
+    let mut chain: Vec<(Vec<String>, Option<String>)> = vec![(resolved.to_vec(), None)];
+    if !state.last_good.is_empty()
+        && state
+            .last_good
+            .iter()
+            .all(|n| plan.layer(n).is_some() && present(n))
+    {
+        chain.push((
+            in_plan_order(&|n| state.last_good.iter().any(|g| g == n)),
+            Some("the resolved stack did not mount; booted the last good stack".into()),
+        ));
+    }
+    chain.push((
+        in_plan_order(&|n| plan.layer(n).is_some_and(|l| l.known_good)),
+        Some("the resolved stack did not mount; booted the known-good layers".into()),
+    ));
+    if let Some(base) = plan.base().filter(|b| present(&b.name)) {
+        chain.push((
+            vec![base.name.clone()],
+            Some("no better stack mounted; booted the base layer alone".into()),
+        ));
+    }
+    let mut chain: Vec<(Vec<String>, Option<String>)> =
+        chain.into_iter().fold(Vec::new(), |mut out, (stack, why)| {
+            if !stack.is_empty() && !out.iter().any(|(s, _)| s == &stack) {
+                out.push((stack, why));
+            }
+            out
+        });
+    // The last try repeats the base with a tmpfs upper, in case the persistent upper is what
+    // fails.
+    if let Some(base) = plan.base().filter(|b| present(&b.name)) {
+        chain.push((
+            vec![base.name.clone()],
+            Some(
+                "the persistent upper did not mount; booted the base layer with a tmpfs upper"
+                    .into(),
+            ),
+        ));
+    }
+    chain
+}
+
+/// The persistent upper's `data` and `work`, created when missing, or a tmpfs one.
+fn prepare_upper(
+    env: &BootEnv,
+    store: &Path,
+    state: &mut BootState,
+    mode: UpperMode,
+    log: &mut Log,
+) -> Result<(PathBuf, PathBuf), String> {
+    if mode == UpperMode::Tmpfs {
+        return tmpfs_upper(env);
+    }
+    let id = state
+        .current_upper
+        .get_or_insert_with(|| FIRST_UPPER.to_owned())
+        .clone();
+    let dir = store.join("uppers").join(&id);
+    let (data, work) = (dir.join("data"), dir.join("work"));
+    for path in [&data, &work] {
+        if let Err(e) = fs::create_dir_all(path) {
+            let message = format!(
+                "the persistent upper {} cannot be used: {e}",
+                path.display()
+            );
+            log.say(&message);
+            return Err(message);
+        }
+    }
+    // Left by a mount with `volatile`, it would refuse every later mount (FACTS).
+    let _ = fs::remove_dir_all(work.join("incompat"));
+    Ok((data, work))
+}
+
+fn tmpfs_upper(env: &BootEnv) -> Result<(PathBuf, PathBuf), String> {
+    let dir = env.run.join("strata/upper");
+    fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let mounted = fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| {
+            layers_spec::mount::parse_mountinfo(&m)
+                .iter()
+                .any(|e| e.target == dir)
+        })
+        .unwrap_or(false);
+    if !mounted {
+        rustix::mount::mount(
+            "strata-upper",
+            &dir,
+            "tmpfs",
+            MountFlags::empty(),
+            c"mode=0755",
+        )
+        .map_err(|e| format!("mounting a tmpfs upper at {}: {e}", dir.display()))?;
+    }
+    let (data, work) = (dir.join("data"), dir.join("work"));
+    for path in [&data, &work] {
+        fs::create_dir_all(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    }
+    Ok((data, work))
+}
+
+/// Deletes what an interrupted store change left in `staging/` (the root may be read-only).
+fn clear_staging(store: &Path, log: &mut Log) {
+    let Ok(entries) = fs::read_dir(store.join("staging")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => log.debug(format!(
+                "removed {}, left by an interrupted change",
+                path.display()
+            )),
+            Err(e) => log.debug(format!("could not remove {}: {e}", path.display())),
+        }
+    }
+}
+
+fn write_record(env: &BootEnv, booted: &Booted, log: &mut Log) {
+    let dir = env.run.join("strata");
+    let written = fs::create_dir_all(&dir).and_then(|()| {
+        let text = booted.to_toml().map_err(std::io::Error::other)?;
+        fs::write(dir.join("booted.toml"), text)
+    });
+    if let Err(e) = written {
+        log.say(format!(
+            "could not write {}: {e}",
+            dir.join("booted.toml").display()
+        ));
+    }
+}
+
+/// Bind-mounts the store at `<run>/strata/store`, so the new root sees it at /run/strata/store.
+fn expose_store(env: &BootEnv, store: &Path, log: &mut Log) {
+    let target = env.run.join("strata/store");
+    let done = fs::create_dir_all(&target)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            rustix::mount::mount_bind(store, &target).map_err(|e| e.to_string())?;
+            // Private, so mounts under it do not spread back to the real root's tree.
+            rustix::mount::mount_change(&target, MountPropagationFlags::PRIVATE)
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = done {
+        log.say(format!(
+            "could not make the store visible at /run/strata/store: {e}"
+        ));
+    }
+}

@@ -1,0 +1,352 @@
+//! The boot flow of `initramfs-hook` run for real on this machine's kernel, through its test
+//! flags (`boot --sysroot --newroot --run --cmdline`): a store made by `overlayctl`, real overlay
+//! mounts in a private mount namespace, and the record, state and plan the hook leaves. The same
+//! flow booting in QEMU is the VM tests' job.
+
+use std::fs;
+use std::path::PathBuf;
+
+use assert_cmd::Command;
+use layers_spec::{BootState, Booted, LayerState, Plan, UpperMode};
+use tempfile::TempDir;
+use tests::{have_root, private_mount_namespace};
+
+struct Machine {
+    dir: TempDir,
+}
+
+impl Machine {
+    /// A root filesystem with a store of base, upgrade-1 and upgrade-2 (a trial layer).
+    fn new(test: &str) -> Option<Self> {
+        if !have_root(test) {
+            return None;
+        }
+        private_mount_namespace();
+        let machine = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        for dir in ["sysroot", "newroot", "run"] {
+            fs::create_dir(machine.path(dir)).unwrap();
+        }
+        let tree = |name: &str, files: &[(&str, &str)]| {
+            for (path, text) in files {
+                let path = machine.path(name).join(path);
+                fs::create_dir_all(path.parent().unwrap()).unwrap();
+                fs::write(path, text).unwrap();
+            }
+        };
+        tree(
+            "base",
+            &[("etc/version", "base\n"), ("etc/only-in-base", "x\n")],
+        );
+        tree("upgrade-1", &[("etc/version", "1\n")]);
+        tree(
+            "upgrade-2",
+            &[("etc/version", "2\n"), ("usr/bin/new", "new\n")],
+        );
+        machine.ctl(&["init", "--base", machine.path("base").to_str().unwrap()]);
+        machine.ctl(&[
+            "add-layer",
+            machine.path("upgrade-1").to_str().unwrap(),
+            "--active",
+        ]);
+        machine.ctl(&["add-layer", machine.path("upgrade-2").to_str().unwrap()]);
+        Some(machine)
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn store(&self) -> PathBuf {
+        self.path("sysroot/strata")
+    }
+
+    fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::cargo_bin("overlayctl")
+            .unwrap()
+            .env("STRATA_RUN_DIR", self.path("no-boot-record"))
+            .arg("--store")
+            .arg(self.store())
+            .args(args)
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Boots: runs the hook, returns its record; the stack stays mounted until `shutdown`.
+    fn boot(&self, cmdline: &str) -> Booted {
+        let out = Command::cargo_bin("initramfs-hook")
+            .unwrap()
+            .args(["boot", "--sysroot"])
+            .arg(self.path("sysroot"))
+            .arg("--newroot")
+            .arg(self.path("newroot"))
+            .arg("--run")
+            .arg(self.path("run"))
+            .args(["--cmdline", cmdline])
+            .assert()
+            .success()
+            .get_output()
+            .clone();
+        let text = fs::read_to_string(self.path("run/strata/booted.toml")).unwrap();
+        let booted = Booted::parse(&text, "booted.toml").unwrap();
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            text,
+            "the hook prints what it records"
+        );
+        booted
+    }
+
+    /// Unmounts what a boot mounted, as a reboot would.
+    fn shutdown(&self) {
+        for target in ["newroot", "run/strata/store", "run/strata/upper"] {
+            let path = self.path(target);
+            while nix::mount::umount(&path).is_ok() {}
+        }
+        let _ = fs::remove_dir_all(self.path("run/strata"));
+    }
+
+    fn read(&self, rel: &str) -> Option<String> {
+        fs::read_to_string(self.path("newroot").join(rel)).ok()
+    }
+
+    fn state(&self) -> BootState {
+        BootState::parse(
+            &fs::read_to_string(self.store().join("state/boot.toml")).unwrap(),
+            "state",
+        )
+        .unwrap()
+    }
+
+    fn plan(&self) -> Plan {
+        Plan::parse(
+            &fs::read_to_string(self.store().join("overlayplan.toml")).unwrap(),
+            "plan",
+        )
+        .unwrap()
+    }
+}
+
+fn stack(booted: &Booted) -> Vec<&str> {
+    booted.stack.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn privileged_hook_default_stack_and_rollbacks() {
+    let Some(m) = Machine::new("privileged_hook_default_stack_and_rollbacks") else {
+        return;
+    };
+    let booted = m.boot("root=/dev/vda ro quiet");
+    assert_eq!(stack(&booted), ["upgrade-2", "upgrade-1", "base"]);
+    assert_eq!(
+        (
+            booted.upper,
+            booted.upper_id.as_deref(),
+            booted.fallback.as_deref()
+        ),
+        (UpperMode::Persistent, Some("1"), None)
+    );
+    assert_eq!(
+        m.read("etc/version").as_deref(),
+        Some("2\n"),
+        "the top layer's files win"
+    );
+    assert_eq!(m.read("usr/bin/new").as_deref(), Some("new\n"));
+    // The store is visible to the new root, and its state counted the trial layer's boot.
+    assert!(m.path("run/strata/store/overlayplan.toml").is_file());
+    assert_eq!(m.state().tries("upgrade-2"), 1);
+    assert_eq!(m.state().last_boot.unwrap().layers, booted.stack);
+    m.shutdown();
+
+    let booted = m.boot("strata.top=upgrade-1");
+    assert_eq!(stack(&booted), ["upgrade-1", "base"]);
+    assert_eq!(m.read("etc/version").as_deref(), Some("1\n"));
+    assert_eq!(m.read("usr/bin/new"), None);
+    m.shutdown();
+
+    let booted = m.boot("strata.disable=upgrade-2,upgrade-1");
+    assert_eq!(stack(&booted), ["base"]);
+    assert_eq!(m.read("etc/version").as_deref(), Some("base\n"));
+    m.shutdown();
+}
+
+#[test]
+fn privileged_hook_trial_layers_run_out_unless_accepted() {
+    let Some(m) = Machine::new("privileged_hook_trial_layers_run_out_unless_accepted") else {
+        return;
+    };
+    for boot in 1..=3 {
+        let booted = m.boot("");
+        assert_eq!(stack(&booted)[0], "upgrade-2", "boot {boot} of 3 tries it");
+        m.shutdown();
+    }
+    let booted = m.boot("");
+    assert_eq!(
+        stack(&booted),
+        ["upgrade-1", "base"],
+        "its tries are used up"
+    );
+    assert_eq!(
+        m.plan().layer("upgrade-2").unwrap().state,
+        LayerState::Disabled,
+        "and the plan says so"
+    );
+    m.shutdown();
+
+    // Accepted after its first boot, a trial layer stays.
+    m.ctl(&["enable", "upgrade-2"]);
+    let plan = fs::read_to_string(m.store().join("overlayplan.toml")).unwrap();
+    fs::write(
+        m.store().join("overlayplan.toml"),
+        plan.replacen("state = \"active\"", "state = \"trial\"", 1),
+    )
+    .unwrap();
+    m.boot("");
+    m.shutdown();
+    m.ctl(&["accept", "upgrade-2"]);
+    for _ in 0..4 {
+        assert_eq!(stack(&m.boot(""))[0], "upgrade-2");
+        m.shutdown();
+    }
+    assert_eq!(
+        m.plan().layer("upgrade-2").unwrap().state,
+        LayerState::Active
+    );
+}
+
+#[test]
+fn privileged_hook_uppers_persist_or_not() {
+    let Some(m) = Machine::new("privileged_hook_uppers_persist_or_not") else {
+        return;
+    };
+    m.boot("");
+    fs::write(m.path("newroot/etc/written"), "kept\n").unwrap();
+    m.shutdown();
+    m.boot("");
+    assert_eq!(
+        m.read("etc/written").as_deref(),
+        Some("kept\n"),
+        "the persistent upper keeps it"
+    );
+    m.shutdown();
+
+    let booted = m.boot("strata.upper=tmpfs");
+    assert_eq!(
+        (booted.upper, booted.upper_id.as_deref()),
+        (UpperMode::Tmpfs, None)
+    );
+    assert_eq!(m.read("etc/written"), None, "a tmpfs upper starts empty");
+    fs::write(m.path("newroot/etc/scratch"), "gone\n").unwrap();
+    m.shutdown();
+    m.boot("strata.upper=tmpfs");
+    assert_eq!(m.read("etc/scratch"), None, "and forgets");
+    m.shutdown();
+}
+
+#[test]
+fn privileged_hook_falls_back_and_says_why() {
+    let Some(m) = Machine::new("privileged_hook_falls_back_and_says_why") else {
+        return;
+    };
+    // A first good boot, accepted: the last good stack.
+    m.boot("");
+    m.shutdown();
+    m.ctl(&["accept", "upgrade-2"]);
+    let mut state = m.state();
+    state.last_good = vec!["upgrade-2".into(), "upgrade-1".into(), "base".into()];
+    fs::write(m.store().join("state/boot.toml"), state.to_toml().unwrap()).unwrap();
+
+    // A missing layer: the fallbacks, with the reason recorded.
+    fs::rename(m.store().join("layers/upgrade-1"), m.path("hidden")).unwrap();
+    let booted = m.boot("");
+    assert_eq!(stack(&booted), ["base"]);
+    let why = booted.fallback.unwrap();
+    assert!(
+        why.contains("layer upgrade-1 is missing from the store"),
+        "{why}"
+    );
+    m.shutdown();
+    fs::rename(m.path("hidden"), m.store().join("layers/upgrade-1")).unwrap();
+
+    // A corrupt plan: its previous copy boots.
+    m.ctl(&["disable", "upgrade-2"]);
+    fs::write(
+        m.store().join("overlayplan.toml"),
+        "version = 1\n[[layer]]\nname = \"broken\n",
+    )
+    .unwrap();
+    let booted = m.boot("");
+    assert_eq!(
+        stack(&booted),
+        ["upgrade-2", "upgrade-1", "base"],
+        "the plan before the disable"
+    );
+    assert!(booted.fallback.unwrap().contains("the plan is unusable"));
+    m.shutdown();
+    m.ctl(&[
+        "import-legacy",
+        "--force",
+        write_legacy(&m).to_str().unwrap(),
+    ]);
+
+    // A persistent upper that cannot mount (its work dir on another filesystem): every stack
+    // fails with it, and the base boots with a tmpfs upper.
+    let work = m.store().join("uppers/1/work");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &work,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    let booted = m.boot("");
+    assert_eq!(
+        (stack(&booted), booted.upper),
+        (vec!["base"], UpperMode::Tmpfs)
+    );
+    assert!(
+        booted
+            .fallback
+            .unwrap()
+            .contains("the persistent upper did not mount")
+    );
+    m.shutdown();
+    nix::mount::umount(&work).unwrap();
+}
+
+/// A legacy plan naming the three layers, to repair the store after the corrupt-plan test.
+fn write_legacy(m: &Machine) -> PathBuf {
+    let path = m.path("plan.overlayplan");
+    fs::write(
+        &path,
+        "[Layers]\nupgrade-2=\"Two\",ro\nupgrade-1=\"One\",ro\nbase=\"Base\",ro\n",
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn privileged_hook_mounts_two_hundred_layers() {
+    let Some(m) = Machine::new("privileged_hook_mounts_two_hundred_layers") else {
+        return;
+    };
+    let mut plan = m.plan();
+    for i in 0..200 {
+        let name = format!("extra-{i:03}");
+        let dir = m.store().join("layers").join(&name);
+        fs::create_dir_all(dir.join("etc")).unwrap();
+        fs::write(dir.join("etc/version"), format!("{i}\n")).unwrap();
+        plan.layers.insert(0, layers_spec::Layer::new(name));
+    }
+    fs::write(m.store().join("overlayplan.toml"), plan.to_toml().unwrap()).unwrap();
+    let booted = m.boot("");
+    assert_eq!(booted.stack.len(), 203);
+    assert_eq!(m.read("etc/version").as_deref(), Some("199\n"));
+    m.shutdown();
+}
