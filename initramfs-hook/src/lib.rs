@@ -4,6 +4,8 @@
 //! the boot will make can be checked on any machine; mounting and switch_root come next.
 
 pub mod flow;
+pub mod mkinitramfs;
+pub mod standalone;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -35,6 +37,27 @@ pub enum HookCommand {
         /// The kernel command line [default: /proc/cmdline].
         #[arg(long)]
         cmdline: Option<String>,
+    },
+    /// Build a minimal initramfs whose /init is this program (standalone mode).
+    Mkinitramfs {
+        /// The image to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The kernel's module directory (lib/modules/VERSION, with modules.dep).
+        #[arg(long, value_name = "DIR")]
+        modules_dir: Option<PathBuf>,
+        /// A module to include and load at boot, with its dependencies (repeat as needed).
+        #[arg(long = "module", value_name = "NAME")]
+        modules: Vec<String>,
+        /// A static busybox to include, for an emergency shell.
+        #[arg(long, value_name = "PATH")]
+        busybox: Option<PathBuf>,
+        /// Write an uncompressed cpio instead of gzip.
+        #[arg(long)]
+        no_compress: bool,
+        /// The /init to install [default: this program]
+        #[arg(long, value_name = "PATH")]
+        init: Option<PathBuf>,
     },
     /// Run the boot flow on a mounted root: mount the stack at NEWROOT, record it in
     /// RUN/strata/booted.toml, count trial boots, and bind the store at RUN/strata/store.
@@ -68,6 +91,32 @@ pub fn run(cli: &Cli) -> Result<String> {
             sysroot,
             cmdline: given,
         } => resolve_report(sysroot, &cmdline(given)?),
+        HookCommand::Mkinitramfs {
+            output,
+            modules_dir,
+            modules,
+            busybox,
+            no_compress,
+            init,
+        } => {
+            let spec = mkinitramfs::ImageSpec {
+                init: match init {
+                    Some(path) => path.clone(),
+                    None => std::env::current_exe().context("finding this program")?,
+                },
+                modules_dir: modules_dir.clone(),
+                modules: modules.clone(),
+                busybox: busybox.clone(),
+                gzip: !no_compress,
+            };
+            let loaded = mkinitramfs::build(&spec, output)?;
+            Ok(format!(
+                "wrote {} ({} modules: {})\n",
+                output.display(),
+                loaded.len(),
+                loaded.join(" ")
+            ))
+        }
         HookCommand::Boot {
             sysroot,
             newroot,
