@@ -1,0 +1,226 @@
+//! The QEMU boot harness: a Debian kernel, the static hook in a minimal initramfs, and a raw
+//! ext4 disk holding a store whose base layer is a busybox root with a test init that prints
+//! markers on the serial console and powers off. Everything it needs it fetches when missing:
+//! packages with apt-get, the kernel with `apt-get download` and `dpkg -x`, into a cache under
+//! `target/strata-vm` (or `$STRATA_VM_CACHE`).
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace this test binary was built from.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace").to_owned()
+}
+
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("STRATA_VM_CACHE").map(PathBuf::from).unwrap_or_else(|| workspace().join("target/strata-vm"))
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Installs the Debian packages the harness uses, when their commands are missing.
+pub fn ensure_packages() {
+    let wanted = [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("busybox", "busybox-static"),
+        ("depmod", "kmod"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("dpkg-deb", "dpkg"),
+    ];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(cmd, _)| Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().map_or(true, |o| !o.status.success()))
+        .map(|(_, package)| *package)
+        .collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").args(["update", "-qq"]));
+        run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"));
+    }
+}
+
+/// A Debian kernel and its modules, unpacked in the cache.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    pub vmlinuz: PathBuf,
+    pub modules_dir: PathBuf,
+}
+
+/// The Debian 12 kernel (`linux-image-amd64`'s image package), downloaded once.
+pub fn kernel() -> Kernel {
+    let dir = cache_dir().join("kernel");
+    let find = || -> Option<Kernel> {
+        let boot = fs::read_dir(dir.join("root/boot")).ok()?;
+        let vmlinuz = boot.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))?;
+        let version = vmlinuz.file_name()?.to_string_lossy().trim_start_matches("vmlinuz-").to_owned();
+        let modules_dir = dir.join("root/lib/modules").join(&version);
+        modules_dir.join("modules.dep").exists().then_some(Kernel { vmlinuz, modules_dir })
+    };
+    if let Some(kernel) = find() {
+        return kernel;
+    }
+    fs::create_dir_all(&dir).unwrap();
+    let depends = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]));
+    let image = depends
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: ").filter(|p| p.starts_with("linux-image-")))
+        .unwrap_or_else(|| panic!("linux-image-amd64 names no image package:\n{depends}"))
+        .to_owned();
+    run(Command::new("apt-get").args(["download", &image]).current_dir(&dir));
+    let deb = fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "deb")).expect("the downloaded package");
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg(dir.join("root")));
+    let _ = fs::remove_file(&deb);
+    let version = image.trim_start_matches("linux-image-").to_owned();
+    run(Command::new("depmod").arg("-b").arg(dir.join("root")).arg(&version));
+    find().expect("the kernel was unpacked")
+}
+
+/// The hook built as a static binary (the initramfs has no libraries).
+pub fn static_hook() -> PathBuf {
+    let target_dir = workspace().join("target/static");
+    run(Command::new(env!("CARGO"))
+        .args(["build", "--release", "--locked", "-p", "initramfs-hook", "--target", "x86_64-unknown-linux-gnu"])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .current_dir(workspace()));
+    target_dir.join("x86_64-unknown-linux-gnu/release/initramfs-hook")
+}
+
+/// The modules a virtio disk with ext4 and overlay need (crc32c_generic: ext4's soft dependency).
+pub const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4", "overlay"];
+
+/// Builds the initramfs with the hook's own `mkinitramfs`.
+pub fn initramfs(kernel: &Kernel, hook: &Path, out: &Path) {
+    let mut cmd = Command::new(hook);
+    cmd.arg("mkinitramfs").arg("-o").arg(out).arg("--modules-dir").arg(&kernel.modules_dir);
+    for module in MODULES {
+        cmd.args(["--module", module]);
+    }
+    run(&mut cmd);
+}
+
+/// The test init: prints markers (`@@ …`) and powers off. `test.write` on the command line makes
+/// it write /var/persist first.
+pub const TEST_INIT: &str = r#"#!/bin/sh
+echo "@@ version $(cat /etc/version)"
+echo "@@ booted-begin"; cat /run/strata/booted.toml; echo "@@ booted-end"
+echo "@@ state-begin"; cat /run/strata/store/state/boot.toml; echo "@@ state-end"
+echo "@@ persist $(cat /var/persist 2>/dev/null || echo none)"
+case " $(cat /proc/cmdline) " in *" test.write "*) echo kept > /var/persist ;; esac
+sync
+echo "@@ done"
+poweroff -f
+"#;
+
+/// A busybox root with the test init, as a base layer's source tree.
+pub fn busybox_root(dir: &Path, version: &str) {
+    for sub in ["bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "var"] {
+        fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let busybox = run(Command::new("sh").args(["-c", "command -v busybox"])).trim().to_owned();
+    fs::copy(busybox, dir.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "echo", "sync", "poweroff", "ls", "mount"] {
+        std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet)).unwrap();
+    }
+    fs::write(dir.join("sbin/init"), TEST_INIT).unwrap();
+    fs::set_permissions(dir.join("sbin/init"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(dir.join("etc/version"), format!("{version}\n")).unwrap();
+}
+
+/// A raw ext4 image of `size_mib` holding `root`, made without loop mounts.
+pub fn disk_image(root: &Path, image: &Path, size_mib: u32) {
+    let _ = fs::remove_file(image);
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "strata-root", "-d"])
+        .arg(root)
+        .arg(image)
+        .arg(format!("{size_mib}M")));
+}
+
+/// A file from inside an ext4 image, read with debugfs.
+pub fn read_from_image(image: &Path, path: &str) -> String {
+    run(Command::new("debugfs").args(["-R", &format!("cat {path}")]).arg(image).stderr(Stdio::null()))
+}
+
+/// What a boot printed on its serial console.
+#[derive(Debug)]
+pub struct BootLog {
+    pub serial: String,
+    pub timed_out: bool,
+}
+
+impl BootLog {
+    /// The text after `@@ NAME ` on its line.
+    pub fn marker(&self, name: &str) -> Option<&str> {
+        let prefix = format!("@@ {name} ");
+        self.serial.lines().find_map(|l| l.trim_end_matches('\r').strip_prefix(&prefix))
+    }
+
+    /// The lines between `@@ NAME-begin` and `@@ NAME-end`.
+    pub fn block(&self, name: &str) -> Option<String> {
+        let text = self.serial.replace('\r', "");
+        let start = text.find(&format!("@@ {name}-begin\n"))? + name.len() + 10;
+        let end = text[start..].find(&format!("@@ {name}-end"))? + start;
+        Some(text[start..end].to_owned())
+    }
+
+    pub fn done(&self) -> bool {
+        self.serial.contains("@@ done")
+    }
+}
+
+/// How long one boot may take under TCG on a loaded two-core machine.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Boots the kernel with `initrd` and `disk` (as virtio /dev/vda) under TCG.
+pub fn boot(kernel: &Kernel, initrd: &Path, disk: &Path, extra_cmdline: &str) -> BootLog {
+    let append = format!("console=ttyS0 root=/dev/vda panic=-1 quiet loglevel=4 {extra_cmdline}");
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-m", "512", "-smp", "1", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", disk.display()))
+        .args(["-append", &append])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting qemu-system-x86_64");
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        out
+    });
+    let start = Instant::now();
+    let mut timed_out = false;
+    loop {
+        if child.try_wait().expect("waiting for qemu").is_some() {
+            break;
+        }
+        if start.elapsed() > BOOT_TIMEOUT {
+            timed_out = true;
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let serial = String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned();
+    BootLog { serial, timed_out }
+}
