@@ -110,6 +110,12 @@ pub fn mount_overlay(spec: &OverlaySpec, target: &Path) -> Result<MountApi, Moun
         ..spec.clone()
     };
     let target = absolute(target)?;
+    // Kernels before 6.8 have no `lowerdir+`: go straight to the classic call rather than make
+    // the kernel log an "unrecognized mount option" at every boot. A kernel that says 6.8 but
+    // lacks it (a backport's odd mix) still falls back on the error below.
+    if !kernel_has_lowerdir_plus() {
+        return mount_classic(&spec, &target).map(|()| MountApi::Classic);
+    }
     match mount_new_api(&spec, &target) {
         Ok(()) => Ok(MountApi::New),
         Err(NewApiError::Unsupported { messages }) => match mount_classic(&spec, &target) {
@@ -129,6 +135,19 @@ pub fn mount_overlay(spec: &OverlaySpec, target: &Path) -> Result<MountApi, Moun
             Err(e) => Err(e),
         },
         Err(NewApiError::Failed(e)) => Err(e),
+    }
+}
+
+/// Whether the running kernel is 6.8 or later (from uname's release, "6.1.0-56-amd64").
+fn kernel_has_lowerdir_plus() -> bool {
+    let uname = rustix::system::uname();
+    let release = uname.release().to_string_lossy();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    match (parts.next(), parts.next()) {
+        (Some(major), Some(minor)) => (major, minor) >= (6, 8),
+        _ => true,
     }
 }
 

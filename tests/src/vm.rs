@@ -13,15 +13,22 @@ use std::time::{Duration, Instant};
 
 /// The workspace this test binary was built from.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_owned()
 }
 
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("STRATA_VM_CACHE").map(PathBuf::from).unwrap_or_else(|| workspace().join("target/strata-vm"))
+    std::env::var_os("STRATA_VM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/strata-vm"))
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed:\n{}{}",
@@ -42,12 +49,20 @@ pub fn ensure_packages() {
     ];
     let missing: Vec<&str> = wanted
         .iter()
-        .filter(|(cmd, _)| Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().map_or(true, |o| !o.status.success()))
+        .filter(|(cmd, _)| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {cmd}")])
+                .output()
+                .map_or(true, |o| !o.status.success())
+        })
         .map(|(_, package)| *package)
         .collect();
     if !missing.is_empty() {
         run(Command::new("apt-get").args(["update", "-qq"]));
-        run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"));
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"));
     }
 }
 
@@ -63,10 +78,20 @@ pub fn kernel() -> Kernel {
     let dir = cache_dir().join("kernel");
     let find = || -> Option<Kernel> {
         let boot = fs::read_dir(dir.join("root/boot")).ok()?;
-        let vmlinuz = boot.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))?;
-        let version = vmlinuz.file_name()?.to_string_lossy().trim_start_matches("vmlinuz-").to_owned();
+        let vmlinuz = boot.flatten().map(|e| e.path()).find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })?;
+        let version = vmlinuz
+            .file_name()?
+            .to_string_lossy()
+            .trim_start_matches("vmlinuz-")
+            .to_owned();
         let modules_dir = dir.join("root/lib/modules").join(&version);
-        modules_dir.join("modules.dep").exists().then_some(Kernel { vmlinuz, modules_dir })
+        modules_dir.join("modules.dep").exists().then_some(Kernel {
+            vmlinuz,
+            modules_dir,
+        })
     };
     if let Some(kernel) = find() {
         return kernel;
@@ -75,15 +100,32 @@ pub fn kernel() -> Kernel {
     let depends = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]));
     let image = depends
         .lines()
-        .find_map(|l| l.trim().strip_prefix("Depends: ").filter(|p| p.starts_with("linux-image-")))
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Depends: ")
+                .filter(|p| p.starts_with("linux-image-"))
+        })
         .unwrap_or_else(|| panic!("linux-image-amd64 names no image package:\n{depends}"))
         .to_owned();
-    run(Command::new("apt-get").args(["download", &image]).current_dir(&dir));
-    let deb = fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "deb")).expect("the downloaded package");
-    run(Command::new("dpkg").arg("-x").arg(&deb).arg(dir.join("root")));
+    run(Command::new("apt-get")
+        .args(["download", &image])
+        .current_dir(&dir));
+    let deb = fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("the downloaded package");
+    run(Command::new("dpkg")
+        .arg("-x")
+        .arg(&deb)
+        .arg(dir.join("root")));
     let _ = fs::remove_file(&deb);
     let version = image.trim_start_matches("linux-image-").to_owned();
-    run(Command::new("depmod").arg("-b").arg(dir.join("root")).arg(&version));
+    run(Command::new("depmod")
+        .arg("-b")
+        .arg(dir.join("root"))
+        .arg(&version));
     find().expect("the kernel was unpacked")
 }
 
@@ -91,7 +133,15 @@ pub fn kernel() -> Kernel {
 pub fn static_hook() -> PathBuf {
     let target_dir = workspace().join("target/static");
     run(Command::new(env!("CARGO"))
-        .args(["build", "--release", "--locked", "-p", "initramfs-hook", "--target", "x86_64-unknown-linux-gnu"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "initramfs-hook",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .env("CARGO_TARGET_DIR", &target_dir)
         .current_dir(workspace()));
@@ -99,12 +149,22 @@ pub fn static_hook() -> PathBuf {
 }
 
 /// The modules a virtio disk with ext4 and overlay need (crc32c_generic: ext4's soft dependency).
-pub const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4", "overlay"];
+pub const MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "crc32c_generic",
+    "ext4",
+    "overlay",
+];
 
 /// Builds the initramfs with the hook's own `mkinitramfs`.
 pub fn initramfs(kernel: &Kernel, hook: &Path, out: &Path) {
     let mut cmd = Command::new(hook);
-    cmd.arg("mkinitramfs").arg("-o").arg(out).arg("--modules-dir").arg(&kernel.modules_dir);
+    cmd.arg("mkinitramfs")
+        .arg("-o")
+        .arg(out)
+        .arg("--modules-dir")
+        .arg(&kernel.modules_dir);
     for module in MODULES {
         cmd.args(["--module", module]);
     }
@@ -126,15 +186,26 @@ poweroff -f
 
 /// A busybox root with the test init, as a base layer's source tree.
 pub fn busybox_root(dir: &Path, version: &str) {
-    for sub in ["bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "var"] {
+    busybox_root_with_init(dir, version, TEST_INIT);
+}
+
+/// A busybox root whose /sbin/init is `init` (a shell script).
+pub fn busybox_root_with_init(dir: &Path, version: &str, init: &str) {
+    for sub in [
+        "bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "var",
+    ] {
         fs::create_dir_all(dir.join(sub)).unwrap();
     }
-    let busybox = run(Command::new("sh").args(["-c", "command -v busybox"])).trim().to_owned();
+    let busybox = run(Command::new("sh").args(["-c", "command -v busybox"]))
+        .trim()
+        .to_owned();
     fs::copy(busybox, dir.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "echo", "sync", "poweroff", "ls", "mount"] {
+    for applet in [
+        "sh", "cat", "echo", "sync", "poweroff", "ls", "mount", "sleep", "grep", "sed", "tr",
+    ] {
         std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet)).unwrap();
     }
-    fs::write(dir.join("sbin/init"), TEST_INIT).unwrap();
+    fs::write(dir.join("sbin/init"), init).unwrap();
     fs::set_permissions(dir.join("sbin/init"), fs::Permissions::from_mode(0o755)).unwrap();
     fs::write(dir.join("etc/version"), format!("{version}\n")).unwrap();
 }
@@ -151,7 +222,10 @@ pub fn disk_image(root: &Path, image: &Path, size_mib: u32) {
 
 /// A file from inside an ext4 image, read with debugfs.
 pub fn read_from_image(image: &Path, path: &str) -> String {
-    run(Command::new("debugfs").args(["-R", &format!("cat {path}")]).arg(image).stderr(Stdio::null()))
+    run(Command::new("debugfs")
+        .args(["-R", &format!("cat {path}")])
+        .arg(image)
+        .stderr(Stdio::null()))
 }
 
 /// What a boot printed on its serial console.
@@ -165,7 +239,9 @@ impl BootLog {
     /// The text after `@@ NAME ` on its line.
     pub fn marker(&self, name: &str) -> Option<&str> {
         let prefix = format!("@@ {name} ");
-        self.serial.lines().find_map(|l| l.trim_end_matches('\r').strip_prefix(&prefix))
+        self.serial
+            .lines()
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(&prefix))
     }
 
     /// The lines between `@@ NAME-begin` and `@@ NAME-end`.
@@ -184,18 +260,37 @@ impl BootLog {
 /// How long one boot may take under TCG on a loaded two-core machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Boots the kernel with `initrd` and `disk` (as virtio /dev/vda) under TCG.
-pub fn boot(kernel: &Kernel, initrd: &Path, disk: &Path, extra_cmdline: &str) -> BootLog {
+/// The QEMU command that boots `kernel` with `initrd` and `disk` (virtio /dev/vda) under TCG,
+/// its serial console on standard output.
+pub fn qemu(kernel: &Kernel, initrd: &Path, disk: &Path, extra_cmdline: &str) -> Command {
     let append = format!("console=ttyS0 root=/dev/vda panic=-1 quiet loglevel=4 {extra_cmdline}");
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "512", "-smp", "1", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(&kernel.vmlinuz)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", disk.display()))
-        .args(["-append", &append])
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-m",
+        "512",
+        "-smp",
+        "1",
+        "-nographic",
+        "-no-reboot",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+    ])
+    .arg("-kernel")
+    .arg(&kernel.vmlinuz)
+    .arg("-initrd")
+    .arg(initrd)
+    .arg("-drive")
+    .arg(format!("file={},format=raw,if=virtio", disk.display()))
+    .args(["-append", &append]);
+    cmd
+}
+
+/// Boots and collects the serial console, within [`BOOT_TIMEOUT`].
+pub fn boot(kernel: &Kernel, initrd: &Path, disk: &Path, extra_cmdline: &str) -> BootLog {
+    let mut child = qemu(kernel, initrd, disk, extra_cmdline)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

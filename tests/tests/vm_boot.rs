@@ -33,7 +33,11 @@ impl Vm {
         let dir = tempfile::tempdir_in(vm::cache_dir().parent().unwrap()).unwrap();
         let initrd = dir.path().join("initrd.img");
         vm::initramfs(&kernel, &vm::static_hook(), &initrd);
-        let machine = Self { dir, kernel, initrd };
+        let machine = Self {
+            dir,
+            kernel,
+            initrd,
+        };
         vm::busybox_root(&machine.path("base"), "base");
         machine.ctl(&["init", "--base", machine.path("base").to_str().unwrap()]);
         for name in upgrades {
@@ -70,7 +74,13 @@ impl Vm {
         let src = self.path(&format!("src-{name}"));
         fs::create_dir_all(src.join("etc")).unwrap();
         fs::write(src.join("etc/version"), format!("{name}\n")).unwrap();
-        self.ctl(&["add-layer", src.to_str().unwrap(), "--name", name, "--active"]);
+        self.ctl(&[
+            "add-layer",
+            src.to_str().unwrap(),
+            "--name",
+            name,
+            "--active",
+        ]);
     }
 
     fn image(&self) -> PathBuf {
@@ -85,11 +95,27 @@ impl Vm {
     /// Boots the current disk image; panics with the serial log unless the test init finished.
     fn boot(&self, cmdline: &str) -> Boot {
         let log = vm::boot(&self.kernel, &self.initrd, &self.image(), cmdline);
-        assert!(!log.timed_out, "the boot timed out after {:?}; serial log:\n{}", vm::BOOT_TIMEOUT, log.serial);
-        assert!(log.done(), "the test init did not finish; serial log:\n{}", log.serial);
-        let booted = log.block("booted").and_then(|t| Booted::parse(&t, "booted.toml").ok());
-        let booted = booted.unwrap_or_else(|| panic!("no booted.toml on the console; serial log:\n{}", log.serial));
-        let state = log.block("state").and_then(|t| BootState::parse(&t, "state").ok()).unwrap_or_default();
+        assert!(
+            !log.timed_out,
+            "the boot timed out after {:?}; serial log:\n{}",
+            vm::BOOT_TIMEOUT,
+            log.serial
+        );
+        assert!(
+            log.done(),
+            "the test init did not finish; serial log:\n{}",
+            log.serial
+        );
+        let booted = log
+            .block("booted")
+            .and_then(|t| Booted::parse(&t, "booted.toml").ok());
+        let booted = booted.unwrap_or_else(|| {
+            panic!("no booted.toml on the console; serial log:\n{}", log.serial)
+        });
+        let state = log
+            .block("state")
+            .and_then(|t| BootState::parse(&t, "state").ok())
+            .unwrap_or_default();
         Boot { log, booted, state }
     }
 }
@@ -112,29 +138,61 @@ impl Boot {
 
 #[test]
 fn vm_default_stack_boots_and_rollbacks_work() {
-    let Some(vm) = Vm::new("vm_default_stack_boots_and_rollbacks_work", &["upgrade-1", "upgrade-2"]) else { return };
+    let Some(vm) = Vm::new(
+        "vm_default_stack_boots_and_rollbacks_work",
+        &["upgrade-1", "upgrade-2"],
+    ) else {
+        return;
+    };
     vm.make_disk();
     let boot = vm.boot("");
-    assert_eq!(boot.stack(), ["upgrade-2", "upgrade-1", "base"], "{}", boot.log.serial);
+    assert_eq!(
+        boot.stack(),
+        ["upgrade-2", "upgrade-1", "base"],
+        "{}",
+        boot.log.serial
+    );
     assert_eq!(boot.version(), "upgrade-2", "the top layer's files win");
     assert_eq!(boot.booted.upper, UpperMode::Persistent);
-    assert!(boot.log.serial.contains("strata: booting upgrade-2, upgrade-1, base"), "{}", boot.log.serial);
+    assert!(
+        boot.log
+            .serial
+            .contains("strata: booting upgrade-2, upgrade-1, base"),
+        "{}",
+        boot.log.serial
+    );
 
     let boot = vm.boot("strata.top=upgrade-1");
-    assert_eq!((boot.stack(), boot.version()), (vec!["upgrade-1", "base"], "upgrade-1"));
+    assert_eq!(
+        (boot.stack(), boot.version()),
+        (vec!["upgrade-1", "base"], "upgrade-1")
+    );
     let boot = vm.boot("strata.disable=upgrade-2,upgrade-1");
     assert_eq!((boot.stack(), boot.version()), (vec!["base"], "base"));
 }
 
 #[test]
 fn vm_persistent_upper_keeps_files_and_tmpfs_does_not() {
-    let Some(vm) = Vm::new("vm_persistent_upper_keeps_files_and_tmpfs_does_not", &["upgrade-1"]) else { return };
+    let Some(vm) = Vm::new(
+        "vm_persistent_upper_keeps_files_and_tmpfs_does_not",
+        &["upgrade-1"],
+    ) else {
+        return;
+    };
     vm.make_disk();
     assert_eq!(vm.boot("test.write").log.marker("persist"), Some("none"));
-    assert_eq!(vm.boot("").log.marker("persist"), Some("kept"), "the persistent upper kept it across a reboot");
+    assert_eq!(
+        vm.boot("").log.marker("persist"),
+        Some("kept"),
+        "the persistent upper kept it across a reboot"
+    );
     let boot = vm.boot("strata.upper=tmpfs test.write");
     assert_eq!(boot.booted.upper, UpperMode::Tmpfs);
-    assert_eq!(boot.log.marker("persist"), Some("none"), "a tmpfs upper starts empty");
+    assert_eq!(
+        boot.log.marker("persist"),
+        Some("none"),
+        "a tmpfs upper starts empty"
+    );
     // What the tmpfs boot wrote is gone; the persistent upper still has its own file.
     assert_eq!(vm.boot("").log.marker("persist"), Some("kept"));
     let upper_file = vm::read_from_image(&vm.image(), "/strata/uppers/1/data/var/persist");
@@ -143,13 +201,19 @@ fn vm_persistent_upper_keeps_files_and_tmpfs_does_not() {
 
 #[test]
 fn vm_trial_layer_is_left_out_after_its_boots() {
-    let Some(vm) = Vm::new("vm_trial_layer_is_left_out_after_its_boots", &["upgrade-1"]) else { return };
+    let Some(vm) = Vm::new("vm_trial_layer_is_left_out_after_its_boots", &["upgrade-1"]) else {
+        return;
+    };
     let src = vm.path("src-trial");
     fs::create_dir_all(src.join("etc")).unwrap();
     fs::write(src.join("etc/version"), "trial\n").unwrap();
     vm.ctl(&["add-layer", src.to_str().unwrap(), "--name", "trial"]);
     let plan = fs::read_to_string(vm.store().join("overlayplan.toml")).unwrap();
-    fs::write(vm.store().join("overlayplan.toml"), plan.replace("trial_boots = 3", "trial_boots = 2")).unwrap();
+    fs::write(
+        vm.store().join("overlayplan.toml"),
+        plan.replace("trial_boots = 3", "trial_boots = 2"),
+    )
+    .unwrap();
     vm.make_disk();
     for n in 1..=2 {
         let boot = vm.boot("");
@@ -157,42 +221,86 @@ fn vm_trial_layer_is_left_out_after_its_boots() {
         assert_eq!(boot.state.tries("trial"), n);
     }
     let boot = vm.boot("");
-    assert_eq!((boot.stack(), boot.version()), (vec!["upgrade-1", "base"], "upgrade-1"), "{}", boot.log.serial);
-    assert!(boot.log.serial.contains("trial layer trial was never accepted; it is disabled now"));
+    assert_eq!(
+        (boot.stack(), boot.version()),
+        (vec!["upgrade-1", "base"], "upgrade-1"),
+        "{}",
+        boot.log.serial
+    );
+    assert!(
+        boot.log
+            .serial
+            .contains("trial layer trial was never accepted; it is disabled now")
+    );
     let plan = vm::read_from_image(&vm.image(), "/strata/overlayplan.toml");
-    assert!(plan.contains("name = \"trial\"\nstate = \"disabled\""), "{plan}");
+    assert!(
+        plan.contains("name = \"trial\"\nstate = \"disabled\""),
+        "{plan}"
+    );
 }
 
 #[test]
 fn vm_missing_layer_and_corrupt_plan_fall_back() {
-    let Some(vm) = Vm::new("vm_missing_layer_and_corrupt_plan_fall_back", &["upgrade-1", "upgrade-2"]) else { return };
+    let Some(vm) = Vm::new(
+        "vm_missing_layer_and_corrupt_plan_fall_back",
+        &["upgrade-1", "upgrade-2"],
+    ) else {
+        return;
+    };
     // A missing layer: the known-good base boots, and booted.toml says why.
     fs::rename(vm.store().join("layers/upgrade-1"), vm.path("hidden")).unwrap();
     vm.make_disk();
     let boot = vm.boot("");
     assert_eq!(boot.stack(), ["base"]);
     let why = boot.booted.fallback.clone().unwrap_or_default();
-    assert!(why.contains("layer upgrade-1 is missing from the store"), "{}", boot.log.serial);
+    assert!(
+        why.contains("layer upgrade-1 is missing from the store"),
+        "{}",
+        boot.log.serial
+    );
     fs::rename(vm.path("hidden"), vm.store().join("layers/upgrade-1")).unwrap();
 
     // A corrupt plan: its previous copy (before upgrade-2 was disabled) boots.
     vm.ctl(&["disable", "upgrade-2"]);
-    fs::write(vm.store().join("overlayplan.toml"), "version = 1\n[[layer]]\nnam = \"x\"\n").unwrap();
+    fs::write(
+        vm.store().join("overlayplan.toml"),
+        "version = 1\n[[layer]]\nnam = \"x\"\n",
+    )
+    .unwrap();
     vm.make_disk();
     let boot = vm.boot("");
-    assert_eq!(boot.stack(), ["upgrade-2", "upgrade-1", "base"], "{}", boot.log.serial);
-    assert!(boot.booted.fallback.clone().unwrap_or_default().contains("the plan is unusable"));
+    assert_eq!(
+        boot.stack(),
+        ["upgrade-2", "upgrade-1", "base"],
+        "{}",
+        boot.log.serial
+    );
+    assert!(
+        boot.booted
+            .fallback
+            .clone()
+            .unwrap_or_default()
+            .contains("the plan is unusable")
+    );
 }
 
 #[test]
 fn vm_hundred_layer_stack_boots_on_the_6_1_kernel() {
     let names: Vec<String> = (0..99).map(|i| format!("u{i:02}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let Some(vm) = Vm::new("vm_hundred_layer_stack_boots_on_the_6_1_kernel", &refs) else { return };
+    let Some(vm) = Vm::new("vm_hundred_layer_stack_boots_on_the_6_1_kernel", &refs) else {
+        return;
+    };
     vm.make_disk();
     let boot = vm.boot("strata.debug");
     assert_eq!(boot.booted.stack.len(), 100, "{}", boot.log.serial);
     assert_eq!(boot.version(), "u98");
     // 6.1 takes `lowerdir+` and then refuses the mount; the classic call carries the stack.
-    assert!(boot.log.serial.contains("mounted 100 layers with the Classic mount API"), "{}", boot.log.serial);
+    assert!(
+        boot.log
+            .serial
+            .contains("mounted 100 layers with the Classic mount API"),
+        "{}",
+        boot.log.serial
+    );
 }
