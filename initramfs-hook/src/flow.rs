@@ -176,7 +176,8 @@ pub fn boot(env: &BootEnv, log: &mut Log) -> Result<Outcome, BootError> {
     if !missing.is_empty() {
         let why = format!("layer {} is missing from the store", missing.join(", "));
         log.say(&why);
-        candidates.remove(0);
+        // The resolved stack is the one entry without a reason.
+        candidates.retain(|(_, reason)| reason.is_some());
         for (_, reason) in &mut candidates {
             if let Some(reason) = reason {
                 *reason = reason.replace("the resolved stack did not mount", &why);

@@ -76,7 +76,17 @@ pub fn main() -> ! {
         run: "/run".into(),
         cmdline,
     };
-    let newroot = match flow::boot(&env, &mut log) {
+    // A panic in process 1 would panic the kernel: catch it and take the emergency path.
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| flow::boot(&env, &mut log)));
+    let result = match result {
+        Ok(result) => result,
+        Err(_) => emergency(
+            &mut Log::default(),
+            "the boot flow failed unexpectedly (a bug: see the message above)",
+        ),
+    };
+    let newroot = match result {
         Ok(_) => PathBuf::from(NEWROOT),
         Err(BootError::NoStore(store)) => {
             log.say(format!(

@@ -171,6 +171,83 @@ pub fn initramfs(kernel: &Kernel, hook: &Path, out: &Path) {
     run(&mut cmd);
 }
 
+/// An initramfs built by Debian's initramfs-tools with Strata's hook and local-bottom script,
+/// from a private copy of /etc/initramfs-tools (the host's configuration is not touched; its
+/// /lib/modules gets a link to the kernel's modules while the image is built, as mkinitramfs
+/// reads them from there only).
+pub fn initramfs_tools_image(kernel: &Kernel, hook: &Path, work: &Path) -> PathBuf {
+    if Command::new("sh")
+        .args(["-c", "command -v mkinitramfs"])
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "initramfs-tools",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+    }
+    let conf = work.join("initramfs-tools");
+    run(Command::new("cp")
+        .args(["-r", "/etc/initramfs-tools"])
+        .arg(&conf));
+    let glue = workspace().join("initramfs-hook/initramfs-tools");
+    fs::copy(glue.join("hooks/strata"), conf.join("hooks/strata")).unwrap();
+    fs::create_dir_all(conf.join("scripts/local-bottom")).unwrap();
+    fs::copy(
+        glue.join("scripts/local-bottom/strata"),
+        conf.join("scripts/local-bottom/strata"),
+    )
+    .unwrap();
+    let settings = fs::read_to_string(conf.join("initramfs.conf"))
+        .unwrap()
+        .replace("MODULES=most", "MODULES=list");
+    fs::write(conf.join("initramfs.conf"), settings).unwrap();
+    fs::write(conf.join("modules"), MODULES.join("\n") + "\n").unwrap();
+
+    let version = kernel.modules_dir.file_name().unwrap().to_owned();
+    let link = Path::new("/lib/modules").join(&version);
+    let made_link = !link.exists();
+    if made_link {
+        fs::create_dir_all("/lib/modules").unwrap();
+        std::os::unix::fs::symlink(&kernel.modules_dir, &link).unwrap();
+    }
+    // mkinitramfs checks the kernel's config for the compressors it may use.
+    let config = Path::new("/boot").join(format!("config-{}", version.to_string_lossy()));
+    let made_config = !config.exists();
+    if made_config {
+        let boot = kernel.vmlinuz.parent().unwrap();
+        fs::create_dir_all("/boot").unwrap();
+        fs::copy(boot.join(config.file_name().unwrap()), &config).unwrap();
+    }
+    let image = work.join("initrd-initramfs-tools.img");
+    let built = Command::new("mkinitramfs")
+        .arg("-d")
+        .arg(&conf)
+        .arg("-o")
+        .arg(&image)
+        .arg(&version)
+        .env("STRATA_HOOK_BINARY", hook)
+        .output();
+    if made_link {
+        let _ = fs::remove_file(&link);
+    }
+    if made_config {
+        let _ = fs::remove_file(&config);
+    }
+    let built = built.expect("running mkinitramfs");
+    assert!(
+        built.status.success(),
+        "mkinitramfs failed:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    image
+}
+
 /// The test init: prints markers (`@@ …`) and powers off. `test.write` on the command line makes
 /// it write /var/persist first.
 pub const TEST_INIT: &str = r#"#!/bin/sh
@@ -218,6 +295,18 @@ pub fn disk_image(root: &Path, image: &Path, size_mib: u32) {
         .arg(root)
         .arg(image)
         .arg(format!("{size_mib}M")));
+}
+
+/// The filesystem UUID of an ext4 image.
+pub fn image_uuid(image: &Path) -> String {
+    let out = run(Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(image)
+        .stderr(Stdio::null()));
+    out.lines()
+        .find_map(|l| l.strip_prefix("Filesystem UUID:"))
+        .map(|u| u.trim().to_owned())
+        .expect("dumpe2fs names the UUID")
 }
 
 /// A file from inside an ext4 image, read with debugfs.

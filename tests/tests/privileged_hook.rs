@@ -350,3 +350,35 @@ fn privileged_hook_mounts_two_hundred_layers() {
     assert_eq!(m.read("etc/version").as_deref(), Some("199\n"));
     m.shutdown();
 }
+
+#[test]
+fn privileged_hook_with_nothing_to_mount_fails_cleanly() {
+    let Some(m) = Machine::new("privileged_hook_with_nothing_to_mount_fails_cleanly") else {
+        return;
+    };
+    fs::rename(m.store().join("layers"), m.path("gone")).unwrap();
+    fs::create_dir(m.store().join("layers")).unwrap();
+    let out = Command::cargo_bin("initramfs-hook")
+        .unwrap()
+        .args(["boot", "--cmdline", "", "--sysroot"])
+        .arg(m.path("sysroot"))
+        .arg("--newroot")
+        .arg(m.path("newroot"))
+        .arg("--run")
+        .arg(m.path("run"))
+        .assert()
+        .failure()
+        .code(1)
+        .get_output()
+        .stderr
+        .clone();
+    let err = String::from_utf8(out).unwrap();
+    assert!(
+        err.contains("strata: error: every stack failed to mount"),
+        "{err}"
+    );
+    assert!(
+        !m.path("run/strata/booted.toml").exists(),
+        "no record of a boot that did not happen"
+    );
+}

@@ -169,6 +169,47 @@ fn vm_default_stack_boots_and_rollbacks_work() {
     );
     let boot = vm.boot("strata.disable=upgrade-2,upgrade-1");
     assert_eq!((boot.stack(), boot.version()), (vec!["base"], "base"));
+
+    // The root device by label and by UUID (read from the ext4 superblock).
+    assert_eq!(vm.boot("root=LABEL=strata-root").version(), "upgrade-2");
+    let uuid = vm::image_uuid(&vm.image());
+    assert_eq!(vm.boot(&format!("root=UUID={uuid}")).version(), "upgrade-2");
+}
+
+#[test]
+fn vm_nothing_to_mount_never_hangs() {
+    let Some(vm) = Vm::new("vm_nothing_to_mount_never_hangs", &["upgrade-1"]) else {
+        return;
+    };
+    // Every layer gone: no stack can mount. The hook says so and reboots (QEMU then exits).
+    fs::rename(vm.store().join("layers"), vm.path("gone")).unwrap();
+    fs::create_dir(vm.store().join("layers")).unwrap();
+    vm.make_disk();
+    let log = vm::boot(&vm.kernel, &vm.initrd, &vm.image(), "");
+    assert!(!log.timed_out, "the boot hung; serial log:\n{}", log.serial);
+    assert!(
+        log.serial
+            .contains("strata: cannot boot: every stack failed to mount"),
+        "{}",
+        log.serial
+    );
+    assert!(
+        log.serial.contains("rebooting in 10 seconds"),
+        "{}",
+        log.serial
+    );
+
+    // No store at all: not a Strata root; it boots as it is, and says so.
+    fs::remove_dir_all(vm.store()).unwrap();
+    vm::busybox_root(&vm.path("disk"), "plain");
+    vm.make_disk();
+    let log = vm::boot(&vm.kernel, &vm.initrd, &vm.image(), "");
+    assert!(
+        log.serial.contains("booting the root filesystem as it is"),
+        "{}",
+        log.serial
+    );
+    assert_eq!(log.marker("version"), Some("plain"), "{}", log.serial);
 }
 
 #[test]
@@ -303,4 +344,21 @@ fn vm_hundred_layer_stack_boots_on_the_6_1_kernel() {
         "{}",
         boot.log.serial
     );
+}
+
+#[test]
+fn vm_initramfs_tools_boots_the_layered_root() {
+    let Some(vm) = Vm::new("vm_initramfs_tools_boots_the_layered_root", &["upgrade-1"]) else {
+        return;
+    };
+    let initrd = vm::initramfs_tools_image(&vm.kernel, &vm::static_hook(), vm.dir.path());
+    vm.make_disk();
+    let log = vm::boot(&vm.kernel, &initrd, &vm.image(), "test.write");
+    assert!(log.done(), "serial log:\n{}", log.serial);
+    assert_eq!(log.marker("version"), Some("upgrade-1"), "{}", log.serial);
+    let booted = Booted::parse(&log.block("booted").unwrap(), "booted.toml").unwrap();
+    assert_eq!(booted.stack, ["upgrade-1", "base"]);
+    // The real root was made writable for the persistent upper.
+    let log = vm::boot(&vm.kernel, &initrd, &vm.image(), "");
+    assert_eq!(log.marker("persist"), Some("kept"), "{}", log.serial);
 }

@@ -165,17 +165,82 @@ fn bench_add_layer(scratch: &Path, overlayctl: &Path) -> (Duration, Duration, u6
     (median(ours), median(cp), bytes)
 }
 
+/// A store of `count` layers (short names, one file each) under `root/strata`.
+fn make_store(root: &Path, count: usize) {
+    let store = root.join("strata");
+    let mut layers = Vec::new();
+    for i in (0..count).rev() {
+        let name = format!("l{i:03}");
+        let dir = store.join("layers").join(&name).join("etc");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(format!("f{i}")), i.to_string()).unwrap();
+        layers.push(layers_spec::Layer::new(name));
+    }
+    let mut plan = layers_spec::Plan::new(layers);
+    plan.layers.last_mut().unwrap().known_good = true;
+    layers_spec::store::save_plan(&store, &plan).unwrap();
+}
+
+/// The hook's boot flow (as the `boot` command: plan, state, resolve, mount, record, bind the
+/// store) against `mount(8)` of the same stack, each as a process, per stack size.
+fn bench_hook(scratch: &Path, hook: &Path) -> Vec<(usize, Duration, Duration)> {
+    let mut rows = Vec::new();
+    for count in [1, 10, 100, 500] {
+        let root = scratch.join(format!("hook{count}"));
+        make_store(&root.join("sysroot"), count);
+        let (newroot, run_dir) = (root.join("newroot"), root.join("run"));
+        fs::create_dir_all(&newroot).unwrap();
+        fs::create_dir_all(&run_dir).unwrap();
+        let unmount_all = || {
+            for target in [newroot.clone(), run_dir.join("strata/store")] {
+                while nix::mount::umount(&target).is_ok() {}
+            }
+        };
+        let hook_time = time(RUNS, || {
+            run(Command::new(hook)
+                .args(["boot", "--cmdline", ""])
+                .arg("--sysroot")
+                .arg(root.join("sysroot"))
+                .arg("--newroot")
+                .arg(&newroot)
+                .arg("--run")
+                .arg(&run_dir)
+                .stdout(std::process::Stdio::null()));
+            unmount_all();
+        });
+        // mount(8) of the same stack with the same upper, named relative to layers/ as the hook
+        // does on kernels whose option string must carry them.
+        let store = root.join("sysroot/strata");
+        let lowers: Vec<String> = (0..count).rev().map(|i| format!("l{i:03}")).collect();
+        let upper = store.join("uppers/1");
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={},redirect_dir=nofollow,index=off,metacopy=off,xino=off",
+            lowers.join(":"),
+            upper.join("data").display(),
+            upper.join("work").display()
+        );
+        let mount_time = time(RUNS, || {
+            run(Command::new("mount")
+                .args(["-t", "overlay", "strata", "-o", &options])
+                .arg(&newroot)
+                .current_dir(store.join("layers")));
+            unmount_all();
+        });
+        rows.push((count, hook_time, mount_time));
+    }
+    rows
+}
+
 fn main() {
     assert!(
         nix::unistd::geteuid().is_root(),
         "the benchmarks mount overlays and drop caches: run as root"
     );
-    let overlayctl = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .expect("usage: strata-bench PATH-TO-overlayctl [SCRATCH-DIR]");
+    let usage = "usage: strata-bench PATH-TO-overlayctl PATH-TO-initramfs-hook [SCRATCH-DIR]";
+    let overlayctl = std::env::args().nth(1).map(PathBuf::from).expect(usage);
+    let hook = std::env::args().nth(2).map(PathBuf::from).expect(usage);
     let scratch_parent = std::env::args()
-        .nth(2)
+        .nth(3)
         .map(PathBuf::from)
         .unwrap_or_else(|| "/var/tmp".into());
     let scratch = tempfile::Builder::new()
@@ -185,8 +250,9 @@ fn main() {
     private_mount_namespace();
 
     let (engine, find, find_stat, entries) = bench_merged_view(scratch.path());
+    let hook_rows = bench_hook(scratch.path(), &hook);
     let (add, cp, bytes) = bench_add_layer(scratch.path(), &overlayctl);
-    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
+    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
     println!("| benchmark | Strata | the usual tool | ratio (tool / Strata) |");
     println!("|---|---|---|---|");
     println!(
@@ -208,4 +274,13 @@ fn main() {
         ms(cp),
         cp.as_secs_f64() / add.as_secs_f64()
     );
+    for (count, hook_time, mount_time) in hook_rows {
+        println!(
+            "| boot flow to the mounted stack, {count} layer{} | `initramfs-hook boot` (plan, state, resolve, mount, record) {} | `mount -t overlay` (mount(8)) {} | {:.2} |",
+            if count == 1 { "" } else { "s" },
+            ms(hook_time),
+            ms(mount_time),
+            mount_time.as_secs_f64() / hook_time.as_secs_f64()
+        );
+    }
 }
