@@ -115,6 +115,7 @@ pub fn boot(env: &BootEnv, log: &mut Log) -> Result<Outcome, BootError> {
             BootState::default()
         }
     };
+    let state_before = state.clone();
     clear_staging(&store, log);
 
     let layers_dir = store.join("layers");
@@ -233,7 +234,7 @@ pub fn boot(env: &BootEnv, log: &mut Log) -> Result<Outcome, BootError> {
     if let Some(why) = &fallback {
         log.say(format!("fell back: {why}"));
     }
-    log.say(format!("booting {}", stack.join(", ")));
+    log.say(format!("booting {}", summarize(&stack)));
 
     // Count a try for every trial layer in the stack; the one-shot selection is used up.
     for name in &stack {
@@ -250,8 +251,12 @@ pub fn boot(env: &BootEnv, log: &mut Log) -> Result<Outcome, BootError> {
         fallback: fallback.clone(),
         at: None,
     });
-    if let Err(e) = spec_store::save_state(&store, &state) {
-        log.say(format!("could not save the boot state: {e}"));
+    // An ordinary boot (no trial layer, no one-shot, the same stack as last time) writes nothing:
+    // a faster boot, and no flash wear on devices that boot often.
+    if state != state_before {
+        if let Err(e) = spec_store::save_state(&store, &state) {
+            log.say(format!("could not save the boot state: {e}"));
+        }
     }
 
     let booted = Booted {
@@ -443,5 +448,34 @@ fn expose_store(env: &BootEnv, store: &Path, log: &mut Log) {
         log.say(format!(
             "could not make the store visible at /run/strata/store: {e}"
         ));
+    }
+}
+
+/// A stack for a log line: every name when there are few, else the ends and a count.
+fn summarize(stack: &[String]) -> String {
+    const SHOWN: usize = 6;
+    if stack.len() <= SHOWN {
+        return stack.join(", ");
+    }
+    format!(
+        "{} layers: {}, … {}",
+        stack.len(),
+        stack[..SHOWN - 1].join(", "),
+        stack.last().expect("a long stack has a last layer")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_stacks_are_summarized() {
+        let names = |n: usize| (0..n).map(|i| format!("l{i}")).collect::<Vec<_>>();
+        assert_eq!(summarize(&names(3)), "l0, l1, l2");
+        assert_eq!(
+            summarize(&names(500)),
+            "500 layers: l0, l1, l2, l3, l4, … l499"
+        );
     }
 }
