@@ -253,10 +253,10 @@ pub fn boot(env: &BootEnv, log: &mut Log) -> Result<Outcome, BootError> {
     });
     // An ordinary boot (no trial layer, no one-shot, the same stack as last time) writes nothing:
     // a faster boot, and no flash wear on devices that boot often.
-    if state != state_before {
-        if let Err(e) = spec_store::save_state(&store, &state) {
-            log.say(format!("could not save the boot state: {e}"));
-        }
+    if state != state_before
+        && let Err(e) = spec_store::save_state(&store, &state)
+    {
+        log.say(format!("could not save the boot state: {e}"));
     }
 
     let booted = Booted {
