@@ -91,3 +91,21 @@ pub fn mount_overlay(
         Some(options.as_str()),
     )
 }
+
+/// Runs the workspace's `overlayctl` on `store`, as a system not booted by Strata (no boot
+/// record), and returns what it printed; panics with its error output when it fails.
+pub fn overlayctl(store: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
+        .env("STRATA_RUN_DIR", "/nonexistent/strata-run")
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .output()
+        .expect("running overlayctl");
+    assert!(
+        out.status.success(),
+        "overlayctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("overlayctl prints UTF-8")
+}

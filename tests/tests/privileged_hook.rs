@@ -63,18 +63,7 @@ impl Machine {
     }
 
     fn ctl(&self, args: &[&str]) -> String {
-        let out = Command::cargo_bin("overlayctl")
-            .unwrap()
-            .env("STRATA_RUN_DIR", self.path("no-boot-record"))
-            .arg("--store")
-            .arg(self.store())
-            .args(args)
-            .assert()
-            .success()
-            .get_output()
-            .stdout
-            .clone();
-        String::from_utf8(out).unwrap()
+        tests::overlayctl(&self.store(), args)
     }
 
     /// Boots: runs the hook, returns its record; the stack stays mounted until `shutdown`.

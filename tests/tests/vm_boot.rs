@@ -7,7 +7,6 @@ use std::fs;
 use std::path::PathBuf;
 use std::sync::Once;
 
-use assert_cmd::Command;
 use layers_spec::{BootState, Booted, UpperMode};
 use tempfile::TempDir;
 use tests::have_root;
@@ -55,18 +54,7 @@ impl Vm {
     }
 
     fn ctl(&self, args: &[&str]) -> String {
-        let out = Command::cargo_bin("overlayctl")
-            .unwrap()
-            .env("STRATA_RUN_DIR", self.path("no-boot-record"))
-            .arg("--store")
-            .arg(self.store())
-            .args(args)
-            .assert()
-            .success()
-            .get_output()
-            .stdout
-            .clone();
-        String::from_utf8(out).unwrap()
+        tests::overlayctl(&self.store(), args)
     }
 
     /// An upgrade layer whose /etc/version is its name.
@@ -174,8 +162,18 @@ fn vm_default_stack_boots_and_rollbacks_work() {
     // (and strata.menu, which until the interactive menu lands shows the stack and boots it)
     let boot = vm.boot("root=LABEL=strata-root strata.menu");
     assert_eq!(boot.version(), "upgrade-2");
-    assert!(boot.log.serial.contains("strata: layers, top first (* = mounted this boot)"), "{}", boot.log.serial);
-    assert!(boot.log.serial.contains("  * upgrade-2 \"upgrade-2\""), "{}", boot.log.serial);
+    assert!(
+        boot.log
+            .serial
+            .contains("strata: layers, top first (* = mounted this boot)"),
+        "{}",
+        boot.log.serial
+    );
+    assert!(
+        boot.log.serial.contains("  * upgrade-2 \"upgrade-2\""),
+        "{}",
+        boot.log.serial
+    );
     let uuid = vm::image_uuid(&vm.image());
     assert_eq!(vm.boot(&format!("root=UUID={uuid}")).version(), "upgrade-2");
 }
