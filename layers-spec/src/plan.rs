@@ -202,6 +202,7 @@ impl LayerState {
 /// The spans of the values validation may complain about, read leniently beside the real parse.
 #[derive(Deserialize, Default)]
 struct Spans {
+    version: Option<Spanned<toml::Value>>,
     boot: Option<SettingSpans>,
     policy: Option<SettingSpans>,
     #[serde(default)]
@@ -279,13 +280,25 @@ impl Plan {
     /// Parses and validates a plan. `file` is only used to name the file in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, PlanError> {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        // The version first, so a newer plan is refused as such and not for its new keys.
-        check_version(text, file)?;
-        let plan: Plan = toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))?;
-        // The strict read succeeded, so the lenient one reads the same text.
-        let spans = toml::from_str::<Spans>(text).unwrap_or_default();
-        plan.validate(&Locator { file, text, spans })?;
-        Ok(plan)
+        let strict = |text: &str| -> Result<Plan, PlanError> {
+            toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))
+        };
+        // Two reads: the lenient one gives the version and the spans errors point at, the
+        // strict one the model. The version is judged first, so a newer plan is refused as such
+        // and not for its new keys.
+        match toml::from_str::<Spans>(text) {
+            Ok(spans) => {
+                judge_version(file, text, spans.version.as_ref())?;
+                let plan = strict(text)?;
+                plan.validate(&Locator { file, text, spans })?;
+                Ok(plan)
+            }
+            // Syntax, or a table where a value should be: the strict read says what is wrong.
+            Err(_) => {
+                check_version(text, file)?;
+                strict(text)
+            }
+        }
     }
 
     /// The plan as the TOML `save` writes: settings, then `[[layer]]` tables top first. Fails
@@ -514,7 +527,16 @@ pub(crate) fn check_version(text: &str, file: &str) -> Result<(), PlanError> {
     }
     let only: VersionOnly =
         toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))?;
-    let Some(version) = only.version else {
+    judge_version(file, text, only.version.as_ref())
+}
+
+/// Refuses a missing version or any but [`PLAN_VERSION`].
+fn judge_version(
+    file: &str,
+    text: &str,
+    version: Option<&Spanned<toml::Value>>,
+) -> Result<(), PlanError> {
+    let Some(version) = version else {
         return Err(PlanError::MissingVersion {
             at: Location::line(file, 1, 1),
         });
