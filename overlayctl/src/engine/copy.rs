@@ -18,7 +18,7 @@ use rustix::fs::{
     mkdirat, mknodat, openat, seek, symlinkat, syncfs, utimensat,
 };
 
-use super::tree::{Kind, Layer, LayerError, Meta, Node, XattrNs, open_dir};
+use super::tree::{Kind, Layer, LayerError, Meta, Node, XattrNs, io_at, open_dir};
 
 /// What a copy wrote.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -43,17 +43,6 @@ pub fn copy_layer(layer: &Layer, parent: &Path, name: &OsStr) -> Result<CopyStat
     copier.dir(&parent_fd, name, Path::new(""), &layer.tree)?;
     syncfs(&parent_fd).map_err(io_at(parent, "flushing the filesystem"))?;
     Ok(copier.stats)
-}
-
-fn io_at<'a>(
-    path: &'a Path,
-    action: &'static str,
-) -> impl FnOnce(rustix::io::Errno) -> LayerError + 'a {
-    move |errno| LayerError::Io {
-        path: path.to_owned(),
-        action,
-        source: io::Error::from(errno),
-    }
 }
 
 struct Copier<'a> {

@@ -156,11 +156,15 @@ pub enum LayerError {
     NotADirectory { path: PathBuf },
 }
 
-fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(io::Error) -> LayerError + 'a {
-    move |source| LayerError::Io {
+/// Maps an I/O error or errno to a [`LayerError`] naming the path and what was being done.
+pub(crate) fn io_at<'a, E: Into<io::Error>>(
+    path: &'a Path,
+    action: &'static str,
+) -> impl FnOnce(E) -> LayerError + 'a {
+    move |e| LayerError::Io {
         path: path.to_owned(),
         action,
-        source,
+        source: e.into(),
     }
 }
 
@@ -189,7 +193,7 @@ impl Layer {
                 source: e.into(),
             },
         })?;
-        let st = fstat(&fd).map_err(errno_at(root, "reading metadata"))?;
+        let st = fstat(&fd).map_err(io_at(root, "reading metadata"))?;
         let mut reader = Reader {
             ns,
             unclean: Vec::new(),
@@ -270,7 +274,7 @@ fn read_xattrs(
         Ok(names) => names,
         // Filesystems without xattrs have none to give.
         Err(Errno::NOTSUP) => return Ok((plain, private)),
-        Err(e) => return Err(errno_at(path, "listing extended attributes")(e)),
+        Err(e) => return Err(io_at(path, "listing extended attributes")(e)),
     };
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let name = OsStr::from_bytes(name);
@@ -278,7 +282,7 @@ fn read_xattrs(
             Ok(value) => value,
             // Removed between list and get: simply gone.
             Err(Errno::NODATA) => continue,
-            Err(e) => return Err(errno_at(path, "reading an extended attribute")(e)),
+            Err(e) => return Err(io_at(path, "reading an extended attribute")(e)),
         };
         if ns.is_private(name) {
             private.insert(
@@ -290,14 +294,6 @@ fn read_xattrs(
         }
     }
     Ok((plain, private))
-}
-
-fn errno_at<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(Errno) -> LayerError + 'a {
-    move |e| LayerError::Io {
-        path: path.to_owned(),
-        action,
-        source: e.into(),
-    }
 }
 
 /// Opens a directory without following a symlink at its last component.
@@ -400,7 +396,7 @@ impl Reader {
             },
             FileType::Symlink => Kind::Symlink {
                 target: fs::read_link(path)
-                    .map_err(io_err(path, "reading the link"))?
+                    .map_err(io_at(path, "reading the link"))?
                     .into_os_string(),
             },
             FileType::CharacterDevice if st.st_rdev == 0 => Kind::Whiteout,
@@ -419,18 +415,18 @@ impl Reader {
         in_x_dir: bool,
     ) -> Result<BTreeMap<OsString, Node>, LayerError> {
         let mut children = BTreeMap::new();
-        let dir = Dir::read_from(fd).map_err(errno_at(path, "reading the directory"))?;
+        let dir = Dir::read_from(fd).map_err(io_at(path, "reading the directory"))?;
         for entry in dir {
-            let entry = entry.map_err(errno_at(path, "reading the directory"))?;
+            let entry = entry.map_err(io_at(path, "reading the directory"))?;
             let name = OsStr::from_bytes(entry.file_name().to_bytes());
             if name == "." || name == ".." {
                 continue;
             }
             let child = path.join(name);
             let st = statat(fd, name, AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(errno_at(&child, "reading metadata"))?;
+                .map_err(io_at(&child, "reading metadata"))?;
             let child_fd = if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-                Some(open_dir(fd, name).map_err(errno_at(&child, "opening the directory"))?)
+                Some(open_dir(fd, name).map_err(io_at(&child, "opening the directory"))?)
             } else {
                 None
             };
