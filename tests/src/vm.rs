@@ -159,6 +159,16 @@ pub const MODULES: &[&str] = &[
 
 /// Builds the initramfs with the hook's own `mkinitramfs`.
 pub fn initramfs(kernel: &Kernel, hook: &Path, out: &Path) {
+    run(&mut mkinitramfs(kernel, hook, out));
+}
+
+/// The same image with a static busybox for the emergency shell.
+pub fn initramfs_with_shell(kernel: &Kernel, hook: &Path, out: &Path) {
+    let busybox = run(Command::new("sh").args(["-c", "command -v busybox"]));
+    run(mkinitramfs(kernel, hook, out).args(["--busybox", busybox.trim()]));
+}
+
+fn mkinitramfs(kernel: &Kernel, hook: &Path, out: &Path) -> Command {
     let mut cmd = Command::new(hook);
     cmd.arg("mkinitramfs")
         .arg("-o")
@@ -168,7 +178,7 @@ pub fn initramfs(kernel: &Kernel, hook: &Path, out: &Path) {
     for module in MODULES {
         cmd.args(["--module", module]);
     }
-    run(&mut cmd);
+    cmd
 }
 
 /// An initramfs built by Debian's initramfs-tools with Strata's hook and local-bottom script,
@@ -248,6 +258,68 @@ pub fn initramfs_tools_image(kernel: &Kernel, hook: &Path, work: &Path) -> PathB
     image
 }
 
+/// An initramfs built by dracut with Strata's module, from a private copy of dracut's module
+/// tree (the host's /usr/lib/dracut is not touched): with `systemd`, systemd is the
+/// initramfs's init (Fedora's and RHEL's default); without, dracut's own shell init.
+pub fn dracut_image(kernel: &Kernel, hook: &Path, work: &Path, systemd: bool) -> PathBuf {
+    if Command::new("sh")
+        .args(["-c", "command -v dracut"])
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "dracut-core",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+    }
+    let base = work.join("dracut");
+    run(Command::new("cp")
+        .args(["-r", "/usr/lib/dracut"])
+        .arg(&base));
+    run(Command::new("cp")
+        .arg("-r")
+        .arg(workspace().join("initramfs-hook/dracut/90strata"))
+        .arg(base.join("modules.d/")));
+    let confdir = work.join("dracut.conf.d");
+    fs::create_dir_all(&confdir).unwrap();
+    let version = kernel.modules_dir.file_name().unwrap().to_owned();
+    let (modules, image) = if systemd {
+        (
+            "systemd systemd-initrd dracut-systemd base rootfs-block kernel-modules strata",
+            work.join("initrd-dracut-systemd.img"),
+        )
+    } else {
+        (
+            "base rootfs-block kernel-modules strata",
+            work.join("initrd-dracut.img"),
+        )
+    };
+    run(Command::new("dracut")
+        .args([
+            "--force",
+            "--quiet",
+            "--no-hostonly",
+            "--no-early-microcode",
+        ])
+        .args(["--conf", "/dev/null", "--confdir"])
+        .arg(&confdir)
+        .args(["-m", modules])
+        .args(["--drivers", &MODULES.join(" ")])
+        .arg("--kmoddir")
+        .arg(&kernel.modules_dir)
+        .arg("--kver")
+        .arg(&version)
+        .arg(&image)
+        .env("dracutbasedir", &base)
+        .env("STRATA_HOOK_BINARY", hook));
+    image
+}
+
 /// The test init: prints markers (`@@ …`) and powers off. `test.write` on the command line makes
 /// it write /var/persist first.
 pub const TEST_INIT: &str = r#"#!/bin/sh
@@ -285,6 +357,12 @@ pub fn busybox_root_with_init(dir: &Path, version: &str, init: &str) {
     fs::write(dir.join("sbin/init"), init).unwrap();
     fs::set_permissions(dir.join("sbin/init"), fs::Permissions::from_mode(0o755)).unwrap();
     fs::write(dir.join("etc/version"), format!("{version}\n")).unwrap();
+    // systemd's switch-root wants an OS tree: one with os-release.
+    fs::write(
+        dir.join("etc/os-release"),
+        "ID=strata-test\nNAME=\"Strata test\"\n",
+    )
+    .unwrap();
 }
 
 /// A raw ext4 image of `size_mib` holding `root`, made without loop mounts.
@@ -377,34 +455,122 @@ pub fn qemu(kernel: &Kernel, initrd: &Path, disk: &Path, extra_cmdline: &str) ->
     cmd
 }
 
+/// A running VM whose serial console can be read while it runs and typed into.
+#[derive(Debug)]
+pub struct Session {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    serial: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    start: Instant,
+}
+
+impl Session {
+    /// Starts the VM; the console is collected from the first byte.
+    pub fn start(kernel: &Kernel, initrd: &Path, disk: &Path, extra_cmdline: &str) -> Self {
+        let mut child = qemu(kernel, initrd, disk, extra_cmdline)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting qemu-system-x86_64");
+        let mut stdout = child.stdout.take().expect("piped");
+        let serial = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = serial.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Self {
+            stdin: child.stdin.take(),
+            child,
+            serial,
+            reader: Some(reader),
+            start: Instant::now(),
+        }
+    }
+
+    /// The console so far.
+    pub fn serial(&self) -> String {
+        String::from_utf8_lossy(&self.serial.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the console shows `text` after byte `from`; returns the offset just past it,
+    /// or None when the VM exited or the boot's time ran out first.
+    pub fn wait_for_after(&mut self, from: usize, text: &str) -> Option<usize> {
+        loop {
+            let seen = {
+                let serial = self.serial.lock().unwrap();
+                let tail = &serial[from.min(serial.len())..];
+                tail.windows(text.len())
+                    .position(|w| w == text.as_bytes())
+                    .map(|at| from + at + text.len())
+            };
+            if seen.is_some() {
+                return seen;
+            }
+            let exited = self.child.try_wait().expect("waiting for qemu").is_some();
+            if exited || self.start.elapsed() > BOOT_TIMEOUT {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the console shows `text` anywhere.
+    pub fn wait_for(&mut self, text: &str) -> Option<usize> {
+        self.wait_for_after(0, text)
+    }
+
+    /// Types `bytes` on the serial console.
+    pub fn send(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("the console is open");
+        stdin
+            .write_all(bytes)
+            .expect("writing to the serial console");
+        stdin.flush().expect("writing to the serial console");
+    }
+
+    /// Waits for the VM to end (killing it when the boot's time runs out) and returns its log.
+    pub fn finish(mut self) -> BootLog {
+        let mut timed_out = false;
+        loop {
+            if self.child.try_wait().expect("waiting for qemu").is_some() {
+                break;
+            }
+            if self.start.elapsed() > BOOT_TIMEOUT {
+                timed_out = true;
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        drop(self.stdin.take());
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        BootLog {
+            serial: self.serial(),
+            timed_out,
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Boots and collects the serial console, within [`BOOT_TIMEOUT`].
 pub fn boot(kernel: &Kernel, initrd: &Path, disk: &Path, extra_cmdline: &str) -> BootLog {
-    let mut child = qemu(kernel, initrd, disk, extra_cmdline)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting qemu-system-x86_64");
-    let mut stdout = child.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let _ = stdout.read_to_end(&mut out);
-        out
-    });
-    let start = Instant::now();
-    let mut timed_out = false;
-    loop {
-        if child.try_wait().expect("waiting for qemu").is_some() {
-            break;
-        }
-        if start.elapsed() > BOOT_TIMEOUT {
-            timed_out = true;
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let serial = String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned();
-    BootLog { serial, timed_out }
+    Session::start(kernel, initrd, disk, extra_cmdline).finish()
 }

@@ -201,6 +201,28 @@ fn vm_nothing_to_mount_never_hangs() {
         log.serial
     );
 
+    // With busybox in the image the same failure opens a shell on the console; leaving it
+    // reboots.
+    let initrd = vm.path("initrd-shell.img");
+    vm::initramfs_with_shell(&vm.kernel, &vm::static_hook(), &initrd);
+    let mut session = vm::Session::start(&vm.kernel, &initrd, &vm.image(), "");
+    let prompt = session.wait_for("starting an emergency shell; leave it to reboot");
+    assert!(prompt.is_some(), "no shell offered:\n{}", session.serial());
+    session.send(b"echo \"@@ shell $((6 * 7))\"\n");
+    let answered = session.wait_for("@@ shell 42");
+    assert!(
+        answered.is_some(),
+        "the shell did not answer:\n{}",
+        session.serial()
+    );
+    session.send(b"exit\n");
+    let log = session.finish();
+    assert!(
+        !log.timed_out,
+        "leaving the shell did not reboot:\n{}",
+        log.serial
+    );
+
     // No store at all: not a Strata root; it boots as it is, and says so.
     fs::remove_dir_all(vm.store()).unwrap();
     vm::busybox_root(&vm.path("disk"), "plain");
@@ -363,4 +385,31 @@ fn vm_initramfs_tools_boots_the_layered_root() {
     // The real root was made writable for the persistent upper.
     let log = vm::boot(&vm.kernel, &initrd, &vm.image(), "");
     assert_eq!(log.marker("persist"), Some("kept"), "{}", log.serial);
+}
+
+/// dracut's two inits: its shell init runs the module's mount hook, systemd its pre-pivot hook.
+#[test]
+fn vm_dracut_boots_the_layered_root() {
+    let Some(vm) = Vm::new("vm_dracut_boots_the_layered_root", &["upgrade-1"]) else {
+        return;
+    };
+    vm.make_disk();
+    for systemd in [true, false] {
+        let initrd = vm::dracut_image(&vm.kernel, &vm::static_hook(), vm.dir.path(), systemd);
+        // A failure powers off at once instead of waiting in dracut's emergency shell.
+        let fail_fast = "rd.shell=0 rd.emergency=poweroff";
+        let log = vm::boot(
+            &vm.kernel,
+            &initrd,
+            &vm.image(),
+            &format!("test.write {fail_fast}"),
+        );
+        assert!(log.done(), "systemd {systemd}; serial log:\n{}", log.serial);
+        assert_eq!(log.marker("version"), Some("upgrade-1"), "{}", log.serial);
+        let booted = Booted::parse(&log.block("booted").unwrap(), "booted.toml").unwrap();
+        assert_eq!(booted.stack, ["upgrade-1", "base"]);
+        // The real root was made writable for the persistent upper.
+        let log = vm::boot(&vm.kernel, &initrd, &vm.image(), fail_fast);
+        assert_eq!(log.marker("persist"), Some("kept"), "{}", log.serial);
+    }
 }
