@@ -1,5 +1,13 @@
-//! The boot menu. Until the interactive menu lands, this is the plain-text summary the hook
-//! prints for `strata.menu`: the stack it will mount and why every other layer is left out.
+//! The Strata boot menu. [`App`] is the state machine (keys in, actions out), drawn by
+//! `impl Widget for &App`; [`term`] runs it on a real terminal, and [`describe`] is the plain
+//! summary logged when no terminal is there.
+
+pub mod app;
+pub mod cli;
+mod render;
+pub mod term;
+
+pub use app::{Action, App, Key, LayerInfo, Mode, Setup, hash_password, verify_password};
 
 use std::fmt::Write;
 

@@ -99,6 +99,22 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// A size for people: `0`, `812`, `4.0K`, `1.2M`, `37G`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["", "K", "M", "G", "T", "P"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => bytes.to_string(),
+        _ if value < 10.0 => format!("{value:.1}{}", UNITS[unit]),
+        _ => format!("{value:.0}{}", UNITS[unit]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +166,19 @@ mod tests {
         }
         assert_eq!(ByteSize(512 << 20).to_string(), "512MiB");
         assert_eq!(ByteSize(1536).to_string(), "1536B");
+    }
+
+    #[test]
+    fn human_sizes() {
+        let cases = [
+            (0, "0"),
+            (812, "812"),
+            (4096, "4.0K"),
+            (1_258_291, "1.2M"),
+            (39_728_447_488, "37G"),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(human(bytes), want);
+        }
     }
 }

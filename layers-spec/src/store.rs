@@ -17,6 +17,8 @@ pub const STATE_DIR: &str = "state";
 pub const STATE_FILE: &str = "boot.toml";
 /// Appended to a file name for the previous copy.
 pub const PREV_SUFFIX: &str = ".prev";
+/// Under the store: one canonical manifest per layer, named as the layer.
+pub const MANIFESTS_DIR: &str = "manifests";
 
 /// A file read from the store, and whether the previous copy had to stand in for it.
 #[derive(Debug)]
@@ -40,6 +42,18 @@ fn prev_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(PREV_SUFFIX);
     path.with_file_name(name)
+}
+
+/// Bytes of file content in a layer, summed from its manifest's `size=` fields (no walk of
+/// the layer itself); `None` when the layer has no readable manifest.
+pub fn layer_content_size(store: &Path, name: &str) -> Option<u64> {
+    let text = fs::read_to_string(store.join(MANIFESTS_DIR).join(name)).ok()?;
+    Some(
+        text.split(' ')
+            .filter_map(|field| field.strip_prefix("size="))
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum(),
+    )
 }
 
 /// Loads the store's plan, falling back to `overlayplan.toml.prev`.

@@ -137,7 +137,7 @@ fn report_added(added: &ops::Added, root: &Path, json: bool, out: &mut dyn Write
         "added layer {} ({} entries, {} of content) to {}\ndigest {}",
         added.name,
         added.stats.entries,
-        crate::status::human(added.stats.bytes),
+        layers_spec::size::human(added.stats.bytes),
         root.display(),
         added.digest
     )?;

@@ -1,11 +1,11 @@
 //! `overlayctl status`: the layers top first, what the next boot mounts (A), what is mounted now
 //! (C), and why anything is left out.
 
-use std::fs;
 use std::io::Write;
 use std::path::Path;
 
 use anyhow::Result;
+use layers_spec::size::human;
 use layers_spec::{BootOverrides, BootState, Booted, LayerState, Plan, Resolution, resolve};
 use serde::Serialize;
 
@@ -20,29 +20,7 @@ pub fn next_boot(store: &Store, plan: &Plan, state: &BootState) -> Resolution {
 
 /// Bytes of file content in a layer, from its manifest (no walk of the layer itself).
 pub fn layer_size(store: &Store, name: &str) -> Option<u64> {
-    let text = fs::read_to_string(store.manifest_path(name)).ok()?;
-    Some(
-        text.split(' ')
-            .filter_map(|field| field.strip_prefix("size="))
-            .filter_map(|n| n.parse::<u64>().ok())
-            .sum(),
-    )
-}
-
-/// A size for people: `0`, `812`, `4.0K`, `1.2M`, `37G`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["", "K", "M", "G", "T", "P"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    match unit {
-        0 => bytes.to_string(),
-        _ if value < 10.0 => format!("{value:.1}{}", UNITS[unit]),
-        _ => format!("{value:.0}{}", UNITS[unit]),
-    }
+    layers_spec::store::layer_content_size(&store.root, name)
 }
 
 #[derive(Serialize)]
@@ -230,19 +208,5 @@ mod tests {
         assert_eq!(ellipsize("exactly-10", 10), "exactly-10");
         assert_eq!(ellipsize("much-too-long", 10), "much-too-…");
         assert_eq!(ellipsize("two\nlines", 10), "two");
-    }
-
-    #[test]
-    fn human_sizes() {
-        let cases = [
-            (0, "0"),
-            (812, "812"),
-            (4096, "4.0K"),
-            (1_258_291, "1.2M"),
-            (39_728_447_488, "37G"),
-        ];
-        for (bytes, want) in cases {
-            assert_eq!(human(bytes), want);
-        }
     }
 }

@@ -21,7 +21,7 @@ use rustix::fs::{FlockOperation, flock};
 pub const LAYERS: &str = "layers";
 pub const STAGING: &str = "staging";
 pub const UPPERS: &str = "uppers";
-pub const MANIFESTS: &str = "manifests";
+pub const MANIFESTS: &str = layers_spec::store::MANIFESTS_DIR;
 pub const KEYS: &str = "keys";
 const LOCK_FILE: &str = ".lock";
 
