@@ -7,12 +7,15 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use boot_ui::Action;
 use layers_spec::mount::{OverlaySpec, SOURCE_PREFIX, mount_overlay};
 use layers_spec::store as spec_store;
 use layers_spec::{
     BootOverrides, BootState, Booted, LastBoot, LayerState, MenuMode, Plan, UpperMode, resolve,
 };
 use rustix::mount::{MountFlags, MountPropagationFlags};
+
+use crate::console::Console;
 
 /// The store's place on the root filesystem unless `strata.store=` says otherwise.
 pub const DEFAULT_STORE: &str = "/strata";
@@ -78,13 +81,16 @@ pub enum BootError {
 }
 
 /// Runs the boot flow: mounts the overlay at `env.newroot` and returns what it did.
-pub fn boot(env: &BootEnv, log: &mut Log) -> Result<Outcome, BootError> {
-    let (overrides, problems) = BootOverrides::parse(&env.cmdline);
+pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<Outcome, BootError> {
+    let (mut overrides, problems) = BootOverrides::parse(&env.cmdline);
     log.debug |= overrides.debug;
     for problem in &problems {
         log.say(format!("ignoring {problem}"));
     }
-    let store_rel = overrides.store.as_deref().unwrap_or(DEFAULT_STORE);
+    let store_rel = overrides
+        .store
+        .clone()
+        .unwrap_or_else(|| DEFAULT_STORE.to_owned());
     let store = env.sysroot.join(store_rel.trim_start_matches('/'));
     if !store.is_dir() {
         return Err(BootError::NoStore(store));
@@ -128,17 +134,43 @@ pub fn boot(env: &BootEnv, log: &mut Log) -> Result<Outcome, BootError> {
         log.debug(format!("{} left out: {}", left.name, left.reason));
     }
 
+    let exhausted_now = resolution
+        .left_out
+        .iter()
+        .any(|l| matches!(l.reason, layers_spec::Reason::TrialExhausted { .. }));
     let fell_back_last_time = state
         .last_boot
         .as_ref()
         .is_some_and(|b| b.fallback.is_some());
-    let showed_menu = overrides.menu
+    // A trial layer whose boots ran out without `accept` is a failed upgrade: on-failure shows.
+    let menu_asked = overrides.menu
         || plan.boot.menu == MenuMode::Always
-        || (plan.boot.menu == MenuMode::OnFailure && fell_back_last_time);
-    if showed_menu {
-        // The interactive menu replaces this; until then the stack is shown and booted.
+        || (plan.boot.menu == MenuMode::OnFailure && (fell_back_last_time || exhausted_now));
+    let showed_menu = menu_asked
+        || (plan.boot.menu == MenuMode::OnKey
+            && plan.boot.timeout_s > 0
+            && console.interactive()
+            && console.wait_for_key(plan.boot.timeout_s));
+    let mut resolution = resolution;
+    if showed_menu && !console.interactive() {
+        log.say("no terminal for the boot menu; booting the default");
         for line in boot_ui::describe(&plan, &resolution).lines() {
             log.say(line.trim_start_matches("strata: "));
+        }
+    } else if showed_menu {
+        // Shown by the plan rather than by a person: it boots the default unless someone is there.
+        let countdown =
+            (!overrides.menu && plan.boot.menu != MenuMode::OnKey).then_some(plan.boot.timeout_s);
+        let choice = MenuChoice {
+            store: &store,
+            plan_damaged: loaded.fell_back.is_some(),
+            countdown,
+        };
+        if choice.run(console, &mut plan, &mut state, &resolution, log) {
+            // The person's choice replaces the command line's.
+            overrides.top = None;
+            overrides.disable.clear();
+            resolution = resolve(&plan, &state, &overrides, Some(&present));
         }
     }
 
@@ -278,6 +310,112 @@ pub fn boot(env: &BootEnv, log: &mut Log) -> Result<Outcome, BootError> {
         booted,
         showed_menu,
     })
+}
+
+/// The boot menu and what its choice does to the plan and the boot state.
+struct MenuChoice<'a> {
+    store: &'a Path,
+    /// The plan came from its `.prev` copy: a saved choice would overwrite the damaged file
+    /// with an old plan, so it is used for this boot only.
+    plan_damaged: bool,
+    countdown: Option<u32>,
+}
+
+impl MenuChoice<'_> {
+    /// Shows the menu until the person chooses a boot. True when the choice differs from the
+    /// default: a one-shot selection in the state, or a new plan saved with `.prev` kept.
+    fn run(
+        &self,
+        console: &mut dyn Console,
+        plan: &mut Plan,
+        state: &mut BootState,
+        resolution: &layers_spec::Resolution,
+        log: &mut Log,
+    ) -> bool {
+        let mut countdown = self.countdown;
+        loop {
+            let setup = boot_ui::Setup {
+                fallback: state.last_boot.as_ref().and_then(|b| b.fallback.clone()),
+                shell: console.has_shell(),
+                countdown: countdown.take(),
+                lock: plan.boot.menu_lock.clone(),
+                ascii: console.ascii(),
+            };
+            let size = |name: &str| spec_store::layer_content_size(self.store, name);
+            let mut app = boot_ui::App::new(plan, resolution, state, &size, setup);
+            let action = match console.run_menu(&mut app) {
+                Ok(action) => action,
+                Err(e) => {
+                    log.say(format!("the boot menu failed ({e}); booting the default"));
+                    return false;
+                }
+            };
+            let once = |state: &mut BootState, layers: Vec<String>| {
+                state.once = Some(layers_spec::OneShot {
+                    layers,
+                    upper: None,
+                });
+            };
+            match action {
+                Action::Shell => {
+                    log.say("menu: opening a shell");
+                    console.shell();
+                }
+                Action::BootDefault => {
+                    log.say("menu: booting the default");
+                    return false;
+                }
+                Action::BootOnce { layers } => {
+                    log.say(format!(
+                        "menu: booting {} once; the plan is unchanged",
+                        summarize(&layers)
+                    ));
+                    once(state, layers);
+                    return true;
+                }
+                Action::SaveAndBoot { layers } if self.plan_damaged => {
+                    log.say(format!(
+                        "menu: the plan is damaged, so {} boots once and is not saved",
+                        summarize(&layers)
+                    ));
+                    once(state, layers);
+                    return true;
+                }
+                Action::SaveAndBoot { layers } => {
+                    let mut saved = plan.clone();
+                    for layer in &mut saved.layers {
+                        let chosen = layers.contains(&layer.name);
+                        match (chosen, layer.state) {
+                            (true, LayerState::Disabled) => layer.state = LayerState::Active,
+                            (false, _) => layer.state = LayerState::Disabled,
+                            (true, _) => {}
+                        }
+                    }
+                    match spec_store::save_plan(self.store, &saved) {
+                        Ok(()) => {
+                            log.say(format!(
+                                "menu: saved {} to the plan; booting it",
+                                summarize(&layers)
+                            ));
+                            // A trial layer chosen by hand gets its boots back.
+                            for name in &layers {
+                                state.trial_tries.remove(name);
+                            }
+                            *plan = saved;
+                        }
+                        Err(e) => {
+                            log.say(format!(
+                                "menu: could not save the plan ({e}); booting {} once",
+                                summarize(&layers)
+                            ));
+                            once(state, layers);
+                        }
+                    }
+                    return true;
+                }
+            }
+        }
+    }
 }
 
 /// The stacks to try, in order, each with why it is not the one resolved: the resolved stack,

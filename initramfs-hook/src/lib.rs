@@ -3,6 +3,7 @@
 //! stack. `initramfs-hook resolve` runs exactly that against a root directory, so the decision
 //! the boot will make can be checked on any machine; mounting and switch_root come next.
 
+pub mod console;
 pub mod flow;
 pub mod mkinitramfs;
 pub mod standalone;
@@ -76,6 +77,9 @@ pub enum HookCommand {
         /// The kernel command line [default: /proc/cmdline].
         #[arg(long)]
         cmdline: Option<String>,
+        /// For tests: keys for the boot menu, by name (`down t enter`), instead of a terminal.
+        #[arg(long, value_name = "KEYS")]
+        menu_keys: Option<String>,
     },
 }
 
@@ -122,7 +126,16 @@ pub fn run(cli: &Cli) -> Result<String> {
             newroot,
             run,
             cmdline: given,
+            menu_keys,
         } => {
+            let mut console: Box<dyn console::Console> = match menu_keys {
+                Some(keys) => Box::new(
+                    console::Scripted::parse(keys)
+                        .map_err(anyhow::Error::msg)
+                        .context("--menu-keys")?,
+                ),
+                None => Box::new(console::Terminal::default()),
+            };
             let env = flow::BootEnv {
                 sysroot: sysroot.clone(),
                 newroot: newroot.clone(),
@@ -130,7 +143,7 @@ pub fn run(cli: &Cli) -> Result<String> {
                 cmdline: cmdline(given)?,
             };
             let mut log = flow::Log::default();
-            let outcome = flow::boot(&env, &mut log)?;
+            let outcome = flow::boot(&env, &mut log, console.as_mut())?;
             Ok(outcome.booted.to_toml()?)
         }
     }

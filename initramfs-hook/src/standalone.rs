@@ -77,8 +77,9 @@ pub fn main() -> ! {
         cmdline,
     };
     // A panic in process 1 would panic the kernel: catch it and take the emergency path.
-    let result =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| flow::boot(&env, &mut log)));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        flow::boot(&env, &mut log, &mut crate::console::Terminal::default())
+    }));
     let result = match result {
         Ok(result) => result,
         Err(_) => emergency(

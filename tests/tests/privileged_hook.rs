@@ -7,7 +7,7 @@ use std::fs;
 use std::path::PathBuf;
 
 use assert_cmd::Command;
-use layers_spec::{BootState, Booted, LayerState, Plan, UpperMode};
+use layers_spec::{BootState, Booted, LayerState, MenuMode, Plan, UpperMode};
 use tempfile::TempDir;
 use tests::{have_root, private_mount_namespace};
 
@@ -68,19 +68,23 @@ impl Machine {
 
     /// Boots: runs the hook, returns its record; the stack stays mounted until `shutdown`.
     fn boot(&self, cmdline: &str) -> Booted {
-        let out = Command::cargo_bin("initramfs-hook")
-            .unwrap()
-            .args(["boot", "--sysroot"])
+        self.boot_with_keys(cmdline, None).0
+    }
+
+    /// Boots with keys for the menu (`--menu-keys`); returns the record and the hook's log.
+    fn boot_with_keys(&self, cmdline: &str, keys: Option<&str>) -> (Booted, String) {
+        let mut cmd = Command::cargo_bin("initramfs-hook").unwrap();
+        cmd.args(["boot", "--sysroot"])
             .arg(self.path("sysroot"))
             .arg("--newroot")
             .arg(self.path("newroot"))
             .arg("--run")
             .arg(self.path("run"))
-            .args(["--cmdline", cmdline])
-            .assert()
-            .success()
-            .get_output()
-            .clone();
+            .args(["--cmdline", cmdline]);
+        if let Some(keys) = keys {
+            cmd.args(["--menu-keys", keys]);
+        }
+        let out = cmd.assert().success().get_output().clone();
         let text = fs::read_to_string(self.path("run/strata/booted.toml")).unwrap();
         let booted = Booted::parse(&text, "booted.toml").unwrap();
         assert_eq!(
@@ -88,7 +92,17 @@ impl Machine {
             text,
             "the hook prints what it records"
         );
-        booted
+        (booted, String::from_utf8(out.stderr).unwrap())
+    }
+
+    fn set_plan(&self, edit: impl FnOnce(&mut Plan)) {
+        let mut plan = self.plan();
+        edit(&mut plan);
+        fs::write(
+            self.store().join("overlayplan.toml"),
+            plan.to_toml().unwrap(),
+        )
+        .unwrap();
     }
 
     /// Unmounts what a boot mounted, as a reboot would.
@@ -370,4 +384,134 @@ fn privileged_hook_with_nothing_to_mount_fails_cleanly() {
         !m.path("run/strata/booted.toml").exists(),
         "no record of a boot that did not happen"
     );
+}
+
+#[test]
+fn privileged_hook_menu_boots_a_choice_once_or_saves_it() {
+    let Some(m) = Machine::new("privileged_hook_menu_boots_a_choice_once_or_saves_it") else {
+        return;
+    };
+    let plan_before = m.plan();
+    // The cursor starts on the top layer: down, t makes upgrade-1 the top, Enter boots once.
+    let (booted, log) = m.boot_with_keys("strata.menu", Some("down t enter"));
+    assert_eq!(stack(&booted), ["upgrade-1", "base"], "{log}");
+    assert!(booted.one_shot);
+    assert!(
+        log.contains("strata: menu: booting upgrade-1, base once; the plan is unchanged"),
+        "{log}"
+    );
+    assert_eq!(m.read("etc/version").as_deref(), Some("1\n"));
+    assert_eq!(m.plan(), plan_before, "booting once leaves the plan alone");
+    assert_eq!(m.state().once, None, "the one-shot selection is used up");
+    m.shutdown();
+    let booted = m.boot("");
+    assert_eq!(stack(&booted), ["upgrade-2", "upgrade-1", "base"]);
+    m.shutdown();
+
+    // s saves: upgrade-2 is disabled in the plan, the old plan kept as .prev.
+    let (booted, log) = m.boot_with_keys("strata.menu", Some("down t s"));
+    assert_eq!(stack(&booted), ["upgrade-1", "base"], "{log}");
+    assert!(!booted.one_shot);
+    assert!(
+        log.contains("strata: menu: saved upgrade-1, base to the plan; booting it"),
+        "{log}"
+    );
+    assert_eq!(
+        m.plan().layer("upgrade-2").unwrap().state,
+        LayerState::Disabled
+    );
+    let prev = fs::read_to_string(m.store().join("overlayplan.toml.prev")).unwrap();
+    assert_eq!(Plan::parse(&prev, "prev").unwrap(), plan_before);
+    m.shutdown();
+    let booted = m.boot("");
+    assert_eq!(
+        stack(&booted),
+        ["upgrade-1", "base"],
+        "the saved choice holds"
+    );
+    m.shutdown();
+
+    // Switched back on by hand (the cursor starts on the default top, upgrade-1), it is active.
+    let (booted, log) = m.boot_with_keys("strata.menu", Some("home space s"));
+    assert_eq!(stack(&booted), ["upgrade-2", "upgrade-1", "base"], "{log}");
+    assert_eq!(
+        m.plan().layer("upgrade-2").unwrap().state,
+        LayerState::Active
+    );
+    m.shutdown();
+
+    // Esc (and keys running out) boot the default; the command line's own choice stays.
+    let (booted, log) = m.boot_with_keys("strata.menu strata.top=upgrade-1", Some("esc"));
+    assert_eq!(stack(&booted), ["upgrade-1", "base"], "{log}");
+    assert!(log.contains("strata: menu: booting the default"), "{log}");
+    m.shutdown();
+}
+
+#[test]
+fn privileged_hook_menu_modes_decide_when_it_shows() {
+    let Some(m) = Machine::new("privileged_hook_menu_modes_decide_when_it_shows") else {
+        return;
+    };
+    // Accepted, so that the many boots below do not run out upgrade-2's trial (on-failure
+    // counts that as a failed upgrade).
+    m.ctl(&["accept", "upgrade-2"]);
+    // on-key: a key during the wait opens it (that key is swallowed); none, and it boots.
+    m.set_plan(|p| p.boot.menu = MenuMode::OnKey);
+    let (booted, log) = m.boot_with_keys("", Some("x down t enter"));
+    assert_eq!(stack(&booted), ["upgrade-1", "base"], "{log}");
+    m.shutdown();
+    let (booted, log) = m.boot_with_keys("", Some(""));
+    assert_eq!(stack(&booted), ["upgrade-2", "upgrade-1", "base"], "{log}");
+    assert!(!log.contains("menu:"), "{log}");
+    m.shutdown();
+
+    // never: not even a key opens it; strata.menu still does.
+    m.set_plan(|p| p.boot.menu = MenuMode::Never);
+    let (_, log) = m.boot_with_keys("", Some("x esc"));
+    assert!(!log.contains("menu:"), "{log}");
+    m.shutdown();
+    let (_, log) = m.boot_with_keys("strata.menu", Some("esc"));
+    assert!(log.contains("menu: booting the default"), "{log}");
+    m.shutdown();
+
+    // on-failure: only after a boot that fell back.
+    m.set_plan(|p| p.boot.menu = MenuMode::OnFailure);
+    let (_, log) = m.boot_with_keys("", Some("esc"));
+    assert!(!log.contains("menu:"), "{log}");
+    m.shutdown();
+    fs::rename(m.store().join("layers/upgrade-1"), m.path("away")).unwrap();
+    let (booted, _) = m.boot_with_keys("", Some("esc"));
+    assert!(booted.fallback.is_some());
+    m.shutdown();
+    fs::rename(m.path("away"), m.store().join("layers/upgrade-1")).unwrap();
+    let (_, log) = m.boot_with_keys("", Some("esc"));
+    assert!(log.contains("menu: booting the default"), "{log}");
+    m.shutdown();
+
+    // No terminal (standard input is not one): the menu is skipped and the default boots.
+    m.set_plan(|p| p.boot.menu = MenuMode::Always);
+    let (booted, log) = m.boot_with_keys("", None);
+    assert!(
+        log.contains("no terminal for the boot menu; booting the default"),
+        "{log}"
+    );
+    assert_eq!(stack(&booted), ["upgrade-2", "upgrade-1", "base"]);
+    m.shutdown();
+}
+
+#[test]
+fn privileged_hook_locked_menu_needs_the_password() {
+    let Some(m) = Machine::new("privileged_hook_locked_menu_needs_the_password") else {
+        return;
+    };
+    let hash = boot_ui::hash_password("kiosk").unwrap();
+    m.set_plan(|p| p.boot.menu_lock = Some(hash));
+    // A wrong password, then giving up: the default boots.
+    let (booted, log) = m.boot_with_keys("strata.menu", Some("down t n o enter esc esc"));
+    assert_eq!(stack(&booted), ["upgrade-2", "upgrade-1", "base"], "{log}");
+    m.shutdown();
+    // The right one lets the rollback through.
+    let (booted, log) = m.boot_with_keys("strata.menu", Some("down t k i o s k enter enter"));
+    assert_eq!(stack(&booted), ["upgrade-1", "base"], "{log}");
+    m.shutdown();
 }
