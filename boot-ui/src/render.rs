@@ -256,7 +256,7 @@ impl App {
             },
             "Space on/off",
             "t top",
-            "Enter boot once",
+            "Enter boot",
             "s save",
             "Esc default",
         ];

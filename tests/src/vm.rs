@@ -527,6 +527,29 @@ impl Session {
         self.wait_for_after(0, text)
     }
 
+    /// What an 80x24 terminal on this serial line shows now, escape sequences applied.
+    pub fn screen(&self) -> String {
+        let mut parser = vt100::Parser::default();
+        parser.process(&self.serial.lock().unwrap());
+        parser.screen().contents()
+    }
+
+    /// Waits until the 80x24 screen shows `text`; returns the screen, or None when the VM
+    /// exited or the boot's time ran out first.
+    pub fn wait_for_screen(&mut self, text: &str) -> Option<String> {
+        loop {
+            let screen = self.screen();
+            if screen.contains(text) {
+                return Some(screen);
+            }
+            let exited = self.child.try_wait().expect("waiting for qemu").is_some();
+            if exited || self.start.elapsed() > BOOT_TIMEOUT {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Types `bytes` on the serial console.
     pub fn send(&mut self, bytes: &[u8]) {
         use std::io::Write;

@@ -82,7 +82,16 @@ impl Vm {
 
     /// Boots the current disk image; panics with the serial log unless the test init finished.
     fn boot(&self, cmdline: &str) -> Boot {
-        let log = vm::boot(&self.kernel, &self.initrd, &self.image(), cmdline);
+        Self::finished(vm::boot(&self.kernel, &self.initrd, &self.image(), cmdline))
+    }
+
+    /// Starts a boot whose console the test reads and types into.
+    fn session(&self, cmdline: &str) -> vm::Session {
+        vm::Session::start(&self.kernel, &self.initrd, &self.image(), cmdline)
+    }
+
+    /// The boot a log shows; panics with the log unless the test init finished.
+    fn finished(log: BootLog) -> Boot {
         assert!(
             !log.timed_out,
             "the boot timed out after {:?}; serial log:\n{}",
@@ -412,4 +421,126 @@ fn vm_dracut_boots_the_layered_root() {
         let log = vm::boot(&vm.kernel, &initrd, &vm.image(), fail_fast);
         assert_eq!(log.marker("persist"), Some("kept"), "{}", log.serial);
     }
+}
+
+/// Types keys into the boot menu over the serial console, one at a time as a person would.
+fn type_keys(session: &mut vm::Session, keys: &[u8]) {
+    for key in keys {
+        session.send(&[*key]);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
+/// The boot menu on the serial console: a rollback chosen with keys boots once and leaves the
+/// plan alone; saved with `s`, it holds on the next boot without the menu.
+#[test]
+fn vm_menu_rolls_back_over_the_serial_console() {
+    let Some(vm) = Vm::new(
+        "vm_menu_rolls_back_over_the_serial_console",
+        &["good", "broken"],
+    ) else {
+        return;
+    };
+    vm.make_disk();
+    let plan_before = vm::read_from_image(&vm.image(), "/strata/overlayplan.toml");
+
+    let mut session = vm.session("strata.menu");
+    let screen = session.wait_for_screen("Strata boot menu");
+    let screen = screen.unwrap_or_else(|| panic!("no menu:\n{}", session.serial()));
+    assert!(
+        screen.contains("+ Layers, top first ---"),
+        "not drawn in ASCII on a serial console:\n{screen}"
+    );
+    assert!(screen.contains("|> [x] broken "), "{screen}");
+    // The cursor is on broken, the top: j moves to good, t makes it the top, Enter boots once.
+    type_keys(&mut session, b"jt\r");
+    let boot = Vm::finished(session.finish());
+    assert_eq!(boot.version(), "good", "{}", boot.log.serial);
+    assert_eq!(boot.stack(), ["good", "base"]);
+    assert!(boot.booted.one_shot);
+    assert!(
+        boot.log
+            .serial
+            .contains("strata: menu: booting good, base once"),
+        "{}",
+        boot.log.serial
+    );
+    assert_eq!(
+        vm::read_from_image(&vm.image(), "/strata/overlayplan.toml"),
+        plan_before,
+        "booting once leaves the plan alone"
+    );
+    // The next boot is the default again.
+    assert_eq!(vm.boot("").version(), "broken");
+
+    let mut session = vm.session("strata.menu");
+    let screen = session.wait_for_screen("+ Layers, top first");
+    assert!(screen.is_some(), "{}", session.serial());
+    type_keys(&mut session, b"jt");
+    let screen = session.wait_for_screen("|  [ ] broken ");
+    assert!(
+        screen
+            .as_deref()
+            .is_some_and(|s| s.contains("|> [x] good ")),
+        "the rollback is not on screen:\n{}",
+        session.screen()
+    );
+    type_keys(&mut session, b"s");
+    let boot = Vm::finished(session.finish());
+    assert_eq!(boot.version(), "good", "{}", boot.log.serial);
+    let boot = vm.boot("");
+    assert_eq!(
+        boot.version(),
+        "good",
+        "the saved choice holds: {}",
+        boot.log.serial
+    );
+    assert_eq!(boot.stack(), ["good", "base"]);
+    let plan = layers_spec::Plan::parse(
+        &vm::read_from_image(&vm.image(), "/strata/overlayplan.toml"),
+        "plan",
+    )
+    .unwrap();
+    assert_eq!(
+        plan.layer("broken").unwrap().state,
+        layers_spec::LayerState::Disabled
+    );
+}
+
+/// `menu = "on-failure"`: after a boot that fell back, the next one shows the menu and why.
+#[test]
+fn vm_menu_shows_after_a_failed_boot() {
+    let Some(vm) = Vm::new("vm_menu_shows_after_a_failed_boot", &["good", "broken"]) else {
+        return;
+    };
+    let plan_path = vm.store().join("overlayplan.toml");
+    let text = fs::read_to_string(&plan_path).unwrap();
+    let mut plan = layers_spec::Plan::parse(&text, "plan").unwrap();
+    plan.boot.menu = layers_spec::MenuMode::OnFailure;
+    fs::write(&plan_path, plan.to_toml().unwrap()).unwrap();
+    vm.make_disk();
+    let boot = vm.boot("");
+    assert!(
+        !boot.log.serial.contains("Strata boot menu"),
+        "a good boot shows no menu:\n{}",
+        boot.log.serial
+    );
+    // A layer of the stack goes missing: this boot falls back...
+    fs::rename(vm.store().join("layers/broken"), vm.path("away")).unwrap();
+    vm.make_disk();
+    let boot = vm.boot("");
+    assert!(boot.booted.fallback.is_some(), "{}", boot.log.serial);
+    // ...and the next one shows the menu with the reason, and boots the default on Enter.
+    let mut session = vm.session("");
+    let screen = session.wait_for_screen("The last boot fell back: layer broken is missing");
+    assert!(screen.is_some(), "{}", session.screen());
+    type_keys(&mut session, b"\r");
+    let boot = Vm::finished(session.finish());
+    assert!(
+        boot.log
+            .serial
+            .contains("strata: menu: booting the default"),
+        "{}",
+        boot.log.serial
+    );
 }
