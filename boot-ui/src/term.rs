@@ -27,11 +27,13 @@ fn restore() {
     }
 }
 
-/// Restores the terminal when dropped: on return, on `?`, and on unwinding.
-struct RawGuard;
+/// Raw mode (and with `alternate`, the alternate screen) until dropped: the terminal is put
+/// back on return, on `?`, on unwinding, and by a panic hook before the panic message.
+#[derive(Debug)]
+pub struct RawGuard;
 
 impl RawGuard {
-    fn enter(alternate: bool) -> io::Result<Self> {
+    pub fn enter(alternate: bool) -> io::Result<Self> {
         PANIC_HOOK.call_once(|| {
             let previous = std::panic::take_hook();
             std::panic::set_hook(Box::new(move |info| {
