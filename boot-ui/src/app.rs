@@ -2,6 +2,7 @@
 //! drawing here (drawing is `impl Widget for &App` in `render`); the caller applies the
 //! [`Action`] a key returns.
 
+use layers_spec::lock::verify_password;
 use layers_spec::{BootState, LayerState, Plan, Resolution};
 use serde::Serialize;
 
@@ -342,29 +343,10 @@ impl App {
     }
 }
 
-/// True when `password` matches the PHC hash `hash` (argon2).
-pub fn verify_password(hash: &str, password: &str) -> bool {
-    use argon2::password_hash::{PasswordHash, PasswordVerifier};
-    PasswordHash::new(hash).is_ok_and(|parsed| {
-        argon2::Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok()
-    })
-}
-
-/// A PHC argon2id hash of `password` for `[boot] menu_lock`, with a random salt.
-pub fn hash_password(password: &str) -> Result<String, String> {
-    use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
-    let salt = SaltString::generate(&mut OsRng);
-    argon2::Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| format!("hashing the password: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use layers_spec::lock::hash_password;
     use layers_spec::{BootOverrides, Layer, resolve};
 
     /// broken (trial) on good on base (known good), each built on the one below.

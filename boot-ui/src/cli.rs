@@ -1,8 +1,8 @@
 //! `boot-ui`: the menu against a plan on any terminal, printing the chosen action as JSON (for
-//! previews and tests); and `--hash-password` to make a `menu_lock` value.
+//! previews and tests).
 
 use std::ffi::OsString;
-use std::io::{BufRead, IsTerminal};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -17,8 +17,8 @@ use crate::term;
 #[command(name = "boot-ui", version)]
 pub struct Opts {
     /// The plan (overlayplan.toml) to show.
-    #[arg(long, value_name = "PATH", required_unless_present = "hash_password")]
-    plan: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    plan: PathBuf,
     /// The boot state (state/boot.toml) for trial counts and the one-shot selection.
     #[arg(long, value_name = "PATH")]
     state: Option<PathBuf>,
@@ -40,30 +40,11 @@ pub struct Opts {
     /// Show this as the reason the last boot fell back.
     #[arg(long, value_name = "TEXT")]
     fallback: Option<String>,
-    /// Read a password line from standard input and print its argon2id hash for `menu_lock`.
-    #[arg(long, conflicts_with = "plan")]
-    hash_password: bool,
 }
 
 pub fn run(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> Result<()> {
     let opts = Opts::try_parse_from(args).unwrap_or_else(|e| e.exit());
-    if opts.hash_password {
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .context("reading the password from standard input")?;
-        let password = line.trim_end_matches(['\r', '\n']);
-        if password.is_empty() {
-            bail!("the password on standard input is empty");
-        }
-        println!(
-            "{}",
-            crate::hash_password(password).map_err(anyhow::Error::msg)?
-        );
-        return Ok(());
-    }
-    let plan_path = opts.plan.as_ref().expect("clap requires --plan");
+    let plan_path = &opts.plan;
     let text = std::fs::read_to_string(plan_path)
         .with_context(|| format!("reading {}", plan_path.display()))?;
     let plan = Plan::parse(&text, &plan_path.display().to_string())?;
@@ -106,11 +87,10 @@ mod tests {
         let opts =
             Opts::try_parse_from(["boot-ui", "--plan", "p.toml", "--ascii", "--countdown", "3"])
                 .unwrap();
-        assert_eq!(opts.plan, Some(PathBuf::from("p.toml")));
+        assert_eq!(opts.plan, PathBuf::from("p.toml"));
         assert!(opts.ascii);
         assert_eq!(opts.countdown, Some(3));
         assert!(Opts::try_parse_from(["boot-ui"]).is_err());
         assert!(Opts::try_parse_from(["boot-ui", "--plan", "p", "--ascii", "--unicode"]).is_err());
-        assert!(Opts::try_parse_from(["boot-ui", "--hash-password"]).is_ok());
     }
 }

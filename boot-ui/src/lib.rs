@@ -7,7 +7,8 @@ pub mod cli;
 mod render;
 pub mod term;
 
-pub use app::{Action, App, Key, LayerInfo, Mode, Setup, hash_password, verify_password};
+pub use app::{Action, App, Key, LayerInfo, Mode, Setup};
+pub use layers_spec::lock::{hash_password, verify_password};
 
 use std::fmt::Write;
 

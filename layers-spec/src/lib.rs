@@ -9,6 +9,7 @@ pub mod booted;
 pub mod cmdline;
 pub mod error;
 pub mod legacy;
+pub mod lock;
 pub mod mount;
 pub mod name;
 pub mod plan;

@@ -15,8 +15,8 @@ use crate::ops::{self, NewLayer};
 use crate::status::next_boot;
 use crate::store::{Store, StoreLock, remove_path};
 use crate::{
-    AddLayerOpts, CheckOpts, ImportLegacyOpts, InitOpts, KnownGoodOpts, RemoveOpts, name_from_path,
-    write_json,
+    AddLayerOpts, CheckOpts, ImportLegacyOpts, InitOpts, KnownGoodOpts, MenuLockOpts, RemoveOpts,
+    name_from_path, write_json,
 };
 
 /// What a change works on: the store, locked, its plan (read from its own file: a change is
@@ -282,6 +282,64 @@ pub fn known_good(
         json,
         out,
     )
+}
+
+pub fn menu_lock(root: &Path, opts: &MenuLockOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    // Asked before the store is locked, so a slow typist does not hold up other commands.
+    let hash = if opts.clear {
+        None
+    } else {
+        let password = read_password()?;
+        Some(layers_spec::lock::hash_password(&password).map_err(anyhow::Error::msg)?)
+    };
+    let mut change = open_for_change(root)?;
+    let summary = match &hash {
+        Some(_) => "the boot menu now asks for the password before any change",
+        None => "the boot menu is no longer locked",
+    };
+    change.plan.boot.menu_lock = hash;
+    finish(&change, &[], summary, json, out)
+}
+
+/// A password from the terminal (asked twice, echo off) or the first line of standard input.
+fn read_password() -> Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        let mut line = String::new();
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password from standard input")?;
+        let password = line.trim_end_matches(['\r', '\n']).to_owned();
+        if password.is_empty() {
+            bail!("the password on standard input is empty; nothing was changed");
+        }
+        return Ok(password);
+    }
+    let ask = |prompt: &str| -> Result<String> {
+        eprint!("{prompt}");
+        let fd = stdin.lock();
+        let saved = rustix::termios::tcgetattr(&fd).context("reading the terminal's settings")?;
+        let mut quiet = saved.clone();
+        quiet.local_modes.remove(rustix::termios::LocalModes::ECHO);
+        rustix::termios::tcsetattr(&fd, rustix::termios::OptionalActions::Flush, &quiet)
+            .context("turning the terminal's echo off")?;
+        let mut line = String::new();
+        let read = std::io::stdin().lock().read_line(&mut line);
+        let _ = rustix::termios::tcsetattr(&fd, rustix::termios::OptionalActions::Flush, &saved);
+        eprintln!();
+        read.context("reading the password")?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+    };
+    let password = ask("Menu password: ")?;
+    if password.is_empty() {
+        bail!("an empty password locks nothing; nothing was changed");
+    }
+    if ask("The same again: ")? != password {
+        bail!("the two passwords differ; nothing was changed");
+    }
+    Ok(password)
 }
 
 pub fn rollback(root: &Path, to: Option<&str>, json: bool, out: &mut dyn Write) -> Result<()> {

@@ -72,6 +72,10 @@ pub enum Command {
     Check(CheckOpts),
     /// Convert a legacy XO `.overlayplan` into the store's plan.
     ImportLegacy(ImportLegacyOpts),
+    /// Lock the boot menu with a password (kiosks): without it, only the default boots. The
+    /// password is read from the terminal (asked twice, not shown) or from standard input's
+    /// first line; the plan keeps only its argon2id hash.
+    MenuLock(MenuLockOpts),
 }
 
 #[derive(Debug, Args)]
@@ -200,6 +204,13 @@ pub struct ImportLegacyOpts {
     pub force: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct MenuLockOpts {
+    /// Remove the lock instead.
+    #[arg(long)]
+    pub clear: bool,
+}
+
 /// Runs one command, writing its report to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     let store = cli.store.unwrap_or_else(default_store);
@@ -219,6 +230,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Verify(opts) => commands::verify(&store, opts.layer.as_deref(), json, out),
         Command::Check(opts) => commands::check(&store, &opts, json, out),
         Command::ImportLegacy(opts) => commands::import_legacy(&store, &opts, json, out),
+        Command::MenuLock(opts) => commands::menu_lock(&store, &opts, json, out),
     }
 }
 

@@ -504,14 +504,56 @@ fn privileged_hook_locked_menu_needs_the_password() {
     let Some(m) = Machine::new("privileged_hook_locked_menu_needs_the_password") else {
         return;
     };
-    let hash = boot_ui::hash_password("kiosk").unwrap();
-    m.set_plan(|p| p.boot.menu_lock = Some(hash));
+    // An empty password is refused and changes nothing.
+    let plan_before = m.plan();
+    let refused = Command::cargo_bin("overlayctl")
+        .unwrap()
+        .arg("--store")
+        .arg(m.store())
+        .arg("menu-lock")
+        .write_stdin("\n")
+        .assert()
+        .failure()
+        .get_output()
+        .stderr
+        .clone();
+    assert!(
+        String::from_utf8(refused)
+            .unwrap()
+            .contains("the password on standard input is empty; nothing was changed")
+    );
+    assert_eq!(m.plan(), plan_before);
+    let locked = Command::cargo_bin("overlayctl")
+        .unwrap()
+        .env("STRATA_RUN_DIR", "/nonexistent/strata-run")
+        .arg("--store")
+        .arg(m.store())
+        .arg("menu-lock")
+        .write_stdin("kiosk\n")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    assert!(
+        String::from_utf8(locked)
+            .unwrap()
+            .contains("the boot menu now asks for the password before any change")
+    );
+    let hash = m.plan().boot.menu_lock.expect("a lock in the plan");
+    assert!(boot_ui::verify_password(&hash, "kiosk"), "{hash}");
     // A wrong password, then giving up: the default boots.
     let (booted, log) = m.boot_with_keys("strata.menu", Some("down t n o enter esc esc"));
     assert_eq!(stack(&booted), ["upgrade-2", "upgrade-1", "base"], "{log}");
     m.shutdown();
     // The right one lets the rollback through.
     let (booted, log) = m.boot_with_keys("strata.menu", Some("down t k i o s k enter enter"));
+    assert_eq!(stack(&booted), ["upgrade-1", "base"], "{log}");
+    m.shutdown();
+    // Unlocked again: the menu asks for nothing.
+    m.ctl(&["menu-lock", "--clear"]);
+    assert_eq!(m.plan().boot.menu_lock, None);
+    let (booted, log) = m.boot_with_keys("strata.menu", Some("down t enter"));
     assert_eq!(stack(&booted), ["upgrade-1", "base"], "{log}");
     m.shutdown();
 }

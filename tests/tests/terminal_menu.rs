@@ -45,7 +45,17 @@ impl Tmux {
             dir,
         };
         let line = format!("cd {} && {command}; sleep 60", tmux.dir.path().display());
-        tmux.run(&["new-session", "-d", "-x", "80", "-y", "24", "sh", "-c", &line]);
+        tmux.run(&[
+            "new-session",
+            "-d",
+            "-x",
+            "80",
+            "-y",
+            "24",
+            "sh",
+            "-c",
+            &line,
+        ]);
         tmux
     }
 
@@ -134,7 +144,10 @@ fn ensure_tmux() {
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .is_ok_and(|s| s.success());
-        assert!(installed, "tmux is missing and apt-get could not install it");
+        assert!(
+            installed,
+            "tmux is missing and apt-get could not install it"
+        );
     }
 }
 
@@ -226,7 +239,10 @@ fn terminal_menu_gives_the_terminal_back_after_a_panic() {
     );
     let tmux = Tmux::start("panic", &command);
     tmux.wait_for_file("done");
-    assert_eq!(fs::read_to_string(tmux.path("status")).unwrap().trim(), "101");
+    assert_eq!(
+        fs::read_to_string(tmux.path("status")).unwrap().trim(),
+        "101"
+    );
     assert!(
         fs::read_to_string(tmux.path("panic.log"))
             .unwrap()
