@@ -1,8 +1,11 @@
 //! The demo (`scripts/demo`, as root): a store with a busybox base, a good upgrade and a broken
 //! one, booted in QEMU on a Debian kernel with the hook as `/init`; then the same disk booted
-//! with `strata.top=` to roll the broken upgrade back. The serial console is shown as it comes.
+//! with `strata.top=` to roll the broken upgrade back, and once more with the boot menu, where
+//! the person rolls back with keys (on a terminal) or the demo types them (in a script). The
+//! serial console is shown as it comes.
 
 use std::fs;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -125,5 +128,28 @@ fn main() {
     boot("");
     say("Rolling back at boot: strata.top=upgrade-2007-05-19 on the kernel command line");
     boot("strata.top=upgrade-2007-05-19");
+    say("The boot menu (strata.menu): the same rollback with keys, on the serial console");
+    let disk = work.path().join("disk.img");
+    if std::io::stdin().is_terminal() {
+        println!("j/k or the arrows move, t makes the highlighted layer the top, Enter boots it");
+        println!("once, s saves it to the plan, Esc boots the default, ? shows the keys.");
+        boot("strata.menu");
+    } else {
+        // No person at a terminal: the demo types the keys and shows the screens.
+        let mut session = vm::Session::start(&kernel, &initrd, &disk, "strata.menu");
+        let screen = session.wait_for_screen("Layers, top first");
+        println!("{}", screen.expect("the menu came up"));
+        say("Typing j (down to the good upgrade), then t (make it the top)");
+        session.send(b"j");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        session.send(b"t");
+        let screen = session.wait_for_screen("[ ] upgrade-2007-05-20");
+        println!("{}", screen.expect("the rollback on screen"));
+        say("Typing Enter: boot this selection once");
+        session.send(b"\r");
+        let log = session.finish();
+        let after = log.serial.rfind("strata: menu:").unwrap_or(0);
+        println!("{}", &log.serial[after..]);
+    }
     say("Done. The broken layer's trial boots count down; unaccepted, it drops out by itself.");
 }
