@@ -470,8 +470,40 @@ fn vm_menu_rolls_back_over_the_serial_console() {
         plan_before,
         "booting once leaves the plan alone"
     );
-    // The next boot is the default again.
-    assert_eq!(vm.boot("").version(), "broken");
+    // The next boot is the default again. The plan's menu is "on-key": the hook waits for a
+    // key with one line, and a key opens the menu.
+    let boot = vm.boot("");
+    assert_eq!(boot.version(), "broken");
+    assert!(
+        boot.log
+            .serial
+            .contains("strata: press any key for the boot menu (3)"),
+        "{}",
+        boot.log.serial
+    );
+    let mut session = vm.session("");
+    assert!(
+        session
+            .wait_for("press any key for the boot menu")
+            .is_some(),
+        "{}",
+        session.serial()
+    );
+    session.send(b" ");
+    let screen = session.wait_for_screen("+ Layers, top first");
+    assert!(
+        screen.is_some(),
+        "a key did not open the menu:\n{}",
+        session.serial()
+    );
+    type_keys(&mut session, b"\x1b");
+    let boot = Vm::finished(session.finish());
+    assert_eq!(boot.version(), "broken", "Esc boots the default");
+    assert!(
+        boot.log
+            .serial
+            .contains("strata: menu: booting the default")
+    );
 
     let mut session = vm.session("strata.menu");
     let screen = session.wait_for_screen("+ Layers, top first");
