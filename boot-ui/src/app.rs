@@ -68,6 +68,8 @@ pub struct Setup {
     pub lock: Option<String>,
     /// Draw with ASCII only (serial consoles, terminals without Unicode).
     pub ascii: bool,
+    /// Why `s` cannot save (the plan on disk is damaged, say); Enter still boots once.
+    pub save_refused: Option<String>,
 }
 
 /// What the menu is showing.
@@ -99,10 +101,18 @@ pub struct App {
     /// A one-line answer to the last key (a refusal, a wrong password).
     pub(crate) message: Option<String>,
     pub(crate) ascii: bool,
+    pub(crate) save_refused: Option<String>,
+    /// Seconds since the last key.
+    pub(crate) idle: u32,
 }
 
 /// How many rows PageUp and PageDown move.
 const PAGE: usize = 10;
+/// A menu nobody touches for this long starts a countdown to the default: a device whose
+/// command line forces the menu must still boot when nobody is there.
+pub const IDLE_LIMIT: u32 = 270;
+/// That countdown's length.
+pub const IDLE_COUNTDOWN: u32 = 30;
 
 impl App {
     /// The menu for a plan and the resolution the default boot would mount. `size` gives a
@@ -155,6 +165,8 @@ impl App {
             fallback: setup.fallback,
             message: None,
             ascii: setup.ascii,
+            save_refused: setup.save_refused,
+            idle: 0,
         }
     }
 
@@ -192,9 +204,16 @@ impl App {
         self.lock.is_some() && !self.unlocked
     }
 
-    /// One second passed: counts down, and boots the default when the count reaches zero.
+    /// One second passed: counts down, and boots the default when the count reaches zero. A
+    /// menu left alone for [`IDLE_LIMIT`] seconds starts a countdown of its own.
     pub fn tick(&mut self) -> Option<Action> {
-        let left = self.countdown.as_mut()?;
+        let Some(left) = self.countdown.as_mut() else {
+            self.idle += 1;
+            if self.idle >= IDLE_LIMIT {
+                self.countdown = Some(IDLE_COUNTDOWN);
+            }
+            return None;
+        };
         *left = left.saturating_sub(1);
         (*left == 0).then_some(Action::BootDefault)
     }
@@ -203,6 +222,7 @@ impl App {
     pub fn handle_key(&mut self, key: Key) -> Option<Action> {
         // Somebody is there: the countdown stops at the first key.
         self.countdown = None;
+        self.idle = 0;
         match self.mode.clone() {
             Mode::Help => {
                 self.mode = Mode::Menu;
@@ -248,6 +268,10 @@ impl App {
                         *on = true;
                     }
                 }
+            }
+            Key::Char('s') if self.save_refused.is_some() => {
+                let why = self.save_refused.as_deref().unwrap_or_default();
+                self.message = Some(format!("{why}: Enter boots the selection once"));
             }
             Key::Enter | Key::Char('s') => {
                 let layers = self.selection();
@@ -553,6 +577,46 @@ mod tests {
         assert_eq!(app.countdown(), None);
         assert_eq!(app.tick(), None);
         assert_eq!(app.tick(), None);
+    }
+
+    #[test]
+    fn a_menu_left_alone_boots_the_default_in_the_end() {
+        let mut app = app();
+        for _ in 0..IDLE_LIMIT - 1 {
+            assert_eq!(app.tick(), None);
+        }
+        assert_eq!(app.countdown(), None);
+        keys(&mut app, &[Key::Down]);
+        for _ in 0..IDLE_LIMIT {
+            assert_eq!(app.tick(), None);
+        }
+        assert_eq!(app.countdown(), Some(IDLE_COUNTDOWN));
+        for _ in 1..IDLE_COUNTDOWN {
+            assert_eq!(app.tick(), None);
+        }
+        assert_eq!(app.tick(), Some(Action::BootDefault));
+    }
+
+    #[test]
+    fn a_refused_save_says_why_and_enter_still_boots_once() {
+        let mut app = app_with(
+            &plan(),
+            Setup {
+                save_refused: Some("the plan is damaged".into()),
+                ..Setup::default()
+            },
+        );
+        assert_eq!(keys(&mut app, &[Key::Char(' '), Key::Char('s')]), None);
+        assert_eq!(
+            app.message(),
+            Some("the plan is damaged: Enter boots the selection once")
+        );
+        assert_eq!(
+            keys(&mut app, &[Key::Enter]),
+            Some(Action::BootOnce {
+                layers: names(&["good", "base"])
+            })
+        );
     }
 
     #[test]

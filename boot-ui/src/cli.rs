@@ -71,6 +71,7 @@ pub fn run(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> Resul
         countdown: opts.countdown,
         lock: plan.boot.menu_lock.clone(),
         ascii: opts.ascii || (!opts.unicode && !term::unicode_ok()),
+        save_refused: None,
     };
     let mut app = App::new(&plan, &resolution, &state, &|_| None, setup);
     let action = term::run_menu(&mut app).context("running the menu")?;

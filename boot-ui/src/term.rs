@@ -86,6 +86,7 @@ pub fn map_key(event: KeyEvent) -> Option<Key> {
         return match event.code {
             KeyCode::Char('c') => Some(Key::Esc),
             KeyCode::Char('j' | 'm') => Some(Key::Enter),
+            KeyCode::Char('h') => Some(Key::Backspace),
             _ => None,
         };
     }
@@ -104,8 +105,13 @@ pub fn map_key(event: KeyEvent) -> Option<Key> {
     })
 }
 
+/// How long a bare Esc waits for the rest of an escape sequence. A serial line may deliver an
+/// arrow key's bytes apart; without this, half an arrow key would boot the default.
+const ESC_DELAY: Duration = Duration::from_millis(150);
+
 /// Runs the menu until a key (or the countdown) gives an action. The terminal is restored
-/// before this returns, whatever happens.
+/// before this returns, whatever happens. A terminal that hangs up is an error: nobody can
+/// answer any more, and the caller boots the default.
 pub fn run_menu(app: &mut App) -> io::Result<Action> {
     let _guard = RawGuard::enter(true)?;
     // Cleared by hand: Terminal::clear asks the terminal where its cursor is, and a serial line
@@ -116,11 +122,15 @@ pub fn run_menu(app: &mut App) -> io::Result<Action> {
     loop {
         // draw() resizes to the terminal first, so a resize is one more pass of this loop.
         terminal.draw(|frame| frame.render_widget(&*app, frame.area()))?;
+        check_line()?;
         let wait = next_tick.saturating_duration_since(Instant::now());
         if event::poll(wait)? {
-            if let Event::Key(key) = event::read()?
-                && let Some(action) = map_key(key).and_then(|k| app.handle_key(k))
-            {
+            let key = match event::read()? {
+                Event::Key(key) if is_bare_esc(key) => after_escape()?,
+                Event::Key(key) => map_key(key),
+                _ => None,
+            };
+            if let Some(action) = key.and_then(|k| app.handle_key(k)) {
                 return Ok(action);
             }
         } else {
@@ -130,6 +140,62 @@ pub fn run_menu(app: &mut App) -> io::Result<Action> {
             }
         }
     }
+}
+
+fn is_bare_esc(key: KeyEvent) -> bool {
+    key.code == KeyCode::Esc && key.modifiers.is_empty() && key.kind != KeyEventKind::Release
+}
+
+/// After a bare Esc: Esc itself when nothing follows within [`ESC_DELAY`], else the arrow or
+/// Home/End key whose bytes arrived split (`[A`, `OB`...), else nothing.
+fn after_escape() -> io::Result<Option<Key>> {
+    let Some(first) = key_within(ESC_DELAY)? else {
+        return Ok(Some(Key::Esc));
+    };
+    if !matches!(first.code, KeyCode::Char('[' | 'O')) {
+        return Ok(map_key(first));
+    }
+    Ok(key_within(ESC_DELAY)?.and_then(|last| match last.code {
+        KeyCode::Char('A') => Some(Key::Up),
+        KeyCode::Char('B') => Some(Key::Down),
+        KeyCode::Char('H') => Some(Key::Home),
+        KeyCode::Char('F') => Some(Key::End),
+        _ => None,
+    }))
+}
+
+/// The next key event, if one comes within `wait`.
+fn key_within(wait: Duration) -> io::Result<Option<KeyEvent>> {
+    if !event::poll(wait)? {
+        return Ok(None);
+    }
+    Ok(match event::read()? {
+        Event::Key(key) => Some(key),
+        _ => None,
+    })
+}
+
+/// Fails when the terminal on standard input hung up (an unplugged console, a closed pty):
+/// reads would then return nothing forever.
+fn check_line() -> io::Result<()> {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let stdin = io::stdin();
+    let mut fds = [PollFd::new(&stdin, PollFlags::IN)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&now))?;
+    if fds[0]
+        .revents()
+        .intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "the terminal hung up",
+        ));
+    }
+    Ok(())
 }
 
 /// The hidden menu: `strata: press any key for the boot menu (N)` for `seconds`, counting down
@@ -143,6 +209,7 @@ pub fn wait_for_key(seconds: u32) -> io::Result<bool> {
     let mut out = io::stderr();
     let mut pressed = false;
     for left in (1..=seconds).rev() {
+        check_line()?;
         write!(out, "\rstrata: press any key for the boot menu ({left}) ")?;
         out.flush()?;
         let until = Instant::now() + Duration::from_secs(1);

@@ -340,6 +340,9 @@ impl MenuChoice<'_> {
                 countdown: countdown.take(),
                 lock: plan.boot.menu_lock.clone(),
                 ascii: console.ascii(),
+                save_refused: self
+                    .plan_damaged
+                    .then(|| "the plan on disk is damaged, so nothing can be saved".to_owned()),
             };
             let size = |name: &str| spec_store::layer_content_size(self.store, name);
             let mut app = boot_ui::App::new(plan, resolution, state, &size, setup);
@@ -397,10 +400,13 @@ impl MenuChoice<'_> {
                                 "menu: saved {} to the plan; booting it",
                                 summarize(&layers)
                             ));
-                            // A trial layer chosen by hand gets its boots back.
-                            for name in &layers {
+                            // A trial layer switched on by hand gets its boots back; one
+                            // that was in the default stack keeps counting.
+                            for name in layers.iter().filter(|n| !resolution.stack.contains(n)) {
                                 state.trial_tries.remove(name);
                             }
+                            // A pending one-shot selection would outrank what was just saved.
+                            state.once = None;
                             *plan = saved;
                         }
                         Err(e) => {

@@ -436,11 +436,13 @@ impl Plan {
             );
         }
         if let Some(lock) = &self.boot.menu_lock
-            && !lock.starts_with('$')
+            && let Err(why) = crate::lock::check_hash(lock)
         {
             return bad(
                 at.setting(boot, |s| s.menu_lock.as_ref()),
-                "boot.menu_lock must be a password hash in PHC form (\"$argon2id$…\"), never the password itself".into(),
+                format!(
+                    "boot.menu_lock must be an argon2id password hash (\"$argon2id$…\", as `overlayctl menu-lock` writes), never the password itself: {why}"
+                ),
             );
         }
         if !(1..=MAX_STACK).contains(&self.policy.max_layers) {
@@ -761,7 +763,7 @@ mod tests {
         ),
         (
             "version = 1\n[boot]\nmenu_lock = \"hunter2\"\n[[layer]]\nname = \"a\"\n",
-            "p:3:13: boot.menu_lock must be a password hash",
+            "p:3:13: boot.menu_lock must be an argon2id password hash",
         ),
         (
             "version = 1\n[policy]\nmax_layers = 501\n[[layer]]\nname = \"a\"\n",

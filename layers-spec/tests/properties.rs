@@ -85,7 +85,10 @@ prop_compose! {
         menu in prop_oneof![Just(MenuMode::Always), Just(MenuMode::OnKey), Just(MenuMode::OnFailure), Just(MenuMode::Never)],
         timeout_s in 0u32..=3600,
         trial_boots in 1u32..6,
-        menu_lock in proptest::option::of("\\$argon2id\\$[a-zA-Z0-9$=,+/]{0,40}"),
+        menu_lock in proptest::option::of(proptest::sample::select(vec![
+            "$argon2id$v=19$m=19456,t=2,p=1$YQK1Ld7JlDzBPceCvX4v4A$fwBKyfLwTkgUrD3Dq7njdmSX1K7Upf//sFp55ru9t28".to_owned(),
+            "$argon2id$v=19$m=19456,t=2,p=1$MdMW+kndMtyqxhXCyHPbKA$1P/Zoc3DhPbG23O8Wg/CT9NJrGjp6DvDcnFTaFj14OI".to_owned(),
+        ])),
         mode in prop_oneof![Just(UpperMode::Persistent), Just(UpperMode::Tmpfs)],
         on_rollback in prop_oneof![Just(OnRollback::Carry), Just(OnRollback::Fresh)],
         max_layers in 1u32..=500,

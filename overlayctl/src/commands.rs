@@ -319,15 +319,17 @@ fn read_password() -> Result<String> {
     }
     let ask = |prompt: &str| -> Result<String> {
         eprint!("{prompt}");
-        let fd = stdin.lock();
-        let saved = rustix::termios::tcgetattr(&fd).context("reading the terminal's settings")?;
+        let mut input = stdin.lock();
+        let saved =
+            rustix::termios::tcgetattr(&input).context("reading the terminal's settings")?;
         let mut quiet = saved.clone();
         quiet.local_modes.remove(rustix::termios::LocalModes::ECHO);
-        rustix::termios::tcsetattr(&fd, rustix::termios::OptionalActions::Flush, &quiet)
+        rustix::termios::tcsetattr(&input, rustix::termios::OptionalActions::Flush, &quiet)
             .context("turning the terminal's echo off")?;
         let mut line = String::new();
-        let read = std::io::stdin().lock().read_line(&mut line);
-        let _ = rustix::termios::tcsetattr(&fd, rustix::termios::OptionalActions::Flush, &saved);
+        let read = input.read_line(&mut line);
+        // Echo comes back however the read went.
+        let _ = rustix::termios::tcsetattr(&input, rustix::termios::OptionalActions::Flush, &saved);
         eprintln!();
         read.context("reading the password")?;
         Ok(line.trim_end_matches(['\r', '\n']).to_owned())

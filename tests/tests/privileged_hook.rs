@@ -391,6 +391,18 @@ fn privileged_hook_menu_boots_a_choice_once_or_saves_it() {
     let Some(m) = Machine::new("privileged_hook_menu_boots_a_choice_once_or_saves_it") else {
         return;
     };
+    // Saving the default as it is keeps upgrade-2's trial counting: its tries are not reset.
+    m.shutdown();
+    m.boot("");
+    m.shutdown();
+    let (booted, log) = m.boot_with_keys("strata.menu", Some("s"));
+    assert_eq!(stack(&booted), ["upgrade-2", "upgrade-1", "base"], "{log}");
+    assert_eq!(m.state().tries("upgrade-2"), 2);
+    m.shutdown();
+    m.ctl(&["accept", "upgrade-2"]);
+    m.ctl(&["disable", "upgrade-2"]);
+    m.ctl(&["enable", "upgrade-2"]);
+
     let plan_before = m.plan();
     // The cursor starts on the top layer: down, t makes upgrade-1 the top, Enter boots once.
     let (booted, log) = m.boot_with_keys("strata.menu", Some("down t enter"));
@@ -439,6 +451,19 @@ fn privileged_hook_menu_boots_a_choice_once_or_saves_it() {
         LayerState::Active
     );
     m.shutdown();
+
+    // A one-shot selection waiting in the state does not outrank what the menu saves.
+    let mut state = m.state();
+    state.once = Some(layers_spec::OneShot {
+        layers: vec!["upgrade-1".into(), "base".into()],
+        upper: None,
+    });
+    fs::write(m.store().join("state/boot.toml"), state.to_toml().unwrap()).unwrap();
+    let (booted, log) = m.boot_with_keys("strata.menu", Some("end t s"));
+    assert_eq!(stack(&booted), ["base"], "{log}");
+    assert_eq!(m.state().once, None);
+    m.shutdown();
+    m.ctl(&["enable", "upgrade-1", "upgrade-2"]);
 
     // Esc (and keys running out) boot the default; the command line's own choice stays.
     let (booted, log) = m.boot_with_keys("strata.menu strata.top=upgrade-1", Some("esc"));

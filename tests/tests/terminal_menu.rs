@@ -254,3 +254,56 @@ fn terminal_menu_gives_the_terminal_back_after_a_panic() {
         "the terminal is restored after the panic"
     );
 }
+
+#[test]
+fn terminal_menu_lock_asks_twice_without_echo() {
+    if !tests::have_root("terminal_menu_lock_asks_twice_without_echo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("base/etc")).unwrap();
+    fs::write(dir.path().join("base/etc/version"), "base\n").unwrap();
+    let store = dir.path().join("store");
+    tests::overlayctl(
+        &store,
+        &["init", "--base", dir.path().join("base").to_str().unwrap()],
+    );
+    let command = format!(
+        "{} --store {} menu-lock; echo $? > status",
+        assert_cmd::cargo::cargo_bin("overlayctl").display(),
+        store.display()
+    );
+    let tmux = Tmux::start("lock", &command);
+    tmux.wait_for("Menu password:");
+    tmux.keys(&["s3cret", "Enter"]);
+    let screen = tmux.wait_for("The same again:");
+    assert!(
+        !screen.contains("s3cret"),
+        "the password was echoed:\n{screen}"
+    );
+    tmux.keys(&["s3cret", "Enter"]);
+    assert_eq!(
+        tmux.wait_for_file("status").trim(),
+        "0",
+        "{}",
+        tmux.screen()
+    );
+    let plan = layers_spec::Plan::parse(
+        &fs::read_to_string(store.join("overlayplan.toml")).unwrap(),
+        "plan",
+    )
+    .unwrap();
+    let hash = plan.boot.menu_lock.expect("a lock in the plan");
+    assert!(layers_spec::lock::verify_password(&hash, "s3cret"));
+
+    // Two different passwords: refused, the lock unchanged.
+    let tmux = Tmux::start("lock-mismatch", &command);
+    tmux.wait_for("Menu password:");
+    tmux.keys(&["one", "Enter"]);
+    tmux.wait_for("The same again:");
+    tmux.keys(&["two", "Enter"]);
+    assert_eq!(tmux.wait_for_file("status").trim(), "1");
+    tmux.wait_for("the two passwords differ; nothing was changed");
+    let after = fs::read_to_string(store.join("overlayplan.toml")).unwrap();
+    assert!(after.contains(&hash));
+}
