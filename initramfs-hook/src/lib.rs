@@ -1,7 +1,8 @@
-//! The early-boot program. This first part is steps 1 and 3 of the boot flow (DESIGN): read the
-//! `strata.*` options, load the plan (with `.prev` fallback) and the boot state, and resolve the
-//! stack. `initramfs-hook resolve` runs exactly that against a root directory, so the decision
-//! the boot will make can be checked on any machine; mounting and switch_root come next.
+//! The early-boot program: the boot flow ([`flow`]: options, plan and state, the boot menu,
+//! the overlay with its fallbacks, the record), the standalone `/init` ([`standalone`]), the
+//! initramfs it runs from ([`mkinitramfs`]), and the console the menu runs on ([`console`]).
+//! `initramfs-hook resolve` shows the decision a boot would make on any machine, and
+//! `initramfs-hook boot` runs the flow on a mounted root (the dracut and initramfs-tools glue).
 
 pub mod console;
 pub mod flow;
