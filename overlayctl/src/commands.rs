@@ -10,13 +10,14 @@ use anyhow::{Context, Result, anyhow, bail};
 use layers_spec::{BootState, LayerState, Plan, legacy};
 use serde::Serialize;
 
+use crate::engine::delta::Compare;
 use crate::engine::{Layer, Manifest, XattrNs};
 use crate::ops::{self, NewLayer};
 use crate::status::next_boot;
 use crate::store::{Store, StoreLock, remove_path};
 use crate::{
     AddLayerOpts, CheckOpts, ImportLegacyOpts, InitOpts, KnownGoodOpts, MenuLockOpts, RemoveOpts,
-    name_from_path, write_json,
+    SyncOpts, name_from_path, write_json,
 };
 
 /// What a change works on: the store, locked, its plan (read from its own file: a change is
@@ -174,6 +175,69 @@ pub fn add_layer(root: &Path, opts: &AddLayerOpts, json: bool, out: &mut dyn Wri
     };
     let added = ops::add_layer(&store, &opts.dir, ns, &layer)?;
     report_added(&added, root, json, out)
+}
+
+pub fn sync(root: &Path, opts: &SyncOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    let store = Store::open(root)?;
+    let name = match &opts.name {
+        Some(name) => name.clone(),
+        None => name_from_path(&opts.target).ok_or_else(|| {
+            anyhow!(
+                "{} is not usable as a layer name; give one with --name",
+                opts.target.display()
+            )
+        })?,
+    };
+    let layer = NewLayer {
+        name,
+        title: opts.title.clone(),
+        parent: None,
+        state: LayerState::Trial,
+        known_good: false,
+        notes: opts.notes.clone(),
+    };
+    let compare = if opts.checksum {
+        Compare::Checksum
+    } else {
+        Compare::Quick
+    };
+    let synced = ops::sync(&store, &opts.target, compare, &layer)?;
+    let d = &synced.delta;
+    if json {
+        return write_json(
+            out,
+            &serde_json::json!({
+                "target": opts.target, "stack": synced.stack,
+                "layer": synced.added.as_ref().map(|a| &a.name),
+                "digest": synced.added.as_ref().map(|a| &a.digest),
+                "added": d.added, "changed": d.changed, "metadata": d.metadata,
+                "deleted": d.deleted, "opaque": d.opaque, "bytes": d.bytes,
+            }),
+        );
+    }
+    let Some(added) = &synced.added else {
+        writeln!(
+            out,
+            "{} already equals the stack ({}): nothing to add",
+            opts.target.display(),
+            synced.stack.join(", ")
+        )?;
+        return Ok(());
+    };
+    writeln!(
+        out,
+        "{} added, {} changed, {} with new metadata, {} deleted ({} as opaque directories)",
+        d.added, d.changed, d.metadata, d.deleted, d.opaque
+    )?;
+    writeln!(
+        out,
+        "added trial layer {} on {} ({} of content)\ndigest {}",
+        added.name,
+        synced.stack.first().map_or("", String::as_str),
+        layers_spec::size::human(d.bytes),
+        added.digest
+    )?;
+    Ok(())
 }
 
 /// Sets layers' state; trial counters of the layers go, since the choice is now explicit.

@@ -49,6 +49,10 @@ pub enum Command {
     Init(InitOpts),
     /// Copy DIR into the store as a new layer on top of the stack.
     AddLayer(AddLayerOpts),
+    /// Add the layer that turns the next boot's stack into TARGET, a full tree of the new
+    /// system (a directory, a mounted image): new and changed files, deletions as whiteouts,
+    /// metadata changes. It becomes a trial layer on top, built on the stack's top.
+    Sync(SyncOpts),
     /// Include layers in the stack again (their state becomes active).
     Enable(LayersOpts),
     /// Leave layers out of the stack from the next boot on.
@@ -120,6 +124,23 @@ pub struct AddLayerOpts {
     /// DIR keeps overlay's attributes in the `user.overlay.*` namespace (userxattr).
     #[arg(long)]
     pub userxattr: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncOpts {
+    /// The whole new system's tree.
+    pub target: PathBuf,
+    /// The layer's name [default: TARGET's file name]
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub title: Option<String>,
+    /// Compare file contents by hash, not by size and modification time alone.
+    #[arg(long)]
+    pub checksum: bool,
+    /// Free text kept in the plan.
+    #[arg(long)]
+    pub notes: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -219,6 +240,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Status => status::status(&store, json, out),
         Command::Init(opts) => commands::init(&store, &opts, json, out),
         Command::AddLayer(opts) => commands::add_layer(&store, &opts, json, out),
+        Command::Sync(opts) => commands::sync(&store, &opts, json, out),
         Command::Enable(opts) => commands::enable(&store, &opts.layers, json, out),
         Command::Disable(opts) => commands::disable(&store, &opts.layers, json, out),
         Command::Accept(opts) => commands::accept(&store, &opts.layers, json, out),

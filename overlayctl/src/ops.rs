@@ -1,5 +1,5 @@
-//! Store transactions that bring layers in: `init` (a new store around a base tree) and
-//! `add-layer`. Each writes under `staging/`, flushes, renames into `layers/`, and only then
+//! Store transactions that bring layers in: `init` (a new store around a base tree),
+//! `add-layer` and `sync`. Each writes under `staging/`, flushes, renames into `layers/`, and only then
 //! names the layer in the plan, so an interruption at any point leaves the old plan and at most
 //! a leftover that the next command removes.
 
@@ -7,10 +7,11 @@ use std::fs;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use layers_spec::{Layer as PlanLayer, LayerState, Plan, check_name};
+use layers_spec::{BootState, Layer as PlanLayer, LayerState, Plan, check_name};
 
 use crate::engine::copy::{CopyStats, copy_layer};
-use crate::engine::{Kind, Layer, Manifest, XattrNs};
+use crate::engine::delta::{Compare, DeltaStats, delta};
+use crate::engine::{Kind, Layer, Manifest, MergedView, XattrNs};
 use crate::store::{self, Store, remove_path};
 
 /// What a new layer is called and how the plan takes it.
@@ -208,6 +209,16 @@ fn plan_layer(layer: &NewLayer, digest: &str) -> PlanLayer {
 
 /// Adds a copy of `source` on top of the stack.
 pub fn add_layer(store: &Store, source: &Path, ns: XattrNs, layer: &NewLayer) -> Result<Added> {
+    add_built_layer(store, layer, &mut |_, _, _| read_clean(source, ns))
+}
+
+/// Adds the layer `build` returns on top of the stack, in one transaction under the store's
+/// lock. `build` sees the plan and boot state the layer goes on, and may set its parent.
+pub fn add_built_layer(
+    store: &Store,
+    layer: &NewLayer,
+    build: &mut dyn FnMut(&Plan, &BootState, &mut NewLayer) -> Result<Layer>,
+) -> Result<Added> {
     check_name(&layer.name)
         .map_err(|p| anyhow::anyhow!("layer name {:?} is not valid: {p}", layer.name))?;
     let _lock = store.lock()?;
@@ -239,7 +250,7 @@ pub fn add_layer(store: &Store, source: &Path, ns: XattrNs, layer: &NewLayer) ->
         Some(_) => {}
         None => layer.parent = plan.layers.first().map(|l| l.name.clone()),
     }
-    let source = read_clean(source, ns)?;
+    let source = build(&plan, &state, &mut layer)?;
     check_room(store, &plan, content_bytes(&source.tree))?;
     store.clean_orphans(&plan, &state)?;
     let target = store.layer_dir(&layer.name);
@@ -258,3 +269,58 @@ pub fn add_layer(store: &Store, source: &Path, ns: XattrNs, layer: &NewLayer) ->
         stats,
     })
 }
+
+/// What `sync` found between the stack and the target.
+#[derive(Debug, Clone)]
+pub struct Synced {
+    /// The stack the layer goes on, top first.
+    pub stack: Vec<String>,
+    pub delta: DeltaStats,
+    /// None when the target already equals the stack: nothing is added.
+    pub added: Option<Added>,
+}
+
+/// Adds the layer that turns the next boot's stack (read from the layer directories, never
+/// from a live root) into `target`, as a trial layer whose parent is that stack's top.
+pub fn sync(store: &Store, target: &Path, compare: Compare, layer: &NewLayer) -> Result<Synced> {
+    let mut found: Option<(Vec<String>, DeltaStats)> = None;
+    let result = add_built_layer(store, layer, &mut |plan, state, layer| {
+        let stack = crate::status::next_boot(store, plan, state).stack;
+        if stack.is_empty() {
+            bail!("the next boot's stack is empty, so there is nothing to sync from");
+        }
+        let roots: Vec<_> = stack.iter().map(|n| store.layer_dir(n)).collect();
+        let layers =
+            Layer::read_all(&roots, XattrNs::Trusted).context("reading the stack's layers")?;
+        let view = MergedView::new(&layers);
+        let target_tree = Layer::read(target, XattrNs::Trusted)
+            .with_context(|| format!("reading {}", target.display()))?;
+        let (delta, stats) = delta(&view, &target_tree, compare)
+            .with_context(|| format!("comparing {} with the stack", target.display()))?;
+        layer.parent = stack.first().cloned();
+        found = Some((stack, stats));
+        if stats.is_empty() {
+            bail!(NothingToSync);
+        }
+        Ok(delta)
+    });
+    let (stack, delta) = found.clone().unwrap_or_default();
+    match result {
+        Ok(added) => Ok(Synced {
+            stack,
+            delta,
+            added: Some(added),
+        }),
+        Err(e) if e.is::<NothingToSync>() => Ok(Synced {
+            stack,
+            delta,
+            added: None,
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+/// The target equals the stack.
+#[derive(Debug, thiserror::Error)]
+#[error("the target equals the stack")]
+struct NothingToSync;
