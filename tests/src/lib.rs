@@ -4,6 +4,7 @@
 //! With `CI=true` no test may skip itself: a privileged test that cannot run fails.
 
 pub mod layergen;
+pub mod views;
 pub mod vm;
 
 use std::path::Path;

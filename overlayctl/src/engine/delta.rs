@@ -69,31 +69,30 @@ pub fn delta(
     compare: Compare,
 ) -> Result<(Layer, DeltaStats), DeltaError> {
     check_target(&target.tree, &mut PathBuf::new())?;
+    let mut links = HashMap::new();
+    target_links(&target.tree, &mut PathBuf::new(), &mut links);
+    let mut stack_links: HashMap<(usize, (u64, u64)), Vec<PathBuf>> = HashMap::new();
+    from.walk(&mut |rel, node| {
+        if let Kind::File { inode, nlink, .. } = &node.node.kind
+            && *nlink > 1
+        {
+            stack_links
+                .entry((node.layer, *inode))
+                .or_default()
+                .push(rel.to_owned());
+        }
+    });
     let mut differ = Differ {
         from,
         target_root: &target.root,
         compare,
         stats: DeltaStats::default(),
-        links: HashMap::new(),
+        links,
+        stack_links,
     };
-    let mut tree = differ.dir(Path::new(""), &from.root, &target.tree)?;
-    // Hard links: a file copied into the layer takes every other name of its inode in the
-    // target along, so the links stay links.
-    let mut copied_inodes = HashSet::new();
-    collect_linked(&tree, &mut copied_inodes);
-    let extra: Vec<PathBuf> = differ
-        .links
-        .iter()
-        .filter(|(inode, _)| copied_inodes.contains(*inode))
-        .flat_map(|(_, paths)| paths.iter().cloned())
-        .collect();
-    for path in extra {
-        if layer_get(&tree, &path).is_none() {
-            let node = target_get(&target.tree, &path).expect("linked paths come from the target");
-            differ.stats.changed += 1;
-            insert(&mut tree, &target.tree, &path, node.clone());
-        }
-    }
+    // Hard links need nothing more: a file whose names differ between the stack and the
+    // target (as one inode) is copied, so every name of a copied inode is in the layer.
+    let tree = differ.dir(Path::new(""), &from.root, &target.tree)?;
     let stats = DeltaStats {
         bytes: content_bytes(&tree, &mut HashSet::new()),
         ..differ.stats
@@ -114,6 +113,8 @@ struct Differ<'a, 'b> {
     stats: DeltaStats,
     /// Every name of each hard-linked inode of the target.
     links: HashMap<(u64, u64), Vec<PathBuf>>,
+    /// Every visible name of each hard-linked inode of the stack, by layer.
+    stack_links: HashMap<(usize, (u64, u64)), Vec<PathBuf>>,
 }
 
 impl Differ<'_, '_> {
@@ -190,7 +191,6 @@ impl Differ<'_, '_> {
             let has_children = matches!(&dir.kind, Kind::Dir { children, opaque } if *opaque || !children.is_empty());
             return Ok((changed_meta || has_children).then_some(dir));
         }
-        self.note_links(rel, new);
         match self.same(rel, before, new)? {
             Same::Yes => Ok(None),
             Same::MetadataOnly => {
@@ -212,21 +212,9 @@ impl Differ<'_, '_> {
         } else {
             self.stats.added += 1;
         }
-        self.note_links(rel, node);
         if let Kind::Dir { children, .. } = &node.kind {
             for (name, child) in children {
                 self.count_subtree(&rel.join(name), child, None);
-            }
-        }
-    }
-
-    fn note_links(&mut self, rel: &Path, node: &Node) {
-        if let Kind::File { inode, nlink, .. } = &node.kind
-            && *nlink > 1
-        {
-            let paths = self.links.entry(*inode).or_default();
-            if !paths.iter().any(|p| p == rel) {
-                paths.push(rel.to_owned());
             }
         }
     }
@@ -249,13 +237,33 @@ impl Differ<'_, '_> {
             (Kind::Fifo, Kind::Fifo) | (Kind::Socket, Kind::Socket) => true,
             _ => false,
         };
-        Ok(if !same_data {
+        // Names that are one file must stay one file, and separate files separate.
+        let same_links = self.stack_partners(rel, before) == self.target_partners(rel, new);
+        Ok(if !same_data || !same_links {
             Same::No
         } else if old.meta == new.meta {
             Same::Yes
         } else {
             Same::MetadataOnly
         })
+    }
+
+    /// The other names of a stack file's inode, sorted.
+    fn stack_partners(&self, rel: &Path, before: &MergedNode<'_>) -> Vec<&Path> {
+        match &before.node.kind {
+            Kind::File { inode, nlink, .. } if *nlink > 1 => {
+                partners(self.stack_links.get(&(before.layer, *inode)), rel)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The other names of a target file's inode, sorted.
+    fn target_partners(&self, rel: &Path, new: &Node) -> Vec<&Path> {
+        match &new.kind {
+            Kind::File { inode, nlink, .. } if *nlink > 1 => partners(self.links.get(inode), rel),
+            _ => Vec::new(),
+        }
     }
 
     fn same_content(&self, rel: &Path, before: &MergedNode<'_>) -> Result<bool, DeltaError> {
@@ -276,6 +284,34 @@ enum Same {
     Yes,
     MetadataOnly,
     No,
+}
+
+fn partners<'a>(group: Option<&'a Vec<PathBuf>>, rel: &Path) -> Vec<&'a Path> {
+    let mut names: Vec<&Path> = group
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+        .filter(|p| *p != rel)
+        .collect();
+    names.sort();
+    names
+}
+
+/// Every name of each hard-linked file of the target.
+fn target_links(node: &Node, path: &mut PathBuf, out: &mut HashMap<(u64, u64), Vec<PathBuf>>) {
+    match &node.kind {
+        Kind::File { inode, nlink, .. } if *nlink > 1 => {
+            out.entry(*inode).or_default().push(path.clone());
+        }
+        Kind::Dir { children, .. } => {
+            for (name, child) in children {
+                path.push(name);
+                target_links(child, path, out);
+                path.pop();
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Directory metadata compared without the mtime, which any change inside moves.
@@ -314,16 +350,6 @@ fn check_target(node: &Node, path: &mut PathBuf) -> Result<(), DeltaError> {
     }
 }
 
-fn collect_linked(node: &Node, out: &mut HashSet<(u64, u64)>) {
-    match &node.kind {
-        Kind::File { inode, nlink, .. } if *nlink > 1 => {
-            out.insert(*inode);
-        }
-        Kind::Dir { children, .. } => children.values().for_each(|c| collect_linked(c, out)),
-        _ => {}
-    }
-}
-
 fn content_bytes(node: &Node, seen: &mut HashSet<(u64, u64)>) -> u64 {
     match &node.kind {
         Kind::File { size, inode, nlink } => {
@@ -338,44 +364,172 @@ fn content_bytes(node: &Node, seen: &mut HashSet<(u64, u64)>) -> u64 {
     }
 }
 
-fn layer_get<'a>(tree: &'a Node, rel: &Path) -> Option<&'a Node> {
-    let mut node = tree;
-    for part in rel.iter() {
-        match &node.kind {
-            Kind::Dir { children, .. } => node = children.get(part)?,
-            _ => return None,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(mtime: i64) -> Meta {
+        Meta {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: (mtime, 0),
+            xattrs: BTreeMap::new(),
         }
     }
-    Some(node)
-}
 
-fn target_get<'a>(tree: &'a Node, rel: &Path) -> Option<&'a Node> {
-    layer_get(tree, rel)
-}
-
-/// Puts `node` at `rel` in the layer tree, creating the directories on the way with the
-/// target's metadata.
-fn insert(tree: &mut Node, target: &Node, rel: &Path, node: Node) {
-    let parts: Vec<&OsStr> = rel.iter().collect();
-    let (last, dirs) = parts.split_last().expect("a path below the root");
-    let mut here = tree;
-    let mut there = target;
-    for part in dirs {
-        there = target_get(there, Path::new(part)).expect("the target has the parents");
-        let Kind::Dir { children, .. } = &mut here.kind else {
-            unreachable!("parents in the layer are directories");
-        };
-        here = children
-            .entry(OsString::from(part))
-            .or_insert_with(|| Node {
-                meta: there.meta.clone(),
-                kind: Kind::Dir {
-                    opaque: false,
-                    children: BTreeMap::new(),
-                },
-            });
+    fn file(size: u64, mtime: i64, inode: u64, nlink: u64) -> Node {
+        Node {
+            meta: meta(mtime),
+            kind: Kind::File {
+                size,
+                inode: (1, inode),
+                nlink,
+            },
+        }
     }
-    if let Kind::Dir { children, .. } = &mut here.kind {
-        children.insert(OsString::from(last), node);
+
+    fn dir(children: Vec<(&str, Node)>) -> Node {
+        Node {
+            meta: meta(0),
+            kind: Kind::Dir {
+                opaque: false,
+                children: children
+                    .into_iter()
+                    .map(|(n, c)| (OsString::from(n), c))
+                    .collect(),
+            },
+        }
+    }
+
+    fn layer(root: &str, children: Vec<(&str, Node)>) -> Layer {
+        Layer {
+            root: PathBuf::from(root),
+            ns: super::super::tree::XattrNs::Trusted,
+            tree: dir(children),
+            unclean: Vec::new(),
+        }
+    }
+
+    fn names(node: &Node) -> Vec<String> {
+        let mut out = Vec::new();
+        fn go(node: &Node, path: String, out: &mut Vec<String>) {
+            if let Kind::Dir { children, opaque } = &node.kind {
+                if *opaque {
+                    out.push(format!("{path}/ (opaque)"));
+                }
+                for (name, child) in children {
+                    let p = format!("{path}/{}", name.to_string_lossy());
+                    if matches!(child.kind, Kind::Whiteout) {
+                        out.push(format!("{p} (whiteout)"));
+                    } else {
+                        out.push(p.clone());
+                    }
+                    go(child, p, out);
+                }
+            }
+        }
+        go(node, String::new(), &mut out);
+        out
+    }
+
+    fn run(stack: &[Layer], target: &Layer) -> (Vec<String>, DeltaStats) {
+        let view = MergedView::new(stack);
+        let (layer, stats) = delta(&view, target, Compare::Quick).unwrap();
+        (names(&layer.tree), stats)
+    }
+
+    #[test]
+    fn unchanged_changed_new_deleted() {
+        let stack = [layer(
+            "/a",
+            vec![
+                ("same", file(1, 1, 1, 1)),
+                ("grown", file(1, 1, 2, 1)),
+                ("touched", file(1, 1, 3, 1)),
+                ("gone", file(1, 1, 4, 1)),
+            ],
+        )];
+        let mut chmod = file(1, 1, 13, 1);
+        chmod.meta.mode = 0o600;
+        let target = layer(
+            "/t",
+            vec![
+                ("same", file(1, 1, 11, 1)),
+                ("grown", file(2, 1, 12, 1)),
+                ("touched", chmod),
+                ("new", file(1, 1, 14, 1)),
+            ],
+        );
+        let (names, stats) = run(&stack, &target);
+        assert_eq!(names, ["/gone (whiteout)", "/grown", "/new", "/touched"]);
+        assert_eq!(
+            (stats.added, stats.changed, stats.metadata, stats.deleted),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(stats.bytes, 4);
+    }
+
+    #[test]
+    fn a_directory_whose_entries_are_all_new_becomes_opaque() {
+        let stack = [layer(
+            "/a",
+            vec![(
+                "lib",
+                dir(vec![("old1", file(1, 1, 1, 1)), ("old2", file(1, 1, 2, 1))]),
+            )],
+        )];
+        let target = layer("/t", vec![("lib", dir(vec![("new", file(1, 1, 3, 1))]))]);
+        let (names, stats) = run(&stack, &target);
+        assert_eq!(names, ["/lib", "/lib/ (opaque)", "/lib/new"]);
+        assert_eq!((stats.opaque, stats.deleted), (1, 2));
+        // One entry kept: whiteouts instead, and the kept entry is not copied.
+        let target = layer(
+            "/t",
+            vec![(
+                "lib",
+                dir(vec![("old1", file(1, 1, 1, 1)), ("new", file(1, 1, 3, 1))]),
+            )],
+        );
+        let (names, _) = run(&stack, &target);
+        assert_eq!(names, ["/lib", "/lib/new", "/lib/old2 (whiteout)"]);
+    }
+
+    #[test]
+    fn names_of_one_file_stay_together_and_apart() {
+        // The target links x and y; the stack has them apart, y already equal: y is copied too,
+        // so the layer holds both names of the one file.
+        let stack = [layer(
+            "/a",
+            vec![("x", file(1, 1, 1, 1)), ("y", file(2, 2, 2, 1))],
+        )];
+        let target = layer("/t", vec![("x", file(2, 2, 9, 2)), ("y", file(2, 2, 9, 2))]);
+        assert_eq!(run(&stack, &target).0, ["/x", "/y"]);
+        // The stack links them and the target separates them, equal in content and metadata:
+        // both are copied as separate files.
+        let stack = [layer(
+            "/a",
+            vec![("x", file(2, 2, 5, 2)), ("y", file(2, 2, 5, 2))],
+        )];
+        let target = layer("/t", vec![("x", file(2, 2, 6, 1)), ("y", file(2, 2, 7, 1))]);
+        assert_eq!(run(&stack, &target).0, ["/x", "/y"]);
+        // Linked the same way in both: nothing to do.
+        let target = layer("/t", vec![("x", file(2, 2, 8, 2)), ("y", file(2, 2, 8, 2))]);
+        assert!(run(&stack, &target).1.is_empty());
+    }
+
+    #[test]
+    fn a_target_with_whiteouts_is_refused() {
+        let stack = [layer("/a", vec![("x", file(1, 1, 1, 1))])];
+        let mut wh = file(0, 0, 0, 1);
+        wh.kind = Kind::Whiteout;
+        let target = layer("/t", vec![("etc", dir(vec![("x", wh)]))]);
+        let view = MergedView::new(&stack);
+        let e = delta(&view, &target, Compare::Quick).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("etc/x: the target has a 0/0 character device"),
+            "{e}"
+        );
     }
 }
