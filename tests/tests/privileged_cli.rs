@@ -746,3 +746,116 @@ fn privileged_interrupted_adds_never_reach_the_plan() {
     );
     assert_eq!(env.ok(&["verify", "big"]), "big: ok\n");
 }
+
+#[test]
+fn privileged_sync_adds_the_layer_to_the_target() {
+    let Some(env) = Env::new("privileged_sync_adds_the_layer_to_the_target") else {
+        return;
+    };
+    base_tree(&env.path("base"));
+    env.ok(&["init", "--base", env.path("base").to_str().unwrap()]);
+    // The new system: the base as a plain copy, then changed as a package manager would.
+    let target = env.path("release-2");
+    let copied = StdCommand::new("cp")
+        .arg("-a")
+        .arg(env.path("base"))
+        .arg(&target)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    write(&target.join("etc/motd"), "release 2\n");
+    fs::remove_file(target.join("etc/old.conf")).unwrap();
+    fs::remove_dir_all(target.join("var/lib/app")).unwrap();
+    write(&target.join("var/lib/app/new"), "v2\n");
+    fs::set_permissions(
+        target.join("usr/bin/ping"),
+        fs::Permissions::from_mode(0o4711),
+    )
+    .unwrap();
+    write(&target.join("usr/share/doc/new"), "docs\n");
+
+    let report = env.ok(&["sync", target.to_str().unwrap(), "--title", "Release 2"]);
+    assert!(
+        // usr/share, its doc and doc/new, var/lib/app/new; motd; ping's mode; old.conf and
+        // app/data gone, etc and var/lib/app opaque (every entry left in them is new).
+        report.contains(
+            "4 added, 1 changed, 1 with new metadata, 2 deleted (2 as opaque directories)"
+        ),
+        "{report}"
+    );
+    assert!(
+        report.contains("added trial layer release-2 on base"),
+        "{report}"
+    );
+    let plan = env.plan();
+    let layer = plan.layer("release-2").unwrap();
+    assert_eq!(layer.state, LayerState::Trial);
+    assert_eq!(layer.parent.as_deref(), Some("base"));
+    assert_eq!(layer.title.as_deref(), Some("Release 2"));
+    // Only what changed is in the layer: the unchanged tool is not.
+    assert!(!env.store().join("layers/release-2/usr/bin/tool").exists());
+
+    // The stack with the new layer shows exactly the target.
+    let mnt = env.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    env.ok(&["mount", mnt.to_str().unwrap(), "--read-only"]);
+    let view = |root: &Path| {
+        let mut view = tests::views::kernel_view(root);
+        view.remove(Path::new(""));
+        for seen in view.values_mut() {
+            if seen.kind == "dir" {
+                seen.mtime = 0;
+            }
+        }
+        view
+    };
+    let (shown, wanted) = (view(&mnt), view(&target));
+    assert_eq!(
+        tests::views::first_difference(&wanted, &shown),
+        None,
+        "the stack does not show the target"
+    );
+    assert_eq!(shown.len(), wanted.len());
+    let mode = |p: &Path| fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&mnt.join("usr/bin/ping")), 0o4711);
+    assert_eq!(
+        xattr::get(mnt.join("usr/bin/ping"), "security.capability")
+            .unwrap()
+            .as_deref(),
+        Some(CAP_NET_RAW)
+    );
+    assert_eq!(
+        fs::metadata(mnt.join("usr/bin/tool")).unwrap().ino(),
+        fs::metadata(mnt.join("usr/bin/tool-alias")).unwrap().ino(),
+        "hard links stay links"
+    );
+    env.ok(&["umount", mnt.to_str().unwrap()]);
+
+    // Again: nothing to add, and the store is as it was.
+    let before = env.snapshot();
+    let report = env.ok(&["sync", target.to_str().unwrap(), "--name", "again"]);
+    assert!(
+        report.contains("already equals the stack (release-2, base): nothing to add"),
+        "{report}"
+    );
+    assert_eq!(env.snapshot(), before);
+
+    // Bad input changes nothing: a missing target; a target holding a whiteout.
+    let e = env.fails(&["sync", env.path("nowhere").to_str().unwrap(), "--name", "x"]);
+    assert!(e.contains("nowhere"), "{e}");
+    let odd = env.path("odd");
+    fs::create_dir_all(odd.join("etc")).unwrap();
+    mknod(
+        &odd.join("etc/gone"),
+        SFlag::S_IFCHR,
+        Mode::empty(),
+        makedev(0, 0),
+    )
+    .unwrap();
+    let e = env.fails(&["sync", odd.to_str().unwrap()]);
+    assert!(
+        e.contains("etc/gone: the target has a 0/0 character device"),
+        "{e}"
+    );
+    assert_eq!(env.snapshot(), before);
+}
