@@ -6,7 +6,7 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use layers_spec::{BootState, LayerState, Plan, legacy};
 use serde::Serialize;
 
@@ -16,8 +16,8 @@ use crate::ops::{self, NewLayer};
 use crate::status::next_boot;
 use crate::store::{Store, StoreLock, remove_path};
 use crate::{
-    AddLayerOpts, CheckOpts, ImportLegacyOpts, InitOpts, KnownGoodOpts, MenuLockOpts, RemoveOpts,
-    SyncOpts, name_from_path, write_json,
+    AddLayerOpts, BundleCommand, CheckOpts, ImportLegacyOpts, InitOpts, KeysCommand, KnownGoodOpts,
+    MenuLockOpts, RemoveOpts, SyncOpts, name_from_path, write_json,
 };
 
 /// What a change works on: the store, locked, its plan (read from its own file: a change is
@@ -147,12 +147,17 @@ fn report_added(added: &ops::Added, root: &Path, json: bool, out: &mut dyn Write
 
 pub fn add_layer(root: &Path, opts: &AddLayerOpts, json: bool, out: &mut dyn Write) -> Result<()> {
     let store = Store::open(root)?;
+    let source = opts
+        .dir
+        .as_deref()
+        .or(opts.bundle.as_deref())
+        .expect("clap requires DIR or --bundle");
     let name = match &opts.name {
         Some(name) => name.clone(),
-        None => name_from_path(&opts.dir).ok_or_else(|| {
+        None => name_from_path(&source.with_extension("")).ok_or_else(|| {
             anyhow!(
                 "{} is not usable as a layer name; give one with --name",
-                opts.dir.display()
+                source.display()
             )
         })?,
     };
@@ -173,7 +178,17 @@ pub fn add_layer(root: &Path, opts: &AddLayerOpts, json: bool, out: &mut dyn Wri
     } else {
         XattrNs::Trusted
     };
-    let added = ops::add_layer(&store, &opts.dir, ns, &layer)?;
+    if let Some(bundle) = &opts.bundle {
+        let applied = ops::add_bundle(&store, bundle, opts.allow_unsigned, &layer)?;
+        if !json {
+            match applied.signers.as_slice() {
+                [] => writeln!(out, "{} is not signed by a trusted key", bundle.display())?,
+                signers => writeln!(out, "signed by {}", signers.join(", "))?,
+            }
+        }
+        return report_added(&applied.added, root, json, out);
+    }
+    let added = ops::add_layer(&store, source, ns, &layer)?;
     report_added(&added, root, json, out)
 }
 
@@ -238,6 +253,197 @@ pub fn sync(root: &Path, opts: &SyncOpts, json: bool, out: &mut dyn Write) -> Re
         added.digest
     )?;
     Ok(())
+}
+
+pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Write) -> Result<()> {
+    use crate::bundle::{Bundle, create, parse_secret, trusted_keys};
+    match command {
+        BundleCommand::Create {
+            from,
+            to,
+            output,
+            sign,
+        } => {
+            let key = match sign {
+                Some(path) => Some(
+                    parse_secret(
+                        &fs::read_to_string(path)
+                            .with_context(|| format!("reading {}", path.display()))?,
+                    )
+                    .with_context(|| format!("reading {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let old = ops::read_clean(from, XattrNs::Trusted)?;
+            let new = ops::read_clean(to, XattrNs::Trusted)?;
+            let old = std::slice::from_ref(&old);
+            let view = crate::engine::MergedView::new(old);
+            let made = create(&view, &new, output, key.as_ref())?;
+            let d = &made.delta;
+            if json {
+                return write_json(
+                    out,
+                    &serde_json::json!({
+                        "bundle": output, "bytes": made.size, "whole": made.whole,
+                        "deltas": made.deltas, "added": d.added, "changed": d.changed,
+                        "metadata": d.metadata, "deleted": d.deleted, "signed": key.is_some(),
+                    }),
+                );
+            }
+            writeln!(
+                out,
+                "wrote {} ({}): {} added, {} changed, {} with new metadata, {} deleted; {} files whole, {} as deltas{}",
+                output.display(),
+                layers_spec::size::human(made.size),
+                d.added,
+                d.changed,
+                d.metadata,
+                d.deleted,
+                made.whole,
+                made.deltas,
+                if key.is_some() {
+                    "; signed"
+                } else {
+                    "; unsigned"
+                }
+            )?;
+            Ok(())
+        }
+        BundleCommand::Verify { file } | BundleCommand::Info { file } => {
+            let bundle = Bundle::open(file)?;
+            let trusted = trusted_keys(&root.join(crate::store::KEYS)).unwrap_or_default();
+            let signers = bundle.signed_by(&trusted);
+            ensure!(
+                bundle.signatures_valid(),
+                "{}: a signature does not match the manifest (changed after signing)",
+                file.display()
+            );
+            if matches!(command, BundleCommand::Verify { .. }) {
+                bundle.check_whole_files()?;
+            }
+            let m = &bundle.manifest;
+            let files = m.entries.iter().filter(|e| e.data.is_some()).count();
+            let deltas = m
+                .entries
+                .iter()
+                .filter(|e| e.data.as_ref().is_some_and(|d| d.encoding == "delta"))
+                .count();
+            let size = fs::metadata(file)?.len();
+            if json {
+                return write_json(
+                    out,
+                    &serde_json::json!({
+                        "bundle": file, "bytes": size, "base": m.base, "target": m.target,
+                        "entries": m.entries.len(), "files": files, "deltas": deltas,
+                        "signatures": bundle.signatures.len(), "trusted_signers": signers,
+                    }),
+                );
+            }
+            if matches!(command, BundleCommand::Verify { .. }) {
+                writeln!(out, "{}: intact", file.display())?;
+            }
+            writeln!(out, "base   {}", m.base)?;
+            writeln!(out, "target {}", m.target)?;
+            writeln!(
+                out,
+                "size   {} ({} entries; {} files, {} of them deltas)",
+                layers_spec::size::human(size),
+                m.entries.len(),
+                files,
+                deltas
+            )?;
+            let signed = match (bundle.signatures.len(), signers.as_slice()) {
+                (0, _) => "unsigned".to_owned(),
+                (n, []) => format!("{n} signature(s), none by a key in keys/"),
+                (_, names) => format!("signed by {}", names.join(", ")),
+            };
+            writeln!(out, "signer {signed}")?;
+            Ok(())
+        }
+    }
+}
+
+pub fn keys(root: &Path, command: &KeysCommand, json: bool, out: &mut dyn Write) -> Result<()> {
+    use crate::bundle::{format_public, format_secret, generate_key, parse_public, trusted_keys};
+    let keys_dir = root.join(crate::store::KEYS);
+    match command {
+        KeysCommand::Generate { output } => {
+            let key = generate_key()?;
+            let public = std::path::PathBuf::from(format!("{}.pub", output.display()));
+            ensure!(
+                !output.exists() && !public.exists(),
+                "{} or {} exists; nothing was written",
+                output.display(),
+                public.display()
+            );
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut secret = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(output)
+                .with_context(|| format!("creating {}", output.display()))?;
+            secret.write_all(format_secret(&key).as_bytes())?;
+            fs::write(&public, format_public(&key.verifying_key()))
+                .with_context(|| format!("writing {}", public.display()))?;
+            writeln!(
+                out,
+                "wrote {} (secret: keep it on the build server) and {}",
+                output.display(),
+                public.display()
+            )?;
+            Ok(())
+        }
+        KeysCommand::Add { file, name } => {
+            let store = Store::open(root)?;
+            let _lock = store.lock()?;
+            let text =
+                fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            let key = parse_public(&text).with_context(|| format!("reading {}", file.display()))?;
+            let name = match name {
+                Some(n) => n.clone(),
+                None => file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().trim_end_matches(".pub").to_owned())
+                    .unwrap_or_default(),
+            };
+            layers_spec::check_name(&name)
+                .map_err(|p| anyhow!("key name {name:?} is not valid: {p}"))?;
+            fs::create_dir_all(&keys_dir)?;
+            let path = keys_dir.join(format!("{name}.pub"));
+            ensure!(!path.exists(), "a key named {name} is already trusted");
+            fs::write(&path, format_public(&key))
+                .with_context(|| format!("writing {}", path.display()))?;
+            Store::sync_dir(&keys_dir)?;
+            writeln!(out, "trusting {name} for bundles")?;
+            Ok(())
+        }
+        KeysCommand::List => {
+            let keys = trusted_keys(&keys_dir)?;
+            if json {
+                let list: Vec<_> = keys
+                    .iter()
+                    .map(
+                        |(n, k)| serde_json::json!({"name": n, "key": format_public(k).trim_end()}),
+                    )
+                    .collect();
+                return write_json(out, &list);
+            }
+            for (name, key) in &keys {
+                write!(out, "{name} {}", format_public(key))?;
+            }
+            Ok(())
+        }
+        KeysCommand::Remove { name } => {
+            let store = Store::open(root)?;
+            let _lock = store.lock()?;
+            let path = keys_dir.join(format!("{name}.pub"));
+            ensure!(path.exists(), "no trusted key is named {name}");
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            writeln!(out, "no longer trusting {name}")?;
+            Ok(())
+        }
+    }
 }
 
 /// Sets layers' state; trial counters of the layers go, since the choice is now explicit.

@@ -1,6 +1,7 @@
 //! `overlayctl`: the command line over a Strata store. One command enum whose doc comments are
 //! the help; `run` calls one function per command, and those call the engine and `layers-spec`.
 
+pub mod bundle;
 pub mod commands;
 pub mod engine;
 pub mod mount;
@@ -76,6 +77,12 @@ pub enum Command {
     Check(CheckOpts),
     /// Convert a legacy XO `.overlayplan` into the store's plan.
     ImportLegacy(ImportLegacyOpts),
+    /// Make, check and describe update bundles (signed deltas between two trees).
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Manage the ed25519 keys bundles are signed with and checked against.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Lock the boot menu with a password (kiosks): without it, only the default boots. The
     /// password is read from the terminal (asked twice, not shown) or from standard input's
     /// first line; the plan keeps only its argon2id hash.
@@ -100,7 +107,16 @@ pub struct InitOpts {
 #[derive(Debug, Args)]
 pub struct AddLayerOpts {
     /// The layer: a tree in overlayfs lower format (whiteouts and opaque directories allowed).
-    pub dir: PathBuf,
+    #[arg(required_unless_present = "bundle", conflicts_with = "bundle")]
+    pub dir: Option<PathBuf>,
+    /// Rebuild the layer from a bundle file (see `overlayctl bundle`) against the next boot's
+    /// stack instead: its signature is checked against the store's keys/ and its base against
+    /// the stack.
+    #[arg(long, value_name = "FILE")]
+    pub bundle: Option<PathBuf>,
+    /// Accept a bundle with no signature from a key in keys/ although keys/ holds keys.
+    #[arg(long, requires = "bundle")]
+    pub allow_unsigned: bool,
     /// The layer's name [default: DIR's file name]
     #[arg(long)]
     pub name: Option<String>,
@@ -225,6 +241,46 @@ pub struct ImportLegacyOpts {
     pub force: bool,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Write the bundle that turns the tree OLD into the tree NEW.
+    Create {
+        #[arg(long, value_name = "OLD")]
+        from: PathBuf,
+        #[arg(long, value_name = "NEW")]
+        to: PathBuf,
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Sign it with this secret key (from `overlayctl keys generate`).
+        #[arg(long, value_name = "KEYFILE")]
+        sign: Option<PathBuf>,
+    },
+    /// Check a bundle: its structure, its signatures, and every whole file's content.
+    Verify { file: PathBuf },
+    /// Show a bundle's base and target, size, entries and signers.
+    Info { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a new signing key: FILE (secret, mode 0600, for the build server) and FILE.pub.
+    Generate {
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Trust a public key for bundles: copied into the store's keys/ as NAME.pub.
+    Add {
+        file: PathBuf,
+        /// [default: FILE's name without .pub]
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the trusted keys.
+    List,
+    /// Stop trusting a key.
+    Remove { name: String },
+}
+
 #[derive(Debug, Args)]
 pub struct MenuLockOpts {
     /// Remove the lock instead.
@@ -253,6 +309,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Check(opts) => commands::check(&store, &opts, json, out),
         Command::ImportLegacy(opts) => commands::import_legacy(&store, &opts, json, out),
         Command::MenuLock(opts) => commands::menu_lock(&store, &opts, json, out),
+        Command::Bundle(command) => commands::bundle(&store, &command, json, out),
+        Command::Keys(command) => commands::keys(&store, &command, json, out),
     }
 }
 

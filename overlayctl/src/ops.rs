@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use layers_spec::{BootState, Layer as PlanLayer, LayerState, Plan, check_name};
 
 use crate::engine::copy::{CopyStats, copy_layer};
@@ -324,3 +324,83 @@ pub fn sync(store: &Store, target: &Path, compare: Compare, layer: &NewLayer) ->
 #[derive(Debug, thiserror::Error)]
 #[error("the target equals the stack")]
 struct NothingToSync;
+
+/// What applying a bundle did.
+#[derive(Debug, Clone)]
+pub struct FromBundle {
+    pub added: Added,
+    /// Names of the trusted keys that signed it (empty: unsigned or unknown signer).
+    pub signers: Vec<String>,
+}
+
+/// Adds the layer a bundle carries: checks its signature against `keys/` (required when
+/// `keys/` holds keys, unless `allow_unsigned`) and its base against the next boot's stack,
+/// rebuilds every file (deltas against the stack's files) checking each against its hash, and
+/// only then adds the layer, as a trial layer on the stack's top.
+pub fn add_bundle(
+    store: &Store,
+    file: &Path,
+    allow_unsigned: bool,
+    layer: &NewLayer,
+) -> Result<FromBundle> {
+    let bundle = crate::bundle::Bundle::open(file)?;
+    ensure!(
+        bundle.signatures_valid(),
+        "{} has a signature that does not match its manifest: it was changed after signing; nothing was added",
+        file.display()
+    );
+    let trusted = crate::bundle::trusted_keys(&store.root.join(store::KEYS))?;
+    let signers: Vec<String> = bundle
+        .signed_by(&trusted)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    if !trusted.is_empty() && signers.is_empty() && !allow_unsigned {
+        bail!(
+            "{} is not signed by a key in {} ({} trusted); nothing was added (--allow-unsigned to add it anyway)",
+            file.display(),
+            store.root.join(store::KEYS).display(),
+            trusted.len()
+        );
+    }
+    let scratch = store.staging_path("bundle");
+    let result = add_built_layer(store, layer, &mut |plan, state, layer| {
+        let stack = crate::status::next_boot(store, plan, state).stack;
+        ensure!(!stack.is_empty(), "the next boot's stack is empty");
+        let roots: Vec<_> = stack.iter().map(|n| store.layer_dir(n)).collect();
+        let layers =
+            Layer::read_all(&roots, XattrNs::Trusted).context("reading the stack's layers")?;
+        let view = MergedView::new(&layers);
+        let base = crate::bundle::tree_digest(&view, &mut crate::bundle::read_hash(&view))?;
+        ensure!(
+            base == bundle.manifest.base,
+            "{} applies to the tree {}, but the next boot's stack ({}) is {}; nothing was added",
+            file.display(),
+            bundle.manifest.base,
+            stack.join(", "),
+            base
+        );
+        layer.parent = stack.first().cloned();
+        fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+        let rebuilt = bundle
+            .rebuild(&view, &scratch)
+            .with_context(|| format!("rebuilding {}", file.display()))?;
+        // The whole result, metadata included, must be the tree the bundle promises.
+        let mut with = vec![rebuilt];
+        with.extend(layers);
+        let result = MergedView::new(&with);
+        let target = crate::bundle::tree_digest(&result, &mut crate::bundle::read_hash(&result))?;
+        ensure!(
+            target == bundle.manifest.target,
+            "{} rebuilt a tree ({target}) other than the one it promises ({}); nothing was added",
+            file.display(),
+            bundle.manifest.target
+        );
+        Ok(with.swap_remove(0))
+    });
+    let _ = remove_path(&scratch);
+    Ok(FromBundle {
+        added: result?,
+        signers,
+    })
+}

@@ -1,0 +1,898 @@
+//! Signed delta bundles: one file carrying the layer from one tree to another, for devices that
+//! receive updates from a build server.
+//!
+//! ```text
+//! "STRATAB\x01" | u64 LE manifest length | manifest (TOML) | u32 LE signature count
+//!              | count x (32-byte ed25519 public key, 64-byte signature) | payload
+//! ```
+//!
+//! The manifest names the tree the bundle applies to (`base`, a digest of the whole merged
+//! tree) and the tree it gives (`target`), and lists every entry of the layer in tree order with
+//! its metadata and, for files, the blake3 hash of the content and where the content is in the
+//! payload: zstd-compressed whole, or a zstd-compressed fast_rsync delta against the file the
+//! base tree has at that path (whose hash is recorded too). Signatures cover the manifest; the
+//! manifest covers every byte that is rebuilt, because each rebuilt file is checked against its
+//! hash before the layer is added.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::delta::{Compare, DeltaStats, delta};
+use crate::engine::manifest::{escape, hash_file, unescape};
+use crate::engine::{Kind, Layer, MergedNode, MergedView, Meta, Node};
+
+const MAGIC: &[u8; 8] = b"STRATAB\x01";
+const FORMAT_VERSION: u32 = 1;
+/// Signatures sign this prefix and the manifest, so they mean nothing elsewhere.
+const SIGNING_CONTEXT: &[u8] = b"strata bundle manifest v1\0";
+/// A manifest larger than this is refused before it is read.
+const MAX_MANIFEST: u64 = 256 << 20;
+const MAX_SIGNATURES: u32 = 64;
+/// Files up to this size are sent as deltas against the old file when that is smaller; both
+/// are held in memory while the delta is made and applied. Larger files go whole, streamed.
+pub const DELTA_LIMIT: u64 = 64 << 20;
+const ZSTD_LEVEL: i32 = 15;
+/// The path of the root entry.
+const ROOT: &str = ".";
+const BLOCK_SIZE: u32 = 1024;
+
+/// The bundle's manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleManifest {
+    pub version: u32,
+    /// Digest of the merged tree the bundle applies to.
+    pub base: String,
+    /// Digest of the merged tree once applied.
+    pub target: String,
+    /// Bytes of payload after the signatures.
+    pub payload: u64,
+    #[serde(default, rename = "entry")]
+    pub entries: Vec<Entry>,
+}
+
+/// One entry of the layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// Relative path, escaped as in layer manifests.
+    pub path: String,
+    /// `dir`, `file`, `symlink`, `char`, `block`, `fifo`, `socket` or `whiteout`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub opaque: bool,
+    #[serde(default)]
+    pub mode: u32,
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
+    #[serde(default)]
+    pub mtime: i64,
+    #[serde(default)]
+    pub mtime_ns: u32,
+    /// Escaped names and values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// blake3 of the content, for files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    /// Another name of the same file, earlier in the bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Data>,
+    /// Symlink target, escaped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdev: Option<u64>,
+}
+
+/// Where a file's content is in the payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Data {
+    /// `whole` or `delta`.
+    pub encoding: String,
+    pub offset: u64,
+    pub length: u64,
+    /// For a delta: blake3 of the file it applies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basis: Option<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+/// What `bundle create` made.
+#[derive(Debug, Clone, Default)]
+pub struct Created {
+    pub delta: DeltaStats,
+    pub whole: u64,
+    pub deltas: u64,
+    pub size: u64,
+}
+
+/// The digest of a merged tree: every path in order with its kind, metadata, content hash (or
+/// the first other name of the same file), symlink target, device number and xattrs. `hash`
+/// gives a file's content hash (from a stored manifest, or by reading it).
+pub fn tree_digest(
+    view: &MergedView<'_>,
+    hash: &mut dyn FnMut(&Path, &MergedNode<'_>) -> Result<String>,
+) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    let mut first_name: HashMap<(usize, (u64, u64)), PathBuf> = HashMap::new();
+    let mut failed = None;
+    view.walk(&mut |rel, node| {
+        if failed.is_some() {
+            return;
+        }
+        let n = node.node;
+        let m = &n.meta;
+        let shown = if rel.as_os_str().is_empty() {
+            ".".to_owned()
+        } else {
+            escape(rel.as_os_str().as_bytes())
+        };
+        let mut line = format!(
+            "{shown} {} mode={:04o} uid={} gid={} mtime={}.{:09}",
+            n.kind.name(),
+            m.mode,
+            m.uid,
+            m.gid,
+            m.mtime.0,
+            m.mtime.1
+        );
+        match &n.kind {
+            Kind::File { size, inode, nlink } => {
+                let first = (*nlink > 1)
+                    .then(|| first_name.get(&(node.layer, *inode)))
+                    .flatten();
+                if let Some(first) = first {
+                    line += &format!(" link={}", escape(first.as_os_str().as_bytes()));
+                } else {
+                    match hash(rel, node) {
+                        Ok(h) => line += &format!(" size={size} blake3={h}"),
+                        Err(e) => failed = Some(e),
+                    }
+                    if *nlink > 1 {
+                        first_name.insert((node.layer, *inode), rel.to_owned());
+                    }
+                }
+            }
+            Kind::Symlink { target } => line += &format!(" target={}", escape(target.as_bytes())),
+            Kind::CharDevice { rdev } | Kind::BlockDevice { rdev } => {
+                line += &format!(" rdev={rdev}");
+            }
+            _ => {}
+        }
+        for (name, value) in &m.xattrs {
+            line += &format!(" xattr.{}={}", escape(name.as_bytes()), escape(value));
+        }
+        line.push('\n');
+        hasher.update(line.as_bytes());
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    Ok(format!("blake3:{}", hasher.finalize().to_hex()))
+}
+
+/// Hashes a merged view's file by reading it.
+pub fn read_hash(view: &MergedView<'_>) -> impl FnMut(&Path, &MergedNode<'_>) -> Result<String> {
+    move |rel, node| {
+        let path = view.source_path(rel, node);
+        hash_file(&path).with_context(|| format!("hashing {}", path.display()))
+    }
+}
+
+/// Makes a bundle at `out` from the tree `from` shows to the plain tree `to`.
+pub fn create(
+    from: &MergedView<'_>,
+    to: &Layer,
+    out: &Path,
+    key: Option<&SigningKey>,
+) -> Result<Created> {
+    let base = tree_digest(from, &mut read_hash(from))?;
+    let to_view_layers = std::slice::from_ref(to);
+    let to_view = MergedView::new(to_view_layers);
+    let target = tree_digest(&to_view, &mut read_hash(&to_view))?;
+    let (layer, stats) = delta(from, to, Compare::Quick)
+        .with_context(|| format!("comparing {} with the base", to.root.display()))?;
+
+    let payload_path = out.with_extension("payload.part");
+    let mut payload = BufWriter::new(
+        File::create(&payload_path)
+            .with_context(|| format!("creating {}", payload_path.display()))?,
+    );
+    let mut created = Created {
+        delta: stats,
+        ..Created::default()
+    };
+    let mut entries = Vec::new();
+    let mut offset = 0u64;
+    let mut first_name: HashMap<(u64, u64), String> = HashMap::new();
+    // The layer's root first: its metadata is the merged root's.
+    let mut root = entry_of(Path::new(""), &layer.tree);
+    root.path = ROOT.to_owned();
+    entries.push(root);
+    let mut work = Vec::new();
+    walk_nodes(&layer.tree, &mut PathBuf::new(), &mut work);
+    for (rel, node) in work {
+        let mut entry = entry_of(&rel, node);
+        if let Kind::File { size, inode, nlink } = &node.kind {
+            if *nlink > 1 {
+                if let Some(first) = first_name.get(inode) {
+                    entry.link = Some(first.clone());
+                    entries.push(entry);
+                    continue;
+                }
+                first_name.insert(*inode, entry.path.clone());
+            }
+            let source = to.root.join(&rel);
+            entry.hash =
+                Some(hash_file(&source).with_context(|| format!("hashing {}", source.display()))?);
+            let basis = from.get(&rel).filter(|b| {
+                matches!(b.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT)
+                    && *size <= DELTA_LIMIT
+            });
+            let (encoding, bytes, basis_hash) = match basis {
+                Some(b) => encode_small(&from.source_path(&rel, b), &source)?,
+                None => ("whole", encode_whole(&source)?, None),
+            };
+            if encoding == "delta" {
+                created.deltas += 1;
+            } else {
+                created.whole += 1;
+            }
+            payload.write_all(&bytes).context("writing the payload")?;
+            entry.data = Some(Data {
+                encoding: encoding.to_owned(),
+                offset,
+                length: bytes.len() as u64,
+                basis: basis_hash,
+            });
+            offset += bytes.len() as u64;
+        }
+        entries.push(entry);
+    }
+    payload.flush().context("writing the payload")?;
+    drop(payload);
+    let manifest = BundleManifest {
+        version: FORMAT_VERSION,
+        base,
+        target,
+        payload: offset,
+        entries,
+    };
+    let text = toml::to_string(&manifest).context("writing the manifest")?;
+    let result = (|| -> Result<u64> {
+        let part = out.with_extension("part");
+        let mut file = BufWriter::new(
+            File::create(&part).with_context(|| format!("creating {}", part.display()))?,
+        );
+        file.write_all(MAGIC)?;
+        file.write_all(&(text.len() as u64).to_le_bytes())?;
+        file.write_all(text.as_bytes())?;
+        match key {
+            Some(key) => {
+                file.write_all(&1u32.to_le_bytes())?;
+                file.write_all(key.verifying_key().as_bytes())?;
+                file.write_all(&key.sign(&signed_message(text.as_bytes())).to_bytes())?;
+            }
+            None => file.write_all(&0u32.to_le_bytes())?,
+        }
+        io::copy(&mut File::open(&payload_path)?, &mut file)?;
+        let file = file.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        let size = file.metadata()?.len();
+        fs::rename(&part, out)?;
+        Ok(size)
+    })()
+    .with_context(|| format!("writing {}", out.display()));
+    let _ = fs::remove_file(&payload_path);
+    created.size = result?;
+    Ok(created)
+}
+
+/// Whole or delta, whichever is smaller once compressed; both held in memory (small files).
+fn encode_small(basis: &Path, new: &Path) -> Result<(&'static str, Vec<u8>, Option<String>)> {
+    let old = fs::read(basis).with_context(|| format!("reading {}", basis.display()))?;
+    let data = fs::read(new).with_context(|| format!("reading {}", new.display()))?;
+    let whole = zstd::bulk::compress(&data, ZSTD_LEVEL).context("compressing")?;
+    let signature = fast_rsync::Signature::calculate(
+        &old,
+        fast_rsync::SignatureOptions {
+            block_size: BLOCK_SIZE,
+            crypto_hash_size: 8,
+        },
+    );
+    let mut delta = Vec::new();
+    fast_rsync::diff(&signature.index(), &data, &mut delta)
+        .map_err(|e| anyhow!("making a delta for {}: {e}", new.display()))?;
+    let delta = zstd::bulk::compress(&delta, ZSTD_LEVEL).context("compressing")?;
+    if delta.len() < whole.len() {
+        let basis_hash = blake3::hash(&old).to_hex().to_string();
+        Ok(("delta", delta, Some(basis_hash)))
+    } else {
+        Ok(("whole", whole, None))
+    }
+}
+
+/// A file compressed whole, streamed.
+fn encode_whole(source: &Path) -> Result<Vec<u8>> {
+    let file = File::open(source).with_context(|| format!("reading {}", source.display()))?;
+    zstd::stream::encode_all(BufReader::new(file), ZSTD_LEVEL)
+        .with_context(|| format!("compressing {}", source.display()))
+}
+
+fn signed_message(manifest: &[u8]) -> Vec<u8> {
+    [SIGNING_CONTEXT, manifest].concat()
+}
+
+fn walk_nodes<'a>(node: &'a Node, path: &mut PathBuf, out: &mut Vec<(PathBuf, &'a Node)>) {
+    if !path.as_os_str().is_empty() {
+        out.push((path.clone(), node));
+    }
+    if let Kind::Dir { children, .. } = &node.kind {
+        for (name, child) in children {
+            path.push(name);
+            walk_nodes(child, path, out);
+            path.pop();
+        }
+    }
+}
+
+fn entry_of(rel: &Path, node: &Node) -> Entry {
+    let m = &node.meta;
+    let mut entry = Entry {
+        path: escape(rel.as_os_str().as_bytes()),
+        kind: node.kind.name().to_owned(),
+        opaque: matches!(node.kind, Kind::Dir { opaque: true, .. }),
+        mode: m.mode,
+        uid: m.uid,
+        gid: m.gid,
+        mtime: m.mtime.0,
+        mtime_ns: m.mtime.1,
+        xattrs: m
+            .xattrs
+            .iter()
+            .map(|(k, v)| (escape(k.as_bytes()), escape(v)))
+            .collect(),
+        size: None,
+        hash: None,
+        link: None,
+        data: None,
+        target: None,
+        rdev: None,
+    };
+    match &node.kind {
+        Kind::File { size, .. } => entry.size = Some(*size),
+        Kind::Symlink { target } => entry.target = Some(escape(target.as_bytes())),
+        Kind::CharDevice { rdev } | Kind::BlockDevice { rdev } => entry.rdev = Some(*rdev),
+        _ => {}
+    }
+    entry
+}
+
+/// A bundle file, opened: its manifest read and checked, its signatures parsed.
+#[derive(Debug)]
+pub struct Bundle {
+    pub path: PathBuf,
+    pub manifest: BundleManifest,
+    manifest_bytes: Vec<u8>,
+    pub signatures: Vec<(VerifyingKey, Signature)>,
+    payload_start: u64,
+}
+
+impl Bundle {
+    /// Reads and checks everything but the payload: the header, the manifest (every path
+    /// relative, without `..`, under a directory the bundle itself creates), the signatures, and
+    /// that the payload is all there.
+    pub fn open(path: &Path) -> Result<Self> {
+        let bad = |what: String| anyhow!("{} is not a usable bundle: {what}", path.display());
+        let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let len = file.metadata()?.len();
+        let mut magic = [0u8; 8];
+        file.read_exact(&mut magic)
+            .map_err(|_| bad("it is shorter than a bundle header".into()))?;
+        if &magic != MAGIC {
+            return Err(bad("it does not start with a Strata bundle header".into()));
+        }
+        let mut word = [0u8; 8];
+        file.read_exact(&mut word)
+            .map_err(|_| bad("it ends inside its header".into()))?;
+        let manifest_len = u64::from_le_bytes(word);
+        if manifest_len > MAX_MANIFEST || manifest_len > len {
+            return Err(bad(format!(
+                "its manifest claims {manifest_len} bytes (the file has {len}, the limit is {MAX_MANIFEST})"
+            )));
+        }
+        let mut manifest_bytes = vec![0u8; manifest_len as usize];
+        file.read_exact(&mut manifest_bytes)
+            .map_err(|_| bad("it ends inside its manifest (truncated)".into()))?;
+        let text = std::str::from_utf8(&manifest_bytes)
+            .map_err(|_| bad("its manifest is not UTF-8".into()))?;
+        let manifest: BundleManifest =
+            toml::from_str(text).map_err(|e| bad(format!("its manifest: {e}")))?;
+        if manifest.version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {} (this overlayctl reads {FORMAT_VERSION})",
+                manifest.version
+            )));
+        }
+        let mut count = [0u8; 4];
+        file.read_exact(&mut count)
+            .map_err(|_| bad("it ends before its signatures (truncated)".into()))?;
+        let count = u32::from_le_bytes(count);
+        if count > MAX_SIGNATURES {
+            return Err(bad(format!("it claims {count} signatures")));
+        }
+        let mut signatures = Vec::new();
+        for _ in 0..count {
+            let mut key = [0u8; 32];
+            let mut sig = [0u8; 64];
+            file.read_exact(&mut key)
+                .and_then(|()| file.read_exact(&mut sig))
+                .map_err(|_| bad("it ends inside its signatures (truncated)".into()))?;
+            let key = VerifyingKey::from_bytes(&key)
+                .map_err(|_| bad("a signature names an invalid public key".into()))?;
+            signatures.push((key, Signature::from_bytes(&sig)));
+        }
+        let payload_start = file.stream_position()?;
+        if len != payload_start + manifest.payload {
+            return Err(bad(format!(
+                "its payload should be {} bytes but {} are there (truncated or extended)",
+                manifest.payload,
+                len.saturating_sub(payload_start)
+            )));
+        }
+        check_entries(&manifest).map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            path: path.to_owned(),
+            manifest,
+            manifest_bytes,
+            signatures,
+            payload_start,
+        })
+    }
+
+    /// The keys among `trusted` that signed this bundle's manifest validly.
+    pub fn signed_by<'k>(&self, trusted: &'k [(String, VerifyingKey)]) -> Vec<&'k str> {
+        let message = signed_message(&self.manifest_bytes);
+        trusted
+            .iter()
+            .filter(|(_, key)| {
+                self.signatures
+                    .iter()
+                    .any(|(k, sig)| k == key && key.verify(&message, sig).is_ok())
+            })
+            .map(|(name, _)| name.as_str())
+            .collect()
+    }
+
+    /// Whether every signature in the file is valid for the manifest (whoever made it).
+    pub fn signatures_valid(&self) -> bool {
+        let message = signed_message(&self.manifest_bytes);
+        self.signatures
+            .iter()
+            .all(|(k, sig)| k.verify(&message, sig).is_ok())
+    }
+
+    /// Decompresses every whole file's content and checks it against its hash (deltas need the
+    /// base tree, so they are checked when applied).
+    pub fn check_whole_files(&self) -> Result<()> {
+        let mut payload = File::open(&self.path)?;
+        for entry in &self.manifest.entries {
+            if entry.data.as_ref().is_some_and(|d| d.encoding == "whole") {
+                let rel = PathBuf::from(OsString::from_vec(unescape(&entry.path)));
+                self.decode(&mut payload, None, &rel, entry, &mut io::sink())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds every file's content into `dir` (plain files at their relative paths) and
+    /// returns the layer tree whose files are read from there: deltas applied to the files the
+    /// base tree `base` has, each result checked against its hash. Bounded memory: whole files
+    /// stream; deltas are only made for files up to [`DELTA_LIMIT`].
+    pub fn rebuild(&self, base: &MergedView<'_>, dir: &Path) -> Result<Layer> {
+        let mut payload = File::open(&self.path)?;
+        let mut root = dir_node(&Entry {
+            path: String::new(),
+            kind: "dir".into(),
+            ..empty_entry()
+        });
+        let mut inodes: HashMap<String, u64> = HashMap::new();
+        for (i, entry) in self.manifest.entries.iter().enumerate() {
+            if entry.path == ROOT {
+                root = dir_node(entry);
+                continue;
+            }
+            let rel = PathBuf::from(OsString::from_vec(unescape(&entry.path)));
+            let node = match entry.kind.as_str() {
+                "dir" => dir_node(entry),
+                "file" => {
+                    let inode = match &entry.link {
+                        Some(first) => *inodes.get(first).ok_or_else(|| {
+                            anyhow!("{}: links to {first}, which comes later", entry.path)
+                        })?,
+                        None => {
+                            let out_path = dir.join(&rel);
+                            if let Some(parent) = out_path.parent() {
+                                fs::create_dir_all(parent)?;
+                            }
+                            let mut out = BufWriter::new(
+                                File::create(&out_path)
+                                    .with_context(|| format!("creating {}", out_path.display()))?,
+                            );
+                            self.decode(&mut payload, Some(base), &rel, entry, &mut out)?;
+                            out.flush()?;
+                            i as u64 + 1
+                        }
+                    };
+                    inodes.insert(entry.path.clone(), inode);
+                    let size = entry.size.unwrap_or(0);
+                    Node {
+                        meta: meta_of(entry),
+                        kind: Kind::File {
+                            size,
+                            inode: (0, inode),
+                            nlink: 2,
+                        },
+                    }
+                }
+                "symlink" => Node {
+                    meta: meta_of(entry),
+                    kind: Kind::Symlink {
+                        target: OsString::from_vec(unescape(entry.target.as_deref().unwrap_or(""))),
+                    },
+                },
+                "char" => Node {
+                    meta: meta_of(entry),
+                    kind: Kind::CharDevice {
+                        rdev: entry.rdev.unwrap_or(0),
+                    },
+                },
+                "block" => Node {
+                    meta: meta_of(entry),
+                    kind: Kind::BlockDevice {
+                        rdev: entry.rdev.unwrap_or(0),
+                    },
+                },
+                "fifo" => Node {
+                    meta: meta_of(entry),
+                    kind: Kind::Fifo,
+                },
+                "socket" => Node {
+                    meta: meta_of(entry),
+                    kind: Kind::Socket,
+                },
+                "whiteout" => Node {
+                    meta: meta_of(entry),
+                    kind: Kind::Whiteout,
+                },
+                other => bail!("{}: unknown kind {other:?}", entry.path),
+            };
+            insert(&mut root, &rel, node);
+        }
+        Ok(Layer {
+            root: dir.to_owned(),
+            ns: crate::engine::XattrNs::Trusted,
+            tree: root,
+            unclean: Vec::new(),
+        })
+    }
+
+    /// Writes one file's content to `out`, checked against its hash. `base` is the tree a
+    /// delta applies to (None: deltas are refused).
+    fn decode(
+        &self,
+        payload: &mut File,
+        base: Option<&MergedView<'_>>,
+        rel: &Path,
+        entry: &Entry,
+        out: &mut dyn Write,
+    ) -> Result<()> {
+        let data = entry
+            .data
+            .as_ref()
+            .ok_or_else(|| anyhow!("{}: a file without content", entry.path))?;
+        let size = entry
+            .size
+            .ok_or_else(|| anyhow!("{}: a file without a size", entry.path))?;
+        let want = entry
+            .hash
+            .as_deref()
+            .ok_or_else(|| anyhow!("{}: a file without a hash", entry.path))?;
+        if data
+            .offset
+            .checked_add(data.length)
+            .is_none_or(|end| end > self.manifest.payload)
+        {
+            bail!("{}: its content lies outside the payload", entry.path);
+        }
+        payload.seek(SeekFrom::Start(self.payload_start + data.offset))?;
+        let compressed = Read::by_ref(payload).take(data.length);
+        let mut hasher = blake3::Hasher::new();
+        match data.encoding.as_str() {
+            "whole" => {
+                let decoder = zstd::stream::read::Decoder::new(compressed)
+                    .with_context(|| format!("{}: reading its content", entry.path))?;
+                // One byte more than the size: a longer stream is an error, never a full disk.
+                let mut limited = decoder.take(size + 1);
+                let mut buf = vec![0u8; 1 << 16];
+                let mut written = 0u64;
+                loop {
+                    let n = limited
+                        .read(&mut buf)
+                        .with_context(|| format!("{}: its content is corrupt", entry.path))?;
+                    if n == 0 {
+                        break;
+                    }
+                    written += n as u64;
+                    ensure!(
+                        written <= size,
+                        "{}: its content is longer than the {size} bytes the manifest says",
+                        entry.path
+                    );
+                    hasher.update(&buf[..n]);
+                    out.write_all(&buf[..n])?;
+                }
+            }
+            "delta" => {
+                ensure!(
+                    size <= DELTA_LIMIT,
+                    "{}: a delta for a file larger than {DELTA_LIMIT} bytes",
+                    entry.path
+                );
+                let basis_want = data
+                    .basis
+                    .as_deref()
+                    .ok_or_else(|| anyhow!("{}: a delta without its basis hash", entry.path))?;
+                let base =
+                    base.ok_or_else(|| anyhow!("{}: a delta needs the base tree", entry.path))?;
+                let node = base
+                    .get(rel)
+                    .filter(
+                        |n| matches!(n.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT),
+                    )
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "{}: the delta's basis file is not in this stack",
+                            entry.path
+                        )
+                    })?;
+                let old = fs::read(base.source_path(rel, node))?;
+                ensure!(
+                    blake3::hash(&old).to_hex().as_str() == basis_want,
+                    "{}: this stack's file is not the one the delta was made against",
+                    entry.path
+                );
+                let mut delta = Vec::new();
+                zstd::stream::read::Decoder::new(compressed)?
+                    .take(2 * size + (1 << 20))
+                    .read_to_end(&mut delta)
+                    .with_context(|| format!("{}: its delta is corrupt", entry.path))?;
+                let mut rebuilt = Vec::with_capacity(size as usize);
+                fast_rsync::apply_limited(&old, &delta, &mut rebuilt, size as usize)
+                    .map_err(|e| anyhow!("{}: its delta does not apply: {e}", entry.path))?;
+                hasher.update(&rebuilt);
+                out.write_all(&rebuilt)?;
+            }
+            other => bail!("{}: unknown encoding {other:?}", entry.path),
+        }
+        let got = hasher.finalize().to_hex();
+        ensure!(
+            got.as_str() == want,
+            "{}: the rebuilt content does not match its hash (the bundle is damaged or was tampered with)",
+            entry.path
+        );
+        Ok(())
+    }
+}
+
+fn empty_entry() -> Entry {
+    Entry {
+        path: String::new(),
+        kind: String::new(),
+        opaque: false,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        mtime_ns: 0,
+        xattrs: BTreeMap::new(),
+        size: None,
+        hash: None,
+        link: None,
+        data: None,
+        target: None,
+        rdev: None,
+    }
+}
+
+fn meta_of(entry: &Entry) -> Meta {
+    Meta {
+        mode: entry.mode & 0o7777,
+        uid: entry.uid,
+        gid: entry.gid,
+        mtime: (entry.mtime, entry.mtime_ns),
+        xattrs: entry
+            .xattrs
+            .iter()
+            .map(|(k, v)| (OsString::from_vec(unescape(k)), unescape(v)))
+            .collect(),
+    }
+}
+
+fn dir_node(entry: &Entry) -> Node {
+    Node {
+        meta: meta_of(entry),
+        kind: Kind::Dir {
+            opaque: entry.opaque,
+            children: BTreeMap::new(),
+        },
+    }
+}
+
+fn insert(root: &mut Node, rel: &Path, node: Node) {
+    let mut here = root;
+    let parts: Vec<_> = rel.iter().collect();
+    let (last, dirs) = parts
+        .split_last()
+        .expect("checked: entries are below the root");
+    for part in dirs {
+        let Kind::Dir { children, .. } = &mut here.kind else {
+            unreachable!("checked: parents are directories of the bundle");
+        };
+        here = children
+            .get_mut(*part)
+            .expect("checked: parents come first");
+    }
+    if let Kind::Dir { children, .. } = &mut here.kind {
+        children.insert(OsString::from(last), node);
+    }
+}
+
+/// Every path relative and plain, every parent a directory the bundle made earlier, no path
+/// twice, links to earlier files: so rebuilding writes nowhere but below its own directory.
+fn check_entries(manifest: &BundleManifest) -> Result<()> {
+    let mut dirs: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
+    let mut seen: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
+    let mut files: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    dirs.insert(PathBuf::new());
+    for (i, entry) in manifest.entries.iter().enumerate() {
+        if entry.path == ROOT {
+            ensure!(
+                i == 0 && entry.kind == "dir",
+                "the root entry must come first and be a directory"
+            );
+            continue;
+        }
+        let rel = PathBuf::from(OsString::from_vec(unescape(&entry.path)));
+        let plain = !rel.as_os_str().is_empty()
+            && rel.components().all(|c| matches!(c, Component::Normal(_)))
+            && escape(rel.as_os_str().as_bytes()) == entry.path;
+        ensure!(
+            plain,
+            "entry {:?} is not a plain relative path (absolute, empty, `.` or `..`)",
+            entry.path
+        );
+        let parent = rel.parent().unwrap_or(Path::new("")).to_owned();
+        ensure!(
+            dirs.contains(&parent),
+            "entry {:?} is not under a directory the bundle made before it (a path through a symlink or a file?)",
+            entry.path
+        );
+        ensure!(
+            seen.insert(rel.clone()),
+            "entry {:?} appears twice",
+            entry.path
+        );
+        if entry.kind == "dir" {
+            dirs.insert(rel);
+        }
+        if entry.kind == "file" {
+            if let Some(first) = &entry.link {
+                ensure!(
+                    files.contains(first.as_str()),
+                    "entry {:?} links to {first:?}, which is not an earlier file",
+                    entry.path
+                );
+            }
+            files.insert(&entry.path);
+        }
+    }
+    Ok(())
+}
+
+/// Reads `keys/*.pub` of a store: (name, key).
+pub fn trusted_keys(keys_dir: &Path) -> Result<Vec<(String, VerifyingKey)>> {
+    let mut keys = Vec::new();
+    let Ok(entries) = fs::read_dir(keys_dir) else {
+        return Ok(keys);
+    };
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "pub") {
+            let text =
+                fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let key = parse_public(&text).with_context(|| format!("reading {}", path.display()))?;
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            keys.push((name, key));
+        }
+    }
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(keys)
+}
+
+const PUBLIC_TAG: &str = "strata-ed25519-public";
+const SECRET_TAG: &str = "strata-ed25519-secret";
+
+pub fn format_public(key: &VerifyingKey) -> String {
+    use base64::Engine;
+    format!(
+        "{PUBLIC_TAG} {}\n",
+        base64::engine::general_purpose::STANDARD.encode(key.as_bytes())
+    )
+}
+
+pub fn format_secret(key: &SigningKey) -> String {
+    use base64::Engine;
+    format!(
+        "{SECRET_TAG} {}\n",
+        base64::engine::general_purpose::STANDARD.encode(key.to_bytes())
+    )
+}
+
+fn decode_key<const N: usize>(text: &str, tag: &str) -> Result<[u8; N]> {
+    use base64::Engine;
+    let mut words = text.split_whitespace();
+    ensure!(
+        words.next() == Some(tag),
+        "not a {tag} key (the file should start with {tag:?})"
+    );
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(words.next().unwrap_or(""))
+        .context("the key is not valid base64")?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow!("the key has the wrong length"))
+}
+
+pub fn parse_public(text: &str) -> Result<VerifyingKey> {
+    VerifyingKey::from_bytes(&decode_key::<32>(text, PUBLIC_TAG)?)
+        .map_err(|_| anyhow!("not a valid ed25519 public key"))
+}
+
+pub fn parse_secret(text: &str) -> Result<SigningKey> {
+    Ok(SigningKey::from_bytes(&decode_key::<32>(text, SECRET_TAG)?))
+}
+
+/// A new signing key from the operating system's random source.
+pub fn generate_key() -> Result<SigningKey> {
+    let mut seed = [0u8; 32];
+    let mut filled = 0;
+    while filled < seed.len() {
+        filled +=
+            rustix::rand::getrandom(&mut seed[filled..], rustix::rand::GetRandomFlags::empty())
+                .context("reading random bytes")?;
+    }
+    Ok(SigningKey::from_bytes(&seed))
+}
