@@ -1,0 +1,453 @@
+//! Bundles end to end through `overlayctl`, as root: a signed bundle made on a "build server"
+//! from two trees, applied to a store whose stack is the old tree, mounted and compared with the
+//! new tree; then every kind of bad bundle (truncated, tampered, wrong base, unsigned, escaping
+//! paths, a path through a symlink, a decompression bomb), each refused with a clear error and
+//! nothing changed in the store.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command as StdCommand;
+
+use assert_cmd::Command;
+use tempfile::TempDir;
+use tests::{have_root, private_mount_namespace};
+
+struct Env {
+    dir: TempDir,
+}
+
+impl Env {
+    fn new(test: &str) -> Option<Self> {
+        if !have_root(test) {
+            return None;
+        }
+        private_mount_namespace();
+        let env = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        fs::create_dir(env.path("run")).unwrap();
+        old_tree(&env.path("old"));
+        new_tree(&env.path("old"), &env.path("new"));
+        Some(env)
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn cmd(&self, store: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::cargo_bin("overlayctl").unwrap();
+        cmd.env("STRATA_RUN_DIR", self.path("run"))
+            .arg("--store")
+            .arg(self.path(store))
+            .args(args);
+        cmd
+    }
+
+    fn ok(&self, store: &str, args: &[&str]) -> String {
+        let out = self
+            .cmd(store, args)
+            .assert()
+            .success()
+            .get_output()
+            .clone();
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn fails(&self, store: &str, args: &[&str]) -> String {
+        let out = self
+            .cmd(store, args)
+            .assert()
+            .failure()
+            .get_output()
+            .clone();
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// A store whose only layer is the old tree.
+    fn store(&self, name: &str) {
+        self.ok(
+            name,
+            &["init", "--base", self.path("old").to_str().unwrap()],
+        );
+    }
+
+    /// Every path, size and inode in a store (the lock file aside).
+    fn snapshot(&self, store: &str) -> Vec<(PathBuf, u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = Vec::new();
+        let mut stack = vec![self.path(store)];
+        while let Some(dir) = stack.pop() {
+            for entry in fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let meta = fs::symlink_metadata(&path).unwrap();
+                if meta.is_dir() {
+                    stack.push(path.clone());
+                }
+                out.push((path, meta.len(), meta.ino()));
+            }
+        }
+        out.retain(|(p, _, _)| !p.ends_with(".lock"));
+        out.sort();
+        out
+    }
+}
+
+fn write(path: &Path, bytes: &[u8]) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, bytes).unwrap();
+}
+
+/// Text that compresses, and changes a little between the versions.
+fn library(version: u32) -> Vec<u8> {
+    (0..20_000)
+        .map(|i| {
+            format!(
+                "symbol_{i} version {}\n",
+                if i == 7_777 { version } else { 1 }
+            )
+        })
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn old_tree(root: &Path) {
+    write(&root.join("etc/motd"), b"old\n");
+    write(&root.join("etc/gone.conf"), b"going\n");
+    write(&root.join("usr/lib/libbig.so"), &library(1));
+    write(&root.join("usr/bin/tool"), b"#!/bin/sh\necho 1\n");
+    fs::set_permissions(root.join("usr/bin/tool"), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("tool", root.join("usr/bin/t")).unwrap();
+}
+
+fn new_tree(old: &Path, root: &Path) {
+    let copied = StdCommand::new("cp")
+        .arg("-a")
+        .arg(old)
+        .arg(root)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    write(&root.join("etc/motd"), b"new\n");
+    fs::remove_file(root.join("etc/gone.conf")).unwrap();
+    write(&root.join("usr/lib/libbig.so"), &library(2));
+    write(&root.join("usr/share/new/readme"), b"hello\n");
+    fs::hard_link(
+        root.join("usr/share/new/readme"),
+        root.join("usr/share/new/README"),
+    )
+    .unwrap();
+    fs::set_permissions(
+        root.join("usr/bin/tool"),
+        fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    xattr::set(root.join("usr/bin/tool"), "user.origin", b"release 2").unwrap();
+}
+
+/// The tree a directory shows, directory mtimes aside (carried only where something changed).
+fn view(root: &Path) -> std::collections::BTreeMap<PathBuf, tests::views::Seen> {
+    let mut view = tests::views::kernel_view(root);
+    view.remove(Path::new(""));
+    for seen in view.values_mut() {
+        if seen.kind == "dir" {
+            seen.mtime = 0;
+        }
+    }
+    view
+}
+
+#[test]
+fn privileged_bundle_signed_applies_and_mounts_as_the_new_tree() {
+    let Some(env) = Env::new("privileged_bundle_signed_applies_and_mounts_as_the_new_tree") else {
+        return;
+    };
+    let key = env.path("build.key");
+    env.ok("server", &["keys", "generate", "-o", key.to_str().unwrap()]);
+    let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the secret key is private");
+    let bundle = env.path("release-2.bundle");
+    let made = env.ok(
+        "server",
+        &[
+            "bundle",
+            "create",
+            "--from",
+            env.path("old").to_str().unwrap(),
+            "--to",
+            env.path("new").to_str().unwrap(),
+            "-o",
+            bundle.to_str().unwrap(),
+            "--sign",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(made.contains("as deltas; signed"), "{made}");
+    // The library changed in one line of 20,000: sent as a delta, the bundle is tiny.
+    let size = fs::metadata(&bundle).unwrap().len();
+    assert!(size < 8_000, "a {size}-byte bundle for a one-line change");
+
+    env.store("device");
+    env.ok(
+        "device",
+        &[
+            "keys",
+            "add",
+            format!("{}.pub", key.display()).as_str(),
+            "--name",
+            "build",
+        ],
+    );
+    let info = env.ok("device", &["bundle", "info", bundle.to_str().unwrap()]);
+    assert!(info.contains("signer signed by build"), "{info}");
+    assert!(info.contains("1 of them deltas"), "{info}");
+    let verified = env.ok("device", &["bundle", "verify", bundle.to_str().unwrap()]);
+    assert!(verified.contains("intact"), "{verified}");
+
+    let added = env.ok(
+        "device",
+        &["add-layer", "--bundle", bundle.to_str().unwrap()],
+    );
+    assert!(added.contains("signed by build"), "{added}");
+    assert!(added.contains("added layer release-2"), "{added}");
+    let mnt = env.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    env.ok("device", &["mount", mnt.to_str().unwrap(), "--read-only"]);
+    let (shown, wanted) = (view(&mnt), view(&env.path("new")));
+    assert_eq!(tests::views::first_difference(&wanted, &shown), None);
+    assert_eq!(shown.len(), wanted.len());
+    env.ok("device", &["umount", mnt.to_str().unwrap()]);
+    // The layer holds the rebuilt files, not the unchanged ones; the store's staging is empty.
+    assert!(!env.path("device/layers/release-2/usr/bin/t").exists());
+    assert_eq!(
+        fs::read_dir(env.path("device/staging")).map_or(0, |d| d.count()),
+        0
+    );
+
+    // The same bundle again: the stack has moved on, so its base no longer matches.
+    let before = env.snapshot("device");
+    let e = env.fails(
+        "device",
+        &[
+            "add-layer",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--name",
+            "again",
+        ],
+    );
+    assert!(e.contains("applies to the tree"), "{e}");
+    assert_eq!(env.snapshot("device"), before);
+}
+
+/// A bundle file written by hand: manifest text, no signatures, payload bytes.
+fn craft(path: &Path, manifest: &str, payload: &[u8]) {
+    let mut bytes = b"STRATAB\x01".to_vec();
+    bytes.extend((manifest.len() as u64).to_le_bytes());
+    bytes.extend(manifest.as_bytes());
+    bytes.extend(0u32.to_le_bytes());
+    bytes.extend(payload);
+    fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn privileged_bundle_bad_bundles_change_nothing() {
+    let Some(env) = Env::new("privileged_bundle_bad_bundles_change_nothing") else {
+        return;
+    };
+    let key = env.path("build.key");
+    env.ok("server", &["keys", "generate", "-o", key.to_str().unwrap()]);
+    let good = env.path("good.bundle");
+    let (old, new) = (env.path("old"), env.path("new"));
+    let create = |out: &Path, sign: bool| {
+        let mut args = vec![
+            "bundle",
+            "create",
+            "--from",
+            old.to_str().unwrap(),
+            "--to",
+            new.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        if sign {
+            args.extend(["--sign", key.to_str().unwrap()]);
+        }
+        env.ok("server", &args);
+    };
+    create(&good, true);
+    env.store("device");
+    env.ok(
+        "device",
+        &[
+            "keys",
+            "add",
+            format!("{}.pub", key.display()).as_str(),
+            "--name",
+            "build",
+        ],
+    );
+    let bytes = fs::read(&good).unwrap();
+    let before = env.snapshot("device");
+    let refused = |file: &Path, extra: &[&str], want: &str| {
+        let mut args = vec![
+            "add-layer",
+            "--bundle",
+            file.to_str().unwrap(),
+            "--name",
+            "x",
+        ];
+        args.extend(extra);
+        let e = env.fails("device", &args);
+        assert!(
+            e.contains(want),
+            "{}: wanted {want:?} in:\n{e}",
+            file.display()
+        );
+        assert_eq!(
+            env.snapshot("device"),
+            before,
+            "{} changed the store",
+            file.display()
+        );
+    };
+
+    let truncated = env.path("truncated.bundle");
+    fs::write(&truncated, &bytes[..bytes.len() - 10]).unwrap();
+    refused(&truncated, &[], "truncated or extended");
+    fs::write(&truncated, &bytes[..40]).unwrap();
+    refused(&truncated, &[], "truncated");
+
+    // A changed payload byte: the signature still matches the manifest, the content does not.
+    let tampered = env.path("tampered.bundle");
+    let mut changed = bytes.clone();
+    let last = changed.len() - 3;
+    changed[last] ^= 0x55;
+    fs::write(&tampered, &changed).unwrap();
+    let e = env.fails(
+        "device",
+        &["add-layer", "--bundle", tampered.to_str().unwrap()],
+    );
+    assert!(
+        e.contains("does not match its hash")
+            || e.contains("corrupt")
+            || e.contains("does not apply"),
+        "{e}"
+    );
+    assert_eq!(env.snapshot("device"), before);
+
+    // A changed manifest: the signature no longer matches.
+    let text_at = bytes.windows(7).position(|w| w == b"mode = ").unwrap();
+    let mut changed = bytes.clone();
+    changed[text_at + 7] = if changed[text_at + 7] == b'4' {
+        b'5'
+    } else {
+        b'4'
+    };
+    fs::write(&tampered, &changed).unwrap();
+    refused(&tampered, &[], "does not match its manifest");
+
+    // Unsigned while keys/ holds keys: refused unless asked for.
+    let unsigned = env.path("unsigned.bundle");
+    create(&unsigned, false);
+    refused(&unsigned, &[], "is not signed by a key in");
+
+    // Made for another tree.
+    let other = env.path("other.bundle");
+    let elsewhere = env.path("elsewhere");
+    write(&elsewhere.join("etc/motd"), b"elsewhere\n");
+    env.ok(
+        "server",
+        &[
+            "bundle",
+            "create",
+            "--from",
+            elsewhere.to_str().unwrap(),
+            "--to",
+            new.to_str().unwrap(),
+            "-o",
+            other.to_str().unwrap(),
+            "--sign",
+            key.to_str().unwrap(),
+        ],
+    );
+    refused(&other, &[], "applies to the tree");
+
+    // Hand-made bundles: escaping paths, a path through a symlink, a decompression bomb.
+    let info = env.ok("device", &["bundle", "info", good.to_str().unwrap()]);
+    let base = info
+        .lines()
+        .find_map(|l| l.strip_prefix("base   "))
+        .unwrap()
+        .to_owned();
+    let head = format!("version = 1\nbase = \"{base}\"\ntarget = \"blake3:00\"\n");
+    let crafted = env.path("crafted.bundle");
+    let root = "[[entry]]\npath = \".\"\nkind = \"dir\"\nmode = 493\n";
+    craft(
+        &crafted,
+        &format!("{head}payload = 0\n{root}[[entry]]\npath = \"../escape\"\nkind = \"fifo\"\n"),
+        b"",
+    );
+    refused(
+        &crafted,
+        &["--allow-unsigned"],
+        "is not a plain relative path",
+    );
+    craft(
+        &crafted,
+        &format!("{head}payload = 0\n{root}[[entry]]\npath = \"/etc/passwd\"\nkind = \"fifo\"\n"),
+        b"",
+    );
+    refused(
+        &crafted,
+        &["--allow-unsigned"],
+        "is not a plain relative path",
+    );
+    craft(
+        &crafted,
+        &format!(
+            "{head}payload = 0\n{root}[[entry]]\npath = \"a\"\nkind = \"symlink\"\ntarget = \"/etc\"\n\
+             [[entry]]\npath = \"a/passwd\"\nkind = \"fifo\"\n"
+        ),
+        b"",
+    );
+    refused(
+        &crafted,
+        &["--allow-unsigned"],
+        "is not under a directory the bundle made",
+    );
+    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).unwrap();
+    craft(
+        &crafted,
+        &format!(
+            "{head}payload = {}\n{root}[[entry]]\npath = \"bomb\"\nkind = \"file\"\nsize = 10\n\
+             hash = \"{}\"\ndata = {{ encoding = \"whole\", offset = 0, length = {} }}\n",
+            bomb.len(),
+            blake3::hash(&[0u8; 10]).to_hex(),
+            bomb.len()
+        ),
+        &bomb,
+    );
+    refused(
+        &crafted,
+        &["--allow-unsigned"],
+        "is longer than the 10 bytes",
+    );
+    assert_eq!(
+        fs::read_dir(env.path("device/staging")).map_or(0, |d| d.count()),
+        0
+    );
+
+    // With --allow-unsigned the unsigned good bundle goes in.
+    let added = env.ok(
+        "device",
+        &[
+            "add-layer",
+            "--bundle",
+            unsigned.to_str().unwrap(),
+            "--allow-unsigned",
+        ],
+    );
+    assert!(added.contains("is not signed by a trusted key"), "{added}");
+}
