@@ -34,7 +34,7 @@ const FORMAT_VERSION: u32 = 1;
 /// Signatures sign this prefix and the manifest, so they mean nothing elsewhere.
 const SIGNING_CONTEXT: &[u8] = b"strata bundle manifest v1\0";
 /// A manifest larger than this is refused before it is read.
-const MAX_MANIFEST: u64 = 256 << 20;
+const MAX_MANIFEST: u64 = 64 << 20;
 const MAX_SIGNATURES: u32 = 64;
 /// Files up to this size are sent as deltas against the old file when that is smaller; both
 /// are held in memory while the delta is made and applied. Larger files go whole, streamed.

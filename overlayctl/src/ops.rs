@@ -381,6 +381,16 @@ pub fn add_bundle(
             base
         );
         layer.parent = stack.first().cloned();
+        // The content is written twice (rebuilt, then copied into the layer): check the room
+        // before writing anything, not after.
+        let content: u64 = bundle
+            .manifest
+            .entries
+            .iter()
+            .filter(|e| e.data.is_some())
+            .filter_map(|e| e.size)
+            .fold(0, u64::saturating_add);
+        check_room(store, plan, content.saturating_mul(2))?;
         fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
         let rebuilt = bundle
             .rebuild(&view, &scratch)
