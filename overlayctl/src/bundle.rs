@@ -34,7 +34,7 @@ const FORMAT_VERSION: u32 = 1;
 /// Signatures sign this prefix and the manifest, so they mean nothing elsewhere.
 const SIGNING_CONTEXT: &[u8] = b"strata bundle manifest v1\0";
 /// A manifest larger than this is refused before it is read.
-const MAX_MANIFEST: u64 = 64 << 20;
+const MAX_MANIFEST: u64 = 32 << 20;
 const MAX_SIGNATURES: u32 = 64;
 /// Files up to this size are sent as deltas against the old file when that is smaller; both
 /// are held in memory while the delta is made and applied. Larger files go whole, streamed.
@@ -125,7 +125,8 @@ pub struct Created {
     pub size: u64,
 }
 
-/// The digest of a merged tree: every path in order with its kind, metadata, content hash (or
+/// The digest of a merged tree: every path in order with its kind, metadata (directory mtimes
+/// aside), content hash (or
 /// the first other name of the same file), symlink target, device number and xattrs. `hash`
 /// gives a file's content hash (from a stored manifest, or by reading it).
 pub fn tree_digest(
@@ -147,14 +148,17 @@ pub fn tree_digest(
             escape(rel.as_os_str().as_bytes())
         };
         let mut line = format!(
-            "{shown} {} mode={:04o} uid={} gid={} mtime={}.{:09}",
+            "{shown} {} mode={:04o} uid={} gid={}",
             n.kind.name(),
             m.mode,
             m.uid,
-            m.gid,
-            m.mtime.0,
-            m.mtime.1
+            m.gid
         );
+        // Directory mtimes move with any change inside and are carried only where something
+        // changed (as sync does), so they are not part of a tree's identity.
+        if !n.kind.is_dir() {
+            line += &format!(" mtime={}.{:09}", m.mtime.0, m.mtime.1);
+        }
         match &n.kind {
             Kind::File { size, inode, nlink } => {
                 let first = (*nlink > 1)
@@ -209,67 +213,25 @@ pub fn create(
     let to_view_layers = std::slice::from_ref(to);
     let to_view = MergedView::new(to_view_layers);
     let target = tree_digest(&to_view, &mut read_hash(&to_view))?;
-    let (layer, stats) = delta(from, to, Compare::Quick)
+    // Contents compared by hash: a same-size change with an unchanged mtime must not be missed
+    // (the bundle would then never rebuild its promised target).
+    let (layer, stats) = delta(from, to, Compare::Checksum)
         .with_context(|| format!("comparing {} with the base", to.root.display()))?;
 
-    let payload_path = out.with_extension("payload.part");
-    let mut payload = BufWriter::new(
-        File::create(&payload_path)
-            .with_context(|| format!("creating {}", payload_path.display()))?,
-    );
     let mut created = Created {
         delta: stats,
         ..Created::default()
     };
-    let mut entries = Vec::new();
-    let mut offset = 0u64;
-    let mut first_name: HashMap<(u64, u64), String> = HashMap::new();
-    // The layer's root first: its metadata is the merged root's.
-    let mut root = entry_of(Path::new(""), &layer.tree);
-    root.path = ROOT.to_owned();
-    entries.push(root);
-    let mut work = Vec::new();
-    walk_nodes(&layer.tree, &mut PathBuf::new(), &mut work);
-    for (rel, node) in work {
-        let mut entry = entry_of(&rel, node);
-        if let Kind::File { size, inode, nlink } = &node.kind {
-            if *nlink > 1 {
-                if let Some(first) = first_name.get(inode) {
-                    entry.link = Some(first.clone());
-                    entries.push(entry);
-                    continue;
-                }
-                first_name.insert(*inode, entry.path.clone());
-            }
-            let source = to.root.join(&rel);
-            entry.hash =
-                Some(hash_file(&source).with_context(|| format!("hashing {}", source.display()))?);
-            let basis = from.get(&rel).filter(|b| {
-                matches!(b.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT)
-                    && *size <= DELTA_LIMIT
-            });
-            let (encoding, bytes, basis_hash) = match basis {
-                Some(b) => encode_small(&from.source_path(&rel, b), &source)?,
-                None => ("whole", encode_whole(&source)?, None),
-            };
-            if encoding == "delta" {
-                created.deltas += 1;
-            } else {
-                created.whole += 1;
-            }
-            payload.write_all(&bytes).context("writing the payload")?;
-            entry.data = Some(Data {
-                encoding: encoding.to_owned(),
-                offset,
-                length: bytes.len() as u64,
-                basis: basis_hash,
-            });
-            offset += bytes.len() as u64;
+    let payload_path = out.with_extension("payload.part");
+    let written = write_payload(from, to, &layer, &payload_path, &mut created);
+    let entries = match written {
+        Ok(entries) => entries,
+        Err(e) => {
+            let _ = fs::remove_file(&payload_path);
+            return Err(e);
         }
-        entries.push(entry);
-    }
-    payload.flush().context("writing the payload")?;
-    drop(payload);
+    };
+    let offset = fs::metadata(&payload_path)?.len();
     let manifest = BundleManifest {
         version: FORMAT_VERSION,
         base,
@@ -303,8 +265,83 @@ pub fn create(
     })()
     .with_context(|| format!("writing {}", out.display()));
     let _ = fs::remove_file(&payload_path);
+    if result.is_err() {
+        let _ = fs::remove_file(out.with_extension("part"));
+    }
     created.size = result?;
     Ok(created)
+}
+
+/// Writes every file's content to the payload file; returns the manifest's entries.
+fn write_payload(
+    from: &MergedView<'_>,
+    to: &Layer,
+    layer: &Layer,
+    payload_path: &Path,
+    created: &mut Created,
+) -> Result<Vec<Entry>> {
+    let mut payload = BufWriter::new(
+        File::create(payload_path)
+            .with_context(|| format!("creating {}", payload_path.display()))?,
+    );
+    // The layer's root first: its metadata is the merged root's.
+    let mut root = entry_of(Path::new(""), &layer.tree);
+    root.path = ROOT.to_owned();
+    let mut entries = vec![root];
+    let mut first_name: HashMap<(u64, u64), String> = HashMap::new();
+    let mut work = Vec::new();
+    walk_nodes(&layer.tree, &mut PathBuf::new(), &mut work);
+    for (rel, node) in work {
+        let mut entry = entry_of(&rel, node);
+        if let Kind::File { size, inode, nlink } = &node.kind {
+            if *nlink > 1 {
+                if let Some(first) = first_name.get(inode) {
+                    entry.link = Some(first.clone());
+                    entries.push(entry);
+                    continue;
+                }
+                first_name.insert(*inode, entry.path.clone());
+            }
+            let source = to.root.join(&rel);
+            entry.hash =
+                Some(hash_file(&source).with_context(|| format!("hashing {}", source.display()))?);
+            let offset = payload.stream_position().context("writing the payload")?;
+            let basis = from.get(&rel).filter(|b| {
+                matches!(b.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT)
+                    && *size <= DELTA_LIMIT
+            });
+            let (encoding, basis_hash) = match basis {
+                Some(b) => {
+                    let (encoding, bytes, basis_hash) =
+                        encode_small(&from.source_path(&rel, b), &source)?;
+                    payload.write_all(&bytes).context("writing the payload")?;
+                    (encoding, basis_hash)
+                }
+                None => {
+                    let file = File::open(&source)
+                        .with_context(|| format!("reading {}", source.display()))?;
+                    zstd::stream::copy_encode(BufReader::new(file), &mut payload, ZSTD_LEVEL)
+                        .with_context(|| format!("compressing {}", source.display()))?;
+                    ("whole", None)
+                }
+            };
+            if encoding == "delta" {
+                created.deltas += 1;
+            } else {
+                created.whole += 1;
+            }
+            let end = payload.stream_position().context("writing the payload")?;
+            entry.data = Some(Data {
+                encoding: encoding.to_owned(),
+                offset,
+                length: end - offset,
+                basis: basis_hash,
+            });
+        }
+        entries.push(entry);
+    }
+    payload.flush().context("writing the payload")?;
+    Ok(entries)
 }
 
 /// Whole or delta, whichever is smaller once compressed; both held in memory (small files).
@@ -329,13 +366,6 @@ fn encode_small(basis: &Path, new: &Path) -> Result<(&'static str, Vec<u8>, Opti
     } else {
         Ok(("whole", whole, None))
     }
-}
-
-/// A file compressed whole, streamed.
-fn encode_whole(source: &Path) -> Result<Vec<u8>> {
-    let file = File::open(source).with_context(|| format!("reading {}", source.display()))?;
-    zstd::stream::encode_all(BufReader::new(file), ZSTD_LEVEL)
-        .with_context(|| format!("compressing {}", source.display()))
 }
 
 fn signed_message(manifest: &[u8]) -> Vec<u8> {
@@ -401,7 +431,8 @@ impl Bundle {
     /// Reads and checks everything but the payload: the header, the manifest (every path
     /// relative, without `..`, under a directory the bundle itself creates), the signatures, and
     /// that the payload is all there.
-    pub fn open(path: &Path) -> Result<Self> {
+    /// With `gate`, the manifest must be signed by one of those keys before it is even parsed.
+    pub fn open(path: &Path, gate: Option<&[(String, VerifyingKey)]>) -> Result<Self> {
         let bad = |what: String| anyhow!("{} is not a usable bundle: {what}", path.display());
         let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let len = file.metadata()?.len();
@@ -423,16 +454,6 @@ impl Bundle {
         let mut manifest_bytes = vec![0u8; manifest_len as usize];
         file.read_exact(&mut manifest_bytes)
             .map_err(|_| bad("it ends inside its manifest (truncated)".into()))?;
-        let text = std::str::from_utf8(&manifest_bytes)
-            .map_err(|_| bad("its manifest is not UTF-8".into()))?;
-        let manifest: BundleManifest =
-            toml::from_str(text).map_err(|e| bad(format!("its manifest: {e}")))?;
-        if manifest.version != FORMAT_VERSION {
-            return Err(bad(format!(
-                "format version {} (this overlayctl reads {FORMAT_VERSION})",
-                manifest.version
-            )));
-        }
         let mut count = [0u8; 4];
         file.read_exact(&mut count)
             .map_err(|_| bad("it ends before its signatures (truncated)".into()))?;
@@ -451,8 +472,41 @@ impl Bundle {
                 .map_err(|_| bad("a signature names an invalid public key".into()))?;
             signatures.push((key, Signature::from_bytes(&sig)));
         }
+        // With keys to trust, an unsigned or foreign manifest is refused before it is parsed:
+        // parsing costs memory, and only a trusted signer may make us spend it.
+        let message = signed_message(&manifest_bytes);
+        if let Some(trusted) = gate
+            && !signatures.iter().any(|(k, sig)| {
+                trusted.iter().any(|(_, t)| t == k) && k.verify(&message, sig).is_ok()
+            })
+        {
+            if signatures
+                .iter()
+                .any(|(k, _)| trusted.iter().any(|(_, t)| t == k))
+            {
+                return Err(anyhow!(
+                    "{} has a signature that does not match its manifest: it was changed after signing; nothing was added",
+                    path.display()
+                ));
+            }
+            return Err(anyhow!(
+                "{} is not signed by a key in keys/ ({} trusted); nothing was added (--allow-unsigned to add it anyway)",
+                path.display(),
+                trusted.len()
+            ));
+        }
+        let text = std::str::from_utf8(&manifest_bytes)
+            .map_err(|_| bad("its manifest is not UTF-8".into()))?;
+        let manifest: BundleManifest =
+            toml::from_str(text).map_err(|e| bad(format!("its manifest: {}", e.message())))?;
+        if manifest.version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {} (this overlayctl reads {FORMAT_VERSION})",
+                manifest.version
+            )));
+        }
         let payload_start = file.stream_position()?;
-        if len != payload_start + manifest.payload {
+        if len != payload_start.saturating_add(manifest.payload) {
             return Err(bad(format!(
                 "its payload should be {} bytes but {} are there (truncated or extended)",
                 manifest.payload,
@@ -624,7 +678,9 @@ impl Bundle {
         {
             bail!("{}: its content lies outside the payload", entry.path);
         }
-        payload.seek(SeekFrom::Start(self.payload_start + data.offset))?;
+        payload
+            .seek(SeekFrom::Start(self.payload_start + data.offset))
+            .with_context(|| format!("{}: reading the payload", entry.path))?;
         let compressed = Read::by_ref(payload).take(data.length);
         let mut hasher = blake3::Hasher::new();
         match data.encoding.as_str() {
@@ -649,8 +705,14 @@ impl Bundle {
                         entry.path
                     );
                     hasher.update(&buf[..n]);
-                    out.write_all(&buf[..n])?;
+                    out.write_all(&buf[..n])
+                        .with_context(|| format!("{}: writing its content", entry.path))?;
                 }
+                ensure!(
+                    written == size,
+                    "{}: its content is {written} bytes, not the {size} the manifest says",
+                    entry.path
+                );
             }
             "delta" => {
                 ensure!(
@@ -675,7 +737,9 @@ impl Bundle {
                             entry.path
                         )
                     })?;
-                let old = fs::read(base.source_path(rel, node))?;
+                let basis_path = base.source_path(rel, node);
+                let old = fs::read(&basis_path)
+                    .with_context(|| format!("reading {}", basis_path.display()))?;
                 ensure!(
                     blake3::hash(&old).to_hex().as_str() == basis_want,
                     "{}: this stack's file is not the one the delta was made against",
@@ -689,8 +753,15 @@ impl Bundle {
                 let mut rebuilt = Vec::with_capacity(size as usize);
                 fast_rsync::apply_limited(&old, &delta, &mut rebuilt, size as usize)
                     .map_err(|e| anyhow!("{}: its delta does not apply: {e}", entry.path))?;
+                ensure!(
+                    rebuilt.len() as u64 == size,
+                    "{}: its delta gives {} bytes, not the {size} the manifest says",
+                    entry.path,
+                    rebuilt.len()
+                );
                 hasher.update(&rebuilt);
-                out.write_all(&rebuilt)?;
+                out.write_all(&rebuilt)
+                    .with_context(|| format!("{}: writing its content", entry.path))?;
             }
             other => bail!("{}: unknown encoding {other:?}", entry.path),
         }
@@ -772,7 +843,7 @@ fn insert(root: &mut Node, rel: &Path, node: Node) {
 fn check_entries(manifest: &BundleManifest) -> Result<()> {
     let mut dirs: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     let mut seen: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
-    let mut files: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut files: HashMap<&str, &Entry> = HashMap::new();
     dirs.insert(PathBuf::new());
     for (i, entry) in manifest.entries.iter().enumerate() {
         if entry.path == ROOT {
@@ -782,15 +853,28 @@ fn check_entries(manifest: &BundleManifest) -> Result<()> {
             );
             continue;
         }
-        let rel = PathBuf::from(OsString::from_vec(unescape(&entry.path)));
-        let plain = !rel.as_os_str().is_empty()
+        let bytes = unescape(&entry.path);
+        let rel = PathBuf::from(OsString::from_vec(bytes.clone()));
+        let plain = !bytes.is_empty()
+            && bytes
+                .split(|&b| b == b'/')
+                .all(|part| !part.is_empty() && part != b"." && part != b"..")
             && rel.components().all(|c| matches!(c, Component::Normal(_)))
-            && escape(rel.as_os_str().as_bytes()) == entry.path;
+            && escape(&bytes) == entry.path;
         ensure!(
             plain,
             "entry {:?} is not a plain relative path (absolute, empty, `.` or `..`)",
             entry.path
         );
+        for name in entry.xattrs.keys() {
+            let name = unescape(name);
+            ensure!(
+                !name.starts_with(b"trusted.overlay.") && !name.starts_with(b"user.overlay."),
+                "entry {:?} sets overlayfs's own attribute {:?}; a bundle says what is opaque or deleted with its entries, not with attributes",
+                entry.path,
+                String::from_utf8_lossy(&name)
+            );
+        }
         let parent = rel.parent().unwrap_or(Path::new("")).to_owned();
         ensure!(
             dirs.contains(&parent),
@@ -807,13 +891,40 @@ fn check_entries(manifest: &BundleManifest) -> Result<()> {
         }
         if entry.kind == "file" {
             if let Some(first) = &entry.link {
+                let Some(first_entry) = files.get(first.as_str()) else {
+                    bail!(
+                        "entry {:?} links to {first:?}, which is not an earlier file",
+                        entry.path
+                    );
+                };
+                // One file, one set of metadata: a link that says otherwise would make the
+                // promised tree differ from the written one.
+                fn same(
+                    e: &Entry,
+                ) -> (
+                    u32,
+                    u32,
+                    u32,
+                    i64,
+                    u32,
+                    &BTreeMap<String, String>,
+                    Option<u64>,
+                ) {
+                    (e.mode, e.uid, e.gid, e.mtime, e.mtime_ns, &e.xattrs, e.size)
+                }
                 ensure!(
-                    files.contains(first.as_str()),
-                    "entry {:?} links to {first:?}, which is not an earlier file",
+                    same(entry) == same(first_entry) && entry.data.is_none(),
+                    "entry {:?} is another name of {first:?} but claims other metadata or content",
+                    entry.path
+                );
+            } else {
+                ensure!(
+                    entry.data.is_some(),
+                    "entry {:?} is a file without content",
                     entry.path
                 );
             }
-            files.insert(&entry.path);
+            files.insert(&entry.path, entry);
         }
     }
     Ok(())
@@ -822,8 +933,10 @@ fn check_entries(manifest: &BundleManifest) -> Result<()> {
 /// Reads `keys/*.pub` of a store: (name, key).
 pub fn trusted_keys(keys_dir: &Path) -> Result<Vec<(String, VerifyingKey)>> {
     let mut keys = Vec::new();
-    let Ok(entries) = fs::read_dir(keys_dir) else {
-        return Ok(keys);
+    let entries = match fs::read_dir(keys_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(keys),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", keys_dir.display())),
     };
     for entry in entries {
         let path = entry?.path();

@@ -310,7 +310,7 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
             Ok(())
         }
         BundleCommand::Verify { file } | BundleCommand::Info { file } => {
-            let bundle = Bundle::open(file)?;
+            let bundle = Bundle::open(file, None)?;
             let trusted = trusted_keys(&root.join(crate::store::KEYS)).unwrap_or_default();
             let signers = bundle.signed_by(&trusted);
             ensure!(
@@ -435,6 +435,8 @@ pub fn keys(root: &Path, command: &KeysCommand, json: bool, out: &mut dyn Write)
             Ok(())
         }
         KeysCommand::Remove { name } => {
+            layers_spec::check_name(name)
+                .map_err(|p| anyhow!("key name {name:?} is not valid: {p}"))?;
             let store = Store::open(root)?;
             let _lock = store.lock()?;
             let path = keys_dir.join(format!("{name}.pub"));

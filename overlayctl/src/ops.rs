@@ -48,13 +48,19 @@ pub fn read_clean(source: &Path, ns: XattrNs) -> Result<Layer> {
     Ok(layer)
 }
 
-/// Bytes of file content in a tree (what a copy needs at least).
+/// Bytes of file content in a tree (what a copy needs at least), hard links once.
 fn content_bytes(node: &crate::engine::Node) -> u64 {
-    match &node.kind {
-        Kind::File { size, .. } => *size,
-        Kind::Dir { children, .. } => children.values().map(content_bytes).sum(),
-        _ => 0,
+    fn go(node: &crate::engine::Node, seen: &mut std::collections::HashSet<(u64, u64)>) -> u64 {
+        match &node.kind {
+            Kind::File { size, inode, nlink } if *nlink <= 1 || seen.insert(*inode) => *size,
+            Kind::Dir { children, .. } => children
+                .values()
+                .map(|c| go(c, seen))
+                .fold(0, u64::saturating_add),
+            _ => 0,
+        }
     }
+    go(node, &mut std::collections::HashSet::new())
 }
 
 /// Refuses a copy that would leave less than the plan's `min_free` on the store's filesystem.
@@ -293,8 +299,7 @@ pub fn sync(store: &Store, target: &Path, compare: Compare, layer: &NewLayer) ->
         let layers =
             Layer::read_all(&roots, XattrNs::Trusted).context("reading the stack's layers")?;
         let view = MergedView::new(&layers);
-        let target_tree = Layer::read(target, XattrNs::Trusted)
-            .with_context(|| format!("reading {}", target.display()))?;
+        let target_tree = read_clean(target, XattrNs::Trusted)?;
         let (delta, stats) = delta(&view, &target_tree, compare)
             .with_context(|| format!("comparing {} with the stack", target.display()))?;
         layer.parent = stack.first().cloned();
@@ -343,13 +348,14 @@ pub fn add_bundle(
     allow_unsigned: bool,
     layer: &NewLayer,
 ) -> Result<FromBundle> {
-    let bundle = crate::bundle::Bundle::open(file)?;
+    let trusted = crate::bundle::trusted_keys(&store.root.join(store::KEYS))?;
+    let gate = (!trusted.is_empty() && !allow_unsigned).then_some(trusted.as_slice());
+    let bundle = crate::bundle::Bundle::open(file, gate)?;
     ensure!(
         bundle.signatures_valid(),
         "{} has a signature that does not match its manifest: it was changed after signing; nothing was added",
         file.display()
     );
-    let trusted = crate::bundle::trusted_keys(&store.root.join(store::KEYS))?;
     let signers: Vec<String> = bundle
         .signed_by(&trusted)
         .into_iter()

@@ -439,6 +439,76 @@ fn privileged_bundle_bad_bundles_change_nothing() {
         0
     );
 
+    // Content shorter than the size the manifest gives (the copy would pad it with zeros).
+    let short = zstd::bulk::compress(b"new\n", 3).unwrap();
+    craft(
+        &crafted,
+        &format!(
+            "{head}payload = {}\n{root}[[entry]]\npath = \"short\"\nkind = \"file\"\nsize = 1000\n\
+             hash = \"{}\"\ndata = {{ encoding = \"whole\", offset = 0, length = {} }}\n",
+            short.len(),
+            blake3::hash(b"new\n").to_hex(),
+            short.len()
+        ),
+        &short,
+    );
+    refused(
+        &crafted,
+        &["--allow-unsigned"],
+        "its content is 4 bytes, not the 1000",
+    );
+    // overlayfs's own attributes, which would hide what the manifest shows.
+    craft(
+        &crafted,
+        &format!(
+            "{head}payload = 0\n{root}[[entry]]\npath = \"etc\"\nkind = \"dir\"\n\
+             xattrs = {{ \"trusted.overlay.opaque\" = \"y\" }}\n"
+        ),
+        b"",
+    );
+    refused(
+        &crafted,
+        &["--allow-unsigned"],
+        "sets overlayfs's own attribute",
+    );
+    // Non-canonical paths, and a second name that claims other metadata.
+    craft(
+        &crafted,
+        &format!("{head}payload = 0\n{root}[[entry]]\npath = \"etc/./x\"\nkind = \"fifo\"\n"),
+        b"",
+    );
+    refused(
+        &crafted,
+        &["--allow-unsigned"],
+        "is not a plain relative path",
+    );
+    let data = zstd::bulk::compress(b"x", 3).unwrap();
+    craft(
+        &crafted,
+        &format!(
+            "{head}payload = {}\n{root}[[entry]]\npath = \"a\"\nkind = \"file\"\nsize = 1\nmode = 420\n\
+             hash = \"{}\"\ndata = {{ encoding = \"whole\", offset = 0, length = {} }}\n\
+             [[entry]]\npath = \"b\"\nkind = \"file\"\nsize = 1\nmode = 2541\nlink = \"a\"\n",
+            data.len(),
+            blake3::hash(b"x").to_hex(),
+            data.len()
+        ),
+        &data,
+    );
+    refused(
+        &crafted,
+        &["--allow-unsigned"],
+        "claims other metadata or content",
+    );
+    assert_eq!(
+        fs::read_dir(env.path("device/staging")).map_or(0, |d| d.count()),
+        0
+    );
+
+    // A key name that would reach outside keys/.
+    let e = env.fails("device", &["keys", "remove", "../../victim"]);
+    assert!(e.contains("key name \"../../victim\" is not valid"), "{e}");
+
     // With --allow-unsigned the unsigned good bundle goes in.
     let added = env.ok(
         "device",

@@ -858,4 +858,23 @@ fn privileged_sync_adds_the_layer_to_the_target() {
         "{e}"
     );
     assert_eq!(env.snapshot(), before);
+    // Another filesystem mounted inside the target is not part of it.
+    let mounted = target.join("mnt");
+    fs::create_dir(&mounted).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &mounted,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    write(&mounted.join("file"), "elsewhere\n");
+    let e = env.fails(&["sync", target.to_str().unwrap(), "--name", "y"]);
+    assert!(
+        e.contains("is on another filesystem (a mount point)"),
+        "{e}"
+    );
+    nix::mount::umount(&mounted).unwrap();
+    assert_eq!(env.snapshot(), before);
 }

@@ -93,6 +93,10 @@ pub fn delta(
     // Hard links need nothing more: a file whose names differ between the stack and the
     // target (as one inode) is copied, so every name of a copied inode is in the layer.
     let tree = differ.dir(Path::new(""), &from.root, &target.tree)?;
+    // The layer's root always carries the target root's metadata; count a change of it.
+    if !same_dir_meta(&from.root.node.meta, &target.tree.meta) {
+        differ.stats.metadata += 1;
+    }
     let stats = DeltaStats {
         bytes: content_bytes(&tree, &mut HashSet::new()),
         ..differ.stats
@@ -516,6 +520,17 @@ mod tests {
         // Linked the same way in both: nothing to do.
         let target = layer("/t", vec![("x", file(2, 2, 8, 2)), ("y", file(2, 2, 8, 2))]);
         assert!(run(&stack, &target).1.is_empty());
+    }
+
+    #[test]
+    fn a_change_of_the_root_alone_is_a_change() {
+        let stack = [layer("/a", vec![("x", file(1, 1, 1, 1))])];
+        let mut target = layer("/t", vec![("x", file(1, 1, 2, 1))]);
+        target.tree.meta.mode = 0o700;
+        let (names, stats) = run(&stack, &target);
+        assert!(names.is_empty());
+        assert_eq!(stats.metadata, 1);
+        assert!(!stats.is_empty());
     }
 
     #[test]

@@ -133,6 +133,10 @@ pub enum LayerError {
         what: String,
     },
     #[error(
+        "{path}: is on another filesystem (a mount point); a layer or a target tree is read from one filesystem"
+    )]
+    OtherFilesystem { path: PathBuf },
+    #[error(
         "{path}: an xattr whiteout (`{attr}`) in a directory not marked `{marker}` = \"x\"; kernels before 6.8 show it as an empty file and newer ones list it but cannot open it"
     )]
     UnmarkedXattrWhiteout {
@@ -197,6 +201,7 @@ impl Layer {
         let mut reader = Reader {
             ns,
             unclean: Vec::new(),
+            dev: st.st_dev,
         };
         let tree = reader.node(root, &st, Some(fd), false)?;
         Ok(Self {
@@ -309,6 +314,8 @@ pub(crate) fn open_dir(at: impl AsFd, name: impl rustix::path::Arg) -> rustix::i
 struct Reader {
     ns: XattrNs,
     unclean: Vec<LayerError>,
+    /// The root's filesystem: a tree is read from one filesystem only.
+    dev: u64,
 }
 
 impl Reader {
@@ -325,6 +332,11 @@ impl Reader {
     ) -> Result<Node, LayerError> {
         let ns = self.ns;
         let file_type = FileType::from_raw_mode(st.st_mode);
+        if st.st_dev != self.dev {
+            self.unclean.push(LayerError::OtherFilesystem {
+                path: path.to_owned(),
+            });
+        }
         let (xattrs, private) = read_xattrs(path, ns)?;
         for attr in ["redirect", "metacopy"] {
             if private.contains_key(attr) {
