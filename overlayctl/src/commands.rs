@@ -179,7 +179,20 @@ pub fn add_layer(root: &Path, opts: &AddLayerOpts, json: bool, out: &mut dyn Wri
         XattrNs::Trusted
     };
     if let Some(bundle) = &opts.bundle {
-        let applied = ops::add_bundle(&store, bundle, opts.allow_unsigned, &layer)?;
+        let url = bundle.to_str().filter(|b| crate::fetch::is_url(b));
+        let applied = match url {
+            Some(url) => {
+                // Downloaded before the store is locked: a slow line holds up nothing.
+                let part = crate::fetch::download_path(root, url);
+                crate::fetch::fetch(url, &part)?;
+                let applied = ops::add_bundle(&store, &part, opts.allow_unsigned, &layer);
+                // Added or refused, the download is done with: a refused bundle would only be
+                // refused again.
+                let _ = fs::remove_file(&part);
+                applied?
+            }
+            None => ops::add_bundle(&store, bundle, opts.allow_unsigned, &layer)?,
+        };
         if !json {
             match applied.signers.as_slice() {
                 [] => writeln!(out, "{} is not signed by a trusted key", bundle.display())?,

@@ -4,6 +4,7 @@
 pub mod bundle;
 pub mod commands;
 pub mod engine;
+pub mod fetch;
 pub mod mount;
 pub mod ops;
 pub mod status;
@@ -109,10 +110,11 @@ pub struct AddLayerOpts {
     /// The layer: a tree in overlayfs lower format (whiteouts and opaque directories allowed).
     #[arg(required_unless_present = "bundle", conflicts_with = "bundle")]
     pub dir: Option<PathBuf>,
-    /// Rebuild the layer from a bundle file (see `overlayctl bundle`) against the next boot's
-    /// stack instead: its signature is checked against the store's keys/ and its base against
-    /// the stack.
-    #[arg(long, value_name = "FILE")]
+    /// Rebuild the layer from a bundle (a file, or an http:// or https:// URL, downloaded into
+    /// the store's downloads/ and resumed where a broken download stopped) against the next
+    /// boot's stack instead: its signature is checked against the store's keys/ and its base
+    /// against the stack.
+    #[arg(long, value_name = "FILE|URL")]
     pub bundle: Option<PathBuf>,
     /// Accept a bundle with no signature from a key in keys/ although keys/ holds keys.
     #[arg(long, requires = "bundle")]

@@ -521,3 +521,103 @@ fn privileged_bundle_bad_bundles_change_nothing() {
     );
     assert!(added.contains("is not signed by a trusted key"), "{added}");
 }
+
+/// Serves `data` over HTTP/1.1 on 127.0.0.1 with range requests; the first answer stops after
+/// `cut` bytes of body, as a broken connection would. Returns the port and the request heads.
+fn serve(data: Vec<u8>, cut: usize) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = log.clone();
+    std::thread::spawn(move || {
+        for (i, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            let start = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("range: bytes=")
+                        .map(str::to_owned)
+                })
+                .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok());
+            seen.lock().unwrap().push(head);
+            let answer = match start {
+                Some(start) => format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nConnection: close\r\n\r\n",
+                    data.len() - start,
+                    data.len() - 1,
+                    data.len()
+                ),
+                None => format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    data.len()
+                ),
+            };
+            let body = &data[start.unwrap_or(0)..];
+            let body = if i == 0 { &body[..cut] } else { body };
+            let _ = stream.write_all(answer.as_bytes());
+            let _ = stream.write_all(body);
+        }
+    });
+    (port, log)
+}
+
+#[test]
+fn privileged_bundle_downloads_resume_after_a_broken_connection() {
+    let Some(env) = Env::new("privileged_bundle_downloads_resume_after_a_broken_connection") else {
+        return;
+    };
+    let bundle = env.path("release-2.bundle");
+    env.ok(
+        "server",
+        &[
+            "bundle",
+            "create",
+            "--from",
+            env.path("old").to_str().unwrap(),
+            "--to",
+            env.path("new").to_str().unwrap(),
+            "-o",
+            bundle.to_str().unwrap(),
+        ],
+    );
+    let data = fs::read(&bundle).unwrap();
+    let cut = data.len() / 2;
+    let (port, log) = serve(data, cut);
+    env.store("device");
+    let url = format!("http://127.0.0.1:{port}/release-2.bundle");
+
+    let e = env.fails("device", &["add-layer", "--bundle", &url]);
+    assert!(e.contains("run the command again to resume"), "{e}");
+    let parts: Vec<_> = fs::read_dir(env.path("device/downloads"))
+        .unwrap()
+        .collect();
+    assert_eq!(parts.len(), 1, "the partial download is kept");
+    assert!(!env.path("device/layers/release-2").exists());
+
+    let added = env.ok("device", &["add-layer", "--bundle", &url]);
+    assert!(added.contains("added layer release-2"), "{added}");
+    let heads = log.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(
+        heads[1]
+            .to_ascii_lowercase()
+            .contains(&format!("range: bytes={cut}-")),
+        "the second request resumes: {heads:?}"
+    );
+    assert_eq!(
+        fs::read_dir(env.path("device/downloads")).unwrap().count(),
+        0,
+        "the finished download is removed"
+    );
+}
