@@ -194,12 +194,21 @@ pub fn tree_digest(
     Ok(format!("blake3:{}", hasher.finalize().to_hex()))
 }
 
-/// Hashes a merged view's file by reading it.
-pub fn read_hash(view: &MergedView<'_>) -> impl FnMut(&Path, &MergedNode<'_>) -> Result<String> {
-    move |rel, node| {
-        let path = view.source_path(rel, node);
-        hash_file(&path).with_context(|| format!("hashing {}", path.display()))
+/// Hashes a merged view's file by reading it, remembering each hash by the file's path on
+/// disk, so that a second digest over the same files (base, then target) reads none again.
+pub fn hash_by_reading(
+    view: &MergedView<'_>,
+    known: &mut HashMap<PathBuf, String>,
+    rel: &Path,
+    node: &MergedNode<'_>,
+) -> Result<String> {
+    let path = view.source_path(rel, node);
+    if let Some(hash) = known.get(&path) {
+        return Ok(hash.clone());
     }
+    let hash = hash_file(&path).with_context(|| format!("hashing {}", path.display()))?;
+    known.insert(path, hash.clone());
+    Ok(hash)
 }
 
 /// Makes a bundle at `out` from the tree `from` shows to the plain tree `to`.
@@ -209,10 +218,15 @@ pub fn create(
     out: &Path,
     key: Option<&SigningKey>,
 ) -> Result<Created> {
-    let base = tree_digest(from, &mut read_hash(from))?;
+    let mut known = HashMap::new();
+    let base = tree_digest(from, &mut |rel, node| {
+        hash_by_reading(from, &mut known, rel, node)
+    })?;
     let to_view_layers = std::slice::from_ref(to);
     let to_view = MergedView::new(to_view_layers);
-    let target = tree_digest(&to_view, &mut read_hash(&to_view))?;
+    let target = tree_digest(&to_view, &mut |rel, node| {
+        hash_by_reading(&to_view, &mut known, rel, node)
+    })?;
     // Contents compared by hash: a same-size change with an unchanged mtime must not be missed
     // (the bundle would then never rebuild its promised target).
     let (layer, stats) = delta(from, to, Compare::Checksum)
@@ -223,7 +237,7 @@ pub fn create(
         ..Created::default()
     };
     let payload_path = out.with_extension("payload.part");
-    let written = write_payload(from, to, &layer, &payload_path, &mut created);
+    let written = write_payload(from, to, &layer, &payload_path, &known, &mut created);
     let entries = match written {
         Ok(entries) => entries,
         Err(e) => {
@@ -278,6 +292,7 @@ fn write_payload(
     to: &Layer,
     layer: &Layer,
     payload_path: &Path,
+    known: &HashMap<PathBuf, String>,
     created: &mut Created,
 ) -> Result<Vec<Entry>> {
     let mut payload = BufWriter::new(
@@ -303,8 +318,13 @@ fn write_payload(
                 first_name.insert(*inode, entry.path.clone());
             }
             let source = to.root.join(&rel);
-            entry.hash =
-                Some(hash_file(&source).with_context(|| format!("hashing {}", source.display()))?);
+            // The target digest hashed every file of `to` already.
+            entry.hash = Some(match known.get(&source) {
+                Some(hash) => hash.clone(),
+                None => {
+                    hash_file(&source).with_context(|| format!("hashing {}", source.display()))?
+                }
+            });
             let offset = payload.stream_position().context("writing the payload")?;
             let basis = from.get(&rel).filter(|b| {
                 matches!(b.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT)

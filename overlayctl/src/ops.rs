@@ -11,7 +11,7 @@ use layers_spec::{BootState, Layer as PlanLayer, LayerState, Plan, check_name};
 
 use crate::engine::copy::{CopyStats, copy_layer};
 use crate::engine::delta::{Compare, DeltaStats, delta};
-use crate::engine::{Kind, Layer, Manifest, MergedView, XattrNs};
+use crate::engine::{Layer, Manifest, MergedView, XattrNs};
 use crate::store::{self, Store, remove_path};
 
 /// What a new layer is called and how the plan takes it.
@@ -46,21 +46,6 @@ pub fn read_clean(source: &Path, ns: XattrNs) -> Result<Layer> {
         );
     }
     Ok(layer)
-}
-
-/// Bytes of file content in a tree (what a copy needs at least), hard links once.
-fn content_bytes(node: &crate::engine::Node) -> u64 {
-    fn go(node: &crate::engine::Node, seen: &mut std::collections::HashSet<(u64, u64)>) -> u64 {
-        match &node.kind {
-            Kind::File { size, inode, nlink } if *nlink <= 1 || seen.insert(*inode) => *size,
-            Kind::Dir { children, .. } => children
-                .values()
-                .map(|c| go(c, seen))
-                .fold(0, u64::saturating_add),
-            _ => 0,
-        }
-    }
-    go(node, &mut std::collections::HashSet::new())
 }
 
 /// Refuses a copy that would leave less than the plan's `min_free` on the store's filesystem.
@@ -257,7 +242,7 @@ pub fn add_built_layer(
         None => layer.parent = plan.layers.first().map(|l| l.name.clone()),
     }
     let source = build(&plan, &state, &mut layer)?;
-    check_room(store, &plan, content_bytes(&source.tree))?;
+    check_room(store, &plan, source.tree.content_bytes())?;
     store.clean_orphans(&plan, &state)?;
     let target = store.layer_dir(&layer.name);
     if fs::symlink_metadata(&target).is_ok() {
@@ -377,7 +362,10 @@ pub fn add_bundle(
         let layers =
             Layer::read_all(&roots, XattrNs::Trusted).context("reading the stack's layers")?;
         let view = MergedView::new(&layers);
-        let base = crate::bundle::tree_digest(&view, &mut crate::bundle::read_hash(&view))?;
+        let mut known = std::collections::HashMap::new();
+        let base = crate::bundle::tree_digest(&view, &mut |rel, node| {
+            crate::bundle::hash_by_reading(&view, &mut known, rel, node)
+        })?;
         ensure!(
             base == bundle.manifest.base,
             "{} applies to the tree {}, but the next boot's stack ({}) is {}; nothing was added",
@@ -405,7 +393,10 @@ pub fn add_bundle(
         let mut with = vec![rebuilt];
         with.extend(layers);
         let result = MergedView::new(&with);
-        let target = crate::bundle::tree_digest(&result, &mut crate::bundle::read_hash(&result))?;
+        // The stack's files were hashed for the base digest: only the rebuilt ones are read.
+        let target = crate::bundle::tree_digest(&result, &mut |rel, node| {
+            crate::bundle::hash_by_reading(&result, &mut known, rel, node)
+        })?;
         ensure!(
             target == bundle.manifest.target,
             "{} rebuilt a tree ({target}) other than the one it promises ({}); nothing was added",

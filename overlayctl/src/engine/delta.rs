@@ -5,7 +5,7 @@
 //! carried with the target's metadata. The result is a layer tree whose files are read from the
 //! target's root, ready for [`super::copy::copy_layer`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
@@ -98,7 +98,7 @@ pub fn delta(
         differ.stats.metadata += 1;
     }
     let stats = DeltaStats {
-        bytes: content_bytes(&tree, &mut HashSet::new()),
+        bytes: tree.content_bytes(),
         ..differ.stats
     };
     let layer = Layer {
@@ -351,20 +351,6 @@ fn check_target(node: &Node, path: &mut PathBuf) -> Result<(), DeltaError> {
             Ok(())
         }
         _ => Ok(()),
-    }
-}
-
-fn content_bytes(node: &Node, seen: &mut HashSet<(u64, u64)>) -> u64 {
-    match &node.kind {
-        Kind::File { size, inode, nlink } => {
-            if *nlink > 1 && !seen.insert(*inode) {
-                0
-            } else {
-                *size
-            }
-        }
-        Kind::Dir { children, .. } => children.values().map(|c| content_bytes(c, seen)).sum(),
-        _ => 0,
     }
 }
 

@@ -91,6 +91,23 @@ pub enum Kind {
     Whiteout,
 }
 
+impl Node {
+    /// Bytes of file content in this subtree, each hard-linked file once.
+    pub fn content_bytes(&self) -> u64 {
+        fn go(node: &Node, seen: &mut std::collections::HashSet<(u64, u64)>) -> u64 {
+            match &node.kind {
+                Kind::File { size, inode, nlink } if *nlink <= 1 || seen.insert(*inode) => *size,
+                Kind::Dir { children, .. } => children
+                    .values()
+                    .map(|c| go(c, seen))
+                    .fold(0, u64::saturating_add),
+                _ => 0,
+            }
+        }
+        go(self, &mut std::collections::HashSet::new())
+    }
+}
+
 impl Kind {
     pub fn is_dir(&self) -> bool {
         matches!(self, Self::Dir { .. })
