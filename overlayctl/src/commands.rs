@@ -145,6 +145,19 @@ fn report_added(added: &ops::Added, root: &Path, json: bool, out: &mut dyn Write
     Ok(())
 }
 
+/// The name given with --name, or the one `path`'s file name makes.
+fn layer_name(given: Option<&String>, path: &Path) -> Result<String> {
+    match given {
+        Some(name) => Ok(name.clone()),
+        None => name_from_path(path).ok_or_else(|| {
+            anyhow!(
+                "{} is not usable as a layer name; give one with --name",
+                path.display()
+            )
+        }),
+    }
+}
+
 pub fn add_layer(root: &Path, opts: &AddLayerOpts, json: bool, out: &mut dyn Write) -> Result<()> {
     let store = Store::open(root)?;
     let source = opts
@@ -152,15 +165,14 @@ pub fn add_layer(root: &Path, opts: &AddLayerOpts, json: bool, out: &mut dyn Wri
         .as_deref()
         .or(opts.bundle.as_deref())
         .expect("clap requires DIR or --bundle");
-    let name = match &opts.name {
-        Some(name) => name.clone(),
-        None => name_from_path(&source.with_extension("")).ok_or_else(|| {
-            anyhow!(
-                "{} is not usable as a layer name; give one with --name",
-                source.display()
-            )
-        })?,
+    // A bundle `rel-2.bundle` gives `rel-2`; a directory keeps its whole name (`upgrade-2.1`).
+    let named_after = match &opts.bundle {
+        Some(bundle) if bundle.extension().is_some_and(|e| e == "bundle") => {
+            bundle.with_extension("")
+        }
+        _ => source.to_owned(),
     };
+    let name = layer_name(opts.name.as_ref(), &named_after)?;
     let layer = NewLayer {
         name,
         title: opts.title.clone(),
@@ -207,15 +219,7 @@ pub fn add_layer(root: &Path, opts: &AddLayerOpts, json: bool, out: &mut dyn Wri
 
 pub fn sync(root: &Path, opts: &SyncOpts, json: bool, out: &mut dyn Write) -> Result<()> {
     let store = Store::open(root)?;
-    let name = match &opts.name {
-        Some(name) => name.clone(),
-        None => name_from_path(&opts.target).ok_or_else(|| {
-            anyhow!(
-                "{} is not usable as a layer name; give one with --name",
-                opts.target.display()
-            )
-        })?,
-    };
+    let name = layer_name(opts.name.as_ref(), &opts.target)?;
     let layer = NewLayer {
         name,
         title: opts.title.clone(),
