@@ -155,3 +155,22 @@ pub fn first_difference(
             )
         })
 }
+
+/// A view with directory mtimes set to 0: they move with any change inside a directory, and
+/// sync and bundles carry them only where something changed.
+pub fn without_dir_mtimes(mut view: BTreeMap<PathBuf, Seen>) -> BTreeMap<PathBuf, Seen> {
+    for seen in view.values_mut() {
+        if seen.kind == "dir" {
+            seen.mtime = 0;
+        }
+    }
+    view
+}
+
+/// What a directory (a mount or a plain tree) shows below its root, directory mtimes aside:
+/// for checking that a stack shows a target tree.
+pub fn shown_tree(root: &Path) -> BTreeMap<PathBuf, Seen> {
+    let mut view = without_dir_mtimes(kernel_view(root));
+    view.remove(Path::new(""));
+    view
+}

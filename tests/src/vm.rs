@@ -40,13 +40,17 @@ fn run(cmd: &mut Command) -> String {
 
 /// Installs the Debian packages the harness uses, when their commands are missing.
 pub fn ensure_packages() {
-    let wanted = [
+    ensure_commands(&[
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("busybox", "busybox-static"),
         ("depmod", "kmod"),
         ("mkfs.ext4", "e2fsprogs"),
         ("dpkg-deb", "dpkg"),
-    ];
+    ]);
+}
+
+/// Installs with apt-get the package of each (command, package) whose command is missing.
+pub fn ensure_commands(wanted: &[(&str, &str)]) {
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(cmd, _)| {
@@ -186,21 +190,7 @@ fn mkinitramfs(kernel: &Kernel, hook: &Path, out: &Path) -> Command {
 /// /lib/modules gets a link to the kernel's modules while the image is built, as mkinitramfs
 /// reads them from there only).
 pub fn initramfs_tools_image(kernel: &Kernel, hook: &Path, work: &Path) -> PathBuf {
-    if Command::new("sh")
-        .args(["-c", "command -v mkinitramfs"])
-        .output()
-        .map_or(true, |o| !o.status.success())
-    {
-        run(Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                "initramfs-tools",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"));
-    }
+    ensure_commands(&[("mkinitramfs", "initramfs-tools")]);
     let conf = work.join("initramfs-tools");
     run(Command::new("cp")
         .args(["-r", "/etc/initramfs-tools"])
@@ -262,21 +252,7 @@ pub fn initramfs_tools_image(kernel: &Kernel, hook: &Path, work: &Path) -> PathB
 /// tree (the host's /usr/lib/dracut is not touched): with `systemd`, systemd is the
 /// initramfs's init (Fedora's and RHEL's default); without, dracut's own shell init.
 pub fn dracut_image(kernel: &Kernel, hook: &Path, work: &Path, systemd: bool) -> PathBuf {
-    if Command::new("sh")
-        .args(["-c", "command -v dracut"])
-        .output()
-        .map_or(true, |o| !o.status.success())
-    {
-        run(Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                "dracut-core",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"));
-    }
+    ensure_commands(&[("dracut", "dracut-core")]);
     let base = work.join("dracut");
     run(Command::new("cp")
         .args(["-r", "/usr/lib/dracut"])

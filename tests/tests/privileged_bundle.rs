@@ -65,6 +65,26 @@ impl Env {
         String::from_utf8(out.stderr).unwrap()
     }
 
+    /// `bundle create --from FROM --to NEW -o OUT [--sign KEY]`, run "on the build server";
+    /// returns its report.
+    fn create(&self, from: &Path, out: &Path, key: Option<&Path>) -> String {
+        let new = self.path("new");
+        let mut args = vec![
+            "bundle",
+            "create",
+            "--from",
+            from.to_str().unwrap(),
+            "--to",
+            new.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        if let Some(key) = key {
+            args.extend(["--sign", key.to_str().unwrap()]);
+        }
+        self.ok("server", &args)
+    }
+
     /// A store whose only layer is the old tree.
     fn store(&self, name: &str) {
         self.ok(
@@ -146,18 +166,6 @@ fn new_tree(old: &Path, root: &Path) {
     xattr::set(root.join("usr/bin/tool"), "user.origin", b"release 2").unwrap();
 }
 
-/// The tree a directory shows, directory mtimes aside (carried only where something changed).
-fn view(root: &Path) -> std::collections::BTreeMap<PathBuf, tests::views::Seen> {
-    let mut view = tests::views::kernel_view(root);
-    view.remove(Path::new(""));
-    for seen in view.values_mut() {
-        if seen.kind == "dir" {
-            seen.mtime = 0;
-        }
-    }
-    view
-}
-
 #[test]
 fn privileged_bundle_signed_applies_and_mounts_as_the_new_tree() {
     let Some(env) = Env::new("privileged_bundle_signed_applies_and_mounts_as_the_new_tree") else {
@@ -168,21 +176,7 @@ fn privileged_bundle_signed_applies_and_mounts_as_the_new_tree() {
     let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the secret key is private");
     let bundle = env.path("release-2.bundle");
-    let made = env.ok(
-        "server",
-        &[
-            "bundle",
-            "create",
-            "--from",
-            env.path("old").to_str().unwrap(),
-            "--to",
-            env.path("new").to_str().unwrap(),
-            "-o",
-            bundle.to_str().unwrap(),
-            "--sign",
-            key.to_str().unwrap(),
-        ],
-    );
+    let made = env.create(&env.path("old"), &bundle, Some(&key));
     assert!(made.contains("as deltas; signed"), "{made}");
     // The library changed in one line of 20,000: sent as a delta, the bundle is tiny.
     let size = fs::metadata(&bundle).unwrap().len();
@@ -214,7 +208,10 @@ fn privileged_bundle_signed_applies_and_mounts_as_the_new_tree() {
     let mnt = env.path("mnt");
     fs::create_dir(&mnt).unwrap();
     env.ok("device", &["mount", mnt.to_str().unwrap(), "--read-only"]);
-    let (shown, wanted) = (view(&mnt), view(&env.path("new")));
+    let (shown, wanted) = (
+        tests::views::shown_tree(&mnt),
+        tests::views::shown_tree(&env.path("new")),
+    );
     assert_eq!(tests::views::first_difference(&wanted, &shown), None);
     assert_eq!(shown.len(), wanted.len());
     env.ok("device", &["umount", mnt.to_str().unwrap()]);
@@ -259,24 +256,8 @@ fn privileged_bundle_bad_bundles_change_nothing() {
     let key = env.path("build.key");
     env.ok("server", &["keys", "generate", "-o", key.to_str().unwrap()]);
     let good = env.path("good.bundle");
-    let (old, new) = (env.path("old"), env.path("new"));
-    let create = |out: &Path, sign: bool| {
-        let mut args = vec![
-            "bundle",
-            "create",
-            "--from",
-            old.to_str().unwrap(),
-            "--to",
-            new.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ];
-        if sign {
-            args.extend(["--sign", key.to_str().unwrap()]);
-        }
-        env.ok("server", &args);
-    };
-    create(&good, true);
+    let old = env.path("old");
+    env.create(&old, &good, Some(&key));
     env.store("device");
     env.ok(
         "device",
@@ -350,28 +331,14 @@ fn privileged_bundle_bad_bundles_change_nothing() {
 
     // Unsigned while keys/ holds keys: refused unless asked for.
     let unsigned = env.path("unsigned.bundle");
-    create(&unsigned, false);
+    env.create(&old, &unsigned, None);
     refused(&unsigned, &[], "is not signed by a key in");
 
     // Made for another tree.
     let other = env.path("other.bundle");
     let elsewhere = env.path("elsewhere");
     write(&elsewhere.join("etc/motd"), b"elsewhere\n");
-    env.ok(
-        "server",
-        &[
-            "bundle",
-            "create",
-            "--from",
-            elsewhere.to_str().unwrap(),
-            "--to",
-            new.to_str().unwrap(),
-            "-o",
-            other.to_str().unwrap(),
-            "--sign",
-            key.to_str().unwrap(),
-        ],
-    );
+    env.create(&elsewhere, &other, Some(&key));
     refused(&other, &[], "applies to the tree");
 
     // Hand-made bundles: escaping paths, a path through a symlink, a decompression bomb.
@@ -578,19 +545,7 @@ fn privileged_bundle_downloads_resume_after_a_broken_connection() {
         return;
     };
     let bundle = env.path("release-2.bundle");
-    env.ok(
-        "server",
-        &[
-            "bundle",
-            "create",
-            "--from",
-            env.path("old").to_str().unwrap(),
-            "--to",
-            env.path("new").to_str().unwrap(),
-            "-o",
-            bundle.to_str().unwrap(),
-        ],
-    );
+    env.create(&env.path("old"), &bundle, None);
     let data = fs::read(&bundle).unwrap();
     let cut = data.len() / 2;
     let (port, log) = serve(data, cut);

@@ -799,17 +799,10 @@ fn privileged_sync_adds_the_layer_to_the_target() {
     let mnt = env.path("mnt");
     fs::create_dir(&mnt).unwrap();
     env.ok(&["mount", mnt.to_str().unwrap(), "--read-only"]);
-    let view = |root: &Path| {
-        let mut view = tests::views::kernel_view(root);
-        view.remove(Path::new(""));
-        for seen in view.values_mut() {
-            if seen.kind == "dir" {
-                seen.mtime = 0;
-            }
-        }
-        view
-    };
-    let (shown, wanted) = (view(&mnt), view(&target));
+    let (shown, wanted) = (
+        tests::views::shown_tree(&mnt),
+        tests::views::shown_tree(&target),
+    );
     assert_eq!(
         tests::views::first_difference(&wanted, &shown),
         None,

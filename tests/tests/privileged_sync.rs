@@ -15,7 +15,7 @@ use overlayctl::engine::{Layer, MergedView, XattrNs};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use tests::layergen::{LayerSpec, stack, write_layer};
-use tests::views::{Seen, engine_view, first_difference, kernel_view};
+use tests::views::{engine_view, first_difference, kernel_view, without_dir_mtimes};
 use tests::{have_root, mount_overlay, overlay_dirs, private_mount_namespace};
 
 fn write_stack(scratch: &Path, prefix: &str, layers: &[LayerSpec]) -> Vec<PathBuf> {
@@ -58,16 +58,6 @@ fn link_groups(root: &Path) -> std::collections::BTreeSet<Vec<PathBuf>> {
         }
     }
     groups.into_values().filter(|g| g.len() > 1).collect()
-}
-
-/// Directory mtimes are carried only where something in the directory changed.
-fn without_dir_mtimes(mut view: BTreeMap<PathBuf, Seen>) -> BTreeMap<PathBuf, Seen> {
-    for seen in view.values_mut() {
-        if seen.kind == "dir" {
-            seen.mtime = 0;
-        }
-    }
-    view
 }
 
 /// `upgrade`: the target is the second stack laid over the first (most of it unchanged, as in

@@ -37,7 +37,7 @@ impl Tmux {
     /// Runs `command` (a shell line) in a detached 80x24 tmux session in a fresh directory
     /// holding `plan.toml`.
     fn start(test: &str, command: &str) -> Self {
-        ensure_tmux();
+        tests::vm::ensure_commands(&[("tmux", "tmux")]);
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("plan.toml"), PLAN).unwrap();
         let tmux = Self {
@@ -128,26 +128,6 @@ impl Drop for Tmux {
         let _ = Command::new("tmux")
             .args(["-L", &self.socket, "kill-server"])
             .output();
-    }
-}
-
-fn ensure_tmux() {
-    let present = |cmd: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {cmd}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !present("tmux") {
-        let installed = Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends", "tmux"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            installed,
-            "tmux is missing and apt-get could not install it"
-        );
     }
 }
 
