@@ -26,7 +26,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::delta::{Compare, DeltaStats, delta};
-use crate::engine::manifest::{escape, hash_file, unescape};
+use crate::engine::manifest::{Content, Fields, entry_line, escape, hash_file, unescape};
 use crate::engine::{Kind, Layer, MergedNode, MergedView, Meta, Node};
 
 const MAGIC: &[u8; 8] = b"STRATAB\x01";
@@ -140,53 +140,32 @@ pub fn tree_digest(
         if failed.is_some() {
             return;
         }
-        let n = node.node;
-        let m = &n.meta;
-        let shown = if rel.as_os_str().is_empty() {
-            ".".to_owned()
-        } else {
-            escape(rel.as_os_str().as_bytes())
-        };
-        let mut line = format!(
-            "{shown} {} mode={:04o} uid={} gid={}",
-            n.kind.name(),
-            m.mode,
-            m.uid,
-            m.gid
-        );
-        // Directory mtimes move with any change inside and are carried only where something
-        // changed (as sync does), so they are not part of a tree's identity.
-        if !n.kind.is_dir() {
-            line += &format!(" mtime={}.{:09}", m.mtime.0, m.mtime.1);
-        }
-        match &n.kind {
-            Kind::File { size, inode, nlink } => {
-                let first = (*nlink > 1)
+        let content = match &node.node.kind {
+            Kind::File { inode, nlink, .. } => {
+                match (*nlink > 1)
                     .then(|| first_name.get(&(node.layer, *inode)))
-                    .flatten();
-                if let Some(first) = first {
-                    line += &format!(" link={}", escape(first.as_os_str().as_bytes()));
-                } else {
-                    match hash(rel, node) {
-                        Ok(h) => line += &format!(" size={size} blake3={h}"),
-                        Err(e) => failed = Some(e),
-                    }
-                    if *nlink > 1 {
-                        first_name.insert((node.layer, *inode), rel.to_owned());
-                    }
+                    .flatten()
+                {
+                    Some(first) => Some(Content::LinkTo(first)),
+                    None => match hash(rel, node) {
+                        Ok(h) => Some(Content::Hash(h)),
+                        Err(e) => {
+                            failed = Some(e);
+                            return;
+                        }
+                    },
                 }
             }
-            Kind::Symlink { target } => line += &format!(" target={}", escape(target.as_bytes())),
-            Kind::CharDevice { rdev } | Kind::BlockDevice { rdev } => {
-                line += &format!(" rdev={rdev}");
-            }
-            _ => {}
+            _ => None,
+        };
+        hasher.update(entry_line(rel, node.node, content, Fields::Tree).as_bytes());
+        if let Kind::File { inode, nlink, .. } = &node.node.kind
+            && *nlink > 1
+        {
+            first_name
+                .entry((node.layer, *inode))
+                .or_insert_with(|| rel.to_owned());
         }
-        for (name, value) in &m.xattrs {
-            line += &format!(" xattr.{}={}", escape(name.as_bytes()), escape(value));
-        }
-        line.push('\n');
-        hasher.update(line.as_bytes());
     });
     if let Some(e) = failed {
         return Err(e);

@@ -129,13 +129,32 @@ pub fn escape(bytes: &[u8]) -> String {
     out
 }
 
-fn write_node(
-    layer: &Layer,
+/// A file's content in a line: another name of the same file written earlier, or its size and
+/// hash.
+#[derive(Debug)]
+pub enum Content<'a> {
+    LinkTo(&'a Path),
+    Hash(String),
+}
+
+/// Which fields a line carries: a layer's manifest has every one; a tree digest (bundles)
+/// leaves out directory mtimes, which move with any change inside, and `opaque`, which is a
+/// layer's, not a tree's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fields {
+    Layer,
+    Tree,
+}
+
+/// One entry's line, newline included: path, kind, metadata, content, target or device number,
+/// xattrs, each escaped so that the line splits on spaces without ambiguity.
+pub fn entry_line(
+    path: &Path,
     node: &Node,
-    path: &mut PathBuf,
-    first_path_of_inode: &mut HashMap<(u64, u64), PathBuf>,
-    out: &mut String,
-) -> Result<(), LayerError> {
+    content: Option<Content<'_>>,
+    fields: Fields,
+) -> String {
+    let mut out = String::new();
     let shown = if path.as_os_str().is_empty() {
         ".".to_owned()
     } else {
@@ -144,37 +163,23 @@ fn write_node(
     let _ = write!(out, "{shown} {}", node.kind.name());
     if !matches!(node.kind, Kind::Whiteout) {
         let m = &node.meta;
-        let _ = write!(
-            out,
-            " mode={:04o} uid={} gid={} mtime={}.{:09}",
-            m.mode, m.uid, m.gid, m.mtime.0, m.mtime.1
-        );
-    }
-    match &node.kind {
-        Kind::File { size, inode, nlink } => {
-            let first = (*nlink > 1)
-                .then(|| first_path_of_inode.get(inode))
-                .flatten();
-            if let Some(first) = first {
-                let _ = write!(out, " link={}", escape(first.as_os_str().as_bytes()));
-            } else {
-                let full = layer.root.join(&*path);
-                let hash = hash_file(&full).map_err(|source| LayerError::Io {
-                    path: full,
-                    action: "hashing",
-                    source,
-                })?;
-                let _ = write!(out, " size={size} blake3={hash}");
-                if *nlink > 1 {
-                    first_path_of_inode.insert(*inode, path.clone());
-                }
-            }
+        let _ = write!(out, " mode={:04o} uid={} gid={}", m.mode, m.uid, m.gid);
+        if fields == Fields::Layer || !node.kind.is_dir() {
+            let _ = write!(out, " mtime={}.{:09}", m.mtime.0, m.mtime.1);
         }
-        Kind::Dir { opaque: true, .. } => out.push_str(" opaque"),
-        Kind::Symlink { target } => {
+    }
+    match (&node.kind, content) {
+        (Kind::File { .. }, Some(Content::LinkTo(first))) => {
+            let _ = write!(out, " link={}", escape(first.as_os_str().as_bytes()));
+        }
+        (Kind::File { size, .. }, Some(Content::Hash(hash))) => {
+            let _ = write!(out, " size={size} blake3={hash}");
+        }
+        (Kind::Dir { opaque: true, .. }, _) if fields == Fields::Layer => out.push_str(" opaque"),
+        (Kind::Symlink { target }, _) => {
             let _ = write!(out, " target={}", escape(target.as_bytes()));
         }
-        Kind::CharDevice { rdev } | Kind::BlockDevice { rdev } => {
+        (Kind::CharDevice { rdev } | Kind::BlockDevice { rdev }, _) => {
             let _ = write!(out, " rdev={rdev}");
         }
         _ => {}
@@ -183,6 +188,44 @@ fn write_node(
         let _ = write!(out, " xattr.{}={}", escape(name.as_bytes()), escape(value));
     }
     out.push('\n');
+    out
+}
+
+fn write_node(
+    layer: &Layer,
+    node: &Node,
+    path: &mut PathBuf,
+    first_path_of_inode: &mut HashMap<(u64, u64), PathBuf>,
+    out: &mut String,
+) -> Result<(), LayerError> {
+    let content = match &node.kind {
+        Kind::File { inode, nlink, .. } => {
+            let first = (*nlink > 1)
+                .then(|| first_path_of_inode.get(inode))
+                .flatten();
+            match first {
+                Some(first) => Some(Content::LinkTo(first)),
+                None => {
+                    let full = layer.root.join(&*path);
+                    let hash = hash_file(&full).map_err(|source| LayerError::Io {
+                        path: full,
+                        action: "hashing",
+                        source,
+                    })?;
+                    Some(Content::Hash(hash))
+                }
+            }
+        }
+        _ => None,
+    };
+    out.push_str(&entry_line(path, node, content, Fields::Layer));
+    if let Kind::File { inode, nlink, .. } = &node.kind
+        && *nlink > 1
+    {
+        first_path_of_inode
+            .entry(*inode)
+            .or_insert_with(|| path.clone());
+    }
     if let Kind::Dir { children, .. } = &node.kind {
         for (name, child) in children {
             path.push(name);
