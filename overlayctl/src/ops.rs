@@ -261,6 +261,23 @@ pub fn add_built_layer(
     })
 }
 
+/// The next boot's stack (names, top first) and its layers, read from their directories:
+/// what sync and bundles start from.
+fn read_next_stack(
+    store: &Store,
+    plan: &Plan,
+    state: &BootState,
+) -> Result<(Vec<String>, Vec<Layer>)> {
+    let stack = crate::status::next_boot(store, plan, state).stack;
+    ensure!(
+        !stack.is_empty(),
+        "the next boot's stack is empty, so there is nothing to start from"
+    );
+    let roots: Vec<_> = stack.iter().map(|n| store.layer_dir(n)).collect();
+    let layers = Layer::read_all(&roots, XattrNs::Trusted).context("reading the stack's layers")?;
+    Ok((stack, layers))
+}
+
 /// What `sync` found between the stack and the target.
 #[derive(Debug, Clone)]
 pub struct Synced {
@@ -276,13 +293,7 @@ pub struct Synced {
 pub fn sync(store: &Store, target: &Path, compare: Compare, layer: &NewLayer) -> Result<Synced> {
     let mut found: Option<(Vec<String>, DeltaStats)> = None;
     let result = add_built_layer(store, layer, &mut |plan, state, layer| {
-        let stack = crate::status::next_boot(store, plan, state).stack;
-        if stack.is_empty() {
-            bail!("the next boot's stack is empty, so there is nothing to sync from");
-        }
-        let roots: Vec<_> = stack.iter().map(|n| store.layer_dir(n)).collect();
-        let layers =
-            Layer::read_all(&roots, XattrNs::Trusted).context("reading the stack's layers")?;
+        let (stack, layers) = read_next_stack(store, plan, state)?;
         let view = MergedView::new(&layers);
         let target_tree = read_clean(target, XattrNs::Trusted)?;
         let (delta, stats) = delta(&view, &target_tree, compare)
@@ -356,11 +367,7 @@ pub fn add_bundle(
     }
     let scratch = store.staging_path("bundle");
     let result = add_built_layer(store, layer, &mut |plan, state, layer| {
-        let stack = crate::status::next_boot(store, plan, state).stack;
-        ensure!(!stack.is_empty(), "the next boot's stack is empty");
-        let roots: Vec<_> = stack.iter().map(|n| store.layer_dir(n)).collect();
-        let layers =
-            Layer::read_all(&roots, XattrNs::Trusted).context("reading the stack's layers")?;
+        let (stack, layers) = read_next_stack(store, plan, state)?;
         let view = MergedView::new(&layers);
         let mut known = std::collections::HashMap::new();
         let base = crate::bundle::tree_digest(&view, &mut |rel, node| {
