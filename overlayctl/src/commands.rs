@@ -233,13 +233,13 @@ pub fn sync(root: &Path, opts: &SyncOpts, json: bool, out: &mut dyn Write) -> Re
     } else {
         Compare::Quick
     };
-    let synced = ops::sync(&store, &opts.target, compare, &layer)?;
+    let synced = ops::sync(&store, &opts.target, compare, &layer, opts.dry_run)?;
     let d = &synced.delta;
     if json {
         return write_json(
             out,
             &serde_json::json!({
-                "target": opts.target, "stack": synced.stack,
+                "target": opts.target, "stack": synced.stack, "dry_run": opts.dry_run,
                 "layer": synced.added.as_ref().map(|a| &a.name),
                 "digest": synced.added.as_ref().map(|a| &a.digest),
                 "added": d.added, "changed": d.changed, "metadata": d.metadata,
@@ -247,7 +247,8 @@ pub fn sync(root: &Path, opts: &SyncOpts, json: bool, out: &mut dyn Write) -> Re
             }),
         );
     }
-    let Some(added) = &synced.added else {
+    let on = synced.stack.first().map_or("", String::as_str);
+    if d.is_empty() {
         writeln!(
             out,
             "{} already equals the stack ({}): nothing to add",
@@ -255,20 +256,25 @@ pub fn sync(root: &Path, opts: &SyncOpts, json: bool, out: &mut dyn Write) -> Re
             synced.stack.join(", ")
         )?;
         return Ok(());
-    };
+    }
     writeln!(
         out,
         "{} added, {} changed, {} with new metadata, {} deleted ({} as opaque directories)",
         d.added, d.changed, d.metadata, d.deleted, d.opaque
     )?;
-    writeln!(
-        out,
-        "added trial layer {} on {} ({} of content)\ndigest {}",
-        added.name,
-        synced.stack.first().map_or("", String::as_str),
-        layers_spec::size::human(d.bytes),
-        added.digest
-    )?;
+    let content = layers_spec::size::human(d.bytes);
+    match &synced.added {
+        Some(added) => writeln!(
+            out,
+            "added trial layer {} on {on} ({content} of content)\ndigest {}",
+            added.name, added.digest
+        )?,
+        None => writeln!(
+            out,
+            "dry run: would add trial layer {} on {on} ({content} of content); nothing was changed",
+            layer.name
+        )?,
+    }
     Ok(())
 }
 

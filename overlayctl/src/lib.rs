@@ -156,6 +156,9 @@ pub struct SyncOpts {
     /// Compare file contents by hash, not by size and modification time alone.
     #[arg(long)]
     pub checksum: bool,
+    /// Only compare and report what the layer would hold; change nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
     /// Free text kept in the plan.
     #[arg(long)]
     pub notes: Option<String>,

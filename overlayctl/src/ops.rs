@@ -289,8 +289,15 @@ pub struct Synced {
 }
 
 /// Adds the layer that turns the next boot's stack (read from the layer directories, never
-/// from a live root) into `target`, as a trial layer whose parent is that stack's top.
-pub fn sync(store: &Store, target: &Path, compare: Compare, layer: &NewLayer) -> Result<Synced> {
+/// from a live root) into `target`, as a trial layer whose parent is that stack's top. With
+/// `dry_run` it only compares: the store is not changed.
+pub fn sync(
+    store: &Store,
+    target: &Path,
+    compare: Compare,
+    layer: &NewLayer,
+    dry_run: bool,
+) -> Result<Synced> {
     let mut found: Option<(Vec<String>, DeltaStats)> = None;
     let result = add_built_layer(store, layer, &mut |plan, state, layer| {
         let (stack, layers) = read_next_stack(store, plan, state)?;
@@ -300,8 +307,8 @@ pub fn sync(store: &Store, target: &Path, compare: Compare, layer: &NewLayer) ->
             .with_context(|| format!("comparing {} with the stack", target.display()))?;
         layer.parent = stack.first().cloned();
         found = Some((stack, stats));
-        if stats.is_empty() {
-            bail!(NothingToSync);
+        if stats.is_empty() || dry_run {
+            bail!(NotAdded);
         }
         Ok(delta)
     });
@@ -312,7 +319,7 @@ pub fn sync(store: &Store, target: &Path, compare: Compare, layer: &NewLayer) ->
             delta,
             added: Some(added),
         }),
-        Err(e) if e.is::<NothingToSync>() => Ok(Synced {
+        Err(e) if e.is::<NotAdded>() => Ok(Synced {
             stack,
             delta,
             added: None,
@@ -321,10 +328,10 @@ pub fn sync(store: &Store, target: &Path, compare: Compare, layer: &NewLayer) ->
     }
 }
 
-/// The target equals the stack.
+/// The target equals the stack, or this was a dry run.
 #[derive(Debug, thiserror::Error)]
-#[error("the target equals the stack")]
-struct NothingToSync;
+#[error("no layer to add")]
+struct NotAdded;
 
 /// What applying a bundle did.
 #[derive(Debug, Clone)]

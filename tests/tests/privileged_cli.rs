@@ -774,6 +774,17 @@ fn privileged_sync_adds_the_layer_to_the_target() {
     .unwrap();
     write(&target.join("usr/share/doc/new"), "docs\n");
 
+    // A dry run reports the same counts and changes nothing.
+    let before = env.snapshot();
+    let report = env.ok(&["sync", "--dry-run", target.to_str().unwrap()]);
+    assert!(
+        report.contains(
+            "4 added, 1 changed, 1 with new metadata, 2 deleted (2 as opaque directories)"
+        ) && report.contains("dry run: would add trial layer release-2 on base"),
+        "{report}"
+    );
+    assert_eq!(env.snapshot(), before);
+
     let report = env.ok(&["sync", target.to_str().unwrap(), "--title", "Release 2"]);
     assert!(
         // usr/share, its doc and doc/new, var/lib/app/new; motd; ping's mode; old.conf and
