@@ -283,6 +283,7 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
     match command {
         BundleCommand::Create {
             from,
+            from_layer,
             to,
             output,
             sign,
@@ -297,10 +298,24 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
                 ),
                 None => None,
             };
-            let old = ops::read_clean(from, XattrNs::Trusted)?;
+            let old = if from.join(layers_spec::store::PLAN_FILE).is_file() {
+                ops::read_stack_at(&Store::open(from)?, from_layer.as_deref())?.1
+            } else {
+                ensure!(
+                    from_layer.is_none(),
+                    "--from-layer needs --from to be a store (a directory with {}); {} is a tree",
+                    layers_spec::store::PLAN_FILE,
+                    from.display()
+                );
+                vec![ops::read_clean(from, XattrNs::Trusted)?]
+            };
+            ensure!(
+                !to.join(layers_spec::store::PLAN_FILE).is_file(),
+                "{} is a Strata store; --to takes the new system as a plain tree",
+                to.display()
+            );
             let new = ops::read_clean(to, XattrNs::Trusted)?;
-            let old = std::slice::from_ref(&old);
-            let view = crate::engine::MergedView::new(old);
+            let view = crate::engine::MergedView::new(&old);
             let made = create(&view, &new, output, key.as_ref())?;
             let d = &made.delta;
             if json {

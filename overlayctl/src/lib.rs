@@ -250,8 +250,15 @@ pub struct ImportLegacyOpts {
 pub enum BundleCommand {
     /// Write the bundle that turns the tree OLD into the tree NEW.
     Create {
+        /// What devices have now: a tree, or a Strata store (its next boot's stack, or the
+        /// stack under --from-layer).
         #[arg(long, value_name = "OLD")]
         from: PathBuf,
+        /// With a store as OLD: the layer devices have on top (the stack is it and the enabled
+        /// layers below it).
+        #[arg(long, value_name = "LAYER")]
+        from_layer: Option<String>,
+        /// The new system's tree.
         #[arg(long, value_name = "NEW")]
         to: PathBuf,
         #[arg(short, long, value_name = "FILE")]

@@ -273,8 +273,51 @@ fn read_next_stack(
         !stack.is_empty(),
         "the next boot's stack is empty, so there is nothing to start from"
     );
+    let layers = read_layers(store, &stack)?;
+    Ok((stack, layers))
+}
+
+fn read_layers(store: &Store, stack: &[String]) -> Result<Vec<Layer>> {
     let roots: Vec<_> = stack.iter().map(|n| store.layer_dir(n)).collect();
-    let layers = Layer::read_all(&roots, XattrNs::Trusted).context("reading the stack's layers")?;
+    Layer::read_all(&roots, XattrNs::Trusted).context("reading the stack's layers")
+}
+
+/// The stack a device whose top layer is `top` runs: `top` and the enabled layers below it in
+/// the plan (by default, the next boot's stack), names top first, with their layers read. What
+/// a bundle made on a build server's store starts from.
+pub fn read_stack_at(store: &Store, top: Option<&str>) -> Result<(Vec<String>, Vec<Layer>)> {
+    let loaded = store.plan()?;
+    if let Some(why) = loaded.fell_back {
+        bail!(
+            "the plan of {} cannot be read ({why})",
+            store.root.display()
+        );
+    }
+    let plan = loaded.value;
+    let Some(top) = top else {
+        return read_next_stack(store, &plan, &store.state()?);
+    };
+    let Some(at) = plan.layers.iter().position(|l| l.name == top) else {
+        bail!(
+            "the plan of {} has no layer {top:?} (it has: {})",
+            store.root.display(),
+            plan.layers
+                .iter()
+                .map(|l| l.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    ensure!(
+        plan.layers[at].state.is_enabled(),
+        "layer {top:?} is disabled: no stack has it on top"
+    );
+    let stack: Vec<String> = plan.layers[at..]
+        .iter()
+        .filter(|l| l.state.is_enabled())
+        .map(|l| l.name.clone())
+        .collect();
+    let layers = read_layers(store, &stack)?;
     Ok((stack, layers))
 }
 

@@ -238,6 +238,113 @@ fn privileged_bundle_signed_applies_and_mounts_as_the_new_tree() {
     assert_eq!(env.snapshot("device"), before);
 }
 
+/// The mounted next-boot stack of `store` shows exactly `tree`.
+fn assert_stack_shows(env: &Env, store: &str, tree: &Path) {
+    let mnt = env.path("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    env.ok(store, &["mount", mnt.to_str().unwrap(), "--read-only"]);
+    let (shown, wanted) = (
+        tests::views::shown_tree(&mnt),
+        tests::views::shown_tree(tree),
+    );
+    env.ok(store, &["umount", mnt.to_str().unwrap()]);
+    assert_eq!(tests::views::first_difference(&wanted, &shown), None);
+    assert_eq!(shown.len(), wanted.len());
+}
+
+#[test]
+fn privileged_bundle_from_a_store_layer() {
+    let Some(env) = Env::new("privileged_bundle_from_a_store_layer") else {
+        return;
+    };
+    // The build server keeps a store like its devices': the base, then release 2 synced in.
+    let (old, new) = (env.path("old"), env.path("new"));
+    env.store("server");
+    env.ok("server", &["sync", new.to_str().unwrap(), "--name", "r2"]);
+    let third = env.path("third");
+    let copied = StdCommand::new("cp")
+        .arg("-a")
+        .arg(&new)
+        .arg(&third)
+        .status();
+    assert!(copied.unwrap().success());
+    write(&third.join("usr/lib/libbig.so"), &library(3));
+    let server = env.path("server");
+    let create = |from_layer: Option<&str>, to: &Path, out: &Path| {
+        let mut args = vec!["bundle", "create", "--from", server.to_str().unwrap()];
+        args.extend(
+            from_layer
+                .map(|l| ["--from-layer", l])
+                .into_iter()
+                .flatten(),
+        );
+        args.extend(["--to", to.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        env.ok("elsewhere", &args)
+    };
+
+    // Devices still on the base get base -> release 2; devices on release 2 get 2 -> 3.
+    let (to_2, to_3) = (env.path("to-2.bundle"), env.path("to-3.bundle"));
+    let made = create(Some("base"), &new, &to_2);
+    assert!(made.contains("1 as deltas"), "{made}");
+    create(None, &third, &to_3);
+    env.store("device");
+    let e = env.fails("device", &["add-layer", "--bundle", to_3.to_str().unwrap()]);
+    assert!(e.contains("applies to the tree"), "{e}");
+    env.ok("device", &["add-layer", "--bundle", to_2.to_str().unwrap()]);
+    assert_stack_shows(&env, "device", &new);
+    env.ok("device", &["add-layer", "--bundle", to_3.to_str().unwrap()]);
+    assert_stack_shows(&env, "device", &third);
+
+    // Bad input: a layer the server's plan lacks; --from-layer with a tree.
+    let e = env.fails(
+        "elsewhere",
+        &[
+            "bundle",
+            "create",
+            "--from",
+            server.to_str().unwrap(),
+            "--from-layer",
+            "r9",
+            "--to",
+            third.to_str().unwrap(),
+            "-o",
+            env.path("x.bundle").to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("has no layer \"r9\" (it has: r2, base)"), "{e}");
+    let e = env.fails(
+        "elsewhere",
+        &[
+            "bundle",
+            "create",
+            "--from",
+            old.to_str().unwrap(),
+            "--from-layer",
+            "base",
+            "--to",
+            third.to_str().unwrap(),
+            "-o",
+            env.path("x.bundle").to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("--from-layer needs --from to be a store"), "{e}");
+    let e = env.fails(
+        "elsewhere",
+        &[
+            "bundle",
+            "create",
+            "--from",
+            old.to_str().unwrap(),
+            "--to",
+            server.to_str().unwrap(),
+            "-o",
+            env.path("x.bundle").to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("is a Strata store; --to takes"), "{e}");
+    assert!(!env.path("x.bundle").exists());
+}
+
 /// A bundle file written by hand: manifest text, no signatures, payload bytes.
 fn craft(path: &Path, manifest: &str, payload: &[u8]) {
     let mut bytes = b"STRATAB\x01".to_vec();
