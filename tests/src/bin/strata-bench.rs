@@ -231,56 +231,397 @@ fn bench_hook(scratch: &Path, hook: &Path) -> Vec<(usize, Duration, Duration)> {
     rows
 }
 
+/// `overlayctl` with the store at `store`, its output kept.
+fn overlayctl_in(overlayctl: &Path, store: &Path) -> Command {
+    let mut cmd = Command::new(overlayctl);
+    cmd.arg("--store").arg(store);
+    cmd
+}
+
+fn output(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A fresh copy of `tree` at `to` (untimed setup for the tools that update a tree in place).
+fn copy_tree(tree: &Path, to: &Path) {
+    if to.exists() {
+        fs::remove_dir_all(to).unwrap();
+    }
+    run(Command::new("cp").arg("-a").arg(tree).arg(to));
+}
+
+/// What per-file `zstd --patch-from` needs for the files of `new` that differ from `old`: each
+/// changed file patched against the old one, each new file compressed whole, at the bundle's
+/// level. A lower bound for that approach: symlinks, deletions, metadata and a manifest are not
+/// counted.
+fn zstd_patch_bytes(old: &Path, new: &Path, scratch: &Path) -> u64 {
+    let list = output(
+        Command::new("find")
+            .arg(new)
+            .args(["-type", "f", "-printf", "%P\\n"]),
+    );
+    let out = scratch.join("zstd.out");
+    let mut total = 0;
+    for path in list.lines() {
+        let (before, after) = (old.join(path), new.join(path));
+        let old_is_file = fs::symlink_metadata(&before).is_ok_and(|m| m.is_file());
+        if old_is_file && fs::read(&before).unwrap() == fs::read(&after).unwrap() {
+            continue;
+        }
+        let mut zstd = Command::new("zstd");
+        zstd.args(["-q", "-f", "-15"]);
+        if old_is_file {
+            zstd.arg(format!("--patch-from={}", before.display()));
+        }
+        run(zstd.arg(&after).arg("-o").arg(&out));
+        total += fs::metadata(&out).unwrap().len();
+    }
+    total
+}
+
+/// The figures of a real upgrade between two trees (`scripts/debian-trees`).
+struct Upgrade {
+    files: usize,
+    changed_packages: usize,
+    packages: usize,
+    delta: serde_json::Value,
+    bundle: u64,
+    batch: u64,
+    batch_z: u64,
+    zstd: u64,
+    create: Duration,
+    write_batch: Duration,
+    sync_dry: Duration,
+    rsync_dry: Duration,
+    sync_dry_cold: Duration,
+    rsync_dry_cold: Duration,
+    sync: Duration,
+    rsync: Duration,
+    apply: Duration,
+    read_batch: Duration,
+}
+
+fn bench_upgrade(scratch: &Path, overlayctl: &Path, trees: &Path) -> Upgrade {
+    let (old, new) = (trees.join("old"), trees.join("new"));
+    let slash = |p: &Path| format!("{}/", p.display());
+    let store = scratch.join("upgrade-store");
+    let init = |store: &Path| {
+        if store.exists() {
+            fs::remove_dir_all(store).unwrap();
+        }
+        output(
+            overlayctl_in(overlayctl, store)
+                .args(["init", "--base"])
+                .arg(&old),
+        );
+    };
+    init(&store);
+    let dry_run = || {
+        output(
+            overlayctl_in(overlayctl, &store)
+                .args(["--json", "sync", "--dry-run"])
+                .arg(&new),
+        )
+    };
+    let delta: serde_json::Value = serde_json::from_str(&dry_run()).unwrap();
+    let rsync_dry_run = || {
+        run(Command::new("rsync")
+            .args(["-a", "--delete", "--dry-run"])
+            .arg(slash(&new))
+            .arg(slash(&old)));
+    };
+    let sync_dry = time(RUNS, || {
+        dry_run();
+    });
+    let rsync_dry = time(RUNS, rsync_dry_run);
+    let cold = |f: &mut dyn FnMut()| {
+        median(
+            (0..3)
+                .map(|_| {
+                    drop_caches();
+                    let start = Instant::now();
+                    f();
+                    start.elapsed()
+                })
+                .collect(),
+        )
+    };
+    let sync_dry_cold = cold(&mut || {
+        dry_run();
+    });
+    let rsync_dry_cold = cold(&mut || rsync_dry_run());
+
+    // The whole job, to disk: Strata adds the layer (copy, fsync, manifest); rsync updates a
+    // copy of the old tree in place, then `sync`.
+    let mut round = 0;
+    let sync = median(
+        (0..3)
+            .map(|_| {
+                round += 1;
+                let name = format!("up{round}");
+                drop_caches();
+                let start = Instant::now();
+                output(
+                    overlayctl_in(overlayctl, &store)
+                        .args(["sync", "--name", &name])
+                        .arg(&new),
+                );
+                let took = start.elapsed();
+                output(overlayctl_in(overlayctl, &store).args(["remove", &name]));
+                took
+            })
+            .collect(),
+    );
+    let copy = scratch.join("upgrade-copy");
+    let rsync = median(
+        (0..3)
+            .map(|_| {
+                copy_tree(&old, &copy);
+                drop_caches();
+                let start = Instant::now();
+                run(Command::new("rsync")
+                    .args(["-a", "--delete"])
+                    .arg(slash(&new))
+                    .arg(slash(&copy)));
+                run(&mut Command::new("sync"));
+                start.elapsed()
+            })
+            .collect(),
+    );
+
+    // Bundle against rsync's batch (delta transfer forced: a local rsync copies whole files).
+    let bundle = scratch.join("upgrade.bundle");
+    let create = time(1, || {
+        output(
+            Command::new(overlayctl)
+                .args(["bundle", "create", "--from"])
+                .arg(&old)
+                .arg("--to")
+                .arg(&new)
+                .arg("-o")
+                .arg(&bundle),
+        );
+    });
+    let write_batch = |file: &Path, extra: &[&str]| {
+        let _ = fs::remove_file(file);
+        run(Command::new("rsync")
+            .args(["-a", "--delete", "--no-whole-file"])
+            .args(extra)
+            .arg(format!("--only-write-batch={}", file.display()))
+            .arg(slash(&new))
+            .arg(slash(&old)));
+        fs::metadata(file).unwrap().len()
+    };
+    let (batch_file, batch_z_file) = (scratch.join("batch"), scratch.join("batch-z"));
+    let mut batch = 0;
+    let write_batch_time = time(1, || batch = write_batch(&batch_file, &[]));
+    let batch_z = write_batch(&batch_z_file, &["-z", "--compress-choice=zstd"]);
+    let zstd = zstd_patch_bytes(&old, &new, scratch);
+
+    // Applying: the bundle to a fresh store of the old tree; the batch to a fresh copy of it.
+    let apply = median(
+        (0..3)
+            .map(|_| {
+                init(&store);
+                drop_caches();
+                let start = Instant::now();
+                output(
+                    overlayctl_in(overlayctl, &store)
+                        .args(["add-layer", "--bundle"])
+                        .arg(&bundle),
+                );
+                start.elapsed()
+            })
+            .collect(),
+    );
+    let read_batch = median(
+        (0..3)
+            .map(|_| {
+                copy_tree(&old, &copy);
+                drop_caches();
+                let start = Instant::now();
+                run(Command::new("rsync")
+                    .args(["-a", "--delete"])
+                    .arg(format!("--read-batch={}", batch_z_file.display()))
+                    .arg(slash(&copy)));
+                run(&mut Command::new("sync"));
+                start.elapsed()
+            })
+            .collect(),
+    );
+    let list = fs::read_to_string(trees.join("packages.txt")).unwrap();
+    let files = output(Command::new("find").arg(&new)).lines().count();
+    Upgrade {
+        files,
+        changed_packages: list.lines().count(),
+        packages: fs::read_dir(trees.join("debs")).unwrap().count() - list.lines().count(),
+        delta,
+        bundle: fs::metadata(&bundle).unwrap().len(),
+        batch,
+        batch_z,
+        zstd,
+        create,
+        write_batch: write_batch_time,
+        sync_dry,
+        rsync_dry,
+        sync_dry_cold,
+        rsync_dry_cold,
+        sync,
+        rsync,
+        apply,
+        read_batch,
+    }
+}
+
 fn main() {
     assert!(
         nix::unistd::geteuid().is_root(),
         "the benchmarks mount overlays and drop caches: run as root"
     );
-    let usage = "usage: strata-bench PATH-TO-overlayctl PATH-TO-initramfs-hook [SCRATCH-DIR]";
+    let usage =
+        "usage: strata-bench PATH-TO-overlayctl PATH-TO-initramfs-hook SCRATCH-DIR TREES-DIR";
     let overlayctl = std::env::args().nth(1).map(PathBuf::from).expect(usage);
     let hook = std::env::args().nth(2).map(PathBuf::from).expect(usage);
-    let scratch_parent = std::env::args()
-        .nth(3)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/tmp".into());
+    let scratch_parent = std::env::args().nth(3).map(PathBuf::from).expect(usage);
+    let trees = std::env::args().nth(4).map(PathBuf::from).expect(usage);
     let scratch = tempfile::Builder::new()
         .prefix("strata-bench.")
         .tempdir_in(&scratch_parent)
         .unwrap();
     private_mount_namespace();
 
-    let (engine, find, find_stat, entries) = bench_merged_view(scratch.path());
-    let hook_rows = bench_hook(scratch.path(), &hook);
-    let (add, cp, bytes) = bench_add_layer(scratch.path(), &overlayctl);
+    // Further arguments pick benchmarks by name (view, hook, add, upgrade); none: all.
+    let only: Vec<String> = std::env::args().skip(5).collect();
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
     println!("| benchmark | Strata | the usual tool | ratio (tool / Strata) |");
     println!("|---|---|---|---|");
-    println!(
-        "| merged view of 5 layers of 10,100 entries, {entries} merged paths (warm cache) | engine: read + merge + walk {} | overlay mount + `find` (names only) {} | {:.2} |",
-        ms(engine),
-        ms(find),
-        find.as_secs_f64() / engine.as_secs_f64()
-    );
-    println!(
-        "| the same, with each path's metadata | engine (as above; it always reads metadata and xattrs) {} | overlay mount + `find -printf '%m %U %G %s %T@ %l'` {} | {:.2} |",
-        ms(engine),
-        ms(find_stat),
-        find_stat.as_secs_f64() / engine.as_secs_f64()
-    );
-    println!(
-        "| add a {} MiB tree of 12,304 files (cold cache) | `overlayctl add-layer` (copy, fsync, manifest) {} | `cp -a` + `sync` {} | {:.2} |",
-        bytes >> 20,
-        ms(add),
-        ms(cp),
-        cp.as_secs_f64() / add.as_secs_f64()
-    );
-    for (count, hook_time, mount_time) in hook_rows {
+    if wanted("view") {
+        let (engine, find, find_stat, entries) = bench_merged_view(scratch.path());
         println!(
-            "| boot flow to the mounted stack, {count} layer{} | `initramfs-hook boot` (plan, state, resolve, mount, record) {} | `mount -t overlay` (mount(8)) {} | {:.2} |",
-            if count == 1 { "" } else { "s" },
-            ms(hook_time),
-            ms(mount_time),
-            mount_time.as_secs_f64() / hook_time.as_secs_f64()
+            "| merged view of 5 layers of 10,100 entries, {entries} merged paths (warm cache) | engine: read + merge + walk {} | overlay mount + `find` (names only) {} | {:.2} |",
+            ms(engine),
+            ms(find),
+            find.as_secs_f64() / engine.as_secs_f64()
+        );
+        println!(
+            "| the same, with each path's metadata | engine (as above; it always reads metadata and xattrs) {} | overlay mount + `find -printf '%m %U %G %s %T@ %l'` {} | {:.2} |",
+            ms(engine),
+            ms(find_stat),
+            find_stat.as_secs_f64() / engine.as_secs_f64()
         );
     }
+    if wanted("add") {
+        let (add, cp, bytes) = bench_add_layer(scratch.path(), &overlayctl);
+        println!(
+            "| add a {} MiB tree of 12,304 files (cold cache) | `overlayctl add-layer` (copy, fsync, manifest) {} | `cp -a` + `sync` {} | {:.2} |",
+            bytes >> 20,
+            ms(add),
+            ms(cp),
+            cp.as_secs_f64() / add.as_secs_f64()
+        );
+    }
+    if wanted("hook") {
+        for (count, hook_time, mount_time) in bench_hook(scratch.path(), &hook) {
+            println!(
+                "| boot flow to the mounted stack, {count} layer{} | `initramfs-hook boot` (plan, state, resolve, mount, record) {} | `mount -t overlay` (mount(8)) {} | {:.2} |",
+                if count == 1 { "" } else { "s" },
+                ms(hook_time),
+                ms(mount_time),
+                mount_time.as_secs_f64() / hook_time.as_secs_f64()
+            );
+        }
+    }
+    if wanted("upgrade") {
+        print_upgrade(&bench_upgrade(scratch.path(), &overlayctl, &trees));
+    }
+}
+
+fn print_upgrade(u: &Upgrade) {
+    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
+    let mib = |b: u64| format!("{:.2} MiB", b as f64 / f64::from(1 << 20));
+    let ratio = |tool: Duration, ours: Duration| tool.as_secs_f64() / ours.as_secs_f64();
+    let d = &u.delta;
+    let what = format!(
+        "Debian 12 standard system, {} of {} packages upgraded, {} paths ({} added, {} changed, {} new metadata, {} deleted)",
+        u.changed_packages,
+        u.packages,
+        u.files,
+        d["added"],
+        d["changed"],
+        d["metadata"],
+        d["deleted"]
+    );
+    println!();
+    println!("{what}:");
+    println!();
+    println!("| measure | Strata | the usual tool | ratio (tool / Strata) |");
+    println!("|---|---|---|---|");
+    let size_row = |tool: &str, bytes: u64| {
+        println!(
+            "| update size | bundle {} | {tool} {} | {:.2} |",
+            mib(u.bundle),
+            mib(bytes),
+            bytes as f64 / u.bundle as f64
+        );
+    };
+    size_row("`rsync --only-write-batch --no-whole-file`", u.batch);
+    size_row("the same with `-z --compress-choice=zstd`", u.batch_z);
+    size_row("per-file `zstd -15 --patch-from` (file data only)", u.zstd);
+    let time_row = |measure: &str, ours: &str, a: Duration, tool: &str, b: Duration| {
+        println!(
+            "| {measure} | {ours} {} | {tool} {} | {:.2} |",
+            ms(a),
+            ms(b),
+            ratio(b, a)
+        );
+    };
+    time_row(
+        "making the update",
+        "`bundle create`",
+        u.create,
+        "`rsync --only-write-batch`",
+        u.write_batch,
+    );
+    time_row(
+        "comparing, warm cache",
+        "`sync --dry-run`",
+        u.sync_dry,
+        "`rsync -a --delete --dry-run`",
+        u.rsync_dry,
+    );
+    time_row(
+        "comparing, cold cache",
+        "`sync --dry-run`",
+        u.sync_dry_cold,
+        "`rsync -a --delete --dry-run`",
+        u.rsync_dry_cold,
+    );
+    time_row(
+        "upgrading from the new tree, cold cache",
+        "`sync` (layer written and flushed)",
+        u.sync,
+        "`rsync -a --delete` into a copy + `sync`",
+        u.rsync,
+    );
+    time_row(
+        "applying the update, cold cache",
+        "`add-layer --bundle`",
+        u.apply,
+        "`rsync --read-batch` into a copy + `sync`",
+        u.read_batch,
+    );
+    let raw = d["bytes"].as_u64().unwrap_or(0);
+    println!(
+        "\nThe bundle carries {} of file content ({} compressed): applied at {:.1} MiB/s of content.",
+        mib(raw),
+        mib(u.bundle),
+        raw as f64 / f64::from(1 << 20) / u.apply.as_secs_f64()
+    );
 }
