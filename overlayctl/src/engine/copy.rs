@@ -17,6 +17,7 @@ use rustix::fs::{
     copy_file_range, fchmod, fchown, fsetxattr, fstat, ftruncate, futimens, linkat, lsetxattr,
     mkdirat, mknodat, openat, seek, symlinkat, syncfs, utimensat,
 };
+use rustix::io::Errno;
 
 use super::tree::{Kind, Layer, LayerError, Meta, Node, XattrNs, io_at, open_dir};
 
@@ -24,29 +25,63 @@ use super::tree::{Kind, Layer, LayerError, Meta, Node, XattrNs, io_at, open_dir}
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CopyStats {
     pub entries: u64,
-    /// Bytes of file content (hard links counted once).
+    /// Bytes of file content copied (hard links counted once).
     pub bytes: u64,
+    /// Files linked rather than copied ([`link_layer`]).
+    pub linked: u64,
 }
 
 /// Copies `layer` into a new directory `name` inside the directory `parent` (which must exist
 /// and not contain `name`), then flushes the filesystem. The new layer keeps overlay's
 /// attributes in the `trusted.` namespace, whatever the source used.
 pub fn copy_layer(layer: &Layer, parent: &Path, name: &OsStr) -> Result<CopyStats, LayerError> {
+    write_tree(&layer.tree, Source::Root(&layer.root), parent, name)
+}
+
+/// Writes `tree` as a new layer `name` inside `parent`, as [`copy_layer`] does, except that
+/// each file is a new hard link to the file `source` names for its path (no data is copied or
+/// metadata changed; the tree's metadata for it must be that file's). Where a link cannot be
+/// made (another filesystem, the link count at its limit), the file is copied. Then flushes
+/// the filesystem.
+pub fn link_layer(
+    tree: &Node,
+    source: &dyn Fn(&Path) -> PathBuf,
+    parent: &Path,
+    name: &OsStr,
+) -> Result<CopyStats, LayerError> {
+    write_tree(tree, Source::Linked(source), parent, name)
+}
+
+fn write_tree(
+    tree: &Node,
+    source: Source<'_>,
+    parent: &Path,
+    name: &OsStr,
+) -> Result<CopyStats, LayerError> {
     let parent_fd = open_dir(rustix::fs::CWD, parent)
         .map_err(io_at(parent, "opening the destination directory"))?;
     let mut copier = Copier {
-        source_root: &layer.root,
+        source,
         dest_root: parent.join(name),
         links: HashMap::new(),
         stats: CopyStats::default(),
     };
-    copier.dir(&parent_fd, name, Path::new(""), &layer.tree)?;
+    copier.dir(&parent_fd, name, Path::new(""), tree)?;
     syncfs(&parent_fd).map_err(io_at(parent, "flushing the filesystem"))?;
     Ok(copier.stats)
 }
 
+/// Where file contents come from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// The same relative path under this root, copied.
+    Root(&'a Path),
+    /// The file this gives for a relative path, hard-linked.
+    Linked(&'a dyn Fn(&Path) -> PathBuf),
+}
+
 struct Copier<'a> {
-    source_root: &'a Path,
+    source: Source<'a>,
     dest_root: PathBuf,
     /// Source inode → where its first copy is, relative to the destination root.
     links: HashMap<(u64, u64), PathBuf>,
@@ -173,8 +208,21 @@ impl Copier<'_> {
         node: &Node,
         size: u64,
     ) -> Result<(), LayerError> {
-        let source = self.source_root.join(rel);
         let dest = self.dest(rel);
+        let source = match self.source {
+            Source::Root(root) => root.join(rel),
+            Source::Linked(source) => {
+                let source = source(rel);
+                match linkat(rustix::fs::CWD, &source, dir, name, AtFlags::empty()) {
+                    Ok(()) => {
+                        self.stats.linked += 1;
+                        return Ok(());
+                    }
+                    Err(Errno::XDEV | Errno::MLINK) => source,
+                    Err(e) => return Err(io_at(&dest, "linking")(e)),
+                }
+            }
+        };
         let src = File::from(
             openat(
                 rustix::fs::CWD,
