@@ -123,6 +123,9 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
     };
     let state_before = state.clone();
     clear_staging(&store, log);
+    if loaded.fell_back.is_none() {
+        clear_orphans(&store, &plan, &state, log);
+    }
 
     let layers_dir = store.join("layers");
     let present = |name: &str| layers_dir.join(name).is_dir();
@@ -298,7 +301,8 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
         upper_id: (upper_mode == UpperMode::Persistent)
             .then(|| state.current_upper.clone())
             .flatten(),
-        store: "/run/strata/store".into(),
+        // Where `expose_store` binds it: /run/strata/store in the new root.
+        store: env.run.join("strata/store").display().to_string(),
         one_shot: resolution.one_shot,
         fallback,
         notes: resolution.notes.iter().map(ToString::to_string).collect(),
@@ -559,6 +563,45 @@ fn clear_staging(store: &Path, log: &mut Log) {
                 path.display()
             )),
             Err(e) => log.debug(format!("could not remove {}: {e}", path.display())),
+        }
+    }
+}
+
+/// Deletes layers (and their manifests) that neither the plan, nor the last good stack, nor a
+/// one-shot selection names: what compaction or removal left because the previous boot was
+/// using them, or an interrupted change left. Nothing is mounted from the store yet, so nothing
+/// uses them. Only with a plan read from its own file.
+fn clear_orphans(store: &Path, plan: &Plan, state: &BootState, log: &mut Log) {
+    let named = |name: &str| {
+        plan.layer(name).is_some()
+            || state.last_good.iter().any(|n| n == name)
+            || state
+                .once
+                .as_ref()
+                .is_some_and(|o| o.layers.iter().any(|n| n == name))
+    };
+    for dir in ["layers", "manifests"] {
+        let Ok(entries) = fs::read_dir(store.join(dir)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if named(&name) {
+                continue;
+            }
+            let path = entry.path();
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => log.say(format!(
+                    "removed {}, which the plan no longer names",
+                    path.display()
+                )),
+                Err(e) => log.debug(format!("could not remove {}: {e}", path.display())),
+            }
         }
     }
 }

@@ -154,6 +154,13 @@ pub struct Layer {
     pub digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notes: Option<String>,
+    /// The layers `overlayctl compact` merged into this one, top first.
+    #[serde(
+        default,
+        deserialize_with = "crate::name::de_layer_names",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub replaces: Vec<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -172,6 +179,7 @@ impl Layer {
             created: None,
             digest: None,
             notes: None,
+            replaces: Vec::new(),
         }
     }
 

@@ -100,7 +100,9 @@ prop_compose! {
             let (state, known_good, title, created, digest, notes, parent_pick) = f;
             let below = count - i - 1;
             let parent = parent_pick.filter(|_| below > 0).map(|p| names[i + 1 + p.index(below)].clone());
-            Layer { name: name.clone(), title, state, known_good, parent, created, digest, notes }
+            // Compacted layers name what they replaced (layers no longer in the plan).
+            let replaces = if i % 3 == 0 { vec![format!("merged-{i}a"), format!("merged-{i}b")] } else { vec![] };
+            Layer { name: name.clone(), title, state, known_good, parent, created, digest, notes, replaces }
         }).collect();
         Plan {
             version: 1,

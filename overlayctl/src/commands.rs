@@ -16,8 +16,8 @@ use crate::ops::{self, NewLayer};
 use crate::status::next_boot;
 use crate::store::{Store, StoreLock, remove_path};
 use crate::{
-    AddLayerOpts, BundleCommand, CheckOpts, ImportLegacyOpts, InitOpts, KeysCommand, KnownGoodOpts,
-    MenuLockOpts, RemoveOpts, SyncOpts, name_from_path, write_json,
+    AddLayerOpts, BundleCommand, CheckOpts, CompactOpts, ImportLegacyOpts, InitOpts, KeysCommand,
+    KnownGoodOpts, MenuLockOpts, RemoveOpts, SyncOpts, name_from_path, write_json,
 };
 
 /// What a change works on: the store, locked, its plan (read from its own file: a change is
@@ -872,5 +872,51 @@ pub fn import_legacy(
         plan.layers.len(),
         target.display()
     )?;
+    Ok(())
+}
+
+pub fn compact(root: &Path, opts: &CompactOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    let store = Store::open(root)?;
+    let request = crate::compaction::Request {
+        from: opts.from.clone(),
+        to: opts.to.clone(),
+        name: opts.name.clone(),
+        title: opts.title.clone(),
+    };
+    let done = crate::compaction::run(&store, &request)?;
+    let s = &done.stats;
+    if json {
+        return write_json(
+            out,
+            &serde_json::json!({
+                "layer": done.name, "digest": done.digest, "replaced": done.replaced,
+                "deleted": done.deleted, "pending": done.pending, "entries": s.entries,
+                "linked": done.linked, "copied_bytes": done.copied_bytes,
+                "whiteouts_dropped": s.whiteouts_dropped, "opaque_dropped": s.opaque_dropped,
+            }),
+        );
+    }
+    writeln!(
+        out,
+        "compacted {} into {} ({} entries, {} files linked, {} copied; {} whiteouts and {} opaque marks that hid nothing dropped)",
+        done.replaced.join(", "),
+        done.name,
+        s.entries,
+        done.linked,
+        layers_spec::size::human(done.copied_bytes),
+        s.whiteouts_dropped,
+        s.opaque_dropped
+    )?;
+    if !done.deleted.is_empty() {
+        writeln!(out, "deleted {}", done.deleted.join(", "))?;
+    }
+    if !done.pending.is_empty() {
+        writeln!(
+            out,
+            "kept until unused (a mounted stack or the last good stack has them): {}",
+            done.pending.join(", ")
+        )?;
+    }
+    writeln!(out, "digest {}", done.digest)?;
     Ok(())
 }

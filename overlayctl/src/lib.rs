@@ -3,7 +3,9 @@
 
 pub mod bundle;
 pub mod commands;
+pub mod compaction;
 pub mod engine;
+pub mod fault;
 pub mod fetch;
 pub mod mount;
 pub mod ops;
@@ -88,6 +90,27 @@ pub enum Command {
     /// password is read from the terminal (asked twice, not shown) or from standard input's
     /// first line; the plan keeps only its argon2id hash.
     MenuLock(MenuLockOpts),
+    /// Merge a run of adjacent accepted layers into one layer in their place (files hard-linked,
+    /// not copied); the old layers are deleted once no mounted stack uses them.
+    Compact(CompactOpts),
+}
+
+#[derive(Debug, Args)]
+pub struct CompactOpts {
+    /// The run's bottom layer [default: the lowest accepted layer above the highest known-good
+    /// one].
+    #[arg(long, value_name = "LAYER")]
+    pub from: Option<String>,
+    /// The run's top layer [default: the highest with only accepted layers between it and
+    /// --from].
+    #[arg(long, value_name = "LAYER")]
+    pub to: Option<String>,
+    /// The new layer's name [default: TOP+BOTTOM].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// [default: the top layer's title]
+    #[arg(long)]
+    pub title: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -321,6 +344,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Check(opts) => commands::check(&store, &opts, json, out),
         Command::ImportLegacy(opts) => commands::import_legacy(&store, &opts, json, out),
         Command::MenuLock(opts) => commands::menu_lock(&store, &opts, json, out),
+        Command::Compact(opts) => commands::compact(&store, &opts, json, out),
         Command::Bundle(command) => commands::bundle(&store, &command, json, out),
         Command::Keys(command) => commands::keys(&store, &command, json, out),
     }

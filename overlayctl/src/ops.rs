@@ -92,7 +92,7 @@ fn manifest_of(dir: &Path) -> Result<(String, String)> {
     Ok((manifest.digest(), manifest.text))
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut file =
         fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
@@ -102,7 +102,12 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Renames a staged layer and its manifest into `layers/` and `manifests/`, durably.
-fn install(store: &Store, staged: &Path, staged_manifest: &Path, name: &str) -> Result<()> {
+pub(crate) fn install(
+    store: &Store,
+    staged: &Path,
+    staged_manifest: &Path,
+    name: &str,
+) -> Result<()> {
     let target = store.layer_dir(name);
     let manifest = store.manifest_path(name);
     fs::create_dir_all(manifest.parent().expect("manifests have a parent"))

@@ -127,3 +127,317 @@ fn privileged_compact_stack_shows_what_the_original_showed() {
         panic!("the compacted stack differs from the original (shrunk case below)\n{err}");
     }
 }
+
+/// A device: a root filesystem holding a store of `base` (known-good) and three accepted
+/// upgrades synced from full trees, the last of which (`release-3`) is what every stack here
+/// must show; the hook boots it, `overlayctl` changes it.
+struct Device {
+    dir: tempfile::TempDir,
+}
+
+impl Device {
+    fn new() -> Self {
+        let device = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        for dir in ["sysroot", "newroot", "run"] {
+            fs::create_dir(device.path(dir)).unwrap();
+        }
+        let write = |tree: &str, rel: &str, text: &str| {
+            let path = device.path(tree).join(rel);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, text).unwrap();
+        };
+        write("release-0", "etc/version", "0\n");
+        write("release-0", "etc/old.conf", "old\n");
+        write("release-0", "usr/lib/app/data", "0\n");
+        write("release-0", "usr/lib/app/extra", "0\n");
+        write("release-0", "usr/share/doc/readme", "docs\n");
+        std::os::unix::fs::symlink("version", device.path("release-0/etc/v")).unwrap();
+        let copy = |from: &str, to: &str| {
+            let status = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(device.path(from))
+                .arg(device.path(to))
+                .status()
+                .unwrap();
+            assert!(status.success());
+        };
+        copy("release-0", "release-1");
+        write("release-1", "etc/version", "1\n");
+        fs::remove_file(device.path("release-1/etc/old.conf")).unwrap();
+        write("release-1", "usr/bin/tool", "tool 1\n");
+        fs::hard_link(
+            device.path("release-1/usr/bin/tool"),
+            device.path("release-1/usr/bin/tool-alias"),
+        )
+        .unwrap();
+        copy("release-1", "release-2");
+        write("release-2", "etc/version", "2\n");
+        fs::remove_dir_all(device.path("release-2/usr/lib/app")).unwrap();
+        write("release-2", "usr/lib/app/data", "2\n");
+        write("release-2", "etc/old.conf", "back\n");
+        copy("release-2", "release-3");
+        write("release-3", "etc/version", "3\n");
+        fs::remove_dir_all(device.path("release-3/usr/share/doc")).unwrap();
+        fs::set_permissions(
+            device.path("release-3/usr/bin/tool"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o4755),
+        )
+        .unwrap();
+
+        device.ok(&[
+            "init",
+            "--base",
+            device.path("release-0").to_str().unwrap(),
+            "--name",
+            "base",
+        ]);
+        for n in 1..=3 {
+            let tree = device.path(&format!("release-{n}"));
+            let name = format!("r{n}");
+            device.ok(&["sync", tree.to_str().unwrap(), "--name", &name]);
+            device.ok(&["accept", &name]);
+        }
+        device
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn store(&self) -> PathBuf {
+        self.path("sysroot/strata")
+    }
+
+    /// `overlayctl` as the running system would run it: while booted, on the store where the
+    /// hook bound it, with the hook's boot record.
+    fn ctl(&self, args: &[&str], fault: Option<&str>) -> std::process::Output {
+        let booted = self.path("run/strata/booted.toml").exists();
+        let store = if booted {
+            self.path("run/strata/store")
+        } else {
+            self.store()
+        };
+        let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("overlayctl"));
+        cmd.env("STRATA_RUN_DIR", self.path("run/strata"))
+            .arg("--store")
+            .arg(store)
+            .args(args);
+        if let Some(point) = fault {
+            cmd.env("STRATA_FAULT", point);
+        }
+        cmd.output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args, None);
+        assert!(
+            out.status.success(),
+            "overlayctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.ctl(args, None);
+        assert!(!out.status.success(), "overlayctl {args:?} succeeded");
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// Boots with the hook; returns the mounted stack (top first). Mounted until `shutdown`.
+    fn boot(&self) -> Vec<String> {
+        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("initramfs-hook"))
+            .args(["boot", "--cmdline", "", "--sysroot"])
+            .arg(self.path("sysroot"))
+            .arg("--newroot")
+            .arg(self.path("newroot"))
+            .arg("--run")
+            .arg(self.path("run"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "the hook failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = fs::read_to_string(self.path("run/strata/booted.toml")).unwrap();
+        layers_spec::Booted::parse(&text, "booted.toml")
+            .unwrap()
+            .stack
+    }
+
+    fn shutdown(&self) {
+        for target in ["newroot", "run/strata/store", "run/strata/upper"] {
+            while nix::mount::umount(&self.path(target)).is_ok() {}
+        }
+        let _ = fs::remove_dir_all(self.path("run/strata"));
+    }
+
+    /// The booted root shows release 3 exactly.
+    fn assert_shows_release_3(&self, what: &str) {
+        let (shown, wanted) = (
+            tests::views::shown_tree(&self.path("newroot")),
+            tests::views::shown_tree(&self.path("release-3")),
+        );
+        assert_eq!(first_difference(&wanted, &shown), None, "{what}");
+        assert_eq!(shown.len(), wanted.len(), "{what}");
+    }
+
+    fn plan_names(&self) -> Vec<String> {
+        let text = fs::read_to_string(self.store().join("overlayplan.toml")).unwrap();
+        let plan = layers_spec::Plan::parse(&text, "plan").unwrap();
+        plan.layers.into_iter().map(|l| l.name).collect()
+    }
+
+    /// The directories of `layers/` and `manifests/`, and what `staging/` holds.
+    fn dirs(&self) -> (Vec<String>, Vec<String>, usize) {
+        let list = |dir: &str| {
+            let mut names: Vec<String> = fs::read_dir(self.store().join(dir))
+                .map(|d| {
+                    d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            names.sort();
+            names
+        };
+        (list("layers"), list("manifests"), list("staging").len())
+    }
+}
+
+fn sorted(names: &[&str]) -> Vec<String> {
+    let mut names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn privileged_compact_cli_merges_and_waits_for_the_running_boot() {
+    if !have_root("privileged_compact_cli_merges_and_waits_for_the_running_boot") {
+        return;
+    }
+    private_mount_namespace();
+    let device = Device::new();
+    assert_eq!(device.boot(), ["r3", "r2", "r1", "base"]);
+    device.assert_shows_release_3("before compaction");
+
+    // Bad runs change nothing.
+    let before = (device.plan_names(), device.dirs());
+    for (args, error) in [
+        (&["compact", "--from", "r9"][..], "there is no layer \"r9\""),
+        (
+            &["compact", "--from", "r1", "--to", "r1"],
+            "the run is one layer (r1)",
+        ),
+        (
+            &["compact", "--from", "r3", "--to", "r1"],
+            "--to \"r1\" is below --from \"r3\"",
+        ),
+        (&["compact", "--from", "base"], "base is known-good"),
+        (&["compact", "--name", "r2"], "a layer named \"r2\" exists"),
+        (
+            &["compact", "--name", "../x"],
+            "layer name \"../x\" is not valid",
+        ),
+    ] {
+        let e = device.fails(args);
+        assert!(e.contains(error), "{args:?}: {e}");
+        assert_eq!((device.plan_names(), device.dirs()), before, "{args:?}");
+    }
+    device.ok(&["disable", "r2"]);
+    let e = device.fails(&["compact", "--from", "r1", "--to", "r3"]);
+    assert!(e.contains("r2 is disabled"), "{e}");
+    device.ok(&["enable", "r2"]);
+
+    // The running boot uses r1..r3: they stay, out of the plan, until it is over.
+    let report = device.ok(&["--json", "compact"]);
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["layer"], "r3+r1");
+    assert_eq!(report["replaced"], serde_json::json!(["r3", "r2", "r1"]));
+    assert_eq!(report["pending"], serde_json::json!(["r3", "r2", "r1"]));
+    assert_eq!(report["copied_bytes"], 0, "files are linked, not copied");
+    // etc/version, etc/old.conf, usr/lib/app/data and usr/bin/tool (tool-alias is its link).
+    assert_eq!(report["linked"], 4, "{report}");
+    assert_eq!(device.plan_names(), ["r3+r1", "base"]);
+    let text = fs::read_to_string(device.store().join("overlayplan.toml")).unwrap();
+    let plan = layers_spec::Plan::parse(&text, "plan").unwrap();
+    let merged = plan.layer("r3+r1").unwrap();
+    assert_eq!(merged.replaces, ["r3", "r2", "r1"]);
+    assert_eq!(merged.parent.as_deref(), Some("base"));
+    assert_eq!(
+        device.dirs().0,
+        sorted(&["base", "r1", "r2", "r3", "r3+r1"])
+    );
+    // Linked: the compacted layer's version file is release 3's inode.
+    let ino = |p: PathBuf| fs::metadata(p).unwrap().ino();
+    assert_eq!(
+        ino(device.store().join("layers/r3+r1/etc/version")),
+        ino(device.store().join("layers/r3/etc/version"))
+    );
+    assert_eq!(device.ok(&["verify", "r3+r1"]), "r3+r1: ok\n");
+
+    // Reboot: the hook mounts the compacted stack and deletes the layers nothing uses now.
+    device.shutdown();
+    assert_eq!(device.boot(), ["r3+r1", "base"]);
+    device.assert_shows_release_3("after compaction");
+    assert_eq!(
+        device.dirs(),
+        (sorted(&["base", "r3+r1"]), sorted(&["base", "r3+r1"]), 0)
+    );
+    let tool = device.path("newroot/usr/bin/tool");
+    assert_eq!(
+        ino(tool),
+        ino(device.path("newroot/usr/bin/tool-alias")),
+        "hard links stay links"
+    );
+    device.shutdown();
+}
+
+#[test]
+fn privileged_compact_crash_at_every_step_leaves_a_bootable_store() {
+    if !have_root("privileged_compact_crash_at_every_step_leaves_a_bootable_store") {
+        return;
+    }
+    private_mount_namespace();
+    for point in [
+        "compact-staged",
+        "compact-installed",
+        "compact-planned",
+        "compact-state",
+        "compact-deleting",
+    ] {
+        let device = Device::new();
+        let out = device.ctl(&["compact"], Some(point));
+        assert!(!out.status.success(), "{point}: compact did not stop");
+        let old = ["r3", "r2", "r1", "base"];
+        let new = ["r3+r1", "base"];
+        // The store loads, and boots the old or the new stack, whole.
+        let names = device.plan_names();
+        assert!(names == old || names == new, "{point}: plan {names:?}");
+        device.ok(&["status"]);
+        let booted = device.boot();
+        assert_eq!(booted, names, "{point}");
+        device.assert_shows_release_3(point);
+        device.shutdown();
+        // The next command finishes the job: what the plan does not name is gone.
+        device.ok(&["known-good", "base"]);
+        let (layers, manifests, staging) = device.dirs();
+        let mut want = names.clone();
+        want.sort();
+        assert_eq!(
+            (layers, manifests, staging),
+            (want.clone(), want, 0),
+            "{point}"
+        );
+        // And compaction, run again where it had not finished, completes.
+        if names == old {
+            device.ok(&["compact"]);
+            assert_eq!(device.plan_names(), new, "{point}");
+        }
+        assert_eq!(device.boot(), new, "{point}");
+        device.assert_shows_release_3(point);
+        device.shutdown();
+    }
+}

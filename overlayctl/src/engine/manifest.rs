@@ -21,6 +21,15 @@ pub struct Manifest {
 impl Manifest {
     /// Builds the manifest of a layer, reading every file to hash it.
     pub fn of_layer(layer: &Layer) -> Result<Self, LayerError> {
+        Self::of_layer_with(layer, &mut |rel| hash_file(&layer.root.join(rel)))
+    }
+
+    /// Builds the manifest of a layer with each file's content hash from `hash` (given the
+    /// file's path in the layer): known hashes spare reading the files.
+    pub fn of_layer_with(
+        layer: &Layer,
+        hash: &mut dyn FnMut(&Path) -> io::Result<String>,
+    ) -> Result<Self, LayerError> {
         let mut text = String::new();
         let mut first_path_of_inode: HashMap<(u64, u64), PathBuf> = HashMap::new();
         let mut path = PathBuf::new();
@@ -29,9 +38,37 @@ impl Manifest {
             &layer.tree,
             &mut path,
             &mut first_path_of_inode,
+            hash,
             &mut text,
         )?;
         Ok(Self { text })
+    }
+
+    /// The content hash of every file the manifest lists, by path (other names of a file
+    /// included).
+    pub fn file_hashes(&self) -> HashMap<PathBuf, String> {
+        let mut hashes: HashMap<PathBuf, String> = HashMap::new();
+        for line in self.text.lines() {
+            let mut fields = line.split(' ');
+            let (Some(path), Some("file")) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            let path = PathBuf::from(OsStr::from_bytes(&unescape(path)));
+            for field in fields {
+                if let Some(hash) = field.strip_prefix("blake3=") {
+                    hashes.insert(path, hash.to_owned());
+                    break;
+                }
+                if let Some(first) = field.strip_prefix("link=") {
+                    let first = PathBuf::from(OsStr::from_bytes(&unescape(first)));
+                    if let Some(hash) = hashes.get(&first).cloned() {
+                        hashes.insert(path, hash);
+                    }
+                    break;
+                }
+            }
+        }
+        hashes
     }
 
     /// `blake3:` and the hex hash of the text.
@@ -196,6 +233,7 @@ fn write_node(
     node: &Node,
     path: &mut PathBuf,
     first_path_of_inode: &mut HashMap<(u64, u64), PathBuf>,
+    hash: &mut dyn FnMut(&Path) -> io::Result<String>,
     out: &mut String,
 ) -> Result<(), LayerError> {
     let content = match &node.kind {
@@ -206,9 +244,8 @@ fn write_node(
             match first {
                 Some(first) => Some(Content::LinkTo(first)),
                 None => {
-                    let full = layer.root.join(&*path);
-                    let hash = hash_file(&full).map_err(|source| LayerError::Io {
-                        path: full,
+                    let hash = hash(path).map_err(|source| LayerError::Io {
+                        path: layer.root.join(&*path),
                         action: "hashing",
                         source,
                     })?;
@@ -229,7 +266,7 @@ fn write_node(
     if let Kind::Dir { children, .. } = &node.kind {
         for (name, child) in children {
             path.push(name);
-            write_node(layer, child, path, first_path_of_inode, out)?;
+            write_node(layer, child, path, first_path_of_inode, hash, out)?;
             path.pop();
         }
     }
@@ -239,6 +276,17 @@ fn write_node(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_hashes_follow_links() {
+        let m = Manifest {
+            text: ". dir mode=0755\na\x20b file mode=0644 size=1 blake3=aa\nc file mode=0644 link=a\x20b\nd symlink target=c\n".into(),
+        };
+        let hashes = m.file_hashes();
+        assert_eq!(hashes.len(), 2);
+        assert_eq!(hashes[Path::new("a b")], "aa");
+        assert_eq!(hashes[Path::new("c")], "aa");
+    }
 
     #[test]
     fn escapes_what_would_break_a_line() {

@@ -1,0 +1,310 @@
+//! `overlayctl compact`: a run of adjacent accepted layers merged into one, as a transaction.
+//! The new layer is built in `staging/` with its files hard-linked from the run (so the cost
+//! grows with entries, not bytes), its manifest written from the run's manifests, then renamed
+//! into `layers/`; the plan then names it in the run's place (recording what it replaced), the
+//! boot state follows, and only then are the old layers deleted: those a mounted stack uses
+//! (the running boot's) stay, no longer named by the plan, until the next command or boot after
+//! they are unused deletes them ([`Store::clean_orphans`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use layers_spec::{LayerState, Plan, check_name};
+
+use crate::engine::compact::{CompactStats, compact};
+use crate::engine::copy::link_layer;
+use crate::engine::manifest::hash_file;
+use crate::engine::{Layer, Manifest, XattrNs};
+use crate::fault;
+use crate::ops::{install, write_synced};
+use crate::store::{Store, remove_path};
+
+/// What to compact and what to call the result.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// The run's bottom layer [default: the lowest accepted layer above the highest known-good
+    /// one].
+    pub from: Option<String>,
+    /// The run's top layer [default: the highest accepted layer above `from` with only
+    /// accepted layers between].
+    pub to: Option<String>,
+    pub name: Option<String>,
+    pub title: Option<String>,
+}
+
+/// What compaction did.
+#[derive(Debug, Clone)]
+pub struct Compacted {
+    pub name: String,
+    pub digest: String,
+    /// The layers merged, top first.
+    pub replaced: Vec<String>,
+    /// Those deleted now.
+    pub deleted: Vec<String>,
+    /// Those left until unused (a mounted stack, or the last good stack, has them).
+    pub pending: Vec<String>,
+    pub stats: CompactStats,
+    /// Files hard-linked from the run, and bytes copied (across filesystems only).
+    pub linked: u64,
+    pub copied_bytes: u64,
+}
+
+/// The run `request` names in `plan`, as plan indices (top, bottom), checked.
+pub fn resolve_run(plan: &Plan, request: &Request) -> Result<(usize, usize)> {
+    let index = |name: &str| {
+        plan.position(name).ok_or_else(|| {
+            let names: Vec<&str> = plan.layers.iter().map(|l| l.name.as_str()).collect();
+            anyhow::anyhow!(
+                "there is no layer {name:?} in the plan; its layers are: {}",
+                names.join(", ")
+            )
+        })
+    };
+    let mergeable = |i: usize| {
+        let l = &plan.layers[i];
+        l.state == LayerState::Active && !l.known_good
+    };
+    let bottom = match &request.from {
+        Some(name) => index(name)?,
+        None => {
+            // Just above the highest known-good layer (or the bottom, when none is).
+            let above_known_good = plan
+                .layers
+                .iter()
+                .position(|l| l.known_good)
+                .unwrap_or(plan.layers.len());
+            match (0..above_known_good).rev().find(|&i| mergeable(i)) {
+                Some(i) => i,
+                None => bail!(
+                    "there are no accepted layers above the known-good ones to compact; name a run with --from and --to"
+                ),
+            }
+        }
+    };
+    let top = match &request.to {
+        Some(name) => index(name)?,
+        None => {
+            let mut top = bottom;
+            while top > 0 && mergeable(top - 1) {
+                top -= 1;
+            }
+            top
+        }
+    };
+    ensure!(
+        top <= bottom,
+        "--to {:?} is below --from {:?} in the plan (layers are listed top first: --from names the run's bottom layer, --to its top)",
+        plan.layers[top].name,
+        plan.layers[bottom].name
+    );
+    ensure!(
+        top < bottom,
+        "the run is one layer ({}): compaction merges two or more",
+        plan.layers[top].name
+    );
+    for layer in &plan.layers[top..=bottom] {
+        match layer.state {
+            LayerState::Disabled => bail!(
+                "{} is disabled: compaction would bring it back; remove it or choose a run without it",
+                layer.name
+            ),
+            LayerState::Trial => bail!(
+                "{} is a trial layer: accept it first (merging would make it impossible to leave out)",
+                layer.name
+            ),
+            LayerState::Active => {}
+        }
+        ensure!(
+            !layer.known_good,
+            "{} is known-good, a fallback that compaction must not merge away; unmark it with `overlayctl known-good {} --unset` first",
+            layer.name,
+            layer.name
+        );
+    }
+    Ok((top, bottom))
+}
+
+/// Compacts the run `request` names, in one transaction under the store's lock.
+pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
+    let _lock = store.lock()?;
+    let loaded = store.plan()?;
+    if let Some(why) = loaded.fell_back {
+        bail!("the plan cannot be read ({why}); nothing was changed");
+    }
+    let mut plan = loaded.value;
+    let mut state = store.state()?;
+    store.clean_orphans(&plan, &state)?;
+    let (top, bottom) = resolve_run(&plan, request)?;
+    let replaced: Vec<String> = plan.layers[top..=bottom]
+        .iter()
+        .map(|l| l.name.clone())
+        .collect();
+    let name = match &request.name {
+        Some(name) => name.clone(),
+        None => format!("{}+{}", replaced[0], replaced[replaced.len() - 1]),
+    };
+    check_name(&name).map_err(|p| {
+        anyhow::anyhow!("layer name {name:?} is not valid: {p}; choose one with --name")
+    })?;
+    ensure!(
+        plan.layer(&name).is_none() && !store.layer_dir(&name).exists(),
+        "a layer named {name:?} exists; choose another --name"
+    );
+
+    // The run and everything below it (disabled layers too: whiteouts they need must stay).
+    let dirs: Vec<PathBuf> = plan.layers[top..]
+        .iter()
+        .map(|l| store.layer_dir(&l.name))
+        .collect();
+    let layers = Layer::read_all(&dirs, XattrNs::Trusted).context("reading the layers")?;
+    let (run_layers, below) = layers.split_at(bottom - top + 1);
+    let made = compact(run_layers, below);
+
+    let staged = store.staging_path(&name);
+    let copy = link_layer(
+        &made.tree,
+        &|rel| run_layers[made.sources[rel]].root.join(rel),
+        staged.parent().expect("staging paths have a parent"),
+        staged.file_name().expect("staging paths have a name"),
+    )
+    .with_context(|| format!("writing the compacted layer into {}", staged.display()))?;
+    fault::point("compact-staged");
+    // The manifest from the run's manifests: the files are the run's, so their hashes are known.
+    let known: Vec<HashMap<PathBuf, String>> = replaced
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(store.manifest_path(n))
+                .map(|text| Manifest { text }.file_hashes())
+                .unwrap_or_default()
+        })
+        .collect();
+    let written = Layer::read(&staged, XattrNs::Trusted)
+        .with_context(|| format!("reading back {}", staged.display()))?;
+    let manifest = Manifest::of_layer_with(&written, &mut |rel: &Path| match made
+        .sources
+        .get(rel)
+        .and_then(|&i| known[i].get(rel))
+    {
+        Some(hash) => Ok(hash.clone()),
+        None => hash_file(&staged.join(rel)),
+    })
+    .with_context(|| format!("hashing {}", staged.display()))?;
+    let staged_manifest = staged.with_extension("manifest");
+    write_synced(&staged_manifest, manifest.text.as_bytes())?;
+    install(store, &staged, &staged_manifest, &name)?;
+    fault::point("compact-installed");
+
+    // The plan: the new layer in the run's place, on the run's parent; layers built on one of
+    // the run are built on it.
+    let (top_layer, bottom_layer) = (&plan.layers[top], &plan.layers[bottom]);
+    let mut layer = layers_spec::Layer::new(name.clone());
+    layer.title = request.title.clone().or_else(|| top_layer.title.clone());
+    layer.notes = top_layer.notes.clone();
+    layer.parent = bottom_layer.parent.clone();
+    layer.created = Some(crate::store::now());
+    layer.digest = Some(manifest.digest());
+    layer.replaces = replaced.clone();
+    plan.layers.splice(top..=bottom, [layer]);
+    for l in &mut plan.layers {
+        if l.parent.as_ref().is_some_and(|p| replaced.contains(p)) {
+            l.parent = Some(name.clone());
+        }
+    }
+    store.save_plan(&plan)?;
+    fault::point("compact-planned");
+
+    // The boot state: a stack that named the whole run names the new layer instead. A last
+    // good stack with part of the run keeps those layers until the next good boot replaces it;
+    // a one-shot selection of part of the run is dropped.
+    let mut state_changed = false;
+    if replace_run(&mut state.last_good, &replaced, &name) == Named::Whole {
+        state_changed = true;
+    }
+    if let Some(once) = &mut state.once {
+        match replace_run(&mut once.layers, &replaced, &name) {
+            Named::Whole => state_changed = true,
+            Named::Part => {
+                log::warn!(
+                    "the one-shot selection for the next boot named part of the run; it is dropped"
+                );
+                state.once = None;
+                state_changed = true;
+            }
+            Named::Nothing => {}
+        }
+    }
+    if state_changed {
+        store.save_state(&state)?;
+    }
+    fault::point("compact-state");
+
+    // The old layers go, unless a mounted stack or the last good stack still has them.
+    let in_use = store.layers_in_use()?;
+    let (mut deleted, mut pending) = (Vec::new(), Vec::new());
+    for old in &replaced {
+        if in_use.contains(old) || state.last_good.contains(old) {
+            pending.push(old.clone());
+            continue;
+        }
+        remove_path(&store.layer_dir(old))?;
+        remove_path(&store.manifest_path(old))?;
+        deleted.push(old.clone());
+        fault::point("compact-deleting");
+    }
+    Ok(Compacted {
+        name,
+        digest: manifest.digest(),
+        replaced,
+        deleted,
+        pending,
+        stats: made.stats,
+        linked: copy.linked,
+        copied_bytes: copy.bytes,
+    })
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Named {
+    Whole,
+    Part,
+    Nothing,
+}
+
+/// Replaces the run in a stack (top first) by `with` where the stack has the whole run, in
+/// order; says how much of the run it had.
+fn replace_run(stack: &mut Vec<String>, run: &[String], with: &str) -> Named {
+    if let Some(at) = stack.iter().position(|n| n == &run[0])
+        && stack.get(at..at + run.len()) == Some(run)
+    {
+        stack.splice(at..at + run.len(), [with.to_owned()]);
+        return Named::Whole;
+    }
+    if stack.iter().any(|n| run.contains(n)) {
+        Named::Part
+    } else {
+        Named::Nothing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_stack_with_the_whole_run_names_the_new_layer() {
+        let run = names(&["c", "b"]);
+        let mut stack = names(&["d", "c", "b", "a"]);
+        assert_eq!(replace_run(&mut stack, &run, "c+b"), Named::Whole);
+        assert_eq!(stack, names(&["d", "c+b", "a"]));
+        let mut part = names(&["b", "a"]);
+        assert_eq!(replace_run(&mut part, &run, "c+b"), Named::Part);
+        assert_eq!(part, names(&["b", "a"]));
+        let mut none = names(&["a"]);
+        assert_eq!(replace_run(&mut none, &run, "c+b"), Named::Nothing);
+    }
+}
