@@ -5,6 +5,7 @@
 //! Parsers take text and resolution is pure; [`store`] is the thin layer that reads and writes
 //! the files atomically, and [`mount`] mounts a stack (shared by the hook and `overlayctl`).
 
+pub mod age;
 pub mod booted;
 pub mod cmdline;
 pub mod error;
@@ -18,6 +19,7 @@ pub mod size;
 pub mod state;
 pub mod store;
 
+pub use age::Age;
 pub use booted::Booted;
 pub use cmdline::{BootOverrides, CmdlineProblem};
 pub use error::{Location, NameProblem, PlanError};

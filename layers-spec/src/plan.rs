@@ -120,6 +120,9 @@ pub struct Policy {
     pub min_free: ByteSize,
     /// Known-good layers are never trimmed or merged away.
     pub keep_known_good: bool,
+    /// `overlayctl policy` removes disabled layers created longer ago than this; unset: never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop_disabled_after: Option<crate::Age>,
 }
 
 impl Default for Policy {
@@ -128,6 +131,7 @@ impl Default for Policy {
             max_layers: 8,
             min_free: ByteSize(512 << 20),
             keep_known_good: true,
+            drop_disabled_after: None,
         }
     }
 }

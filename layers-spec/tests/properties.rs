@@ -94,6 +94,7 @@ prop_compose! {
         max_layers in 1u32..=500,
         min_free in any::<u64>(),
         keep_known_good in any::<bool>(),
+        drop_disabled_after in proptest::option::of(0u64..10_000_000),
     ) -> Plan {
         let count = names.len();
         let layers = names.iter().zip(fields).enumerate().map(|(i, (name, f))| {
@@ -108,7 +109,7 @@ prop_compose! {
             version: 1,
             boot: BootSettings { menu, timeout_s, trial_boots, menu_lock },
             upper: UpperSettings { mode, on_rollback },
-            policy: Policy { max_layers, min_free: ByteSize(min_free), keep_known_good },
+            policy: Policy { max_layers, min_free: ByteSize(min_free), keep_known_good, drop_disabled_after: drop_disabled_after.map(layers_spec::Age) },
             layers,
         }
     }

@@ -9,6 +9,7 @@ pub mod fault;
 pub mod fetch;
 pub mod mount;
 pub mod ops;
+pub mod space;
 pub mod status;
 pub mod store;
 

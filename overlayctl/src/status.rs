@@ -1,6 +1,7 @@
 //! `overlayctl status`: the layers top first, what the next boot mounts (A), what is mounted now
 //! (C), and why anything is left out.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -9,6 +10,7 @@ use layers_spec::size::human;
 use layers_spec::{BootOverrides, BootState, Booted, LayerState, Plan, Resolution, resolve};
 use serde::Serialize;
 
+use crate::space::{Space, layer_space};
 use crate::store::Store;
 use crate::write_json;
 
@@ -18,9 +20,32 @@ pub fn next_boot(store: &Store, plan: &Plan, state: &BootState) -> Resolution {
     resolve(plan, state, &BootOverrides::default(), Some(&present))
 }
 
-/// Bytes of file content in a layer, from its manifest (no walk of the layer itself).
-pub fn layer_size(store: &Store, name: &str) -> Option<u64> {
-    layers_spec::store::layer_content_size(&store.root, name)
+/// Layer directories the plan no longer names (compacted or removed while in use, or left by
+/// an interrupted change): deleted by the next command or boot that finds them unused.
+pub fn pending_deletion(store: &Store, plan: &Plan) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(store.root.join(crate::store::LAYERS))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| plan.layer(name).is_none())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// The space of the plan's layers present in the store and of those pending deletion.
+fn spaces(store: &Store, plan: &Plan, pending: &[String]) -> Result<BTreeMap<String, Space>> {
+    let names: Vec<&str> = plan
+        .layers
+        .iter()
+        .map(|l| l.name.as_str())
+        .filter(|n| store.layer_dir(n).is_dir())
+        .chain(pending.iter().map(String::as_str))
+        .collect();
+    layer_space(&store.root.join(crate::store::LAYERS), &names)
 }
 
 #[derive(Serialize)]
@@ -29,9 +54,18 @@ struct StatusJson<'a> {
     plan: &'a Path,
     plan_fell_back: Option<String>,
     layers: Vec<LayerJson<'a>>,
+    /// Layers no longer in the plan, waiting until unused to be deleted.
+    pending_deletion: Vec<PendingJson<'a>>,
     next_boot: &'a [String],
     current_boot: Option<&'a [String]>,
     notes: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct PendingJson<'a> {
+    name: &'a str,
+    size: u64,
+    frees: u64,
 }
 
 #[derive(Serialize)]
@@ -44,7 +78,10 @@ struct LayerJson<'a> {
     parent: Option<&'a str>,
     created: Option<String>,
     digest: Option<&'a str>,
+    /// Bytes of file content, hard-linked files once.
     size: Option<u64>,
+    /// What removing it would free (files other layers link too are not counted).
+    frees: Option<u64>,
     next_boot: bool,
     current_boot: bool,
     left_out: Option<String>,
@@ -57,6 +94,8 @@ pub fn status(root: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
     let state = store.state()?;
     let booted = store.booted()?;
     let next = next_boot(&store, plan, &state);
+    let pending = pending_deletion(&store, plan);
+    let spaces = spaces(&store, plan, &pending)?;
     if json {
         let report = StatusJson {
             store: root,
@@ -74,10 +113,19 @@ pub fn status(root: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
                     parent: l.parent.as_deref(),
                     created: l.created.map(|c| c.to_string()),
                     digest: l.digest.as_deref(),
-                    size: layer_size(&store, &l.name),
+                    size: spaces.get(&l.name).map(|s| s.size),
+                    frees: spaces.get(&l.name).map(|s| s.frees),
                     next_boot: next.stack.contains(&l.name),
                     current_boot: booted.as_ref().is_some_and(|b| b.stack.contains(&l.name)),
                     left_out: next.reason(&l.name).map(ToString::to_string),
+                })
+                .collect(),
+            pending_deletion: pending
+                .iter()
+                .map(|name| PendingJson {
+                    name,
+                    size: spaces[name].size,
+                    frees: spaces[name].frees,
                 })
                 .collect(),
             next_boot: &next.stack,
@@ -86,7 +134,19 @@ pub fn status(root: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
         };
         return write_json(out, &report);
     }
-    write_table(&store, plan, &state, &next, booted.as_ref(), out)
+    write_table(plan, &state, &next, booted.as_ref(), &spaces, out)?;
+    if !pending.is_empty() {
+        let shown: Vec<String> = pending
+            .iter()
+            .map(|n| format!("{n} (frees {})", human(spaces[n].frees)))
+            .collect();
+        writeln!(
+            out,
+            "Pending deletion once unused (no longer in the plan): {}",
+            shown.join(", ")
+        )?;
+    }
+    Ok(())
 }
 
 pub fn tries_left(plan: &Plan, state: &BootState, name: &str) -> Option<u32> {
@@ -98,11 +158,11 @@ pub fn tries_left(plan: &Plan, state: &BootState, name: &str) -> Option<u32> {
 /// The table. Names are never cut (they are what people type); the title takes what is left of
 /// 80 columns, or a line of its own when too little is left.
 fn write_table(
-    store: &Store,
     plan: &Plan,
     state: &BootState,
     next: &Resolution,
     booted: Option<&Booted>,
+    spaces: &BTreeMap<String, Space>,
     out: &mut dyn Write,
 ) -> Result<()> {
     const WIDTH: usize = 80;
@@ -125,12 +185,12 @@ fn write_table(
         .max()
         .unwrap_or(0)
         .max(5);
-    // "A C K " + name + " " + state + " " + size(6) + " " + created(10) + " "
-    let fixed = 6 + name_width + 1 + state_width + 1 + 6 + 1 + 10 + 1;
+    // "A C K " + name + " " + state + " " + size(6) + " " + frees(6) + " " + created(10) + " "
+    let fixed = 6 + name_width + 1 + state_width + 1 + 6 + 1 + 6 + 1 + 10 + 1;
     let title_inline = WIDTH.saturating_sub(fixed) >= MIN_TITLE;
     let header = format!(
-        "A C K {:<name_width$} {:<state_width$} {:>6} {:<10}",
-        "NAME", "STATE", "SIZE", "CREATED"
+        "A C K {:<name_width$} {:<state_width$} {:>6} {:>6} {:<10}",
+        "NAME", "STATE", "SIZE", "FREES", "CREATED"
     );
     let header = if title_inline {
         format!("{header} TITLE")
@@ -146,17 +206,20 @@ fn write_table(
             .and_then(|c| c.date)
             .map(|d| d.to_string())
             .unwrap_or_default();
-        let size = layer_size(store, &layer.name)
-            .map(human)
-            .unwrap_or_else(|| "-".into());
+        let space = spaces.get(&layer.name);
+        let (size, frees) = match space {
+            Some(s) => (human(s.size), human(s.frees)),
+            None => ("-".into(), "-".into()),
+        };
         let row = format!(
-            "{} {} {} {:<name_width$} {:<state_width$} {:>6} {:<10}",
+            "{} {} {} {:<name_width$} {:<state_width$} {:>6} {:>6} {:<10}",
             mark(next.stack.contains(&layer.name), 'A'),
             mark(booted.is_some_and(|b| b.stack.contains(&layer.name)), 'C'),
             mark(layer.known_good, 'K'),
             layer.name,
             shown_state,
             size,
+            frees,
             created,
         );
         let title = layer.title.as_deref().unwrap_or("");

@@ -377,6 +377,32 @@ fn privileged_compact_cli_merges_and_waits_for_the_running_boot() {
         ino(device.store().join("layers/r3/etc/version"))
     );
     assert_eq!(device.ok(&["verify", "r3+r1"]), "r3+r1: ok\n");
+    // Status shows the replaced layers as pending, and that removing the new one would free
+    // nothing while they link its files.
+    let status = |device: &Device| -> serde_json::Value {
+        serde_json::from_str(&device.ok(&["--json", "status"])).unwrap()
+    };
+    let shown = status(&device);
+    let pending: Vec<&str> = shown["pending_deletion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(pending, ["r1", "r2", "r3"]);
+    assert_eq!(shown["layers"][0]["name"], "r3+r1");
+    let size = shown["layers"][0]["size"].as_u64().unwrap();
+    assert_eq!(
+        size,
+        7 + 5 + 2 + 2,
+        "version, old.conf, tool, data: {shown}"
+    );
+    assert_eq!(shown["layers"][0]["frees"], 0, "{shown}");
+    assert!(
+        device
+            .ok(&["status"])
+            .contains("Pending deletion once unused")
+    );
 
     // Reboot: the hook mounts the compacted stack and deletes the layers nothing uses now.
     device.shutdown();
@@ -386,6 +412,9 @@ fn privileged_compact_cli_merges_and_waits_for_the_running_boot() {
         device.dirs(),
         (sorted(&["base", "r3+r1"]), sorted(&["base", "r3+r1"]), 0)
     );
+    let shown = status(&device);
+    assert_eq!(shown["pending_deletion"], serde_json::json!([]));
+    assert_eq!(shown["layers"][0]["frees"], size, "{shown}");
     let tool = device.path("newroot/usr/bin/tool");
     assert_eq!(
         ino(tool),
