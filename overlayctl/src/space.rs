@@ -20,10 +20,12 @@ pub struct Space {
     pub frees: u64,
 }
 
+/// Per inode (device, number) of one layer: its size, its links in all, its names in the layer.
+type Inodes = HashMap<(u64, u64), (u64, u64, u64)>;
+
 /// The space of each named layer directory (`layers/<name>`), from one walk of each.
 pub fn layer_space(layers_dir: &Path, names: &[&str]) -> Result<BTreeMap<String, Space>> {
-    // Per layer: inode -> (bytes, links in all, names in this layer).
-    let mut per_layer: Vec<HashMap<(u64, u64), (u64, u64, u64)>> = Vec::new();
+    let mut per_layer: Vec<Inodes> = Vec::new();
     for name in names {
         let mut inodes = HashMap::new();
         let root = layers_dir.join(name);
@@ -46,7 +48,7 @@ pub fn layer_space(layers_dir: &Path, names: &[&str]) -> Result<BTreeMap<String,
         .collect())
 }
 
-fn walk(path: &Path, inodes: &mut HashMap<(u64, u64), (u64, u64, u64)>) -> io::Result<()> {
+fn walk(path: &Path, inodes: &mut Inodes) -> io::Result<()> {
     let meta = fs::symlink_metadata(path)?;
     if meta.is_dir() {
         for child in fs::read_dir(path)? {
