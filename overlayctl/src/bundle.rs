@@ -29,12 +29,14 @@ use crate::engine::delta::{Compare, DeltaStats, delta};
 use crate::engine::manifest::{Content, Fields, entry_line, escape, hash_file, unescape};
 use crate::engine::{Kind, Layer, MergedNode, MergedView, Meta, Node};
 
-const MAGIC: &[u8; 8] = b"STRATAB\x01";
-const FORMAT_VERSION: u32 = 1;
+const MAGIC: &[u8; 8] = b"STRATAB\x02";
+const FORMAT_VERSION: u32 = 2;
 /// Signatures sign this prefix and the manifest, so they mean nothing elsewhere.
 const SIGNING_CONTEXT: &[u8] = b"strata bundle manifest v1\0";
 /// A manifest larger than this is refused before it is read.
 const MAX_MANIFEST: u64 = 32 << 20;
+/// The most a manifest may decompress to (about 500,000 entries).
+const MAX_MANIFEST_TEXT: u64 = 128 << 20;
 const MAX_SIGNATURES: u32 = 64;
 /// Files up to this size are sent as deltas against the old file when that is smaller; both
 /// are held in memory while the delta is made and applied. Larger files go whole, streamed.
@@ -121,7 +123,9 @@ fn is_false(b: &bool) -> bool {
 pub struct Created {
     pub delta: DeltaStats,
     pub whole: u64,
+    /// Files sent as fast_rsync deltas and as zstd patches against the old file.
     pub deltas: u64,
+    pub patches: u64,
     pub size: u64,
 }
 
@@ -233,19 +237,22 @@ pub fn create(
         entries,
     };
     let text = toml::to_string(&manifest).context("writing the manifest")?;
+    // Stored compressed (its hashes and paths are most of a small update), and signed as stored:
+    // a signature is checked before anything is decompressed.
+    let packed = zstd::bulk::compress(text.as_bytes(), 19).context("compressing the manifest")?;
     let result = (|| -> Result<u64> {
         let part = out.with_extension("part");
         let mut file = BufWriter::new(
             File::create(&part).with_context(|| format!("creating {}", part.display()))?,
         );
         file.write_all(MAGIC)?;
-        file.write_all(&(text.len() as u64).to_le_bytes())?;
-        file.write_all(text.as_bytes())?;
+        file.write_all(&(packed.len() as u64).to_le_bytes())?;
+        file.write_all(&packed)?;
         match key {
             Some(key) => {
                 file.write_all(&1u32.to_le_bytes())?;
                 file.write_all(key.verifying_key().as_bytes())?;
-                file.write_all(&key.sign(&signed_message(text.as_bytes())).to_bytes())?;
+                file.write_all(&key.sign(&signed_message(&packed)).to_bytes())?;
             }
             None => file.write_all(&0u32.to_le_bytes())?,
         }
@@ -324,10 +331,10 @@ fn write_payload(
                     ("whole", None)
                 }
             };
-            if encoding == "delta" {
-                created.deltas += 1;
-            } else {
-                created.whole += 1;
+            match encoding {
+                "delta" => created.deltas += 1,
+                "patch" => created.patches += 1,
+                _ => created.whole += 1,
             }
             let end = payload.stream_position().context("writing the payload")?;
             entry.data = Some(Data {
@@ -343,7 +350,10 @@ fn write_payload(
     Ok(entries)
 }
 
-/// Whole or delta, whichever is smaller once compressed; both held in memory (small files).
+/// Whole, delta or patch, whichever is smallest; all held in memory (files up to
+/// [`DELTA_LIMIT`]). A delta is fast_rsync's (block matches against the old file), compressed;
+/// a patch is the new file compressed with the old one as zstd's reference prefix, as
+/// `zstd --patch-from` does, which also finds matches shorter than a block.
 fn encode_small(basis: &Path, new: &Path) -> Result<(&'static str, Vec<u8>, Option<String>)> {
     let old = fs::read(basis).with_context(|| format!("reading {}", basis.display()))?;
     let data = fs::read(new).with_context(|| format!("reading {}", new.display()))?;
@@ -359,12 +369,32 @@ fn encode_small(basis: &Path, new: &Path) -> Result<(&'static str, Vec<u8>, Opti
     fast_rsync::diff(&signature.index(), &data, &mut delta)
         .map_err(|e| anyhow!("making a delta for {}: {e}", new.display()))?;
     let delta = zstd::bulk::compress(&delta, ZSTD_LEVEL).context("compressing")?;
-    if delta.len() < whole.len() {
-        let basis_hash = blake3::hash(&old).to_hex().to_string();
-        Ok(("delta", delta, Some(basis_hash)))
+    let patch = patch(&old, &data).with_context(|| format!("compressing {}", new.display()))?;
+    let basis_hash = || Some(blake3::hash(&old).to_hex().to_string());
+    Ok(if patch.len() < delta.len().min(whole.len()) {
+        ("patch", patch, basis_hash())
+    } else if delta.len() < whole.len() {
+        ("delta", delta, basis_hash())
     } else {
-        Ok(("whole", whole, None))
-    }
+        ("whole", whole, None)
+    })
+}
+
+/// The largest window a patch uses: the old file and the new one together, up to
+/// 2 x [`DELTA_LIMIT`]. Applying one never needs more memory than this.
+const PATCH_WINDOW_LOG: u32 = 27;
+
+/// `data` compressed with `old` as the reference prefix.
+fn patch(old: &[u8], data: &[u8]) -> io::Result<Vec<u8>> {
+    let mut encoder = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), ZSTD_LEVEL, old)?;
+    // The window must reach back over the whole old file from the end of the new one.
+    let total = (old.len() + data.len()).max(1);
+    let window_log = (usize::BITS - (total - 1).leading_zeros()).clamp(10, PATCH_WINDOW_LOG);
+    encoder.window_log(window_log)?;
+    encoder.long_distance_matching(true)?;
+    encoder.set_pledged_src_size(Some(data.len() as u64))?;
+    encoder.write_all(data)?;
+    encoder.finish()
 }
 
 fn signed_message(manifest: &[u8]) -> Vec<u8> {
@@ -494,8 +524,17 @@ impl Bundle {
                 trusted.len()
             ));
         }
-        let text = std::str::from_utf8(&manifest_bytes)
-            .map_err(|_| bad("its manifest is not UTF-8".into()))?;
+        let mut unpacked = Vec::new();
+        zstd::stream::read::Decoder::new(manifest_bytes.as_slice())
+            .and_then(|d| d.take(MAX_MANIFEST_TEXT + 1).read_to_end(&mut unpacked))
+            .map_err(|e| bad(format!("its manifest does not decompress ({e})")))?;
+        if unpacked.len() as u64 > MAX_MANIFEST_TEXT {
+            return Err(bad(format!(
+                "its manifest decompresses to more than {MAX_MANIFEST_TEXT} bytes"
+            )));
+        }
+        let text =
+            std::str::from_utf8(&unpacked).map_err(|_| bad("its manifest is not UTF-8".into()))?;
         let manifest: BundleManifest =
             toml::from_str(text).map_err(|e| bad(format!("its manifest: {}", e.message())))?;
         if manifest.version != FORMAT_VERSION {
@@ -592,7 +631,10 @@ impl Bundle {
                                     .with_context(|| format!("creating {}", out_path.display()))?,
                             );
                             self.decode(&mut payload, Some(base), &rel, entry, &mut out)?;
-                            out.flush()?;
+                            // With its metadata, so that the layer can link it as it is.
+                            let file = out.into_inner().map_err(|e| e.into_error())?;
+                            crate::engine::copy::set_fd_meta(&file, &meta_of(entry))
+                                .with_context(|| format!("{}: setting metadata", entry.path))?;
                             i as u64 + 1
                         }
                     };
@@ -686,64 +728,18 @@ impl Bundle {
             "whole" => {
                 let decoder = zstd::stream::read::Decoder::new(compressed)
                     .with_context(|| format!("{}: reading its content", entry.path))?;
-                // One byte more than the size: a longer stream is an error, never a full disk.
-                let mut limited = decoder.take(size + 1);
-                let mut buf = vec![0u8; 1 << 16];
-                let mut written = 0u64;
-                loop {
-                    let n = limited
-                        .read(&mut buf)
-                        .with_context(|| format!("{}: its content is corrupt", entry.path))?;
-                    if n == 0 {
-                        break;
-                    }
-                    written += n as u64;
-                    ensure!(
-                        written <= size,
-                        "{}: its content is longer than the {size} bytes the manifest says",
-                        entry.path
-                    );
-                    hasher.update(&buf[..n]);
-                    out.write_all(&buf[..n])
-                        .with_context(|| format!("{}: writing its content", entry.path))?;
-                }
-                ensure!(
-                    written == size,
-                    "{}: its content is {written} bytes, not the {size} the manifest says",
-                    entry.path
-                );
+                copy_exact(decoder, size, &mut hasher, out, &entry.path)?;
+            }
+            "patch" => {
+                let old = read_basis(base, rel, entry, "patch")?;
+                let mut decoder =
+                    zstd::stream::read::Decoder::with_ref_prefix(BufReader::new(compressed), &old)
+                        .with_context(|| format!("{}: reading its content", entry.path))?;
+                decoder.window_log_max(PATCH_WINDOW_LOG)?;
+                copy_exact(decoder, size, &mut hasher, out, &entry.path)?;
             }
             "delta" => {
-                ensure!(
-                    size <= DELTA_LIMIT,
-                    "{}: a delta for a file larger than {DELTA_LIMIT} bytes",
-                    entry.path
-                );
-                let basis_want = data
-                    .basis
-                    .as_deref()
-                    .ok_or_else(|| anyhow!("{}: a delta without its basis hash", entry.path))?;
-                let base =
-                    base.ok_or_else(|| anyhow!("{}: a delta needs the base tree", entry.path))?;
-                let node = base
-                    .get(rel)
-                    .filter(
-                        |n| matches!(n.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT),
-                    )
-                    .ok_or_else(|| {
-                        anyhow!(
-                            "{}: the delta's basis file is not in this stack",
-                            entry.path
-                        )
-                    })?;
-                let basis_path = base.source_path(rel, node);
-                let old = fs::read(&basis_path)
-                    .with_context(|| format!("reading {}", basis_path.display()))?;
-                ensure!(
-                    blake3::hash(&old).to_hex().as_str() == basis_want,
-                    "{}: this stack's file is not the one the delta was made against",
-                    entry.path
-                );
+                let old = read_basis(base, rel, entry, "delta")?;
                 let mut delta = Vec::new();
                 zstd::stream::read::Decoder::new(compressed)?
                     .take(2 * size + (1 << 20))
@@ -772,6 +768,80 @@ impl Bundle {
         );
         Ok(())
     }
+}
+
+/// Copies exactly `size` bytes of `content` to `out`, hashing them: a longer or shorter stream
+/// is an error (one byte more than the size is read, never more: no full disk from a bomb).
+fn copy_exact(
+    content: impl Read,
+    size: u64,
+    hasher: &mut blake3::Hasher,
+    out: &mut dyn Write,
+    path: &str,
+) -> Result<()> {
+    let mut limited = content.take(size + 1);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut written = 0u64;
+    loop {
+        let n = limited
+            .read(&mut buf)
+            .with_context(|| format!("{path}: its content is corrupt"))?;
+        if n == 0 {
+            break;
+        }
+        written += n as u64;
+        ensure!(
+            written <= size,
+            "{path}: its content is longer than the {size} bytes the manifest says"
+        );
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .with_context(|| format!("{path}: writing its content"))?;
+    }
+    ensure!(
+        written == size,
+        "{path}: its content is {written} bytes, not the {size} the manifest says"
+    );
+    Ok(())
+}
+
+/// The base's file a delta or patch was made against, checked against the hash the entry
+/// names; only files up to [`DELTA_LIMIT`] (held in memory).
+fn read_basis(
+    base: Option<&MergedView<'_>>,
+    rel: &Path,
+    entry: &Entry,
+    what: &str,
+) -> Result<Vec<u8>> {
+    let size = entry.size.unwrap_or(0);
+    ensure!(
+        size <= DELTA_LIMIT,
+        "{}: a {what} for a file larger than {DELTA_LIMIT} bytes",
+        entry.path
+    );
+    let basis_want = entry
+        .data
+        .as_ref()
+        .and_then(|d| d.basis.as_deref())
+        .ok_or_else(|| anyhow!("{}: a {what} without its basis hash", entry.path))?;
+    let base = base.ok_or_else(|| anyhow!("{}: a {what} needs the base tree", entry.path))?;
+    let node = base
+        .get(rel)
+        .filter(|n| matches!(n.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT))
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: the {what}'s basis file is not in this stack",
+                entry.path
+            )
+        })?;
+    let basis_path = base.source_path(rel, node);
+    let old = fs::read(&basis_path).with_context(|| format!("reading {}", basis_path.display()))?;
+    ensure!(
+        blake3::hash(&old).to_hex().as_str() == basis_want,
+        "{}: this stack's file is not the one the {what} was made against",
+        entry.path
+    );
+    Ok(old)
 }
 
 fn empty_entry() -> Entry {

@@ -323,14 +323,14 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
                     out,
                     &serde_json::json!({
                         "bundle": output, "bytes": made.size, "whole": made.whole,
-                        "deltas": made.deltas, "added": d.added, "changed": d.changed,
+                        "deltas": made.deltas, "patches": made.patches, "added": d.added, "changed": d.changed,
                         "metadata": d.metadata, "deleted": d.deleted, "signed": key.is_some(),
                     }),
                 );
             }
             writeln!(
                 out,
-                "wrote {} ({}): {} added, {} changed, {} with new metadata, {} deleted; {} files whole, {} as deltas{}",
+                "wrote {} ({}): {} added, {} changed, {} with new metadata, {} deleted; {} files whole, {} as deltas, {} as patches{}",
                 output.display(),
                 layers_spec::size::human(made.size),
                 d.added,
@@ -339,6 +339,7 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
                 d.deleted,
                 made.whole,
                 made.deltas,
+                made.patches,
                 if key.is_some() {
                     "; signed"
                 } else {
@@ -361,18 +362,20 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
             }
             let m = &bundle.manifest;
             let files = m.entries.iter().filter(|e| e.data.is_some()).count();
-            let deltas = m
-                .entries
-                .iter()
-                .filter(|e| e.data.as_ref().is_some_and(|d| d.encoding == "delta"))
-                .count();
+            let encoded = |how: &str| {
+                m.entries
+                    .iter()
+                    .filter(|e| e.data.as_ref().is_some_and(|d| d.encoding == how))
+                    .count()
+            };
+            let (deltas, patches) = (encoded("delta"), encoded("patch"));
             let size = fs::metadata(file)?.len();
             if json {
                 return write_json(
                     out,
                     &serde_json::json!({
                         "bundle": file, "bytes": size, "base": m.base, "target": m.target,
-                        "entries": m.entries.len(), "files": files, "deltas": deltas,
+                        "entries": m.entries.len(), "files": files, "deltas": deltas, "patches": patches,
                         "signatures": bundle.signatures.len(), "trusted_signers": signers,
                     }),
                 );
@@ -384,11 +387,12 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
             writeln!(out, "target {}", m.target)?;
             writeln!(
                 out,
-                "size   {} ({} entries; {} files, {} of them deltas)",
+                "size   {} ({} entries; {} files, {} of them deltas and {} patches)",
                 layers_spec::size::human(size),
                 m.entries.len(),
                 files,
-                deltas
+                deltas,
+                patches
             )?;
             let signed = match (bundle.signatures.len(), signers.as_slice()) {
                 (0, _) => "unsigned".to_owned(),

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail, ensure};
 use layers_spec::{BootState, Layer as PlanLayer, LayerState, Plan, check_name};
 
-use crate::engine::copy::{CopyStats, copy_layer};
+use crate::engine::copy::{CopyStats, copy_layer, link_layer};
 use crate::engine::delta::{Compare, DeltaStats, delta};
 use crate::engine::{Layer, Manifest, MergedView, XattrNs};
 use crate::store::{self, Store, remove_path};
@@ -66,16 +66,36 @@ fn check_room(store: &Store, plan: &Plan, needed: u64) -> Result<()> {
     Ok(())
 }
 
-/// Copies `layer` into `staging/`, writes its manifest beside it, and renames both into place.
-/// Returns the digest.
-fn stage_and_install(store: &Store, layer: &Layer, name: &str) -> Result<(String, CopyStats)> {
+/// How a built layer's files reach the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Files {
+    /// Copied from the layer's root (a tree outside the store).
+    Copy,
+    /// Hard-linked from the layer's root: work of ours under `staging/` whose files already
+    /// carry their metadata (a rebuilt bundle), so nothing is written twice.
+    Link,
+}
+
+/// Copies (or links) `layer` into `staging/`, writes its manifest beside it, and renames both
+/// into place. Returns the digest.
+fn stage_and_install(
+    store: &Store,
+    layer: &Layer,
+    name: &str,
+    files: Files,
+) -> Result<(String, CopyStats)> {
     let staged = store.staging_path(name);
     let staging = staged.parent().expect("staging paths have a parent");
-    let stats = copy_layer(
-        layer,
-        staging,
-        staged.file_name().expect("staging paths have a name"),
-    )
+    let staged_name = staged.file_name().expect("staging paths have a name");
+    let stats = match files {
+        Files::Copy => copy_layer(layer, staging, staged_name),
+        Files::Link => link_layer(
+            &layer.tree,
+            &|rel| layer.root.join(rel),
+            staging,
+            staged_name,
+        ),
+    }
     .with_context(|| format!("copying {} into the store", layer.root.display()))?;
     let (digest, manifest_text) = manifest_of(&staged)?;
     let staged_manifest = staged.with_extension("manifest");
@@ -177,7 +197,7 @@ fn init_store(
         Store::sync_dir(&store.root.join(store::MANIFESTS))?;
         (digest, CopyStats::default())
     } else {
-        stage_and_install(store, source, &layer.name)?
+        stage_and_install(store, source, &layer.name, Files::Copy)?
     };
     let mut base_layer = plan_layer(layer, &digest);
     base_layer.parent = None;
@@ -205,7 +225,9 @@ fn plan_layer(layer: &NewLayer, digest: &str) -> PlanLayer {
 
 /// Adds a copy of `source` on top of the stack.
 pub fn add_layer(store: &Store, source: &Path, ns: XattrNs, layer: &NewLayer) -> Result<Added> {
-    add_built_layer(store, layer, &mut |_, _, _| read_clean(source, ns))
+    add_built_layer(store, layer, Files::Copy, &mut |_, _, _| {
+        read_clean(source, ns)
+    })
 }
 
 /// Adds the layer `build` returns on top of the stack, in one transaction under the store's
@@ -213,6 +235,7 @@ pub fn add_layer(store: &Store, source: &Path, ns: XattrNs, layer: &NewLayer) ->
 pub fn add_built_layer(
     store: &Store,
     layer: &NewLayer,
+    files: Files,
     build: &mut dyn FnMut(&Plan, &BootState, &mut NewLayer) -> Result<Layer>,
 ) -> Result<Added> {
     check_name(&layer.name)
@@ -247,7 +270,10 @@ pub fn add_built_layer(
         None => layer.parent = plan.layers.first().map(|l| l.name.clone()),
     }
     let source = build(&plan, &state, &mut layer)?;
-    check_room(store, &plan, source.tree.content_bytes())?;
+    if files == Files::Copy {
+        // Linked files are written already (their builder checked the room first).
+        check_room(store, &plan, source.tree.content_bytes())?;
+    }
     store.clean_orphans(&plan, &state)?;
     let target = store.layer_dir(&layer.name);
     if fs::symlink_metadata(&target).is_ok() {
@@ -256,7 +282,7 @@ pub fn add_built_layer(
             target.display()
         );
     }
-    let (digest, stats) = stage_and_install(store, &source, &layer.name)?;
+    let (digest, stats) = stage_and_install(store, &source, &layer.name, files)?;
     plan.layers.insert(0, plan_layer(&layer, &digest));
     store.save_plan(&plan)?;
     Ok(Added {
@@ -347,7 +373,7 @@ pub fn sync(
     dry_run: bool,
 ) -> Result<Synced> {
     let mut found: Option<(Vec<String>, DeltaStats)> = None;
-    let result = add_built_layer(store, layer, &mut |plan, state, layer| {
+    let result = add_built_layer(store, layer, Files::Copy, &mut |plan, state, layer| {
         let (stack, layers) = read_next_stack(store, plan, state)?;
         let view = MergedView::new(&layers);
         let target_tree = read_clean(target, XattrNs::Trusted)?;
@@ -421,7 +447,7 @@ pub fn add_bundle(
         );
     }
     let scratch = store.staging_path("bundle");
-    let result = add_built_layer(store, layer, &mut |plan, state, layer| {
+    let result = add_built_layer(store, layer, Files::Link, &mut |plan, state, layer| {
         let (stack, layers) = read_next_stack(store, plan, state)?;
         let view = MergedView::new(&layers);
         let mut known = std::collections::HashMap::new();
@@ -437,8 +463,8 @@ pub fn add_bundle(
             base
         );
         layer.parent = stack.first().cloned();
-        // The content is written twice (rebuilt, then copied into the layer): check the room
-        // before writing anything, not after.
+        // Check the room before writing anything, not after (the rebuilt files are then linked
+        // into the layer, not copied).
         let content: u64 = bundle
             .manifest
             .entries
@@ -446,7 +472,7 @@ pub fn add_bundle(
             .filter(|e| e.data.is_some())
             .filter_map(|e| e.size)
             .fold(0, u64::saturating_add);
-        check_room(store, plan, content.saturating_mul(2))?;
+        check_room(store, plan, content)?;
         fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
         let rebuilt = bundle
             .rebuild(&view, &scratch)

@@ -177,8 +177,8 @@ fn privileged_bundle_signed_applies_and_mounts_as_the_new_tree() {
     assert_eq!(mode, 0o600, "the secret key is private");
     let bundle = env.path("release-2.bundle");
     let made = env.create(&env.path("old"), &bundle, Some(&key));
-    assert!(made.contains("as deltas; signed"), "{made}");
-    // The library changed in one line of 20,000: sent as a delta, the bundle is tiny.
+    assert!(made.contains("as patches; signed"), "{made}");
+    // The library changed in one line of 20,000: sent as a patch, the bundle is tiny.
     let size = fs::metadata(&bundle).unwrap().len();
     assert!(size < 8_000, "a {size}-byte bundle for a one-line change");
 
@@ -195,7 +195,7 @@ fn privileged_bundle_signed_applies_and_mounts_as_the_new_tree() {
     );
     let info = env.ok("device", &["bundle", "info", bundle.to_str().unwrap()]);
     assert!(info.contains("signer signed by build"), "{info}");
-    assert!(info.contains("1 of them deltas"), "{info}");
+    assert!(info.contains("of them deltas and 2 patches"), "{info}");
     let verified = env.ok("device", &["bundle", "verify", bundle.to_str().unwrap()]);
     assert!(verified.contains("intact"), "{verified}");
 
@@ -285,7 +285,7 @@ fn privileged_bundle_from_a_store_layer() {
     // Devices still on the base get base -> release 2; devices on release 2 get 2 -> 3.
     let (to_2, to_3) = (env.path("to-2.bundle"), env.path("to-3.bundle"));
     let made = create(Some("base"), &new, &to_2);
-    assert!(made.contains("1 as deltas"), "{made}");
+    assert!(made.contains("2 as patches"), "{made}");
     create(None, &third, &to_3);
     env.store("device");
     let e = env.fails("device", &["add-layer", "--bundle", to_3.to_str().unwrap()]);
@@ -347,9 +347,10 @@ fn privileged_bundle_from_a_store_layer() {
 
 /// A bundle file written by hand: manifest text, no signatures, payload bytes.
 fn craft(path: &Path, manifest: &str, payload: &[u8]) {
-    let mut bytes = b"STRATAB\x01".to_vec();
-    bytes.extend((manifest.len() as u64).to_le_bytes());
-    bytes.extend(manifest.as_bytes());
+    let packed = zstd::bulk::compress(manifest.as_bytes(), 3).unwrap();
+    let mut bytes = b"STRATAB\x02".to_vec();
+    bytes.extend((packed.len() as u64).to_le_bytes());
+    bytes.extend(packed);
     bytes.extend(0u32.to_le_bytes());
     bytes.extend(payload);
     fs::write(path, bytes).unwrap();
@@ -425,14 +426,10 @@ fn privileged_bundle_bad_bundles_change_nothing() {
     );
     assert_eq!(env.snapshot("device"), before);
 
-    // A changed manifest: the signature no longer matches.
-    let text_at = bytes.windows(7).position(|w| w == b"mode = ").unwrap();
+    // A changed manifest (stored compressed after the 16-byte header): the signature no
+    // longer matches, and nothing is decompressed.
     let mut changed = bytes.clone();
-    changed[text_at + 7] = if changed[text_at + 7] == b'4' {
-        b'5'
-    } else {
-        b'4'
-    };
+    changed[16 + 20] ^= 0x01;
     fs::write(&tampered, &changed).unwrap();
     refused(&tampered, &[], "does not match its manifest");
 
@@ -455,7 +452,7 @@ fn privileged_bundle_bad_bundles_change_nothing() {
         .find_map(|l| l.strip_prefix("base   "))
         .unwrap()
         .to_owned();
-    let head = format!("version = 1\nbase = \"{base}\"\ntarget = \"blake3:00\"\n");
+    let head = format!("version = 2\nbase = \"{base}\"\ntarget = \"blake3:00\"\n");
     let crafted = env.path("crafted.bundle");
     let root = "[[entry]]\npath = \".\"\nkind = \"dir\"\nmode = 493\n";
     craft(
@@ -531,6 +528,57 @@ fn privileged_bundle_bad_bundles_change_nothing() {
         &["--allow-unsigned"],
         "its content is 4 bytes, not the 1000",
     );
+    // A manifest that decompresses to more than 128 MiB: refused before it is all read.
+    let mut bomb_manifest = b"STRATAB\x02".to_vec();
+    let packed = zstd::bulk::compress(&vec![b'#'; 129 << 20], 3).unwrap();
+    bomb_manifest.extend((packed.len() as u64).to_le_bytes());
+    bomb_manifest.extend(packed);
+    bomb_manifest.extend(0u32.to_le_bytes());
+    fs::write(&crafted, bomb_manifest).unwrap();
+    refused(
+        &crafted,
+        &["--allow-unsigned"],
+        "its manifest decompresses to more than 134217728 bytes",
+    );
+    // Patches against the stack's etc/motd ("old\n"): one naming another basis file, and a bomb
+    // (64 MiB of zeros for a 10-byte file) made against the right one.
+    let patch = |data: &[u8]| {
+        use std::io::Write as _;
+        let mut encoder =
+            zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), 19, b"old\n").unwrap();
+        encoder.write_all(data).unwrap();
+        encoder.finish().unwrap()
+    };
+    for (data, size, basis, error) in [
+        (
+            &b"new\n"[..],
+            4,
+            &b"not old\n"[..],
+            "etc/motd: this stack's file is not the one the patch was made against",
+        ),
+        (
+            &vec![0u8; 64 << 20][..],
+            10,
+            &b"old\n"[..],
+            "etc/motd: its content is longer than the 10 bytes",
+        ),
+    ] {
+        let bytes = patch(data);
+        craft(
+            &crafted,
+            &format!(
+                "{head}payload = {}\n{root}[[entry]]\npath = \"etc\"\nkind = \"dir\"\n\
+                 [[entry]]\npath = \"etc/motd\"\nkind = \"file\"\nsize = {size}\nhash = \"{}\"\n\
+                 data = {{ encoding = \"patch\", offset = 0, length = {}, basis = \"{}\" }}\n",
+                bytes.len(),
+                blake3::hash(&data[..size]).to_hex(),
+                bytes.len(),
+                blake3::hash(basis).to_hex(),
+            ),
+            &bytes,
+        );
+        refused(&crafted, &["--allow-unsigned"], error);
+    }
     // overlayfs's own attributes, which would hide what the manifest shows.
     craft(
         &crafted,

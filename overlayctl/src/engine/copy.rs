@@ -302,7 +302,7 @@ fn timestamps(meta: &Meta) -> Timestamps {
 
 /// Owner first (a chown clears setuid bits and `security.capability`), then xattrs, then mode,
 /// then times, on an open file or directory.
-fn set_fd_meta(fd: impl AsFd, meta: &Meta) -> rustix::io::Result<()> {
+pub fn set_fd_meta(fd: impl AsFd, meta: &Meta) -> rustix::io::Result<()> {
     fchown(
         &fd,
         Some(Uid::from_raw(meta.uid)),
