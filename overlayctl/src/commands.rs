@@ -17,7 +17,7 @@ use crate::status::next_boot;
 use crate::store::{Store, StoreLock, remove_path};
 use crate::{
     AddLayerOpts, BundleCommand, CheckOpts, CompactOpts, ImportLegacyOpts, InitOpts, KeysCommand,
-    KnownGoodOpts, MenuLockOpts, RemoveOpts, SyncOpts, name_from_path, write_json,
+    KnownGoodOpts, MenuLockOpts, PolicyOpts, RemoveOpts, SyncOpts, name_from_path, write_json,
 };
 
 /// What a change works on: the store, locked, its plan (read from its own file: a change is
@@ -922,5 +922,83 @@ pub fn compact(root: &Path, opts: &CompactOpts, json: bool, out: &mut dyn Write)
         )?;
     }
     writeln!(out, "digest {}", done.digest)?;
+    Ok(())
+}
+
+pub fn policy(root: &Path, opts: &PolicyOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    use crate::policy::{Action, Facts, decide};
+    let store = Store::open(root)?;
+    let loaded = store.plan()?;
+    if let Some(why) = loaded.fell_back {
+        bail!("the plan cannot be read ({why}); the policy does nothing");
+    }
+    let plan = loaded.value;
+    let present: Vec<&str> = plan
+        .layers
+        .iter()
+        .map(|l| l.name.as_str())
+        .filter(|n| store.layer_dir(n).is_dir())
+        .collect();
+    let spaces = crate::space::layer_space(&store.root.join(crate::store::LAYERS), &present)?;
+    let in_use = store.layers_in_use()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let decision = decide(
+        &plan,
+        &Facts {
+            now,
+            free: ops::free_bytes(&store)?,
+            in_use: &in_use,
+            frees: &|name| spaces.get(name).map_or(0, |s| s.frees),
+        },
+    );
+    if !opts.dry_run {
+        for action in &decision.actions {
+            match action {
+                Action::Remove { layer, .. } => remove(
+                    root,
+                    &RemoveOpts {
+                        layer: layer.clone(),
+                        force: true,
+                    },
+                    false,
+                    &mut std::io::sink(),
+                )
+                .with_context(|| format!("policy: {action}"))?,
+                Action::Compact { from, to, .. } => {
+                    let request = crate::compaction::Request {
+                        from: Some(from.clone()),
+                        to: Some(to.clone()),
+                        ..Default::default()
+                    };
+                    crate::compaction::run(&store, &request)
+                        .with_context(|| format!("policy: {action}"))?;
+                }
+            }
+            if !json {
+                writeln!(out, "done: {action}")?;
+            }
+        }
+    }
+    if json {
+        return write_json(
+            out,
+            &serde_json::json!({
+                "dry_run": opts.dry_run, "actions": decision.actions, "notes": decision.notes,
+            }),
+        );
+    }
+    if opts.dry_run {
+        for action in &decision.actions {
+            writeln!(out, "would {action}")?;
+        }
+    }
+    if decision.actions.is_empty() {
+        writeln!(out, "nothing to do: the store is within its policy")?;
+    }
+    for note in &decision.notes {
+        writeln!(out, "note: {note}")?;
+    }
     Ok(())
 }

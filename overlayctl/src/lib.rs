@@ -9,6 +9,7 @@ pub mod fault;
 pub mod fetch;
 pub mod mount;
 pub mod ops;
+pub mod policy;
 pub mod space;
 pub mod status;
 pub mod store;
@@ -94,6 +95,16 @@ pub enum Command {
     /// Merge a run of adjacent accepted layers into one layer in their place (files hard-linked,
     /// not copied); the old layers are deleted once no mounted stack uses them.
     Compact(CompactOpts),
+    /// Apply the plan's [policy]: remove old disabled layers, keep free space above min_free,
+    /// merge accepted layers down to max_layers. For a timer.
+    Policy(PolicyOpts),
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyOpts {
+    /// Print the actions, in order, and change nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -346,6 +357,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::ImportLegacy(opts) => commands::import_legacy(&store, &opts, json, out),
         Command::MenuLock(opts) => commands::menu_lock(&store, &opts, json, out),
         Command::Compact(opts) => commands::compact(&store, &opts, json, out),
+        Command::Policy(opts) => commands::policy(&store, &opts, json, out),
         Command::Bundle(command) => commands::bundle(&store, &command, json, out),
         Command::Keys(command) => commands::keys(&store, &command, json, out),
     }

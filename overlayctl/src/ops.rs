@@ -49,10 +49,15 @@ pub fn read_clean(source: &Path, ns: XattrNs) -> Result<Layer> {
 }
 
 /// Refuses a copy that would leave less than the plan's `min_free` on the store's filesystem.
-fn check_room(store: &Store, plan: &Plan, needed: u64) -> Result<()> {
+/// Bytes free (for an unprivileged writer) on the store's filesystem.
+pub fn free_bytes(store: &Store) -> Result<u64> {
     let stat = rustix::fs::statvfs(&store.root)
         .with_context(|| format!("checking free space on {}", store.root.display()))?;
-    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+fn check_room(store: &Store, plan: &Plan, needed: u64) -> Result<()> {
+    let free = free_bytes(store)?;
     let min_free = plan.policy.min_free.0;
     if free < needed.saturating_add(min_free) {
         bail!(

@@ -292,6 +292,33 @@ pub fn now() -> Datetime {
     utc_datetime(secs)
 }
 
+/// A plan date-time as seconds since the epoch (a date alone is its midnight UTC; an offset
+/// is applied); None for a time without a date, or a date before 1970.
+pub fn epoch_secs(at: &Datetime) -> Option<u64> {
+    let date = at.date?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let (y, m, d) = (
+        i64::from(date.year) - i64::from(date.month <= 2),
+        i64::from(date.month),
+        i64::from(date.day),
+    );
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut secs = days * 86_400;
+    if let Some(time) = at.time {
+        secs += i64::from(time.hour) * 3600
+            + i64::from(time.minute) * 60
+            + i64::from(time.second.unwrap_or(0));
+    }
+    if let Some(toml::value::Offset::Custom { minutes }) = at.offset {
+        secs -= i64::from(minutes) * 60;
+    }
+    u64::try_from(secs).ok()
+}
+
 /// Seconds since the epoch as a UTC date-time (the civil-from-days algorithm).
 pub fn utc_datetime(secs: u64) -> Datetime {
     let days = (secs / 86_400) as i64;
@@ -317,6 +344,18 @@ pub fn utc_datetime(secs: u64) -> Datetime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epoch_secs_inverts_utc_datetime() {
+        for secs in [0, 86_399, 951_782_400, 1_700_000_000, 4_102_444_800] {
+            assert_eq!(epoch_secs(&utc_datetime(secs)), Some(secs), "{secs}");
+        }
+        let with_offset: Datetime = "2026-11-30T12:00:00+01:00".parse().unwrap();
+        assert_eq!(
+            epoch_secs(&with_offset),
+            epoch_secs(&"2026-11-30T11:00:00Z".parse().unwrap())
+        );
+    }
 
     #[test]
     fn utc_dates_are_right() {

@@ -470,3 +470,56 @@ fn privileged_compact_crash_at_every_step_leaves_a_bootable_store() {
         device.shutdown();
     }
 }
+
+#[test]
+fn privileged_policy_removes_and_merges_as_the_plan_says() {
+    if !have_root("privileged_policy_removes_and_merges_as_the_plan_says") {
+        return;
+    }
+    private_mount_namespace();
+    let device = Device::new();
+    device.ok(&["disable", "r3"]);
+    let path = device.store().join("overlayplan.toml");
+    let mut plan = layers_spec::Plan::parse(&fs::read_to_string(&path).unwrap(), "plan").unwrap();
+    plan.policy.max_layers = 2;
+    plan.policy.min_free = layers_spec::ByteSize(1 << 60);
+    fs::write(&path, plan.to_toml().unwrap()).unwrap();
+
+    let before = (device.plan_names(), device.dirs());
+    let report = device.ok(&["policy", "--dry-run"]);
+    assert_eq!(
+        report.lines().collect::<Vec<_>>()[..2],
+        [
+            "would remove r3: disabled, and free space is below policy.min_free = 1024PiB (frees 9)"
+                .replace("1024PiB", &layers_spec::ByteSize(1 << 60).to_string())
+                .as_str(),
+            "would compact 2 layers, r2 down to r1, into one",
+        ],
+        "{report}"
+    );
+    assert!(report.contains("note: free space stays below"), "{report}");
+    assert_eq!(
+        (device.plan_names(), device.dirs()),
+        before,
+        "a dry run changes nothing"
+    );
+
+    let report = device.ok(&["policy"]);
+    assert!(report.contains("done: remove r3"), "{report}");
+    assert_eq!(device.plan_names(), ["r2+r1", "base"]);
+    assert_eq!(
+        device.dirs(),
+        (sorted(&["base", "r2+r1"]), sorted(&["base", "r2+r1"]), 0)
+    );
+    // The stack now shows release 2.
+    device.boot();
+    let (shown, wanted) = (
+        tests::views::shown_tree(&device.path("newroot")),
+        tests::views::shown_tree(&device.path("release-2")),
+    );
+    assert_eq!(first_difference(&wanted, &shown), None);
+    device.shutdown();
+    // Done once, there is nothing more to merge; the floor is still out of reach.
+    let report = device.ok(&["policy", "--dry-run"]);
+    assert!(report.starts_with("nothing to do"), "{report}");
+}

@@ -1,0 +1,352 @@
+//! `overlayctl policy`: the plan's `[policy]` applied, as a list of actions decided from the
+//! plan alone (a pure function, table-tested) and then carried out one transaction at a time.
+//!
+//! In order: disabled layers older than `drop_disabled_after` are removed; while free space is
+//! below `min_free`, the other disabled layers are removed, oldest first; while the plan has
+//! more than `max_layers` layers, the lowest run of accepted layers is compacted, as few of its
+//! bottom layers as bring the count down (newer layers stay separate, for finer rollback).
+//! Known-good layers (with `keep_known_good`) are never removed or merged, trial layers are
+//! never merged, and layers a mounted stack uses are never removed (compacting them is safe:
+//! they stay until unused).
+
+use std::collections::BTreeSet;
+
+use layers_spec::{LayerState, Plan, size::human};
+use serde::Serialize;
+
+/// One step the policy takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum Action {
+    Remove {
+        layer: String,
+        why: String,
+    },
+    /// Merge the run from `from` (bottom) to `to` (top).
+    Compact {
+        from: String,
+        to: String,
+        layers: usize,
+    },
+}
+
+/// What the policy decided: the actions in order, and what it could not do.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub actions: Vec<Action>,
+    pub notes: Vec<String>,
+}
+
+/// What the decision needs besides the plan.
+#[allow(missing_debug_implementations)]
+pub struct Facts<'a> {
+    /// Seconds since the epoch.
+    pub now: u64,
+    /// Bytes free on the store's filesystem.
+    pub free: u64,
+    /// Layers a mounted stack uses.
+    pub in_use: &'a BTreeSet<String>,
+    /// What removing a layer would free.
+    pub frees: &'a dyn Fn(&str) -> u64,
+}
+
+/// Decides the actions for `plan` (layers top first).
+pub fn decide(plan: &Plan, facts: &Facts<'_>) -> Decision {
+    let policy = &plan.policy;
+    let mut decision = Decision::default();
+    let mut layers: Vec<&layers_spec::Layer> = plan.layers.iter().collect();
+    let protected = |l: &layers_spec::Layer| l.known_good && policy.keep_known_good;
+    let removable = |l: &layers_spec::Layer| {
+        l.state == LayerState::Disabled && !protected(l) && !facts.in_use.contains(&l.name)
+    };
+    let remove = |decision: &mut Decision,
+                  layers: &mut Vec<&layers_spec::Layer>,
+                  name: &str,
+                  why: String| {
+        layers.retain(|l| l.name != name);
+        decision.actions.push(Action::Remove {
+            layer: name.to_owned(),
+            why,
+        });
+    };
+
+    // Disabled layers past their age.
+    if let Some(limit) = policy.drop_disabled_after {
+        let old: Vec<(String, u64)> = layers
+            .iter()
+            .filter(|l| removable(l))
+            .filter_map(|l| {
+                let created = l.created.as_ref().and_then(crate::store::epoch_secs)?;
+                let age = facts.now.saturating_sub(created);
+                (age > limit.0).then(|| (l.name.clone(), age))
+            })
+            .collect();
+        for (name, age) in old {
+            let why = format!(
+                "disabled, created {} ago (policy.drop_disabled_after = {limit})",
+                layers_spec::Age(age - age % 60)
+            );
+            remove(&mut decision, &mut layers, &name, why);
+        }
+    }
+
+    // The free-space floor: other disabled layers, oldest first (no date counts as oldest).
+    let mut free = facts.free;
+    for action in &decision.actions {
+        if let Action::Remove { layer, .. } = action {
+            free = free.saturating_add((facts.frees)(layer));
+        }
+    }
+    if free < policy.min_free.0 {
+        let mut candidates: Vec<&layers_spec::Layer> =
+            layers.iter().copied().filter(|l| removable(l)).collect();
+        candidates.sort_by_key(|l| l.created.as_ref().and_then(crate::store::epoch_secs));
+        for layer in candidates {
+            if free >= policy.min_free.0 {
+                break;
+            }
+            let frees = (facts.frees)(&layer.name);
+            free = free.saturating_add(frees);
+            let why = format!(
+                "disabled, and free space is below policy.min_free = {} (frees {})",
+                policy.min_free,
+                human(frees)
+            );
+            remove(&mut decision, &mut layers, &layer.name, why);
+        }
+        if free < policy.min_free.0 {
+            decision.notes.push(format!(
+                "free space stays below policy.min_free = {}: {} free after the removals, and no other disabled layer may go",
+                policy.min_free,
+                human(free)
+            ));
+        }
+    }
+
+    // At most max_layers: merge the lowest runs of accepted layers, bottom layers first.
+    let max = policy.max_layers as usize;
+    let mergeable = |l: &layers_spec::Layer| l.state == LayerState::Active && !l.known_good;
+    while layers.len() > max {
+        // Runs of mergeable layers, as index ranges top..=bottom; the lowest first.
+        let mut runs = Vec::new();
+        let mut i = 0;
+        while i < layers.len() {
+            if !mergeable(layers[i]) {
+                i += 1;
+                continue;
+            }
+            let top = i;
+            while i + 1 < layers.len() && mergeable(layers[i + 1]) {
+                i += 1;
+            }
+            if i > top {
+                runs.push((top, i));
+            }
+            i += 1;
+        }
+        let Some(&(top, bottom)) = runs.last() else {
+            decision.notes.push(format!(
+                "{} layers stay, more than policy.max_layers = {max}: known-good, trial and disabled layers are never merged",
+                layers.len()
+            ));
+            break;
+        };
+        // Merging n layers removes n - 1.
+        let n = (layers.len() - max + 1).min(bottom - top + 1);
+        let from = layers[bottom].name.clone();
+        let to = layers[bottom + 1 - n].name.clone();
+        decision.actions.push(Action::Compact {
+            from: from.clone(),
+            to: to.clone(),
+            layers: n,
+        });
+        // The merged layer takes the place of the merged part's top. A whole run merged is a
+        // run of one, which the next round passes over.
+        layers.drain(bottom + 2 - n..=bottom);
+    }
+    decision
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Remove { layer, why } => write!(f, "remove {layer}: {why}"),
+            Action::Compact { from, to, layers } => {
+                write!(f, "compact {layers} layers, {to} down to {from}, into one")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layers_spec::{Age, ByteSize, Layer};
+
+    const DAY: u64 = 86_400;
+    const NOW: u64 = 1_800_000_000;
+
+    /// A layer from a short description: name, state (a active, t trial, d disabled), known-good,
+    /// age in days.
+    fn layer(name: &str, state: char, known_good: bool, days: u64) -> Layer {
+        let mut l = Layer::new(name);
+        l.state = match state {
+            't' => LayerState::Trial,
+            'd' => LayerState::Disabled,
+            _ => LayerState::Active,
+        };
+        l.known_good = known_good;
+        l.created = Some(crate::store::utc_datetime(NOW - days * DAY));
+        l
+    }
+
+    fn decide_for(layers: Vec<Layer>, edit: impl FnOnce(&mut Plan), free: u64) -> Decision {
+        let mut plan = Plan::new(layers);
+        plan.policy.min_free = ByteSize(0);
+        edit(&mut plan);
+        let in_use: BTreeSet<String> = ["in-use".to_owned()].into();
+        decide(
+            &plan,
+            &Facts {
+                now: NOW,
+                free,
+                in_use: &in_use,
+                frees: &|_| 300 << 20,
+            },
+        )
+    }
+
+    fn removed(d: &Decision) -> Vec<&str> {
+        d.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Remove { layer, .. } => Some(layer.as_str()),
+                Action::Compact { .. } => None,
+            })
+            .collect()
+    }
+
+    fn compacted(d: &Decision) -> Vec<(&str, &str, usize)> {
+        d.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Compact { from, to, layers } => Some((from.as_str(), to.as_str(), *layers)),
+                Action::Remove { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_small_plan_needs_nothing() {
+        let d = decide_for(
+            vec![layer("a", 'a', false, 1), layer("base", 'a', true, 9)],
+            |_| {},
+            1 << 40,
+        );
+        assert_eq!(d, Decision::default());
+    }
+
+    #[test]
+    fn old_disabled_layers_go_unless_known_good_or_in_use() {
+        let d = decide_for(
+            vec![
+                layer("new-off", 'd', false, 10),
+                layer("old-off", 'd', false, 40),
+                layer("in-use", 'd', false, 40),
+                layer("kept-good", 'd', true, 40),
+                layer("old-on", 'a', false, 40),
+                layer("base", 'a', true, 90),
+            ],
+            |p| p.policy.drop_disabled_after = Some(Age(30 * DAY)),
+            1 << 40,
+        );
+        assert_eq!(removed(&d), ["old-off"]);
+        assert!(
+            d.actions[0].to_string().contains("created 40d ago"),
+            "{}",
+            d.actions[0]
+        );
+        // Without the setting, age removes nothing.
+        let d = decide_for(
+            vec![
+                layer("old-off", 'd', false, 400),
+                layer("base", 'a', true, 900),
+            ],
+            |_| {},
+            1 << 40,
+        );
+        assert_eq!(d, Decision::default());
+    }
+
+    #[test]
+    fn below_the_free_floor_disabled_layers_go_oldest_first() {
+        let layers = || {
+            vec![
+                layer("newer", 'd', false, 2),
+                layer("older", 'd', false, 5),
+                layer("on", 'a', false, 9),
+                layer("base", 'a', true, 9),
+            ]
+        };
+        // 100 MiB free, 512 MiB wanted: each removal frees 300 MiB; two are needed.
+        let floor = |p: &mut Plan| p.policy.min_free = ByteSize(512 << 20);
+        let d = decide_for(layers(), floor, 100 << 20);
+        assert_eq!(removed(&d), ["older", "newer"]);
+        assert!(d.notes.is_empty());
+        // 300 MiB free: one is enough.
+        assert_eq!(removed(&decide_for(layers(), floor, 300 << 20)), ["older"]);
+        // Not enough to remove: said so.
+        let d = decide_for(layers(), |p| p.policy.min_free = ByteSize(2 << 30), 0);
+        assert_eq!(removed(&d), ["older", "newer"]);
+        assert!(
+            d.notes[0].contains("stays below policy.min_free = 2GiB"),
+            "{:?}",
+            d.notes
+        );
+    }
+
+    #[test]
+    fn too_many_layers_merge_the_lowest_accepted_ones() {
+        let max = |n: u32| move |p: &mut Plan| p.policy.max_layers = n;
+        // A trial on top, six accepted layers, a known-good base: 8 layers, 4 allowed. The five
+        // lowest accepted layers become one; the newest accepted one stays apart.
+        let layers: Vec<Layer> = [("t", 't', false)]
+            .into_iter()
+            .chain(
+                (1..=6)
+                    .rev()
+                    .map(|i| (["a1", "a2", "a3", "a4", "a5", "a6"][i - 1], 'a', false)),
+            )
+            .chain([("base", 'a', true)])
+            .map(|(n, s, k)| layer(n, s, k, 1))
+            .collect();
+        let d = decide_for(layers.clone(), max(4), 1 << 40);
+        assert_eq!(compacted(&d), [("a1", "a5", 5)]);
+        assert!(d.notes.is_empty());
+        // 2 allowed: all six accepted layers merge, and the trial and the base stay: 3 left.
+        let d = decide_for(layers, max(2), 1 << 40);
+        assert_eq!(compacted(&d), [("a1", "a6", 6)]);
+        assert!(d.notes[0].starts_with("3 layers stay"), "{:?}", d.notes);
+    }
+
+    #[test]
+    fn runs_stop_at_trial_disabled_and_known_good_layers() {
+        let d = decide_for(
+            vec![
+                layer("a5", 'a', false, 1),
+                layer("a4", 'a', false, 1),
+                layer("good", 'a', true, 1),
+                layer("a3", 'a', false, 1),
+                layer("t", 't', false, 1),
+                layer("a2", 'a', false, 1),
+                layer("a1", 'a', false, 1),
+                layer("base", 'a', true, 1),
+            ],
+            |p| p.policy.max_layers = 3,
+            1 << 40,
+        );
+        // The lowest run (a2, a1) first, then (a5, a4); a3 is a run of one.
+        assert_eq!(compacted(&d), [("a1", "a2", 2), ("a4", "a5", 2)]);
+        assert!(d.notes[0].starts_with("6 layers stay"), "{:?}", d.notes);
+    }
+}
