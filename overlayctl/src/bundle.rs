@@ -126,6 +126,8 @@ pub struct Created {
     /// Files sent as fast_rsync deltas and as zstd patches against the old file.
     pub deltas: u64,
     pub patches: u64,
+    /// Files whose content is the base's (new metadata only): no payload.
+    pub unchanged: u64,
     pub size: u64,
 }
 
@@ -201,15 +203,23 @@ pub fn create(
     out: &Path,
     key: Option<&SigningKey>,
 ) -> Result<Created> {
-    let mut known = HashMap::new();
-    let base = tree_digest(from, &mut |rel, node| {
-        hash_by_reading(from, &mut known, rel, node)
-    })?;
     let to_view_layers = std::slice::from_ref(to);
     let to_view = MergedView::new(to_view_layers);
-    let target = tree_digest(&to_view, &mut |rel, node| {
-        hash_by_reading(&to_view, &mut known, rel, node)
-    })?;
+    // Both digests read every file: at once, on two threads.
+    let digest = |view: &MergedView<'_>| {
+        let mut known = HashMap::new();
+        tree_digest(view, &mut |rel, node| {
+            hash_by_reading(view, &mut known, rel, node)
+        })
+        .map(|digest| (digest, known))
+    };
+    let (base, target) = std::thread::scope(|scope| {
+        let base = scope.spawn(|| digest(from));
+        let target = digest(&to_view);
+        (base.join().expect("a digest thread panicked"), target)
+    });
+    let ((base, mut known), (target, known_to)) = (base?, target?);
+    known.extend(known_to);
     // Contents compared by hash: a same-size change with an unchanged mtime must not be missed
     // (the bundle would then never rebuild its promised target).
     let (layer, stats) = delta(from, to, Compare::Checksum)
@@ -292,71 +302,136 @@ fn write_payload(
     let mut first_name: HashMap<(u64, u64), String> = HashMap::new();
     let mut work = Vec::new();
     walk_nodes(&layer.tree, &mut PathBuf::new(), &mut work);
-    for (rel, node) in work {
-        let mut entry = entry_of(&rel, node);
-        if let Kind::File { size, inode, nlink } = &node.kind {
-            if *nlink > 1 {
-                if let Some(first) = first_name.get(inode) {
-                    entry.link = Some(first.clone());
-                    entries.push(entry);
-                    continue;
-                }
-                first_name.insert(*inode, entry.path.clone());
+    // The basis a changed file is encoded against: the base's file at its path, when both are
+    // small enough to hold in memory.
+    let basis_of = |rel: &Path, node: &Node| {
+        from.get(rel).filter(|b| {
+            matches!(b.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT)
+                && matches!(node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT)
+        })
+    };
+    // Windows of files whose deltas and patches are made in parallel (bounded: at most 256
+    // files or 256 MiB of input each), then written in order.
+    let mut start = 0;
+    while start < work.len() {
+        let (mut end, mut input) = (start, 0u64);
+        while end < work.len() && end - start < 256 && input < 256 << 20 {
+            if let Kind::File { size, .. } = work[end].1.kind {
+                input += size;
             }
-            let source = to.root.join(&rel);
-            // The target digest hashed every file of `to` already.
-            entry.hash = Some(match known.get(&source) {
-                Some(hash) => hash.clone(),
-                None => {
-                    hash_file(&source).with_context(|| format!("hashing {}", source.display()))?
-                }
-            });
-            let offset = payload.stream_position().context("writing the payload")?;
-            let basis = from.get(&rel).filter(|b| {
-                matches!(b.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT)
-                    && *size <= DELTA_LIMIT
-            });
-            let (encoding, basis_hash) = match basis {
-                Some(b) => {
-                    let (encoding, bytes, basis_hash) =
-                        encode_small(&from.source_path(&rel, b), &source)?;
-                    payload.write_all(&bytes).context("writing the payload")?;
-                    (encoding, basis_hash)
-                }
-                None => {
-                    let file = File::open(&source)
-                        .with_context(|| format!("reading {}", source.display()))?;
-                    zstd::stream::copy_encode(BufReader::new(file), &mut payload, ZSTD_LEVEL)
-                        .with_context(|| format!("compressing {}", source.display()))?;
-                    ("whole", None)
-                }
-            };
-            match encoding {
-                "delta" => created.deltas += 1,
-                "patch" => created.patches += 1,
-                _ => created.whole += 1,
-            }
-            let end = payload.stream_position().context("writing the payload")?;
-            entry.data = Some(Data {
-                encoding: encoding.to_owned(),
-                offset,
-                length: end - offset,
-                basis: basis_hash,
-            });
+            end += 1;
         }
-        entries.push(entry);
+        let jobs: Vec<(usize, PathBuf, PathBuf)> = (start..end)
+            .filter_map(|k| {
+                let (rel, node) = &work[k];
+                let basis = basis_of(rel, node)?;
+                Some((k, from.source_path(rel, basis), to.root.join(rel)))
+            })
+            .collect();
+        let mut encoded = encode_parallel(&jobs);
+        for (k, (rel, node)) in work.iter().enumerate().take(end).skip(start) {
+            let mut entry = entry_of(rel, node);
+            if let Kind::File { inode, nlink, .. } = &node.kind {
+                if *nlink > 1 {
+                    if let Some(first) = first_name.get(inode) {
+                        entry.link = Some(first.clone());
+                        entries.push(entry);
+                        continue;
+                    }
+                    first_name.insert(*inode, entry.path.clone());
+                }
+                let source = to.root.join(rel);
+                // The target digest hashed every file of `to` already.
+                entry.hash = Some(match known.get(&source) {
+                    Some(hash) => hash.clone(),
+                    None => hash_file(&source)
+                        .with_context(|| format!("hashing {}", source.display()))?,
+                });
+                let offset = payload.stream_position().context("writing the payload")?;
+                let (encoding, basis_hash) = match encoded.remove(&k) {
+                    Some(result) => {
+                        let (encoding, bytes, basis_hash) = result?;
+                        payload.write_all(&bytes).context("writing the payload")?;
+                        (encoding, basis_hash)
+                    }
+                    None => {
+                        let file = File::open(&source)
+                            .with_context(|| format!("reading {}", source.display()))?;
+                        zstd::stream::copy_encode(BufReader::new(file), &mut payload, ZSTD_LEVEL)
+                            .with_context(|| format!("compressing {}", source.display()))?;
+                        ("whole", None)
+                    }
+                };
+                match encoding {
+                    "delta" => created.deltas += 1,
+                    "patch" => created.patches += 1,
+                    "basis" => created.unchanged += 1,
+                    _ => created.whole += 1,
+                }
+                let end = payload.stream_position().context("writing the payload")?;
+                entry.data = Some(Data {
+                    encoding: encoding.to_owned(),
+                    offset,
+                    length: end - offset,
+                    basis: basis_hash,
+                });
+            }
+            entries.push(entry);
+        }
+        start = end;
     }
     payload.flush().context("writing the payload")?;
     Ok(entries)
 }
 
-/// Whole, delta or patch, whichever is smallest; all held in memory (files up to
+/// One changed file's encoding: its form, bytes, and the hash of the basis it needs.
+type Encoded = (&'static str, Vec<u8>, Option<String>);
+
+/// [`encode_small`] for each (index, basis, new file), on as many threads as there are cores.
+fn encode_parallel(jobs: &[(usize, PathBuf, PathBuf)]) -> HashMap<usize, Result<Encoded>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jobs.len())
+        .max(1);
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    while let Some((k, basis, new)) = jobs.get(next.fetch_add(1, Ordering::Relaxed))
+                    {
+                        done.push((*k, encode_small(basis, new)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("an encoder thread panicked"))
+            .collect()
+    })
+}
+
+/// The basis itself when the content did not change; else whole, delta or patch, whichever is
+/// smallest; all held in memory (files up to
 /// [`DELTA_LIMIT`]). A delta is fast_rsync's (block matches against the old file), compressed;
 /// a patch is the new file compressed with the old one as zstd's reference prefix, as
 /// `zstd --patch-from` does, which also finds matches shorter than a block.
-fn encode_small(basis: &Path, new: &Path) -> Result<(&'static str, Vec<u8>, Option<String>)> {
+fn encode_small(basis: &Path, new: &Path) -> Result<Encoded> {
     let old = fs::read(basis).with_context(|| format!("reading {}", basis.display()))?;
     let data = fs::read(new).with_context(|| format!("reading {}", new.display()))?;
+    if old == data {
+        // Only the metadata changed (an upgrade rewrites mtimes of files it did not change):
+        // the content is the basis itself, and nothing goes in the payload.
+        return Ok((
+            "basis",
+            Vec::new(),
+            Some(blake3::hash(&old).to_hex().to_string()),
+        ));
+    }
     let whole = zstd::bulk::compress(&data, ZSTD_LEVEL).context("compressing")?;
     let signature = fast_rsync::Signature::calculate(
         &old,
@@ -730,6 +805,15 @@ impl Bundle {
                     .with_context(|| format!("{}: reading its content", entry.path))?;
                 copy_exact(decoder, size, &mut hasher, out, &entry.path)?;
             }
+            "basis" => {
+                let old = read_basis(base, rel, entry, "basis")?;
+                ensure!(
+                    data.length == 0,
+                    "{}: an unchanged file with content in the payload",
+                    entry.path
+                );
+                copy_exact(old.as_slice(), size, &mut hasher, out, &entry.path)?;
+            }
             "patch" => {
                 let old = read_basis(base, rel, entry, "patch")?;
                 let mut decoder =
@@ -805,7 +889,7 @@ fn copy_exact(
     Ok(())
 }
 
-/// The base's file a delta or patch was made against, checked against the hash the entry
+/// The base's file a delta, patch or unchanged file was made against, checked against the hash the entry
 /// names; only files up to [`DELTA_LIMIT`] (held in memory).
 fn read_basis(
     base: Option<&MergedView<'_>>,

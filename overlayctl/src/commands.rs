@@ -298,23 +298,31 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
                 ),
                 None => None,
             };
-            let old = if from.join(layers_spec::store::PLAN_FILE).is_file() {
-                ops::read_stack_at(&Store::open(from)?, from_layer.as_deref())?.1
-            } else {
-                ensure!(
-                    from_layer.is_none(),
-                    "--from-layer needs --from to be a store (a directory with {}); {} is a tree",
-                    layers_spec::store::PLAN_FILE,
-                    from.display()
-                );
-                vec![ops::read_clean(from, XattrNs::Trusted)?]
-            };
+            let from_store = from.join(layers_spec::store::PLAN_FILE).is_file();
+            ensure!(
+                from_store || from_layer.is_none(),
+                "--from-layer needs --from to be a store (a directory with {}); {} is a tree",
+                layers_spec::store::PLAN_FILE,
+                from.display()
+            );
             ensure!(
                 !to.join(layers_spec::store::PLAN_FILE).is_file(),
                 "{} is a Strata store; --to takes the new system as a plain tree",
                 to.display()
             );
-            let new = ops::read_clean(to, XattrNs::Trusted)?;
+            // The two trees are read at once.
+            let (old, new) = std::thread::scope(|scope| {
+                let new = scope.spawn(|| ops::read_clean(to, XattrNs::Trusted));
+                let old = if from_store {
+                    Store::open(from)
+                        .and_then(|store| ops::read_stack_at(&store, from_layer.as_deref()))
+                        .map(|(_, layers)| layers)
+                } else {
+                    ops::read_clean(from, XattrNs::Trusted).map(|layer| vec![layer])
+                };
+                (old, new.join().expect("a tree reader panicked"))
+            });
+            let (old, new) = (old?, new?);
             let view = crate::engine::MergedView::new(&old);
             let made = create(&view, &new, output, key.as_ref())?;
             let d = &made.delta;
@@ -323,14 +331,15 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
                     out,
                     &serde_json::json!({
                         "bundle": output, "bytes": made.size, "whole": made.whole,
-                        "deltas": made.deltas, "patches": made.patches, "added": d.added, "changed": d.changed,
+                        "deltas": made.deltas, "patches": made.patches, "unchanged": made.unchanged,
+                        "added": d.added, "changed": d.changed,
                         "metadata": d.metadata, "deleted": d.deleted, "signed": key.is_some(),
                     }),
                 );
             }
             writeln!(
                 out,
-                "wrote {} ({}): {} added, {} changed, {} with new metadata, {} deleted; {} files whole, {} as deltas, {} as patches{}",
+                "wrote {} ({}): {} added, {} changed, {} with new metadata, {} deleted; {} files whole, {} as deltas, {} as patches, {} from the base unchanged{}",
                 output.display(),
                 layers_spec::size::human(made.size),
                 d.added,
@@ -340,6 +349,7 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
                 made.whole,
                 made.deltas,
                 made.patches,
+                made.unchanged,
                 if key.is_some() {
                     "; signed"
                 } else {
@@ -368,7 +378,8 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
                     .filter(|e| e.data.as_ref().is_some_and(|d| d.encoding == how))
                     .count()
             };
-            let (deltas, patches) = (encoded("delta"), encoded("patch"));
+            let (deltas, patches, unchanged) =
+                (encoded("delta"), encoded("patch"), encoded("basis"));
             let size = fs::metadata(file)?.len();
             if json {
                 return write_json(
@@ -376,6 +387,7 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
                     &serde_json::json!({
                         "bundle": file, "bytes": size, "base": m.base, "target": m.target,
                         "entries": m.entries.len(), "files": files, "deltas": deltas, "patches": patches,
+                        "unchanged": unchanged,
                         "signatures": bundle.signatures.len(), "trusted_signers": signers,
                     }),
                 );
@@ -387,12 +399,13 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
             writeln!(out, "target {}", m.target)?;
             writeln!(
                 out,
-                "size   {} ({} entries; {} files, {} of them deltas and {} patches)",
+                "size   {} ({} entries; {} files: {} deltas, {} patches, {} unchanged from the base)",
                 layers_spec::size::human(size),
                 m.entries.len(),
                 files,
                 deltas,
-                patches
+                patches,
+                unchanged
             )?;
             let signed = match (bundle.signatures.len(), signers.as_slice()) {
                 (0, _) => "unsigned".to_owned(),

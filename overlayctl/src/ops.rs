@@ -379,9 +379,14 @@ pub fn sync(
 ) -> Result<Synced> {
     let mut found: Option<(Vec<String>, DeltaStats)> = None;
     let result = add_built_layer(store, layer, Files::Copy, &mut |plan, state, layer| {
-        let (stack, layers) = read_next_stack(store, plan, state)?;
+        // The stack and the target are read at once: on a cold cache the disk serves both.
+        let (stack, target_tree) = std::thread::scope(|scope| {
+            let target = scope.spawn(|| read_clean(target, XattrNs::Trusted));
+            let stack = read_next_stack(store, plan, state);
+            (stack, target.join().expect("the target reader panicked"))
+        });
+        let ((stack, layers), target_tree) = (stack?, target_tree?);
         let view = MergedView::new(&layers);
-        let target_tree = read_clean(target, XattrNs::Trusted)?;
         let (delta, stats) = delta(&view, &target_tree, compare)
             .with_context(|| format!("comparing {} with the stack", target.display()))?;
         layer.parent = stack.first().cloned();

@@ -177,7 +177,10 @@ fn privileged_bundle_signed_applies_and_mounts_as_the_new_tree() {
     assert_eq!(mode, 0o600, "the secret key is private");
     let bundle = env.path("release-2.bundle");
     let made = env.create(&env.path("old"), &bundle, Some(&key));
-    assert!(made.contains("as patches; signed"), "{made}");
+    assert!(
+        made.contains("1 as patches, 1 from the base unchanged; signed"),
+        "{made}"
+    );
     // The library changed in one line of 20,000: sent as a patch, the bundle is tiny.
     let size = fs::metadata(&bundle).unwrap().len();
     assert!(size < 8_000, "a {size}-byte bundle for a one-line change");
@@ -195,7 +198,10 @@ fn privileged_bundle_signed_applies_and_mounts_as_the_new_tree() {
     );
     let info = env.ok("device", &["bundle", "info", bundle.to_str().unwrap()]);
     assert!(info.contains("signer signed by build"), "{info}");
-    assert!(info.contains("of them deltas and 2 patches"), "{info}");
+    assert!(
+        info.contains("4 files: 0 deltas, 1 patches, 1 unchanged from the base"),
+        "{info}"
+    );
     let verified = env.ok("device", &["bundle", "verify", bundle.to_str().unwrap()]);
     assert!(verified.contains("intact"), "{verified}");
 
@@ -285,7 +291,10 @@ fn privileged_bundle_from_a_store_layer() {
     // Devices still on the base get base -> release 2; devices on release 2 get 2 -> 3.
     let (to_2, to_3) = (env.path("to-2.bundle"), env.path("to-3.bundle"));
     let made = create(Some("base"), &new, &to_2);
-    assert!(made.contains("2 as patches"), "{made}");
+    assert!(
+        made.contains("1 as patches, 1 from the base unchanged"),
+        "{made}"
+    );
     create(None, &third, &to_3);
     env.store("device");
     let e = env.fails("device", &["add-layer", "--bundle", to_3.to_str().unwrap()]);
@@ -579,6 +588,22 @@ fn privileged_bundle_bad_bundles_change_nothing() {
         );
         refused(&crafted, &["--allow-unsigned"], error);
     }
+    // An unchanged file (its content is the base's) that claims payload bytes too.
+    craft(
+        &crafted,
+        &format!(
+            "{head}payload = 3\n{root}[[entry]]\npath = \"etc\"\nkind = \"dir\"\n\
+             [[entry]]\npath = \"etc/motd\"\nkind = \"file\"\nsize = 4\nhash = \"{h}\"\n\
+             data = {{ encoding = \"basis\", offset = 0, length = 3, basis = \"{h}\" }}\n",
+            h = blake3::hash(b"old\n").to_hex(),
+        ),
+        b"xyz",
+    );
+    refused(
+        &crafted,
+        &["--allow-unsigned"],
+        "etc/motd: an unchanged file with content in the payload",
+    );
     // overlayfs's own attributes, which would hide what the manifest shows.
     craft(
         &crafted,
