@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use layers_spec::{LayerState, Plan, check_name};
 
-use crate::engine::compact::{CompactStats, compact};
+use crate::engine::compact::{Below, CompactStats, compact};
 use crate::engine::copy::link_layer;
 use crate::engine::manifest::hash_file;
 use crate::engine::{Layer, Manifest, XattrNs};
@@ -152,14 +152,16 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
         "a layer named {name:?} exists; choose another --name"
     );
 
-    // The run and everything below it (disabled layers too: whiteouts they need must stay).
+    // The run, read whole, and everything below it, looked up where needed (disabled layers
+    // too: whiteouts they need must stay).
     let dirs: Vec<PathBuf> = plan.layers[top..]
         .iter()
         .map(|l| store.layer_dir(&l.name))
         .collect();
-    let layers = Layer::read_all(&dirs, XattrNs::Trusted).context("reading the layers")?;
-    let (run_layers, below) = layers.split_at(bottom - top + 1);
-    let made = compact(run_layers, below);
+    let (run_dirs, below_dirs) = dirs.split_at(bottom - top + 1);
+    let run_layers = Layer::read_all(run_dirs, XattrNs::Trusted).context("reading the layers")?;
+    let below = Below::open(below_dirs, XattrNs::Trusted).context("opening the layers below")?;
+    let made = compact(&run_layers, &below);
 
     let staged = store.staging_path(&name);
     let copy = link_layer(

@@ -8,7 +8,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use overlayctl::engine::compact::compact;
+use overlayctl::engine::compact::{Below, compact};
 use overlayctl::engine::copy::link_layer;
 use overlayctl::engine::{Layer, XattrNs};
 use proptest::prelude::*;
@@ -67,7 +67,8 @@ fn check_compact(
     let start = run_start % dirs.len();
     let end = (start + 1 + run_len % (dirs.len() - start)).min(dirs.len());
     let read = Layer::read_all(&dirs, XattrNs::Trusted).unwrap();
-    let made = compact(&read[start..end], &read[end..]);
+    let below = Below::open(&dirs[end..], XattrNs::Trusted).unwrap();
+    let made = compact(&read[start..end], &below);
     let run_layers = &read[start..end];
     link_layer(
         &made.tree,

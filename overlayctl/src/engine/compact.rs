@@ -11,9 +11,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::tree::{Kind, Layer, Node};
+use rustix::fs::{AtFlags, CWD, Dir, FileType, Mode, OFlags, ResolveFlags, fstat, openat2, statat};
+
+use super::tree::{Kind, Layer, LayerError, Node, XattrNs, io_at, open_dir};
 
 /// What compaction made: the layer's tree, and where each of its files comes from.
 #[derive(Debug)]
@@ -34,8 +38,109 @@ pub struct CompactStats {
     pub opaque_dropped: u64,
 }
 
-/// Compacts `run` (top first) over `below` (the layers under it, top first; may be empty).
-pub fn compact(run: &[Layer], below: &[Layer]) -> Compacted {
+/// The layers below a run, looked up path by path on disk where a whiteout or a cut-off
+/// directory asks (never walked whole: a compaction over a large base reads only what it needs).
+/// Lookups never pass through a symlink, as overlayfs's own lookup would not.
+#[derive(Debug)]
+pub struct Below {
+    roots: Vec<(OwnedFd, PathBuf)>,
+    ns: XattrNs,
+}
+
+/// What one layer has at a path.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    Nothing,
+    Whiteout,
+    Dir,
+    Other,
+}
+
+impl Below {
+    /// Opens the layers (top first; may be none).
+    pub fn open(roots: &[PathBuf], ns: XattrNs) -> Result<Self, LayerError> {
+        let roots = roots
+            .iter()
+            .map(|root| {
+                open_dir(CWD, root)
+                    .map(|fd| (fd, root.clone()))
+                    .map_err(io_at(root, "opening the layer"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { roots, ns })
+    }
+
+    fn is_xattr_whiteout(&self, path: &Path) -> bool {
+        let mut buf = [0u8; 0];
+        rustix::fs::lgetxattr(path, self.ns.name("whiteout").as_str(), &mut buf).is_ok()
+    }
+
+    fn found(&self, st: &rustix::fs::Stat, path: &Path) -> Found {
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => Found::Dir,
+            FileType::CharacterDevice if st.st_rdev == 0 => Found::Whiteout,
+            FileType::RegularFile if st.st_size == 0 && self.is_xattr_whiteout(path) => {
+                Found::Whiteout
+            }
+            _ => Found::Other,
+        }
+    }
+
+    fn lookup(&self, layer: usize, rel: &Path) -> Found {
+        let (fd, root) = &self.roots[layer];
+        let opened = openat2(
+            fd,
+            rel,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH,
+        );
+        match opened.and_then(|fd| fstat(&fd)) {
+            Ok(st) => self.found(&st, &root.join(rel)),
+            // Missing, or behind a symlink or a file: not in this layer.
+            Err(_) => Found::Nothing,
+        }
+    }
+
+    /// Whether some layer has an entry other than a whiteout at `rel`.
+    fn has(&self, rel: &Path) -> bool {
+        (0..self.roots.len()).any(|i| matches!(self.lookup(i, rel), Found::Dir | Found::Other))
+    }
+
+    /// Whether some layer has a directory at `rel` holding an entry other than a whiteout:
+    /// what an opaque mark at `rel` keeps hidden.
+    fn has_content(&self, rel: &Path) -> bool {
+        (0..self.roots.len()).any(|i| {
+            if self.lookup(i, rel) != Found::Dir {
+                return false;
+            }
+            let (fd, root) = &self.roots[i];
+            let Ok(dir) = openat2(
+                fd,
+                rel,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH,
+            ) else {
+                return false;
+            };
+            let Ok(entries) = Dir::read_from(&dir) else {
+                return false;
+            };
+            entries.flatten().any(|entry| {
+                let name = OsStr::from_bytes(entry.file_name().to_bytes());
+                if name == "." || name == ".." {
+                    return false;
+                }
+                statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| self.found(&st, &root.join(rel).join(name)) != Found::Whiteout)
+            })
+        })
+    }
+}
+
+/// Compacts `run` (top first) over `below` (the layers under it).
+pub fn compact(run: &[Layer], below: &Below) -> Compacted {
     assert!(!run.is_empty(), "compaction needs at least one layer");
     let mut merger = Merger {
         below,
@@ -53,7 +158,7 @@ pub fn compact(run: &[Layer], below: &[Layer]) -> Compacted {
 }
 
 struct Merger<'a> {
-    below: &'a [Layer],
+    below: &'a Below,
     sources: HashMap<PathBuf, usize>,
     stats: CompactStats,
 }
@@ -66,22 +171,12 @@ fn children(node: &Node) -> Option<&BTreeMap<OsString, Node>> {
 }
 
 impl Merger<'_> {
-    /// Whether some layer below the run has an entry other than a whiteout at `rel`.
     fn below_has(&self, rel: &Path) -> bool {
-        self.below.iter().any(|l| {
-            l.get(rel)
-                .is_some_and(|n| !matches!(n.kind, Kind::Whiteout))
-        })
+        self.below.has(rel)
     }
 
-    /// Whether some layer below the run has a directory at `rel` with an entry in it other than
-    /// a whiteout: what an opaque mark at `rel` keeps hidden.
     fn below_has_content(&self, rel: &Path) -> bool {
-        self.below.iter().any(|l| {
-            l.get(rel)
-                .and_then(children)
-                .is_some_and(|c| c.values().any(|n| !matches!(n.kind, Kind::Whiteout)))
-        })
+        self.below.has_content(rel)
     }
 
     /// Merges the directories standing at `rel` in the run, top first. `sealed`: something
