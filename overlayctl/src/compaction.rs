@@ -173,7 +173,7 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     .with_context(|| format!("writing the compacted layer into {}", staged.display()))?;
     fault::point("compact-staged");
     // The manifest from the run's manifests: the files are the run's, so their hashes are known.
-    let known: Vec<HashMap<PathBuf, String>> = replaced
+    let known: Vec<HashMap<PathBuf, (u64, String)>> = replaced
         .iter()
         .map(|n| {
             std::fs::read_to_string(store.manifest_path(n))
@@ -188,7 +188,7 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
         .get(rel)
         .and_then(|&i| known[i].get(rel))
     {
-        Some(hash) => Ok(hash.clone()),
+        Some((_, hash)) => Ok(hash.clone()),
         None => hash_file(&staged.join(rel)),
     })
     .with_context(|| format!("hashing {}", staged.display()))?;

@@ -11,7 +11,7 @@ use layers_spec::{BootState, Layer as PlanLayer, LayerState, Plan, check_name};
 
 use crate::engine::copy::{CopyStats, copy_layer, link_layer};
 use crate::engine::delta::{Compare, DeltaStats, delta};
-use crate::engine::{Layer, Manifest, MergedView, XattrNs};
+use crate::engine::{Kind, Layer, Manifest, MergedView, Node, XattrNs};
 use crate::store::{self, Store, remove_path};
 
 /// What a new layer is called and how the plan takes it.
@@ -357,6 +357,31 @@ pub fn read_stack_at(store: &Store, top: Option<&str>) -> Result<(Vec<String>, V
     Ok((stack, layers))
 }
 
+/// The content hashes the manifests of a stack's layers record, by file path on disk, for the
+/// files whose size still matches (any other is hashed by reading, as without a manifest).
+fn known_hashes(
+    store: &Store,
+    stack: &[String],
+    layers: &[Layer],
+) -> std::collections::HashMap<std::path::PathBuf, String> {
+    let mut known = std::collections::HashMap::new();
+    for (name, layer) in stack.iter().zip(layers) {
+        let Ok(text) = fs::read_to_string(store.manifest_path(name)) else {
+            continue;
+        };
+        for (rel, (size, hash)) in (Manifest { text }).file_hashes() {
+            let same_size = matches!(
+                layer.get(&rel),
+                Some(Node { kind: Kind::File { size: s, .. }, .. }) if *s == size
+            );
+            if same_size {
+                known.insert(layer.root.join(&rel), hash);
+            }
+        }
+    }
+    known
+}
+
 /// What `sync` found between the stack and the target.
 #[derive(Debug, Clone)]
 pub struct Synced {
@@ -460,7 +485,10 @@ pub fn add_bundle(
     let result = add_built_layer(store, layer, Files::Link, &mut |plan, state, layer| {
         let (stack, layers) = read_next_stack(store, plan, state)?;
         let view = MergedView::new(&layers);
-        let mut known = std::collections::HashMap::new();
+        // The stack's files hash as their layers' manifests say (recorded when each layer came
+        // in; `verify` checks them), so the base digest reads no file; a file a delta or patch
+        // is applied to is checked against its own hash when read.
+        let mut known = known_hashes(store, &stack, &layers);
         let base = crate::bundle::tree_digest(&view, &mut |rel, node| {
             crate::bundle::hash_by_reading(&view, &mut known, rel, node)
         })?;

@@ -44,25 +44,29 @@ impl Manifest {
         Ok(Self { text })
     }
 
-    /// The content hash of every file the manifest lists, by path (other names of a file
-    /// included).
-    pub fn file_hashes(&self) -> HashMap<PathBuf, String> {
-        let mut hashes: HashMap<PathBuf, String> = HashMap::new();
+    /// The size and content hash of every file the manifest lists, by path (other names of a
+    /// file included).
+    pub fn file_hashes(&self) -> HashMap<PathBuf, (u64, String)> {
+        let mut hashes: HashMap<PathBuf, (u64, String)> = HashMap::new();
         for line in self.text.lines() {
             let mut fields = line.split(' ');
             let (Some(path), Some("file")) = (fields.next(), fields.next()) else {
                 continue;
             };
             let path = PathBuf::from(OsStr::from_bytes(&unescape(path)));
+            let mut size = None;
             for field in fields {
-                if let Some(hash) = field.strip_prefix("blake3=") {
-                    hashes.insert(path, hash.to_owned());
+                if let Some(n) = field.strip_prefix("size=") {
+                    size = n.parse().ok();
+                }
+                if let (Some(hash), Some(size)) = (field.strip_prefix("blake3="), size) {
+                    hashes.insert(path, (size, hash.to_owned()));
                     break;
                 }
                 if let Some(first) = field.strip_prefix("link=") {
                     let first = PathBuf::from(OsStr::from_bytes(&unescape(first)));
-                    if let Some(hash) = hashes.get(&first).cloned() {
-                        hashes.insert(path, hash);
+                    if let Some(known) = hashes.get(&first).cloned() {
+                        hashes.insert(path, known);
                     }
                     break;
                 }
@@ -284,8 +288,8 @@ mod tests {
         };
         let hashes = m.file_hashes();
         assert_eq!(hashes.len(), 2);
-        assert_eq!(hashes[Path::new("a b")], "aa");
-        assert_eq!(hashes[Path::new("c")], "aa");
+        assert_eq!(hashes[Path::new("a b")], (1, "aa".to_owned()));
+        assert_eq!(hashes[Path::new("c")], (1, "aa".to_owned()));
     }
 
     #[test]
