@@ -187,7 +187,8 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
     if !exhausted.is_empty() && loaded.fell_back.is_none() {
         for name in &exhausted {
             if let Some(layer) = plan.layer_mut(name) {
-                layer.state = LayerState::Disabled;
+                // No date: an early-boot clock may be wrong; the policy job records it.
+                layer.set_state(LayerState::Disabled, None);
             }
             state.trial_tries.remove(name);
             log.say(format!(
@@ -393,8 +394,10 @@ impl MenuChoice<'_> {
                     for layer in &mut saved.layers {
                         let chosen = layers.contains(&layer.name);
                         match (chosen, layer.state) {
-                            (true, LayerState::Disabled) => layer.state = LayerState::Active,
-                            (false, _) => layer.state = LayerState::Disabled,
+                            (true, LayerState::Disabled) => {
+                                layer.set_state(LayerState::Active, None);
+                            }
+                            (false, _) => layer.set_state(LayerState::Disabled, None),
                             (true, _) => {}
                         }
                     }
@@ -444,14 +447,15 @@ fn fallback_chain(
             .collect()
     };
     let mut chain: Vec<(Vec<String>, Option<String>)> = vec![(resolved.to_vec(), None)];
-    if !state.last_good.is_empty()
-        && state
-            .last_good
+    // Recorded before a compaction, it may name layers the compacted one replaced.
+    let last_good = plan.current_names(&state.last_good);
+    if !last_good.is_empty()
+        && last_good
             .iter()
             .all(|n| plan.layer(n).is_some() && present(n))
     {
         chain.push((
-            in_plan_order(&|n| state.last_good.iter().any(|g| g == n)),
+            in_plan_order(&|n| last_good.iter().any(|g| g == n)),
             Some("the resolved stack did not mount; booted the last good stack".into()),
         ));
     }
@@ -567,13 +571,15 @@ fn clear_staging(store: &Path, log: &mut Log) {
     }
 }
 
-/// Deletes layers (and their manifests) that neither the plan, nor the last good stack, nor a
-/// one-shot selection names: what compaction or removal left because the previous boot was
+/// Deletes layers (and their manifests) that neither the plan (nor its previous copy, the
+/// fallback), nor the last good stack, nor a one-shot selection names: what compaction or removal left because the previous boot was
 /// using them, or an interrupted change left. Nothing is mounted from the store yet, so nothing
 /// uses them. Only with a plan read from its own file.
 fn clear_orphans(store: &Path, plan: &Plan, state: &BootState, log: &mut Log) {
+    let prev = spec_store::prev_plan_layers(store);
     let named = |name: &str| {
         plan.layer(name).is_some()
+            || prev.iter().any(|n| n == name)
             || state.last_good.iter().any(|n| n == name)
             || state
                 .once

@@ -158,6 +158,10 @@ pub struct Layer {
     pub digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notes: Option<String>,
+    /// When it was disabled, as `overlayctl` (or the policy job, for a layer the boot disabled)
+    /// recorded it: `policy.drop_disabled_after` counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_at: Option<Datetime>,
     /// The layers `overlayctl compact` merged into this one, top first.
     #[serde(
         default,
@@ -183,8 +187,21 @@ impl Layer {
             created: None,
             digest: None,
             notes: None,
+            disabled_at: None,
             replaces: Vec::new(),
         }
+    }
+
+    /// Sets the state, recording when it became disabled (`now`, where the caller has a clock it
+    /// trusts; None leaves the date for the policy job to record) and forgetting the date when
+    /// it is enabled again.
+    pub fn set_state(&mut self, state: LayerState, now: Option<Datetime>) {
+        if state != LayerState::Disabled {
+            self.disabled_at = None;
+        } else if self.state != LayerState::Disabled {
+            self.disabled_at = now;
+        }
+        self.state = state;
     }
 
     /// The title, or the name when the layer has none.
@@ -348,6 +365,22 @@ impl Plan {
     }
 
     /// Index from the top (0 is the top layer).
+    /// `stack` (names, top first) with each run of layers a compaction replaced given as the
+    /// layer that replaced it: a stack recorded before a compaction (the last good one) in this
+    /// plan's terms. A stack with only part of a run keeps its names.
+    pub fn current_names(&self, stack: &[String]) -> Vec<String> {
+        let mut names = stack.to_vec();
+        for layer in self.layers.iter().filter(|l| !l.replaces.is_empty()) {
+            let run = &layer.replaces;
+            if let Some(at) = names.iter().position(|n| n == &run[0])
+                && names.get(at..at + run.len()) == Some(&run[..])
+            {
+                names.splice(at..at + run.len(), [layer.name.clone()]);
+            }
+        }
+        names
+    }
+
     pub fn position(&self, name: &str) -> Option<usize> {
         self.layers.iter().position(|l| l.name == name)
     }

@@ -168,7 +168,9 @@ pub fn resolve(
         }
     }
     let once = state.once.as_ref();
-    for name in once.iter().flat_map(|o| &o.layers) {
+    // Chosen before a compaction, it may name layers the compacted one replaced.
+    let once_layers = once.map(|o| plan.current_names(&o.layers));
+    for name in once_layers.iter().flatten() {
         if plan.layer(name).is_none() {
             notes.push(Note::UnknownInOneShot { name: name.clone() });
         }
@@ -187,8 +189,8 @@ pub fn resolve(
             Some(Reason::DisabledOnCommandLine)
         } else if chosen_top {
             None
-        } else if let Some(once) = once {
-            (!once.layers.contains(name)).then_some(Reason::NotInOneShot)
+        } else if let Some(once) = &once_layers {
+            (!once.contains(name)).then_some(Reason::NotInOneShot)
         } else if layer.state == LayerState::Disabled {
             Some(Reason::DisabledInPlan)
         } else if layer.state == LayerState::Trial && state.tries(name) >= plan.boot.trial_boots {
@@ -209,7 +211,8 @@ pub fn resolve(
     }
 
     if stack.is_empty() {
-        let last_good = &state.last_good;
+        // Recorded before a compaction, it may name layers the compacted one replaced.
+        let last_good = &plan.current_names(&state.last_good);
         let usable = |name: &String| plan.layer(name).is_some() && present(name);
         let (chosen, note): (Vec<&String>, Note) =
             if !last_good.is_empty() && last_good.iter().all(usable) {
@@ -433,6 +436,37 @@ mod tests {
             UpperMode::Persistent
         );
         assert_eq!(run(&p, &state, "strata.disable=b").stack, ["a"]);
+    }
+
+    #[test]
+    fn stacks_recorded_before_a_compaction_name_the_compacted_layer() {
+        // x on c+b (which replaced c and b) on a.
+        let mut merged = Layer::new("c+b");
+        merged.replaces = vec!["c".into(), "b".into()];
+        let p = Plan::new(vec![Layer::new("x"), merged, Layer::new("a")]);
+        let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            p.current_names(&names(&["x", "c", "b", "a"])),
+            ["x", "c+b", "a"]
+        );
+        // Part of the run cannot be said with the new layer.
+        assert_eq!(p.current_names(&names(&["b", "a"])), ["b", "a"]);
+        let state = BootState {
+            once: Some(OneShot {
+                layers: names(&["x", "c", "b", "a"]),
+                upper: None,
+            }),
+            last_good: names(&["c", "b", "a"]),
+            ..BootState::default()
+        };
+        assert_eq!(run(&p, &state, "").stack, ["x", "c+b", "a"]);
+        // With nothing selected, the last good stack, in the new names, is the fallback.
+        let state = BootState {
+            last_good: names(&["c", "b", "a"]),
+            ..BootState::default()
+        };
+        let r = run(&p, &state, "strata.disable=x,c+b,a");
+        assert_eq!(r.stack, ["c+b", "a"]);
     }
 
     #[test]

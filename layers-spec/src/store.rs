@@ -61,6 +61,17 @@ pub fn load_plan(store: &Path) -> Result<Loaded<Plan>, PlanError> {
     load_with_prev(&plan_path(store), Plan::parse)
 }
 
+/// The layers the previous plan (`overlayplan.toml.prev`, the fallback when the plan cannot be
+/// read) names, when it can be read: they are kept on disk.
+pub fn prev_plan_layers(store: &Path) -> Vec<String> {
+    let path = prev_path(&plan_path(store));
+    fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| Plan::parse(&text, &path.display().to_string()).ok())
+        .map(|plan| plan.layers.into_iter().map(|l| l.name).collect())
+        .unwrap_or_default()
+}
+
 /// Saves the plan atomically after checking it; the plan it replaces is kept as `.prev` when it
 /// was valid (an invalid one never pushes out the last good copy).
 pub fn save_plan(store: &Path, plan: &Plan) -> Result<(), PlanError> {

@@ -103,7 +103,8 @@ prop_compose! {
             let parent = parent_pick.filter(|_| below > 0).map(|p| names[i + 1 + p.index(below)].clone());
             // Compacted layers name what they replaced (layers no longer in the plan).
             let replaces = if i % 3 == 0 { vec![format!("merged-{i}a"), format!("merged-{i}b")] } else { vec![] };
-            Layer { name: name.clone(), title, state, known_good, parent, created, digest, notes, replaces }
+            let disabled_at = if state == LayerState::Disabled { created } else { None };
+            Layer { name: name.clone(), title, state, known_good, parent, created, digest, notes, disabled_at, replaces }
         }).collect();
         Plan {
             version: 1,

@@ -32,7 +32,7 @@ use crate::engine::{Kind, Layer, MergedNode, MergedView, Meta, Node};
 const MAGIC: &[u8; 8] = b"STRATAB\x02";
 const FORMAT_VERSION: u32 = 2;
 /// Signatures sign this prefix and the manifest, so they mean nothing elsewhere.
-const SIGNING_CONTEXT: &[u8] = b"strata bundle manifest v1\0";
+const SIGNING_CONTEXT: &[u8] = b"strata bundle manifest v2\0";
 /// A manifest larger than this is refused before it is read.
 const MAX_MANIFEST: u64 = 32 << 20;
 /// The most a manifest may decompress to (about 500,000 entries).
@@ -302,6 +302,15 @@ fn write_payload(
     let mut first_name: HashMap<(u64, u64), String> = HashMap::new();
     let mut work = Vec::new();
     walk_nodes(&layer.tree, &mut PathBuf::new(), &mut work);
+    // Only the first name of a hard-linked file carries content.
+    let mut seen = std::collections::HashSet::new();
+    let first_names: Vec<bool> = work
+        .iter()
+        .map(|(_, node)| match &node.kind {
+            Kind::File { inode, nlink, .. } => *nlink <= 1 || seen.insert(*inode),
+            _ => false,
+        })
+        .collect();
     // The basis a changed file is encoded against: the base's file at its path, when both are
     // small enough to hold in memory.
     let basis_of = |rel: &Path, node: &Node| {
@@ -324,7 +333,7 @@ fn write_payload(
         let jobs: Vec<(usize, PathBuf, PathBuf)> = (start..end)
             .filter_map(|k| {
                 let (rel, node) = &work[k];
-                let basis = basis_of(rel, node)?;
+                let basis = basis_of(rel, node).filter(|_| first_names[k])?;
                 Some((k, from.source_path(rel, basis), to.root.join(rel)))
             })
             .collect();

@@ -517,7 +517,11 @@ fn set_state(
         layer_index(&change.plan, name)?;
     }
     for name in names {
-        change.plan.layer_mut(name).expect("checked above").state = state;
+        change
+            .plan
+            .layer_mut(name)
+            .expect("checked above")
+            .set_state(state, Some(crate::store::now()));
     }
     clear_tries(&mut change, names)?;
     finish(
@@ -547,7 +551,8 @@ pub fn accept(root: &Path, names: &[String], json: bool, out: &mut dyn Write) ->
             )
         })?;
         // The running stack booted well enough to accept: it is the new last good stack.
-        change.state.last_good = booted.stack.clone();
+        // In the plan's terms: a compaction since the boot replaced some of its layers.
+        change.state.last_good = change.plan.current_names(&booted.stack);
         booted
             .stack
             .iter()
@@ -573,7 +578,7 @@ pub fn accept(root: &Path, names: &[String], json: bool, out: &mut dyn Write) ->
             .plan
             .layer_mut(name)
             .expect("names were checked")
-            .state = LayerState::Active;
+            .set_state(LayerState::Active, None);
     }
     change
         .state
@@ -683,13 +688,13 @@ pub fn rollback(root: &Path, to: Option<&str>, json: bool, out: &mut dyn Write) 
     let mut changed = Vec::new();
     for layer in &mut plan.layers[..target] {
         if layer.state != LayerState::Disabled {
-            layer.state = LayerState::Disabled;
+            layer.set_state(LayerState::Disabled, Some(crate::store::now()));
             changed.push(layer.name.clone());
         }
     }
     let top = &mut plan.layers[target];
     if top.state == LayerState::Disabled {
-        top.state = LayerState::Active;
+        top.set_state(LayerState::Active, None);
         changed.push(top.name.clone());
     }
     let summary = format!(
@@ -952,7 +957,7 @@ pub fn policy(root: &Path, opts: &PolicyOpts, json: bool, out: &mut dyn Write) -
         .map(|l| l.name.as_str())
         .filter(|n| store.layer_dir(n).is_dir())
         .collect();
-    let spaces = crate::space::layer_space(&store.root.join(crate::store::LAYERS), &present)?;
+    let spaces = crate::space::layer_space(&store.root.join(crate::store::LAYERS), &present);
     let in_use = store.layers_in_use()?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -969,6 +974,18 @@ pub fn policy(root: &Path, opts: &PolicyOpts, json: bool, out: &mut dyn Write) -
     if !opts.dry_run {
         for action in &decision.actions {
             match action {
+                Action::Date { layers } => {
+                    let mut change = open_for_change(root)?;
+                    for name in layers {
+                        if let Some(layer) = change.plan.layer_mut(name)
+                            && layer.state == LayerState::Disabled
+                            && layer.disabled_at.is_none()
+                        {
+                            layer.disabled_at = Some(crate::store::now());
+                        }
+                    }
+                    change.store.save_plan(&change.plan)?;
+                }
                 Action::Remove { layer, .. } => remove(
                     root,
                     &RemoveOpts {

@@ -140,17 +140,20 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
         .iter()
         .map(|l| l.name.clone())
         .collect();
+    let taken = |name: &str| plan.layer(name).is_some() || store.layer_dir(name).exists();
     let name = match &request.name {
-        Some(name) => name.clone(),
-        None => format!("{}+{}", replaced[0], replaced[replaced.len() - 1]),
+        Some(name) => {
+            check_name(name).map_err(|p| {
+                anyhow::anyhow!("layer name {name:?} is not valid: {p}; choose one with --name")
+            })?;
+            ensure!(
+                !taken(name),
+                "a layer named {name:?} exists; choose another --name"
+            );
+            name.clone()
+        }
+        None => default_name(&replaced[0], &replaced[replaced.len() - 1], &taken),
     };
-    check_name(&name).map_err(|p| {
-        anyhow::anyhow!("layer name {name:?} is not valid: {p}; choose one with --name")
-    })?;
-    ensure!(
-        plan.layer(&name).is_none() && !store.layer_dir(&name).exists(),
-        "a layer named {name:?} exists; choose another --name"
-    );
 
     // The run, read whole, and everything below it, looked up where needed (disabled layers
     // too: whiteouts they need must stay).
@@ -197,6 +200,16 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     install(store, &staged, &staged_manifest, &name)?;
     fault::point("compact-installed");
 
+    // A one-shot selection of part of the run cannot be said with the new layer: dropped
+    // before the plan changes (else a crash between the two could boot the rest of it).
+    if let Some(once) = &state.once
+        && replace_run(&mut once.layers.clone(), &replaced, &name) == Named::Part
+    {
+        log::warn!("the one-shot selection for the next boot named part of the run; it is dropped");
+        state.once = None;
+        store.save_state(&state)?;
+    }
+
     // The plan: the new layer in the run's place, on the run's parent; layers built on one of
     // the run are built on it.
     let (top_layer, bottom_layer) = (&plan.layers[top], &plan.layers[bottom]);
@@ -215,26 +228,16 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     }
     store.save_plan(&plan)?;
     fault::point("compact-planned");
+    // Once more, so that the previous copy (the fallback when the plan cannot be read) names
+    // the new layer too: the old ones are about to go. Until then they are kept for it.
+    store.save_plan(&plan)?;
 
-    // The boot state: a stack that named the whole run names the new layer instead. A last
-    // good stack with part of the run keeps those layers until the next good boot replaces it;
-    // a one-shot selection of part of the run is dropped.
-    let mut state_changed = false;
-    if replace_run(&mut state.last_good, &replaced, &name) == Named::Whole {
-        state_changed = true;
-    }
+    // The boot state: a stack that named the whole run names the new layer instead (until
+    // then, the plan's `replaces` lets the hook read the old names). A last good stack with
+    // part of the run keeps those layers until the next good boot replaces it.
+    let mut state_changed = replace_run(&mut state.last_good, &replaced, &name) == Named::Whole;
     if let Some(once) = &mut state.once {
-        match replace_run(&mut once.layers, &replaced, &name) {
-            Named::Whole => state_changed = true,
-            Named::Part => {
-                log::warn!(
-                    "the one-shot selection for the next boot named part of the run; it is dropped"
-                );
-                state.once = None;
-                state_changed = true;
-            }
-            Named::Nothing => {}
-        }
+        state_changed |= replace_run(&mut once.layers, &replaced, &name) == Named::Whole;
     }
     if state_changed {
         store.save_state(&state)?;
@@ -266,6 +269,25 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     })
 }
 
+/// `TOP+BOTTOM` from the first part of the top's name and the last part of the bottom's, so
+/// that merging a merged layer again does not make names grow (`u3` over `u2+u1` gives `u3+u1`);
+/// then a number where that is taken, or a dated name where it would be too long: never a name
+/// the policy job cannot use.
+fn default_name(top: &str, bottom: &str, taken: &dyn Fn(&str) -> bool) -> String {
+    let first = top.split('+').next().unwrap_or(top);
+    let last = bottom.rsplit('+').next().unwrap_or(bottom);
+    let stem = format!("{first}+{last}");
+    let stem = if check_name(&stem).is_ok() && stem.len() <= 120 {
+        stem
+    } else {
+        format!("compacted-{}", crate::store::now()).replace(':', "")
+    };
+    std::iter::once(stem.clone())
+        .chain((2..).map(|n| format!("{stem}.{n}")))
+        .find(|name| check_name(name).is_ok() && !taken(name))
+        .expect("some numbered name is free")
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Named {
     Whole,
@@ -295,6 +317,20 @@ mod tests {
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn default_names_do_not_grow() {
+        let free = |_: &str| false;
+        assert_eq!(default_name("u3", "u1", &free), "u3+u1");
+        assert_eq!(default_name("u3", "u2+u1", &free), "u3+u1");
+        assert_eq!(default_name("u9+u4", "u3+u1", &free), "u9+u1");
+        let taken = |n: &str| n == "u3+u1" || n == "u3+u1.2";
+        assert_eq!(default_name("u3", "u1", &taken), "u3+u1.3");
+        let long = "x".repeat(100);
+        let name = default_name(&long, &long, &free);
+        assert!(name.starts_with("compacted-2"), "{name}");
+        assert!(check_name(&name).is_ok(), "{name}");
     }
 
     #[test]

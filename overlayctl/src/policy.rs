@@ -18,6 +18,11 @@ use serde::Serialize;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "action", rename_all = "kebab-case")]
 pub enum Action {
+    /// Record today as when these layers were disabled (the boot disabled them, without a
+    /// date): their age counts from now.
+    Date {
+        layers: Vec<String>,
+    },
     Remove {
         layer: String,
         why: String,
@@ -70,20 +75,28 @@ pub fn decide(plan: &Plan, facts: &Facts<'_>) -> Decision {
         });
     };
 
-    // Disabled layers past their age.
+    // Disabled layers past their age, counted from when they were disabled.
     if let Some(limit) = policy.drop_disabled_after {
+        let undated: Vec<String> = layers
+            .iter()
+            .filter(|l| l.state == LayerState::Disabled && l.disabled_at.is_none())
+            .map(|l| l.name.clone())
+            .collect();
+        if !undated.is_empty() {
+            decision.actions.push(Action::Date { layers: undated });
+        }
         let old: Vec<(String, u64)> = layers
             .iter()
             .filter(|l| removable(l))
             .filter_map(|l| {
-                let created = l.created.as_ref().and_then(crate::store::epoch_secs)?;
-                let age = facts.now.saturating_sub(created);
+                let disabled = l.disabled_at.as_ref().and_then(crate::store::epoch_secs)?;
+                let age = facts.now.saturating_sub(disabled);
                 (age > limit.0).then(|| (l.name.clone(), age))
             })
             .collect();
         for (name, age) in old {
             let why = format!(
-                "disabled, created {} ago (policy.drop_disabled_after = {limit})",
+                "disabled {} ago (policy.drop_disabled_after = {limit})",
                 layers_spec::Age(age - age % 60)
             );
             remove(&mut decision, &mut layers, &name, why);
@@ -170,6 +183,12 @@ pub fn decide(plan: &Plan, facts: &Facts<'_>) -> Decision {
 impl std::fmt::Display for Action {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Action::Date { layers } => write!(
+                f,
+                "record today as when {} {} disabled (by the boot, which has no trusted clock)",
+                layers.join(", "),
+                if layers.len() == 1 { "was" } else { "were" }
+            ),
             Action::Remove { layer, why } => write!(f, "remove {layer}: {why}"),
             Action::Compact { from, to, layers } => {
                 write!(f, "compact {layers} layers, {to} down to {from}, into one")
@@ -197,6 +216,10 @@ mod tests {
         };
         l.known_good = known_good;
         l.created = Some(crate::store::utc_datetime(NOW - days * DAY));
+        // Disabled that long ago, too.
+        l.disabled_at = (l.state == LayerState::Disabled)
+            .then_some(l.created)
+            .flatten();
         l
     }
 
@@ -221,7 +244,7 @@ mod tests {
             .iter()
             .filter_map(|a| match a {
                 Action::Remove { layer, .. } => Some(layer.as_str()),
-                Action::Compact { .. } => None,
+                Action::Compact { .. } | Action::Date { .. } => None,
             })
             .collect()
     }
@@ -231,7 +254,7 @@ mod tests {
             .iter()
             .filter_map(|a| match a {
                 Action::Compact { from, to, layers } => Some((from.as_str(), to.as_str(), *layers)),
-                Action::Remove { .. } => None,
+                Action::Remove { .. } | Action::Date { .. } => None,
             })
             .collect()
     }
@@ -262,9 +285,26 @@ mod tests {
         );
         assert_eq!(removed(&d), ["old-off"]);
         assert!(
-            d.actions[0].to_string().contains("created 40d ago"),
+            d.actions[0].to_string().contains("disabled 40d ago"),
             "{}",
             d.actions[0]
+        );
+        // A layer disabled long after it was made is as old as its disabling; one the boot
+        // disabled (no date) gets today's date first, and stays.
+        let mut rolled_back = layer("rolled-back", 'd', false, 400);
+        rolled_back.disabled_at = Some(crate::store::utc_datetime(NOW - DAY));
+        let mut by_boot = layer("by-boot", 'd', false, 400);
+        by_boot.disabled_at = None;
+        let d = decide_for(
+            vec![rolled_back, by_boot, layer("base", 'a', true, 900)],
+            |p| p.policy.drop_disabled_after = Some(Age(30 * DAY)),
+            1 << 40,
+        );
+        assert_eq!(
+            d.actions,
+            [Action::Date {
+                layers: vec!["by-boot".into()]
+            }]
         );
         // Without the setting, age removes nothing.
         let d = decide_for(

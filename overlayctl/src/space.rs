@@ -9,8 +9,6 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use anyhow::{Context, Result};
-
 /// One layer's space, in bytes of file content.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Space {
@@ -23,29 +21,27 @@ pub struct Space {
 /// Per inode (device, number) of one layer: its size, its links in all, its names in the layer.
 type Inodes = HashMap<(u64, u64), (u64, u64, u64)>;
 
-/// The space of each named layer directory (`layers/<name>`), from one walk of each.
-pub fn layer_space(layers_dir: &Path, names: &[&str]) -> Result<BTreeMap<String, Space>> {
-    let mut per_layer: Vec<Inodes> = Vec::new();
+/// The space of each named layer directory (`layers/<name>`), from one walk of each. A layer
+/// that cannot be walked (a directory only root may read, for another user) is left out.
+pub fn layer_space(layers_dir: &Path, names: &[&str]) -> BTreeMap<String, Space> {
+    let mut out = BTreeMap::new();
     for name in names {
-        let mut inodes = HashMap::new();
+        let mut inodes = Inodes::new();
         let root = layers_dir.join(name);
-        walk(&root, &mut inodes).with_context(|| format!("measuring {}", root.display()))?;
-        per_layer.push(inodes);
-    }
-    Ok(names
-        .iter()
-        .zip(&per_layer)
-        .map(|(name, inodes)| {
-            let mut space = Space::default();
-            for &(bytes, nlink, names_here) in inodes.values() {
-                space.size += bytes;
-                if names_here >= nlink {
-                    space.frees += bytes;
-                }
+        if let Err(e) = walk(&root, &mut inodes) {
+            log::info!("cannot measure {}: {e}", root.display());
+            continue;
+        }
+        let mut space = Space::default();
+        for &(bytes, nlink, names_here) in inodes.values() {
+            space.size += bytes;
+            if names_here >= nlink {
+                space.frees += bytes;
             }
-            ((*name).to_owned(), space)
-        })
-        .collect())
+        }
+        out.insert((*name).to_owned(), space);
+    }
+    out
 }
 
 fn walk(path: &Path, inodes: &mut Inodes) -> io::Result<()> {
@@ -78,7 +74,8 @@ mod tests {
         fs::write(a.join("shared"), &data).unwrap();
         fs::hard_link(a.join("d/own"), a.join("own-again")).unwrap();
         fs::hard_link(a.join("shared"), b.join("shared")).unwrap();
-        let space = layer_space(dir.path(), &["a", "b"]).unwrap();
+        let space = layer_space(dir.path(), &["a", "b", "missing"]);
+        assert!(!space.contains_key("missing"));
         let file = data.len() as u64;
         // a: two files (own, with two names in a, counted once; shared).
         assert_eq!(space["a"].size, 2 * file);

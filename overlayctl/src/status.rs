@@ -37,7 +37,7 @@ pub fn pending_deletion(store: &Store, plan: &Plan) -> Vec<String> {
 }
 
 /// The space of the plan's layers present in the store and of those pending deletion.
-fn spaces(store: &Store, plan: &Plan, pending: &[String]) -> Result<BTreeMap<String, Space>> {
+fn spaces(store: &Store, plan: &Plan, pending: &[String]) -> BTreeMap<String, Space> {
     let names: Vec<&str> = plan
         .layers
         .iter()
@@ -64,8 +64,8 @@ struct StatusJson<'a> {
 #[derive(Serialize)]
 struct PendingJson<'a> {
     name: &'a str,
-    size: u64,
-    frees: u64,
+    size: Option<u64>,
+    frees: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -95,7 +95,7 @@ pub fn status(root: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
     let booted = store.booted()?;
     let next = next_boot(&store, plan, &state);
     let pending = pending_deletion(&store, plan);
-    let spaces = spaces(&store, plan, &pending)?;
+    let spaces = spaces(&store, plan, &pending);
     if json {
         let report = StatusJson {
             store: root,
@@ -113,7 +113,10 @@ pub fn status(root: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
                     parent: l.parent.as_deref(),
                     created: l.created.map(|c| c.to_string()),
                     digest: l.digest.as_deref(),
-                    size: spaces.get(&l.name).map(|s| s.size),
+                    size: spaces
+                        .get(&l.name)
+                        .map(|s| s.size)
+                        .or_else(|| layers_spec::store::layer_content_size(root, &l.name)),
                     frees: spaces.get(&l.name).map(|s| s.frees),
                     next_boot: next.stack.contains(&l.name),
                     current_boot: booted.as_ref().is_some_and(|b| b.stack.contains(&l.name)),
@@ -124,8 +127,8 @@ pub fn status(root: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
                 .iter()
                 .map(|name| PendingJson {
                     name,
-                    size: spaces[name].size,
-                    frees: spaces[name].frees,
+                    size: spaces.get(name).map(|s| s.size),
+                    frees: spaces.get(name).map(|s| s.frees),
                 })
                 .collect(),
             next_boot: &next.stack,
@@ -134,11 +137,14 @@ pub fn status(root: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
         };
         return write_json(out, &report);
     }
-    write_table(plan, &state, &next, booted.as_ref(), &spaces, out)?;
+    write_table(root, plan, &state, &next, booted.as_ref(), &spaces, out)?;
     if !pending.is_empty() {
         let shown: Vec<String> = pending
             .iter()
-            .map(|n| format!("{n} (frees {})", human(spaces[n].frees)))
+            .map(|n| match spaces.get(n) {
+                Some(space) => format!("{n} (frees {})", human(space.frees)),
+                None => n.clone(),
+            })
             .collect();
         writeln!(
             out,
@@ -158,6 +164,7 @@ pub fn tries_left(plan: &Plan, state: &BootState, name: &str) -> Option<u32> {
 /// The table. Names are never cut (they are what people type); the title takes what is left of
 /// 80 columns, or a line of its own when too little is left.
 fn write_table(
+    store_root: &Path,
     plan: &Plan,
     state: &BootState,
     next: &Resolution,
@@ -207,9 +214,14 @@ fn write_table(
             .map(|d| d.to_string())
             .unwrap_or_default();
         let space = spaces.get(&layer.name);
+        // Without a walk (a layer this user may not read), the manifest's size and no frees.
         let (size, frees) = match space {
             Some(s) => (human(s.size), human(s.frees)),
-            None => ("-".into(), "-".into()),
+            None => (
+                layers_spec::store::layer_content_size(store_root, &layer.name)
+                    .map_or_else(|| "-".into(), human),
+                "-".into(),
+            ),
         };
         let row = format!(
             "{} {} {} {:<name_width$} {:<state_width$} {:>6} {:>6} {:<10}",

@@ -237,10 +237,20 @@ impl Store {
     }
 
     /// Deletes layer directories and manifests the plan does not name: what an add killed after
-    /// its rename and before its plan write left. Layers in use, or in the last good stack, are
-    /// kept whatever the plan says. Call only with a plan read from its own file.
+    /// its rename and before its plan write left, or what compaction replaced. Layers in use, in
+    /// the last good stack or a one-shot selection are kept whatever the plan says; a previous
+    /// plan that names others is replaced by a copy of this one first. Call only with a plan read from its own file.
     pub fn clean_orphans(&self, plan: &Plan, state: &BootState) -> Result<()> {
         let in_use = self.layers_in_use()?;
+        // The previous plan (the fallback when the plan cannot be read) must not name what goes:
+        // it becomes a copy of this one, which was just read whole.
+        if spec_store::prev_plan_layers(&self.root)
+            .iter()
+            .any(|name| plan.layer(name).is_none())
+        {
+            self.save_plan(plan)?;
+        }
+        let once: &[String] = state.once.as_ref().map_or(&[], |o| o.layers.as_slice());
         for dir in [LAYERS, MANIFESTS] {
             let path = self.root.join(dir);
             let Ok(entries) = fs::read_dir(&path) else {
@@ -252,6 +262,7 @@ impl Store {
                 if plan.layer(&name).is_none()
                     && !in_use.contains(&name)
                     && !state.last_good.contains(&name)
+                    && !once.contains(&name)
                 {
                     log::warn!(
                         "removing {}, which the plan does not name (left by an interrupted command)",

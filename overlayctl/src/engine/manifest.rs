@@ -284,7 +284,14 @@ mod tests {
     #[test]
     fn file_hashes_follow_links() {
         let m = Manifest {
-            text: ". dir mode=0755\na\x20b file mode=0644 size=1 blake3=aa\nc file mode=0644 link=a\x20b\nd symlink target=c\n".into(),
+            text: concat!(
+                ". dir mode=0755\n",
+                r"a\x20b file mode=0644 size=1 blake3=aa",
+                "\n",
+                r"c file mode=0644 link=a\x20b",
+                "\nd symlink target=c\n"
+            )
+            .into(),
         };
         let hashes = m.file_hashes();
         assert_eq!(hashes.len(), 2);
