@@ -184,8 +184,14 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
                 .unwrap_or_default()
         })
         .collect();
-    let written = Layer::read(&staged, XattrNs::Trusted)
-        .with_context(|| format!("reading back {}", staged.display()))?;
+    // The manifest of the tree just written (links keep the run's files as they were, and
+    // directories, whiteouts and copies got the tree's metadata), not of a second walk of it.
+    let written = Layer {
+        root: staged.clone(),
+        ns: XattrNs::Trusted,
+        tree: made.tree,
+        unclean: Vec::new(),
+    };
     let manifest = Manifest::of_layer_with(&written, &mut |rel: &Path| match made
         .sources
         .get(rel)

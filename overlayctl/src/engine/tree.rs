@@ -229,10 +229,11 @@ impl Layer {
         })
     }
 
-    /// Reads several layers at once, one thread per layer up to the machine's cores.
+    /// Reads several layers at once, one thread per layer, up to four per core: reading is
+    /// mostly waiting for the disk on a cold cache, and a disk serves several readers at once.
     pub fn read_all(roots: &[PathBuf], ns: XattrNs) -> Result<Vec<Self>, LayerError> {
         let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
+            .map_or(1, |n| n.get() * 4)
             .min(roots.len())
             .max(1);
         let chunk = roots.len().div_ceil(threads).max(1);
