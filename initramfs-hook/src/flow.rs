@@ -556,12 +556,7 @@ fn clear_staging(store: &Path, log: &mut Log) {
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        let removed = if path.is_dir() {
-            fs::remove_dir_all(&path)
-        } else {
-            fs::remove_file(&path)
-        };
-        match removed {
+        match remove_entry(&path) {
             Ok(()) => log.debug(format!(
                 "removed {}, left by an interrupted change",
                 path.display()
@@ -571,10 +566,20 @@ fn clear_staging(store: &Path, log: &mut Log) {
     }
 }
 
+/// A file, or a directory with everything in it.
+fn remove_entry(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    }
+}
+
 /// Deletes layers (and their manifests) that neither the plan (nor its previous copy, the
-/// fallback), nor the last good stack, nor a one-shot selection names: what compaction or removal left because the previous boot was
-/// using them, or an interrupted change left. Nothing is mounted from the store yet, so nothing
-/// uses them. Only with a plan read from its own file.
+/// fallback), nor the last good stack, nor a one-shot selection names: what compaction or
+/// removal left because the previous boot was using them, or an interrupted change left.
+/// Nothing is mounted from the store yet, so nothing uses them. Only with a plan read from its
+/// own file.
 fn clear_orphans(store: &Path, plan: &Plan, state: &BootState, log: &mut Log) {
     let prev = spec_store::prev_plan_layers(store);
     let named = |name: &str| {
@@ -596,12 +601,7 @@ fn clear_orphans(store: &Path, plan: &Plan, state: &BootState, log: &mut Log) {
                 continue;
             }
             let path = entry.path();
-            let removed = if path.is_dir() {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
-            match removed {
+            match remove_entry(&path) {
                 Ok(()) => log.say(format!(
                     "removed {}, which the plan no longer names",
                     path.display()

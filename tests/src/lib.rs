@@ -110,3 +110,17 @@ pub fn overlayctl(store: &Path, args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).expect("overlayctl prints UTF-8")
 }
+
+/// A proptest runner for the differential tests against the kernel: 150 cases, or
+/// `STRATA_DIFF_CASES`; failures are not persisted (each run draws afresh).
+pub fn diff_runner() -> proptest::test_runner::TestRunner {
+    let cases = std::env::var("STRATA_DIFF_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
+    proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    })
+}

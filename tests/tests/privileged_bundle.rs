@@ -304,52 +304,24 @@ fn privileged_bundle_from_a_store_layer() {
     env.ok("device", &["add-layer", "--bundle", to_3.to_str().unwrap()]);
     assert_stack_shows(&env, "device", &third);
 
-    // Bad input: a layer the server's plan lacks; --from-layer with a tree.
-    let e = env.fails(
-        "elsewhere",
-        &[
-            "bundle",
-            "create",
-            "--from",
-            server.to_str().unwrap(),
-            "--from-layer",
-            "r9",
-            "--to",
-            third.to_str().unwrap(),
-            "-o",
-            env.path("x.bundle").to_str().unwrap(),
-        ],
-    );
+    // Bad input: a layer the server's plan lacks; --from-layer with a tree; a store as NEW.
+    let fails = |from: &Path, from_layer: Option<&str>, to: &Path| {
+        let mut args = vec!["bundle", "create", "--from", from.to_str().unwrap()];
+        args.extend(
+            from_layer
+                .map(|l| ["--from-layer", l])
+                .into_iter()
+                .flatten(),
+        );
+        let out = env.path("x.bundle");
+        args.extend(["--to", to.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        env.fails("elsewhere", &args)
+    };
+    let e = fails(&server, Some("r9"), &third);
     assert!(e.contains("has no layer \"r9\" (it has: r2, base)"), "{e}");
-    let e = env.fails(
-        "elsewhere",
-        &[
-            "bundle",
-            "create",
-            "--from",
-            old.to_str().unwrap(),
-            "--from-layer",
-            "base",
-            "--to",
-            third.to_str().unwrap(),
-            "-o",
-            env.path("x.bundle").to_str().unwrap(),
-        ],
-    );
+    let e = fails(&old, Some("base"), &third);
     assert!(e.contains("--from-layer needs --from to be a store"), "{e}");
-    let e = env.fails(
-        "elsewhere",
-        &[
-            "bundle",
-            "create",
-            "--from",
-            old.to_str().unwrap(),
-            "--to",
-            server.to_str().unwrap(),
-            "-o",
-            env.path("x.bundle").to_str().unwrap(),
-        ],
-    );
+    let e = fails(&old, None, &server);
     assert!(e.contains("is a Strata store; --to takes"), "{e}");
     assert!(!env.path("x.bundle").exists());
 }

@@ -12,7 +12,6 @@ use overlayctl::engine::compact::{Below, compact};
 use overlayctl::engine::copy::link_layer;
 use overlayctl::engine::{Layer, XattrNs};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
 use tests::layergen::{LayerSpec, stack, write_layer};
 use tests::views::{engine_view, first_difference, kernel_view};
 use tests::{have_root, mount_overlay, overlay_dirs, private_mount_namespace};
@@ -110,16 +109,7 @@ fn privileged_compact_stack_shows_what_the_original_showed() {
     }
     private_mount_namespace();
     let scratch = tempfile::tempdir().unwrap();
-    let cases = std::env::var("STRATA_DIFF_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(150);
-    let config = Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new(config);
+    let mut runner = tests::diff_runner();
     let strategy = (stack(), any::<usize>(), any::<usize>());
     let result = runner.run(&strategy, |((layers, _), start, len)| {
         check_compact(&scratch.path().join("case"), &layers, start, len)

@@ -13,7 +13,6 @@ use overlayctl::engine::copy::copy_layer;
 use overlayctl::engine::delta::{Compare, delta};
 use overlayctl::engine::{Layer, MergedView, XattrNs};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
 use tests::layergen::{LayerSpec, stack, write_layer};
 use tests::views::{engine_view, first_difference, kernel_view, without_dir_mtimes};
 use tests::{have_root, mount_overlay, overlay_dirs, private_mount_namespace};
@@ -151,16 +150,7 @@ fn privileged_sync_delta_shows_the_target() {
     }
     private_mount_namespace();
     let scratch = tempfile::tempdir().unwrap();
-    let cases = std::env::var("STRATA_DIFF_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(150);
-    let config = Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new(config);
+    let mut runner = tests::diff_runner();
     let strategy = (stack(), stack(), any::<bool>(), any::<bool>());
     let result = runner.run(&strategy, |((from, _), (to, _), upgrade, checksum)| {
         let compare = if checksum {

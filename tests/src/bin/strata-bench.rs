@@ -34,6 +34,24 @@ fn time(runs: usize, mut f: impl FnMut()) -> Duration {
     )
 }
 
+/// The median of three timed runs of `op`, each after `setup` (untimed) and, when `cold`, with
+/// the page cache dropped.
+fn median_of_3(cold: bool, setup: &mut dyn FnMut(), op: &mut dyn FnMut()) -> Duration {
+    median(
+        (0..3)
+            .map(|_| {
+                setup();
+                if cold {
+                    drop_caches();
+                }
+                let start = Instant::now();
+                op();
+                start.elapsed()
+            })
+            .collect(),
+    )
+}
+
 fn run(cmd: &mut Command) {
     let status = cmd.status().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(status.success(), "{cmd:?} failed");
@@ -345,60 +363,38 @@ fn bench_upgrade(scratch: &Path, overlayctl: &Path, trees: &Path) -> Upgrade {
         dry_run();
     });
     let rsync_dry = time(RUNS, rsync_dry_run);
-    let cold = |f: &mut dyn FnMut()| {
-        median(
-            (0..3)
-                .map(|_| {
-                    drop_caches();
-                    let start = Instant::now();
-                    f();
-                    start.elapsed()
-                })
-                .collect(),
-        )
-    };
-    let sync_dry_cold = cold(&mut || {
+    let sync_dry_cold = median_of_3(true, &mut || {}, &mut || {
         dry_run();
     });
-    let rsync_dry_cold = cold(&mut || rsync_dry_run());
+    let rsync_dry_cold = median_of_3(true, &mut || {}, &mut || rsync_dry_run());
 
     // The whole job, to disk: Strata adds the layer (copy, fsync, manifest); rsync updates a
     // copy of the old tree in place, then `sync`.
-    let mut round = 0;
-    let sync = median(
-        (0..3)
-            .map(|_| {
-                round += 1;
-                let name = format!("up{round}");
-                drop_caches();
-                let start = Instant::now();
-                output(
-                    overlayctl_in(overlayctl, &store)
-                        .args(["sync", "--name", &name])
-                        .arg(&new),
-                );
-                let took = start.elapsed();
-                output(overlayctl_in(overlayctl, &store).args(["remove", &name]));
-                took
-            })
-            .collect(),
+    let added = std::cell::Cell::new(false);
+    let sync = median_of_3(
+        true,
+        &mut || {
+            if added.replace(false) {
+                output(overlayctl_in(overlayctl, &store).args(["remove", "up"]));
+            }
+        },
+        &mut || {
+            output(
+                overlayctl_in(overlayctl, &store)
+                    .args(["sync", "--name", "up"])
+                    .arg(&new),
+            );
+            added.set(true);
+        },
     );
     let copy = scratch.join("upgrade-copy");
-    let rsync = median(
-        (0..3)
-            .map(|_| {
-                copy_tree(&old, &copy);
-                drop_caches();
-                let start = Instant::now();
-                run(Command::new("rsync")
-                    .args(["-a", "--delete"])
-                    .arg(slash(&new))
-                    .arg(slash(&copy)));
-                run(&mut Command::new("sync"));
-                start.elapsed()
-            })
-            .collect(),
-    );
+    let rsync = median_of_3(true, &mut || copy_tree(&old, &copy), &mut || {
+        run(Command::new("rsync")
+            .args(["-a", "--delete"])
+            .arg(slash(&new))
+            .arg(slash(&copy)));
+        run(&mut Command::new("sync"));
+    });
 
     // Bundle against rsync's batch (delta transfer forced: a local rsync copies whole files).
     let bundle = scratch.join("upgrade.bundle");
@@ -430,36 +426,20 @@ fn bench_upgrade(scratch: &Path, overlayctl: &Path, trees: &Path) -> Upgrade {
     let zstd = zstd_patch_bytes(&old, &new, scratch);
 
     // Applying: the bundle to a fresh store of the old tree; the batch to a fresh copy of it.
-    let apply = median(
-        (0..3)
-            .map(|_| {
-                init(&store);
-                drop_caches();
-                let start = Instant::now();
-                output(
-                    overlayctl_in(overlayctl, &store)
-                        .args(["add-layer", "--bundle"])
-                        .arg(&bundle),
-                );
-                start.elapsed()
-            })
-            .collect(),
-    );
-    let read_batch = median(
-        (0..3)
-            .map(|_| {
-                copy_tree(&old, &copy);
-                drop_caches();
-                let start = Instant::now();
-                run(Command::new("rsync")
-                    .args(["-a", "--delete"])
-                    .arg(format!("--read-batch={}", batch_z_file.display()))
-                    .arg(slash(&copy)));
-                run(&mut Command::new("sync"));
-                start.elapsed()
-            })
-            .collect(),
-    );
+    let apply = median_of_3(true, &mut || init(&store), &mut || {
+        output(
+            overlayctl_in(overlayctl, &store)
+                .args(["add-layer", "--bundle"])
+                .arg(&bundle),
+        );
+    });
+    let read_batch = median_of_3(true, &mut || copy_tree(&old, &copy), &mut || {
+        run(Command::new("rsync")
+            .args(["-a", "--delete"])
+            .arg(format!("--read-batch={}", batch_z_file.display()))
+            .arg(slash(&copy)));
+        run(&mut Command::new("sync"));
+    });
     let list = fs::read_to_string(trees.join("packages.txt")).unwrap();
     let files = output(Command::new("find").arg(&new)).lines().count();
     Upgrade {
@@ -564,63 +544,59 @@ fn bench_compact(scratch: &Path, overlayctl: &Path) -> (ColdWarm, ColdWarm, Cold
     let store = scratch.join("compaction-run");
     let mounted = scratch.join("compaction-mounted");
     fs::create_dir_all(&mounted).unwrap();
-    let mut compacted = PathBuf::new();
-    let mut ours = |cold: bool| {
-        median(
-            (0..3)
-                .map(|_| {
-                    copy_tree(&template, &store);
-                    // Mounted, as a device's running stack is: the replaced layers stay until
-                    // unused (as rsync's sources stay); deleting them is the next boot's work.
-                    output(
-                        overlayctl_in(overlayctl, &store)
-                            .args(["mount", "--read-only"])
-                            .arg(&mounted),
-                    );
-                    if cold {
-                        drop_caches();
-                    }
-                    let start = Instant::now();
-                    let report = output(
-                        overlayctl_in(overlayctl, &store)
-                            .args(["--json", "compact", "--from", "up01", "--to", "up10"]),
-                    );
-                    let took = start.elapsed();
-                    output(
-                        overlayctl_in(overlayctl, &store)
-                            .arg("umount")
-                            .arg(&mounted),
-                    );
-                    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
-                    assert_eq!(report["pending"].as_array().map(Vec::len), Some(10));
-                    compacted = store.join("layers").join(report["layer"].as_str().unwrap());
-                    took
-                })
-                .collect(),
-        )
+    let compacted = std::cell::RefCell::new(PathBuf::new());
+    let mounted_now = std::cell::Cell::new(false);
+    // Mounted, as a device's running stack is: the replaced layers stay until unused (as
+    // rsync's sources stay); deleting them is the next boot's work.
+    let mut setup = || {
+        if mounted_now.replace(false) {
+            output(
+                overlayctl_in(overlayctl, &store)
+                    .arg("umount")
+                    .arg(&mounted),
+            );
+        }
+        copy_tree(&template, &store);
+        output(
+            overlayctl_in(overlayctl, &store)
+                .args(["mount", "--read-only"])
+                .arg(&mounted),
+        );
+        mounted_now.set(true);
     };
-    let ours = (ours(true), ours(false));
+    let mut compact = || {
+        let report = output(
+            overlayctl_in(overlayctl, &store)
+                .args(["--json", "compact", "--from", "up01", "--to", "up10"]),
+        );
+        let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+        assert_eq!(report["pending"].as_array().map(Vec::len), Some(10));
+        *compacted.borrow_mut() = store.join("layers").join(report["layer"].as_str().unwrap());
+    };
+    let ours = (
+        median_of_3(true, &mut setup, &mut compact),
+        median_of_3(false, &mut setup, &mut compact),
+    );
+    output(
+        overlayctl_in(overlayctl, &store)
+            .arg("umount")
+            .arg(&mounted),
+    );
+    let compacted = compacted.into_inner();
     let merged = scratch.join("compaction-merged");
+    let fresh = || {
+        if merged.exists() {
+            fs::remove_dir_all(&merged).unwrap();
+        }
+        fs::create_dir(&merged).unwrap();
+    };
     let by_copy = |cold: bool, copy: &mut dyn FnMut(&Path, &Path)| {
-        median(
-            (0..3)
-                .map(|_| {
-                    if merged.exists() {
-                        fs::remove_dir_all(&merged).unwrap();
-                    }
-                    fs::create_dir(&merged).unwrap();
-                    if cold {
-                        drop_caches();
-                    }
-                    let start = Instant::now();
-                    for layer in &layers {
-                        copy(layer, &merged);
-                    }
-                    run(&mut Command::new("sync"));
-                    start.elapsed()
-                })
-                .collect(),
-        )
+        median_of_3(cold, &mut || fresh(), &mut || {
+            for layer in &layers {
+                copy(layer, &merged);
+            }
+            run(&mut Command::new("sync"));
+        })
     };
     let mut rsync_copy = |layer: &Path, to: &Path| {
         run(Command::new("rsync")
