@@ -34,8 +34,8 @@ fn time(runs: usize, mut f: impl FnMut()) -> Duration {
     )
 }
 
-/// The median of three timed runs of `op`, each after `setup` (untimed) and, when `cold`, with
-/// the page cache dropped.
+/// The median of three timed runs of `op`, each after `setup` (untimed, its writes flushed so
+/// that `op` does not pay for them) and, when `cold`, with the page cache dropped.
 fn median_of_3(cold: bool, setup: &mut dyn FnMut(), op: &mut dyn FnMut()) -> Duration {
     median(
         (0..3)
@@ -43,6 +43,8 @@ fn median_of_3(cold: bool, setup: &mut dyn FnMut(), op: &mut dyn FnMut()) -> Dur
                 setup();
                 if cold {
                     drop_caches();
+                } else {
+                    run(&mut Command::new("sync"));
                 }
                 let start = Instant::now();
                 op();
