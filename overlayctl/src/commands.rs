@@ -16,8 +16,9 @@ use crate::ops::{self, NewLayer};
 use crate::status::next_boot;
 use crate::store::{Store, StoreLock, remove_path};
 use crate::{
-    AddLayerOpts, BundleCommand, CheckOpts, CompactOpts, ImportLegacyOpts, InitOpts, KeysCommand,
-    KnownGoodOpts, MenuLockOpts, PolicyOpts, RemoveOpts, SyncOpts, name_from_path, write_json,
+    AddLayerOpts, BundleCommand, CheckOpts, CompactOpts, DiffOpts, ImportLegacyOpts, InitOpts,
+    KeysCommand, KnownGoodOpts, MenuLockOpts, PolicyOpts, RemoveOpts, SyncOpts, name_from_path,
+    write_json,
 };
 
 /// What a change works on: the store, locked, its plan (read from its own file: a change is
@@ -1030,5 +1031,90 @@ pub fn policy(root: &Path, opts: &PolicyOpts, json: bool, out: &mut dyn Write) -
     for note in &decision.notes {
         writeln!(out, "note: {note}")?;
     }
+    Ok(())
+}
+
+pub fn diff(root: &Path, opts: &DiffOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    use crate::engine::MergedView;
+    let store = Store::open(root)?;
+    let (a_names, a_layers) = ops::read_stack_at(&store, Some(&opts.from))?;
+    let (b_names, b_layers) = ops::read_stack_at(&store, Some(&opts.to))?;
+    let (a, b) = (MergedView::new(&a_layers), MergedView::new(&b_layers));
+    if opts.packages {
+        let status = |view: &MergedView<'_>, names: &[String]| -> Result<String> {
+            let rel = Path::new("var/lib/dpkg/status");
+            let node = view.get(rel).ok_or_else(|| {
+                anyhow!(
+                    "the stack {} has no var/lib/dpkg/status (not a Debian system)",
+                    names.join(", ")
+                )
+            })?;
+            let path = view.source_path(rel, node);
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        let changes = crate::diff::packages(&status(&a, &a_names)?, &status(&b, &b_names)?);
+        if json {
+            return write_json(out, &serde_json::json!({ "packages": changes }));
+        }
+        for c in &changes {
+            let versions = match (&c.before, &c.after) {
+                (Some(x), Some(y)) => format!("{x} -> {y}"),
+                (Some(x), None) | (None, Some(x)) => x.clone(),
+                (None, None) => String::new(),
+            };
+            writeln!(out, "{:<10} {}:{} {versions}", c.how, c.package, c.arch)?;
+        }
+        let count = |how: &str| changes.iter().filter(|c| c.how == how).count();
+        writeln!(
+            out,
+            "packages: {} upgraded, {} downgraded, {} added, {} removed, {} changed",
+            count("upgraded"),
+            count("downgraded"),
+            count("added"),
+            count("removed"),
+            count("changed")
+        )?;
+        return Ok(());
+    }
+    let known = ops::known_hashes(&store, &a_names, &a_layers)
+        .into_iter()
+        .chain(ops::known_hashes(&store, &b_names, &b_layers))
+        .collect();
+    let changes = crate::diff::files(&a, &b, &known)?;
+    if json {
+        return write_json(out, &serde_json::json!({ "files": changes }));
+    }
+    use crate::diff::How;
+    for c in &changes {
+        let (mark, size) = match (c.how, c.before, c.after) {
+            (How::Added, _, Some(n)) => ('+', layers_spec::size::human(n)),
+            (How::Removed, Some(n), _) => ('-', layers_spec::size::human(n)),
+            (How::Changed, Some(x), Some(y)) => (
+                '~',
+                format!(
+                    "{} -> {}",
+                    layers_spec::size::human(x),
+                    layers_spec::size::human(y)
+                ),
+            ),
+            (How::Added, ..) => ('+', String::new()),
+            (How::Removed, ..) => ('-', String::new()),
+            (How::Changed, ..) => ('~', String::new()),
+        };
+        writeln!(out, "{mark} {} {size}", c.path)?;
+    }
+    let count = |how: How| changes.iter().filter(|c| c.how == how).count();
+    let bytes = |side: fn(&crate::diff::FileChange) -> Option<u64>| -> u64 {
+        changes.iter().filter_map(side).sum()
+    };
+    writeln!(
+        out,
+        "files: {} added, {} removed, {} changed ({} before, {} after)",
+        count(How::Added),
+        count(How::Removed),
+        count(How::Changed),
+        layers_spec::size::human(bytes(|c| c.before)),
+        layers_spec::size::human(bytes(|c| c.after)),
+    )?;
     Ok(())
 }

@@ -4,6 +4,7 @@
 pub mod bundle;
 pub mod commands;
 pub mod compaction;
+pub mod diff;
 pub mod engine;
 pub mod fault;
 pub mod fetch;
@@ -98,6 +99,21 @@ pub enum Command {
     /// Apply the plan's [policy]: remove old disabled layers, keep free space above min_free,
     /// merge accepted layers down to max_layers. For a timer.
     Policy(PolicyOpts),
+    /// What changes from one stack to another: files, and with --packages the dpkg packages.
+    Diff(DiffOpts),
+}
+
+#[derive(Debug, Args)]
+pub struct DiffOpts {
+    /// The stack with this layer on top (it and the enabled layers below it).
+    #[arg(value_name = "A")]
+    pub from: String,
+    /// The stack with this layer on top.
+    #[arg(value_name = "B")]
+    pub to: String,
+    /// Compare the installed packages of each (var/lib/dpkg/status) instead of files.
+    #[arg(long)]
+    pub packages: bool,
 }
 
 #[derive(Debug, Args)]
@@ -358,6 +374,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::MenuLock(opts) => commands::menu_lock(&store, &opts, json, out),
         Command::Compact(opts) => commands::compact(&store, &opts, json, out),
         Command::Policy(opts) => commands::policy(&store, &opts, json, out),
+        Command::Diff(opts) => commands::diff(&store, &opts, json, out),
         Command::Bundle(command) => commands::bundle(&store, &command, json, out),
         Command::Keys(command) => commands::keys(&store, &command, json, out),
     }

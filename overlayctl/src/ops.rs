@@ -359,7 +359,7 @@ pub fn read_stack_at(store: &Store, top: Option<&str>) -> Result<(Vec<String>, V
 
 /// The content hashes the manifests of a stack's layers record, by file path on disk, for the
 /// files whose size still matches (any other is hashed by reading, as without a manifest).
-fn known_hashes(
+pub fn known_hashes(
     store: &Store,
     stack: &[String],
     layers: &[Layer],

@@ -917,3 +917,135 @@ fn privileged_status_works_for_a_user_who_cannot_read_every_layer() {
     assert_eq!(fields[..5], ["A", "K", "base", "active", "5"], "{table}");
     assert_eq!(fields[5], "-", "{table}");
 }
+
+#[test]
+fn privileged_diff_files_and_packages_between_stacks() {
+    let Some(env) = Env::new("privileged_diff_files_and_packages_between_stacks") else {
+        return;
+    };
+    // This machine's dpkg database, and an edited copy: one package upgraded, one downgraded,
+    // one removed, one added.
+    let status = fs::read_to_string("/var/lib/dpkg/status").unwrap();
+    let installed = overlayctl::diff::installed_packages(&status);
+    assert!(
+        installed.len() > 10,
+        "this machine's dpkg database lists packages"
+    );
+    let mut picks = installed.iter();
+    let mut pick = || {
+        picks
+            .next()
+            .map(|((p, _), v)| (p.clone(), v.clone()))
+            .unwrap()
+    };
+    let ((up, up_v), (down, down_v), (gone, _)) = (pick(), pick(), pick());
+    let paragraph_of = |name: &str| {
+        status
+            .split("\n\n")
+            .find(|p| p.lines().next() == Some(&format!("Package: {name}")))
+            .unwrap()
+            .to_owned()
+    };
+    let edit = |p: String, from: &str, to: &str| {
+        p.replace(&format!("Version: {from}"), &format!("Version: {to}"))
+    };
+    let mut edited: Vec<String> = status
+        .split("\n\n")
+        .filter(|p| !p.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    for p in &mut edited {
+        if *p == paragraph_of(&up) {
+            *p = edit(p.clone(), &up_v, &format!("{up_v}+strata1"));
+        } else if *p == paragraph_of(&down) {
+            *p = edit(p.clone(), &down_v, &format!("{down_v}~older"));
+        }
+    }
+    edited.retain(|p| *p != paragraph_of(&gone));
+    edited.push(
+        "Package: strata-new\nStatus: install ok installed\nArchitecture: all\nVersion: 1.0-1\n"
+            .to_owned(),
+    );
+    let base = env.path("base");
+    write(&base.join("etc/motd"), "release 1\n");
+    write(&base.join("usr/bin/tool"), "tool\n");
+    write(&base.join("var/lib/dpkg/status"), &status);
+    env.ok(&["init", "--base", base.to_str().unwrap()]);
+    let target = env.path("release-2");
+    let copied = StdCommand::new("cp")
+        .arg("-a")
+        .arg(&base)
+        .arg(&target)
+        .status();
+    assert!(copied.unwrap().success());
+    write(&target.join("etc/motd"), "release 2, longer\n");
+    fs::remove_file(target.join("usr/bin/tool")).unwrap();
+    write(&target.join("usr/share/doc/new"), "docs\n");
+    write(
+        &target.join("var/lib/dpkg/status"),
+        &(edited.join("\n\n") + "\n"),
+    );
+    env.ok(&["sync", target.to_str().unwrap(), "--name", "r2"]);
+
+    let files: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "diff", "base", "r2"])).unwrap();
+    let shown: Vec<(String, String)> = files["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["path"].as_str().unwrap().to_owned(),
+                c["how"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(p, h)| ((*p).to_owned(), (*h).to_owned()))
+            .collect()
+    };
+    assert_eq!(
+        shown,
+        want(&[
+            ("etc/motd", "changed"),
+            ("usr/bin/tool", "removed"),
+            ("usr/share", "added"),
+            ("usr/share/doc", "added"),
+            ("usr/share/doc/new", "added"),
+            ("var/lib/dpkg/status", "changed"),
+        ]),
+        "{files}"
+    );
+    assert_eq!(files["files"][0]["before"], 10);
+    assert_eq!(files["files"][0]["after"], 18);
+    // Same stack: nothing.
+    assert!(
+        env.ok(&["diff", "r2", "r2"])
+            .starts_with("files: 0 added, 0 removed, 0 changed")
+    );
+
+    let text = env.ok(&["diff", "base", "r2", "--packages"]);
+    assert!(
+        text.ends_with("packages: 1 upgraded, 1 downgraded, 1 added, 1 removed, 0 changed\n"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("upgraded   {up}:")), "{text}");
+    assert!(
+        text.contains(&format!("{up_v} -> {up_v}+strata1")),
+        "{text}"
+    );
+    assert!(text.contains(&format!("downgraded {down}:")), "{text}");
+    assert!(text.contains(&format!("removed    {gone}:")), "{text}");
+    assert!(text.contains("added      strata-new:all 1.0-1"), "{text}");
+    // Bad input: a layer the plan lacks; a stack without a dpkg database.
+    let e = env.fails(&["diff", "base", "nope"]);
+    assert!(e.contains("has no layer \"nope\""), "{e}");
+    fs::remove_file(target.join("var/lib/dpkg/status")).unwrap();
+    env.ok(&["sync", target.to_str().unwrap(), "--name", "r3"]);
+    let e = env.fails(&["diff", "r2", "r3", "--packages"]);
+    assert!(
+        e.contains("the stack r3, r2, base has no var/lib/dpkg/status"),
+        "{e}"
+    );
+}
