@@ -242,6 +242,42 @@ pub fn packages(before: &str, after: &str) -> Vec<PackageChange> {
         .collect()
 }
 
+/// Where a stack's `var/lib/dpkg/status` is (layer directories top first), looked up as
+/// overlayfs would: the topmost layer with the file wins; a whiteout, a non-directory on the
+/// way, or an opaque directory on the way ends the search below it.
+pub fn dpkg_status_in(layers: &[PathBuf]) -> Option<PathBuf> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    const PARTS: [&str; 4] = ["var", "lib", "dpkg", "status"];
+    for layer in layers {
+        let mut path = layer.clone();
+        // An opaque directory on the way: the layers below do not show through it.
+        let mut sealed = false;
+        for (i, part) in PARTS.iter().enumerate() {
+            path.push(part);
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                if sealed {
+                    return None;
+                }
+                break;
+            };
+            if meta.file_type().is_char_device() && meta.rdev() == 0 {
+                return None;
+            }
+            if i == PARTS.len() - 1 {
+                return meta.is_file().then_some(path);
+            }
+            if !meta.is_dir() {
+                return None;
+            }
+            sealed |= xattr::get(&path, "trusted.overlay.opaque")
+                .ok()
+                .flatten()
+                .is_some_and(|v| v == b"y");
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -356,7 +356,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     let store = cli.store.unwrap_or_else(default_store);
     let json = cli.json;
     match cli.command.unwrap_or(Command::Status) {
-        Command::Status => status::status(&store, json, out),
+        Command::Status => status::status(&store, json, cli.verbose, out),
         Command::Init(opts) => commands::init(&store, &opts, json, out),
         Command::AddLayer(opts) => commands::add_layer(&store, &opts, json, out),
         Command::Sync(opts) => commands::sync(&store, &opts, json, out),

@@ -20,6 +20,60 @@ pub fn next_boot(store: &Store, plan: &Plan, state: &BootState) -> Resolution {
     resolve(plan, state, &BootOverrides::default(), Some(&present))
 }
 
+/// For each layer whose stack has a dpkg database that differs from the stack below's, a line
+/// saying how: "packages: 2 upgraded (libc6 2.36-9+deb12u7 -> 2.36-9+deb12u14, …), 1 added".
+fn package_changes(store: &Store, plan: &Plan) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (i, layer) in plan.layers.iter().enumerate() {
+        // The stack with this layer on top, and the one just below it (enabled layers only).
+        let below: Vec<std::path::PathBuf> = plan.layers[i + 1..]
+            .iter()
+            .filter(|l| l.state.is_enabled())
+            .map(|l| store.layer_dir(&l.name))
+            .collect();
+        let mut with = vec![store.layer_dir(&layer.name)];
+        with.extend(below.iter().cloned());
+        let read = |layers: &[std::path::PathBuf]| {
+            crate::diff::dpkg_status_in(layers).and_then(|p| std::fs::read_to_string(p).ok())
+        };
+        let (Some(after), before) = (read(&with), read(&below)) else {
+            continue;
+        };
+        let changes = crate::diff::packages(before.as_deref().unwrap_or(""), &after);
+        if changes.is_empty() {
+            continue;
+        }
+        let mut parts = Vec::new();
+        for how in ["upgraded", "downgraded", "added", "removed", "changed"] {
+            let these: Vec<&crate::diff::PackageChange> =
+                changes.iter().filter(|c| c.how == how).collect();
+            if these.is_empty() {
+                continue;
+            }
+            let shown: Vec<String> = these
+                .iter()
+                .take(3)
+                .map(|c| match (&c.before, &c.after) {
+                    (Some(x), Some(y)) => format!("{} {x} -> {y}", c.package),
+                    (Some(v), None) | (None, Some(v)) => format!("{} {v}", c.package),
+                    (None, None) => c.package.clone(),
+                })
+                .collect();
+            let more = if these.len() > 3 { ", …" } else { "" };
+            parts.push(format!(
+                "{} {how} ({}{more})",
+                these.len(),
+                shown.join(", ")
+            ));
+        }
+        out.insert(
+            layer.name.clone(),
+            format!("packages: {}", parts.join("; ")),
+        );
+    }
+    out
+}
+
 /// Layer directories the plan no longer names (compacted or removed while in use, or left by
 /// an interrupted change): deleted by the next command or boot that finds them unused.
 pub fn pending_deletion(store: &Store, plan: &Plan) -> Vec<String> {
@@ -87,7 +141,9 @@ struct LayerJson<'a> {
     left_out: Option<String>,
 }
 
-pub fn status(root: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
+/// With `verbose`, each layer's row is followed by the package changes it brings (its stack's
+/// dpkg database against the one of the stack below it).
+pub fn status(root: &Path, json: bool, verbose: bool, out: &mut dyn Write) -> Result<()> {
     let store = Store::open(root)?;
     let loaded = store.plan()?;
     let plan = &loaded.value;
@@ -137,7 +193,16 @@ pub fn status(root: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
         };
         return write_json(out, &report);
     }
-    write_table(root, plan, &state, &next, booted.as_ref(), &spaces, out)?;
+    let packages = if verbose {
+        package_changes(&store, plan)
+    } else {
+        BTreeMap::new()
+    };
+    let extra = Extra {
+        spaces: &spaces,
+        packages: &packages,
+    };
+    write_table(root, plan, &state, &next, booted.as_ref(), &extra, out)?;
     if !pending.is_empty() {
         let shown: Vec<String> = pending
             .iter()
@@ -161,6 +226,12 @@ pub fn tries_left(plan: &Plan, state: &BootState, name: &str) -> Option<u32> {
         .then(|| plan.boot.trial_boots.saturating_sub(state.tries(name)))
 }
 
+/// What the table shows beside the plan: each layer's space, and (verbose) package changes.
+struct Extra<'a> {
+    spaces: &'a BTreeMap<String, Space>,
+    packages: &'a BTreeMap<String, String>,
+}
+
 /// The table. Names are never cut (they are what people type); the title takes what is left of
 /// 80 columns, or a line of its own when too little is left.
 fn write_table(
@@ -169,9 +240,10 @@ fn write_table(
     state: &BootState,
     next: &Resolution,
     booted: Option<&Booted>,
-    spaces: &BTreeMap<String, Space>,
+    extra: &Extra<'_>,
     out: &mut dyn Write,
 ) -> Result<()> {
+    let (spaces, packages) = (extra.spaces, extra.packages);
     const WIDTH: usize = 80;
     const MIN_TITLE: usize = 16;
     let name_width = plan
@@ -235,6 +307,7 @@ fn write_table(
             created,
         );
         let title = layer.title.as_deref().unwrap_or("");
+        let changes = packages.get(&layer.name);
         if title_inline {
             writeln!(
                 out,
@@ -246,6 +319,9 @@ fn write_table(
             if !title.is_empty() {
                 writeln!(out, "      {}", ellipsize(title, WIDTH - 6))?;
             }
+        }
+        if let Some(changes) = changes {
+            writeln!(out, "      {changes}")?;
         }
     }
     if !next.left_out.is_empty() {

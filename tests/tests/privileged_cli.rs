@@ -1038,6 +1038,22 @@ fn privileged_diff_files_and_packages_between_stacks() {
     assert!(text.contains(&format!("downgraded {down}:")), "{text}");
     assert!(text.contains(&format!("removed    {gone}:")), "{text}");
     assert!(text.contains("added      strata-new:all 1.0-1"), "{text}");
+    // status --verbose: the packages each layer brings.
+    let table = env.ok(&["--verbose", "status"]);
+    let r2_line = table
+        .lines()
+        .skip_while(|l| !l.contains(" r2 "))
+        .find(|l| l.trim_start().starts_with("packages:"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        r2_line.contains(&format!("1 upgraded ({up} {up_v} -> {up_v}+strata1)"))
+            && r2_line.contains("1 added (strata-new 1.0-1)")
+            && r2_line.contains(&format!("1 removed ({gone} "))
+            && r2_line.contains(&format!("1 downgraded ({down} ")),
+        "{table}"
+    );
+    assert!(!env.ok(&["status"]).contains("packages:"));
     // Bad input: a layer the plan lacks; a stack without a dpkg database.
     let e = env.fails(&["diff", "base", "nope"]);
     assert!(e.contains("has no layer \"nope\""), "{e}");
