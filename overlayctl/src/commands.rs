@@ -17,8 +17,8 @@ use crate::status::next_boot;
 use crate::store::{Store, StoreLock, remove_path};
 use crate::{
     AddLayerOpts, BundleCommand, CheckOpts, CompactOpts, DiffOpts, ImportLegacyOpts, InitOpts,
-    KeysCommand, KnownGoodOpts, MenuLockOpts, PolicyOpts, RemoveOpts, SyncOpts, name_from_path,
-    write_json,
+    KeysCommand, KnownGoodOpts, MenuLockOpts, PolicyOpts, RemoveOpts, RunOpts, SyncOpts,
+    name_from_path, write_json,
 };
 
 /// What a change works on: the store, locked, its plan (read from its own file: a change is
@@ -1117,4 +1117,57 @@ pub fn diff(root: &Path, opts: &DiffOpts, json: bool, out: &mut dyn Write) -> Re
         layers_spec::size::human(bytes(|c| c.after)),
     )?;
     Ok(())
+}
+
+pub fn run(root: &Path, opts: &RunOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    use crate::run::Outcome;
+    let store = Store::open(root)?;
+    let layer = crate::run::new_layer(opts.name.clone(), opts.title.clone(), &opts.command);
+    match crate::run::run(&store, &layer, opts.keep_on_failure, &opts.command)? {
+        Outcome::Added {
+            added,
+            entries,
+            deletions,
+            bytes,
+        } => {
+            if json {
+                return write_json(
+                    out,
+                    &serde_json::json!({
+                        "layer": added.name, "digest": added.digest, "entries": entries,
+                        "deletions": deletions, "bytes": bytes,
+                    }),
+                );
+            }
+            writeln!(
+                out,
+                "added trial layer {}: {entries} entries changed ({deletions} deletions), {} of content\ndigest {}",
+                added.name,
+                layers_spec::size::human(bytes),
+                added.digest
+            )?;
+            Ok(())
+        }
+        Outcome::Unchanged => {
+            if json {
+                return write_json(out, &serde_json::json!({ "layer": null }));
+            }
+            writeln!(
+                out,
+                "{} changed nothing; no layer was added",
+                opts.command[0]
+            )?;
+            Ok(())
+        }
+        Outcome::Failed { why, kept: None } => {
+            bail!("{why}: all changes rolled back")
+        }
+        Outcome::Failed {
+            why,
+            kept: Some(upper),
+        } => bail!(
+            "{why}: its changes are kept in {} (--keep-on-failure); nothing was added",
+            upper.display()
+        ),
+    }
 }

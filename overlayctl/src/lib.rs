@@ -11,6 +11,7 @@ pub mod fetch;
 pub mod mount;
 pub mod ops;
 pub mod policy;
+pub mod run;
 pub mod space;
 pub mod status;
 pub mod store;
@@ -101,6 +102,37 @@ pub enum Command {
     Policy(PolicyOpts),
     /// What changes from one stack to another: files, and with --packages the dpkg packages.
     Diff(DiffOpts),
+    /// Run a command (a package upgrade, say) in the next boot's stack with a fresh upper, in a
+    /// private mount namespace and a chroot: on success its changes become a trial layer, on
+    /// failure or Ctrl-C they are discarded.
+    Run(RunOpts),
+    /// (internal) the namespace, mounts and chroot `run` executes the command in.
+    #[command(name = "__run-child", hide = true)]
+    RunChild(RunChildOpts),
+}
+
+#[derive(Debug, Args)]
+pub struct RunOpts {
+    /// The layer's name [default: run- and the time].
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub title: Option<String>,
+    /// Keep what a failed command changed (its upper) and say where, instead of discarding it.
+    #[arg(long)]
+    pub keep_on_failure: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunChildOpts {
+    pub scratch: PathBuf,
+    #[arg(long = "lower")]
+    pub lowers: Vec<PathBuf>,
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -375,6 +407,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Compact(opts) => commands::compact(&store, &opts, json, out),
         Command::Policy(opts) => commands::policy(&store, &opts, json, out),
         Command::Diff(opts) => commands::diff(&store, &opts, json, out),
+        Command::Run(opts) => commands::run(&store, &opts, json, out),
+        Command::RunChild(opts) => run::child(&store, &opts.scratch, &opts.lowers, &opts.command),
         Command::Bundle(command) => commands::bundle(&store, &command, json, out),
         Command::Keys(command) => commands::keys(&store, &command, json, out),
     }
