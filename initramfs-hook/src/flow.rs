@@ -124,6 +124,7 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
     let state_before = state.clone();
     clear_staging(&store, log);
     if loaded.fell_back.is_none() {
+        freeze_checkpoint(&store, &mut plan, &mut state, log);
         clear_orphans(&store, &plan, &state, log);
     }
 
@@ -566,6 +567,55 @@ fn clear_staging(store: &Path, log: &mut Log) {
     }
 }
 
+/// `overlayctl checkpoint` asked for the upper to become a layer: before anything is mounted,
+/// its data directory is renamed into `layers/` (one rename on one filesystem), the plan gets
+/// the layer on top, and a fresh upper takes its place. Each step can be redone: a boot cut
+/// short after the rename finds the layer there and finishes the plan and the state.
+fn freeze_checkpoint(store: &Path, plan: &mut Plan, state: &mut BootState, log: &mut Log) {
+    let Some(checkpoint) = state.checkpoint.clone() else {
+        return;
+    };
+    let layer_dir = store.join("layers").join(&checkpoint.layer);
+    let upper_dir = store.join("uppers").join(&checkpoint.upper);
+    if plan.layer(&checkpoint.layer).is_none() {
+        if !layer_dir.exists() {
+            if let Err(e) = fs::rename(upper_dir.join("data"), &layer_dir) {
+                log.say(format!(
+                    "the checkpoint of upper {} cannot be made ({e}); it is dropped",
+                    checkpoint.upper
+                ));
+                state.checkpoint = None;
+                return;
+            }
+            if let Ok(dir) = fs::File::open(store.join("layers")) {
+                let _ = dir.sync_all();
+            }
+        }
+        let mut layer = layers_spec::Layer::new(checkpoint.layer.clone());
+        layer.title = checkpoint.title.clone();
+        layer.parent = plan.layers.first().map(|l| l.name.clone());
+        layer.notes = Some(format!("checkpoint of upper {}", checkpoint.upper));
+        plan.layers.insert(0, layer);
+        if let Err(e) = spec_store::save_plan(store, plan) {
+            log.say(format!("the checkpoint's plan cannot be written ({e})"));
+            plan.layers.remove(0);
+            return;
+        }
+    }
+    // A fresh upper: the first free number.
+    let fresh = (1..)
+        .map(|n: u32| n.to_string())
+        .find(|id| !store.join("uppers").join(id).exists())
+        .expect("some number is free");
+    log.say(format!(
+        "froze upper {} into layer {}; a fresh upper {fresh} starts",
+        checkpoint.upper, checkpoint.layer
+    ));
+    let _ = remove_entry(&upper_dir);
+    state.current_upper = Some(fresh);
+    state.checkpoint = None;
+}
+
 /// A file, or a directory with everything in it.
 fn remove_entry(path: &Path) -> std::io::Result<()> {
     if path.is_dir() {
@@ -586,6 +636,7 @@ fn clear_orphans(store: &Path, plan: &Plan, state: &BootState, log: &mut Log) {
         plan.layer(name).is_some()
             || prev.iter().any(|n| n == name)
             || state.last_good.iter().any(|n| n == name)
+            || state.checkpoint.as_ref().is_some_and(|c| c.layer == name)
             || state
                 .once
                 .as_ref()

@@ -29,5 +29,5 @@ pub use plan::{
 };
 pub use resolve::{LeftOut, Note, Reason, Resolution, resolve};
 pub use size::ByteSize;
-pub use state::{BootState, LastBoot, OneShot};
+pub use state::{BootState, Checkpoint, LastBoot, OneShot};
 pub use toml::value::Datetime;

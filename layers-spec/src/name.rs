@@ -39,6 +39,13 @@ pub fn check_name(name: &str) -> Result<(), NameProblem> {
 }
 
 /// Serde helper: a list of layer names, each checked, for files whose names become paths.
+pub(crate) fn de_layer_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = <String as serde::Deserialize>::deserialize(d)?;
+    check_name(&name)
+        .map_err(|p| serde::de::Error::custom(format!("layer name {name:?} is not valid: {p}")))?;
+    Ok(name)
+}
+
 pub(crate) fn de_layer_names<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Vec<String>, D::Error> {

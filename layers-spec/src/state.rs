@@ -36,6 +36,23 @@ pub struct BootState {
     /// What the previous boot mounted, and why it fell back if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_boot: Option<LastBoot>,
+    /// `overlayctl checkpoint`: at the next boot the hook freezes this upper into a layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// An upper to freeze into a read-only layer at the next boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// The layer it becomes.
+    #[serde(deserialize_with = "crate::name::de_layer_name")]
+    pub layer: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// The upper (`uppers/<id>/`) it freezes; an id follows the layer-name rule.
+    #[serde(deserialize_with = "crate::name::de_layer_name")]
+    pub upper: String,
 }
 
 /// A one-shot selection: exactly these layers (in plan order), for one boot.
@@ -69,6 +86,7 @@ impl Default for BootState {
             trial_tries: BTreeMap::new(),
             current_upper: None,
             last_boot: None,
+            checkpoint: None,
         }
     }
 }
@@ -145,6 +163,11 @@ mod tests {
                 layers: vec!["a.1+x".into(), "b".into(), "base".into()],
                 fallback: Some("mount of the resolved stack failed: EINVAL".into()),
                 at: Some("2026-11-22T03:00:00Z".parse().unwrap()),
+            }),
+            checkpoint: Some(Checkpoint {
+                layer: "checkpoint-1".into(),
+                title: Some("Before the upgrade".into()),
+                upper: "3".into(),
             }),
         }
     }

@@ -16,9 +16,9 @@ use crate::ops::{self, NewLayer};
 use crate::status::next_boot;
 use crate::store::{Store, StoreLock, remove_path};
 use crate::{
-    AddLayerOpts, BundleCommand, CheckOpts, CompactOpts, DiffOpts, ImportLegacyOpts, InitOpts,
-    KeysCommand, KnownGoodOpts, MenuLockOpts, PolicyOpts, RemoveOpts, RunOpts, SyncOpts,
-    name_from_path, write_json,
+    AddLayerOpts, BundleCommand, CheckOpts, CheckpointOpts, CompactOpts, DiffOpts,
+    ImportLegacyOpts, InitOpts, KeysCommand, KnownGoodOpts, MenuLockOpts, PolicyOpts, RemoveOpts,
+    RunOpts, SyncOpts, name_from_path, write_json,
 };
 
 /// What a change works on: the store, locked, its plan (read from its own file: a change is
@@ -1170,4 +1170,53 @@ pub fn run(root: &Path, opts: &RunOpts, json: bool, out: &mut dyn Write) -> Resu
             upper.display()
         ),
     }
+}
+
+pub fn checkpoint(
+    root: &Path,
+    opts: &CheckpointOpts,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let mut change = open_for_change(root)?;
+    let booted = change.store.booted()?.ok_or_else(|| {
+        anyhow!(
+            "this system was not booted from {}: there is no running upper to freeze",
+            change.store.root.display()
+        )
+    })?;
+    let Some(upper) = booted
+        .upper_id
+        .clone()
+        .filter(|_| booted.upper == layers_spec::UpperMode::Persistent)
+    else {
+        bail!(
+            "the running system's upper is a tmpfs: it is gone at the next boot, so there is nothing to freeze"
+        );
+    };
+    let name = opts.name.clone().unwrap_or_else(|| {
+        format!("checkpoint-{}", crate::store::now())
+            .replace([':', 'T'], "-")
+            .trim_end_matches('Z')
+            .to_owned()
+    });
+    layers_spec::check_name(&name).map_err(|p| anyhow!("layer name {name:?} is not valid: {p}"))?;
+    ensure!(
+        change.plan.layer(&name).is_none() && !change.store.layer_dir(&name).exists(),
+        "a layer named {name:?} exists; choose another --name"
+    );
+    change.state.checkpoint = Some(layers_spec::Checkpoint {
+        layer: name.clone(),
+        title: opts.title.clone(),
+        upper: upper.clone(),
+    });
+    change.store.save_state(&change.state)?;
+    if json {
+        return write_json(out, &serde_json::json!({ "layer": name, "upper": upper }));
+    }
+    writeln!(
+        out,
+        "at the next boot, upper {upper} becomes the read-only layer {name} on top, and a fresh upper starts"
+    )?;
+    Ok(())
 }

@@ -106,6 +106,9 @@ pub enum Command {
     /// private mount namespace and a chroot: on success its changes become a trial layer, on
     /// failure or Ctrl-C they are discarded.
     Run(RunOpts),
+    /// Freeze the running system's persistent upper into a read-only layer at the next boot
+    /// (the hook renames it into layers/ before mounting and starts a fresh upper).
+    Checkpoint(CheckpointOpts),
     /// (internal) the namespace, mounts and chroot `run` executes the command in.
     #[command(name = "__run-child", hide = true)]
     RunChild(RunChildOpts),
@@ -124,6 +127,15 @@ pub struct RunOpts {
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckpointOpts {
+    /// The layer's name [default: checkpoint- and the time].
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub title: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -408,6 +420,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Policy(opts) => commands::policy(&store, &opts, json, out),
         Command::Diff(opts) => commands::diff(&store, &opts, json, out),
         Command::Run(opts) => commands::run(&store, &opts, json, out),
+        Command::Checkpoint(opts) => commands::checkpoint(&store, &opts, json, out),
         Command::RunChild(opts) => run::child(&store, &opts.scratch, &opts.lowers, &opts.command),
         Command::Bundle(command) => commands::bundle(&store, &command, json, out),
         Command::Keys(command) => commands::keys(&store, &command, json, out),

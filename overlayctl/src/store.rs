@@ -263,6 +263,7 @@ impl Store {
                     && !in_use.contains(&name)
                     && !state.last_good.contains(&name)
                     && !once.contains(&name)
+                    && state.checkpoint.as_ref().is_none_or(|c| c.layer != name)
                 {
                     log::warn!(
                         "removing {}, which the plan does not name (left by an interrupted command)",

@@ -582,3 +582,74 @@ fn privileged_hook_locked_menu_needs_the_password() {
     assert_eq!(stack(&booted), ["upgrade-1", "base"], "{log}");
     m.shutdown();
 }
+
+#[test]
+fn privileged_hook_checkpoint_freezes_the_upper_at_the_next_boot() {
+    let Some(m) = Machine::new("privileged_hook_checkpoint_freezes_the_upper_at_the_next_boot")
+    else {
+        return;
+    };
+    // overlayctl as the running system runs it: the store where the hook bound it, its record.
+    let booted_ctl = |args: &[&str]| {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
+            .env("STRATA_RUN_DIR", m.path("run/strata"))
+            .arg("--store")
+            .arg(m.path("run/strata/store"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // Not booted: nothing to freeze.
+    let e = m.path("sysroot/strata");
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
+        .env("STRATA_RUN_DIR", "/nonexistent")
+        .arg("--store")
+        .arg(&e)
+        .args(["checkpoint"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("was not booted from"));
+
+    let first = m.boot("");
+    assert_eq!(first.upper_id.as_deref(), Some("1"));
+    fs::write(m.path("newroot/etc/note"), "made while running\n").unwrap();
+    let out = booted_ctl(&[
+        "checkpoint",
+        "--name",
+        "cp1",
+        "--title",
+        "Before the upgrade",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("upper 1 becomes the read-only layer cp1")
+    );
+    m.shutdown();
+
+    let second = m.boot("");
+    assert_eq!(stack(&second)[0], "cp1", "{second:?}");
+    assert_eq!(second.upper_id.as_deref(), Some("2"));
+    assert_eq!(m.read("etc/note").as_deref(), Some("made while running\n"));
+    let plan = m.plan();
+    let layer = plan.layer("cp1").unwrap();
+    assert_eq!(layer.title.as_deref(), Some("Before the upgrade"));
+    assert_eq!(layer.parent.as_deref(), Some("upgrade-2"));
+    assert!(m.store().join("layers/cp1/etc/note").exists());
+    assert!(
+        !m.store().join("uppers/1").exists(),
+        "the frozen upper is gone"
+    );
+    assert_eq!(m.state().checkpoint, None);
+    // Writes now go to the fresh upper, not the frozen layer.
+    fs::write(m.path("newroot/etc/note"), "after\n").unwrap();
+    assert_eq!(
+        fs::read_to_string(m.store().join("layers/cp1/etc/note")).unwrap(),
+        "made while running\n"
+    );
+    m.shutdown();
+}
