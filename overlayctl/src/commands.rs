@@ -51,7 +51,7 @@ fn open_for_change(root: &Path) -> Result<Change> {
     })
 }
 
-fn layer_index(plan: &Plan, name: &str) -> Result<usize> {
+pub(crate) fn layer_index(plan: &Plan, name: &str) -> Result<usize> {
     plan.position(name).ok_or_else(|| {
         let names: Vec<&str> = plan.layers.iter().map(|l| l.name.as_str()).collect();
         anyhow!(
@@ -1194,12 +1194,10 @@ pub fn checkpoint(
             "the running system's upper is a tmpfs: it is gone at the next boot, so there is nothing to freeze"
         );
     };
-    let name = opts.name.clone().unwrap_or_else(|| {
-        format!("checkpoint-{}", crate::store::now())
-            .replace([':', 'T'], "-")
-            .trim_end_matches('Z')
-            .to_owned()
-    });
+    let name = opts
+        .name
+        .clone()
+        .unwrap_or_else(|| crate::store::stamped_name("checkpoint"));
     layers_spec::check_name(&name).map_err(|p| anyhow!("layer name {name:?} is not valid: {p}"))?;
     ensure!(
         change.plan.layer(&name).is_none() && !change.store.layer_dir(&name).exists(),

@@ -4,9 +4,8 @@
 //! into `layers/`; the plan then names it in the run's place (recording what it replaced), the
 //! boot state follows, and only then are the old layers deleted: those a mounted stack uses
 //! (the running boot's) stay, no longer named by the plan, until the next command or boot after
-//! they are unused deletes them ([`Store::clean_orphans`]).
+//! they are unused deletes them ([`Store::clean_orphans`], the one rule for that).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -18,7 +17,7 @@ use crate::engine::manifest::hash_file;
 use crate::engine::{Layer, Manifest, XattrNs};
 use crate::fault;
 use crate::ops::{install, write_synced};
-use crate::store::{Store, remove_path};
+use crate::store::Store;
 
 /// What to compact and what to call the result.
 #[derive(Debug, Clone, Default)]
@@ -52,15 +51,7 @@ pub struct Compacted {
 
 /// The run `request` names in `plan`, as plan indices (top, bottom), checked.
 pub fn resolve_run(plan: &Plan, request: &Request) -> Result<(usize, usize)> {
-    let index = |name: &str| {
-        plan.position(name).ok_or_else(|| {
-            let names: Vec<&str> = plan.layers.iter().map(|l| l.name.as_str()).collect();
-            anyhow::anyhow!(
-                "there is no layer {name:?} in the plan; its layers are: {}",
-                names.join(", ")
-            )
-        })
-    };
+    let index = |name: &str| crate::commands::layer_index(plan, name);
     let mergeable = |i: usize| {
         let l = &plan.layers[i];
         l.state == LayerState::Active && !l.known_good
@@ -176,14 +167,7 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     .with_context(|| format!("writing the compacted layer into {}", staged.display()))?;
     fault::point("compact-staged");
     // The manifest from the run's manifests: the files are the run's, so their hashes are known.
-    let known: Vec<HashMap<PathBuf, (u64, String)>> = replaced
-        .iter()
-        .map(|n| {
-            std::fs::read_to_string(store.manifest_path(n))
-                .map(|text| Manifest { text }.file_hashes())
-                .unwrap_or_default()
-        })
-        .collect();
+    let known = crate::ops::known_hashes(store, &replaced, &run_layers);
     // The manifest of the tree just written (links keep the run's files as they were, and
     // directories, whiteouts and copies got the tree's metadata), not of a second walk of it.
     let written = Layer {
@@ -195,9 +179,9 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     let manifest = Manifest::of_layer_with(&written, &mut |rel: &Path| match made
         .sources
         .get(rel)
-        .and_then(|&i| known[i].get(rel))
+        .and_then(|&i| known.get(&run_layers[i].root.join(rel)))
     {
-        Some((_, hash)) => Ok(hash.clone()),
+        Some(hash) => Ok(hash.clone()),
         None => hash_file(&staged.join(rel)),
     })
     .with_context(|| format!("hashing {}", staged.display()))?;
@@ -234,9 +218,6 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     }
     store.save_plan(&plan)?;
     fault::point("compact-planned");
-    // Once more, so that the previous copy (the fallback when the plan cannot be read) names
-    // the new layer too: the old ones are about to go. Until then they are kept for it.
-    store.save_plan(&plan)?;
 
     // The boot state: a stack that named the whole run names the new layer instead (until
     // then, the plan's `replaces` lets the hook read the old names). A last good stack with
@@ -250,19 +231,15 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     }
     fault::point("compact-state");
 
-    // The old layers go, unless a mounted stack or the last good stack still has them.
-    let in_use = store.layers_in_use()?;
-    let (mut deleted, mut pending) = (Vec::new(), Vec::new());
-    for old in &replaced {
-        if in_use.contains(old) || state.last_good.contains(old) {
-            pending.push(old.clone());
-            continue;
-        }
-        remove_path(&store.layer_dir(old))?;
-        remove_path(&store.manifest_path(old))?;
-        deleted.push(old.clone());
-        fault::point("compact-deleting");
-    }
+    // The old layers go by the store's one rule for layers the plan no longer names (which
+    // also refreshes the previous plan, the fallback, first): unless a mounted stack, the last
+    // good stack or a one-shot selection has them; then the next command or boot that finds
+    // them unused deletes them.
+    store.clean_orphans(&plan, &state)?;
+    let (pending, deleted): (Vec<String>, Vec<String>) = replaced
+        .iter()
+        .cloned()
+        .partition(|old| store.layer_dir(old).exists());
     Ok(Compacted {
         name,
         digest: manifest.digest(),
@@ -286,7 +263,7 @@ fn default_name(top: &str, bottom: &str, taken: &dyn Fn(&str) -> bool) -> String
     let stem = if check_name(&stem).is_ok() && stem.len() <= 120 {
         stem
     } else {
-        format!("compacted-{}", crate::store::now()).replace(':', "")
+        crate::store::stamped_name("compacted")
     };
     std::iter::once(stem.clone())
         .chain((2..).map(|n| format!("{stem}.{n}")))

@@ -253,18 +253,10 @@ pub fn child(store: &Path, scratch: &Path, lowers: &[PathBuf], command: &[String
     std::process::exit(127);
 }
 
-/// The default name of a run's layer: `run-` and the time.
-pub fn default_name() -> String {
-    format!("run-{}", crate::store::now())
-        .replace([':', 'T'], "-")
-        .trim_end_matches('Z')
-        .to_owned()
-}
-
 /// The trial layer a run adds.
 pub fn new_layer(name: Option<String>, title: Option<String>, command: &[String]) -> NewLayer {
     NewLayer {
-        name: name.unwrap_or_else(default_name),
+        name: name.unwrap_or_else(|| crate::store::stamped_name("run")),
         title,
         parent: None,
         state: LayerState::Trial,

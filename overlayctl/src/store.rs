@@ -265,11 +265,12 @@ impl Store {
                     && !once.contains(&name)
                     && state.checkpoint.as_ref().is_none_or(|c| c.layer != name)
                 {
-                    log::warn!(
-                        "removing {}, which the plan does not name (left by an interrupted command)",
+                    log::info!(
+                        "removing {}, which the plan no longer names",
                         entry.path().display()
                     );
                     remove_path(&entry.path())?;
+                    crate::fault::point("orphan-deleted");
                 }
             }
         }
@@ -302,6 +303,14 @@ pub fn now() -> Datetime {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     utc_datetime(secs)
+}
+
+/// `PREFIX-` and the time now (`run-2026-11-30-19-23-00`): a default name for a layer.
+pub fn stamped_name(prefix: &str) -> String {
+    format!("{prefix}-{}", now())
+        .replace([':', 'T'], "-")
+        .trim_end_matches('Z')
+        .to_owned()
 }
 
 /// A plan date-time as seconds since the epoch (a date alone is its midnight UTC; an offset
