@@ -952,13 +952,7 @@ pub fn policy(root: &Path, opts: &PolicyOpts, json: bool, out: &mut dyn Write) -
         bail!("the plan cannot be read ({why}); the policy does nothing");
     }
     let plan = loaded.value;
-    let present: Vec<&str> = plan
-        .layers
-        .iter()
-        .map(|l| l.name.as_str())
-        .filter(|n| store.layer_dir(n).is_dir())
-        .collect();
-    let spaces = crate::space::layer_space(&store.root.join(crate::store::LAYERS), &present);
+    let spaces = crate::status::spaces(&store, &plan, &[]);
     let in_use = store.layers_in_use()?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

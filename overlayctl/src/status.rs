@@ -24,6 +24,10 @@ pub fn next_boot(store: &Store, plan: &Plan, state: &BootState) -> Resolution {
 /// saying how: "packages: 2 upgraded (libc6 2.36-9+deb12u7 -> 2.36-9+deb12u14, …), 1 added".
 fn package_changes(store: &Store, plan: &Plan) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
+    // A stack's database is the one below's unless the layer brings its own: each file is read
+    // once.
+    let mut read_files: std::collections::HashMap<std::path::PathBuf, Option<String>> =
+        std::collections::HashMap::new();
     for (i, layer) in plan.layers.iter().enumerate() {
         // The stack with this layer on top, and the one just below it (enabled layers only).
         let below: Vec<std::path::PathBuf> = plan.layers[i + 1..]
@@ -33,8 +37,12 @@ fn package_changes(store: &Store, plan: &Plan) -> BTreeMap<String, String> {
             .collect();
         let mut with = vec![store.layer_dir(&layer.name)];
         with.extend(below.iter().cloned());
-        let read = |layers: &[std::path::PathBuf]| {
-            crate::diff::dpkg_status_in(layers).and_then(|p| std::fs::read_to_string(p).ok())
+        let mut read = |layers: &[std::path::PathBuf]| {
+            let path = crate::diff::dpkg_status_in(layers)?;
+            read_files
+                .entry(path)
+                .or_insert_with_key(|p| std::fs::read_to_string(p).ok())
+                .clone()
         };
         let (Some(after), before) = (read(&with), read(&below)) else {
             continue;
@@ -91,7 +99,7 @@ pub fn pending_deletion(store: &Store, plan: &Plan) -> Vec<String> {
 }
 
 /// The space of the plan's layers present in the store and of those pending deletion.
-fn spaces(store: &Store, plan: &Plan, pending: &[String]) -> BTreeMap<String, Space> {
+pub(crate) fn spaces(store: &Store, plan: &Plan, pending: &[String]) -> BTreeMap<String, Space> {
     let names: Vec<&str> = plan
         .layers
         .iter()

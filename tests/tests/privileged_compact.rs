@@ -284,16 +284,7 @@ impl Device {
 
     /// The directories of `layers/` and `manifests/`, and what `staging/` holds.
     fn dirs(&self) -> (Vec<String>, Vec<String>, usize) {
-        let list = |dir: &str| {
-            let mut names: Vec<String> = fs::read_dir(self.store().join(dir))
-                .map(|d| {
-                    d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default();
-            names.sort();
-            names
-        };
+        let list = |dir: &str| tests::dir_names(&self.store().join(dir));
         (list("layers"), list("manifests"), list("staging").len())
     }
 }

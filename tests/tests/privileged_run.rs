@@ -53,16 +53,7 @@ impl Env {
 
     /// The plan's layer names, the layer directories, and what `runs/` holds.
     fn snapshot(&self) -> (String, Vec<String>, usize) {
-        let list = |dir: &Path| {
-            let mut names: Vec<String> = fs::read_dir(dir)
-                .map(|d| {
-                    d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default();
-            names.sort();
-            names
-        };
+        let list = |dir: &Path| tests::dir_names(dir);
         (
             fs::read_to_string(self.store().join("overlayplan.toml")).unwrap(),
             list(&self.store().join("layers")),
