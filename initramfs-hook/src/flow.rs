@@ -11,7 +11,8 @@ use boot_ui::Action;
 use layers_spec::mount::{OverlaySpec, SOURCE_PREFIX, mount_overlay};
 use layers_spec::store as spec_store;
 use layers_spec::{
-    BootOverrides, BootState, Booted, LastBoot, LayerState, MenuMode, Plan, UpperMode, resolve,
+    BootOverrides, BootState, Booted, LastBoot, LayerState, MenuMode, OnRollback, Plan, UpperMode,
+    resolve,
 };
 use rustix::mount::{MountFlags, MountPropagationFlags};
 
@@ -124,7 +125,7 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
     let state_before = state.clone();
     clear_staging(&store, log);
     if loaded.fell_back.is_none() {
-        freeze_checkpoint(&store, &mut plan, &mut state, log);
+        crate::freeze::freeze_checkpoint(&store, &mut plan, &mut state, log);
         clear_orphans(&store, &plan, &state, log);
     }
 
@@ -224,10 +225,16 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
     }
     let mut last_error = String::from("no layer to mount");
     let mut mounted = None;
+    let mut rollback = RollbackUpper::new(&plan, &state, resolution.upper);
     for (i, (stack, why)) in candidates.iter().enumerate() {
         let (upper_dirs, upper_mode) = match (&upper, i + 1 == candidates.len()) {
             // The very last try trades a broken persistent upper for a tmpfs one.
-            (Ok(dirs), false) => (dirs.clone(), resolution.upper),
+            (Ok(dirs), false) => (
+                rollback
+                    .dirs_for(&store, stack, log)
+                    .unwrap_or_else(|| dirs.clone()),
+                resolution.upper,
+            ),
             (Ok(_), true) | (Err(_), _) => match tmpfs_upper(env) {
                 Ok(dirs) => (dirs, UpperMode::Tmpfs),
                 Err(e) => {
@@ -252,6 +259,7 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
                     "mounted {} layers with the {api:?} mount API",
                     stack.len()
                 ));
+                rollback.mounted(stack, upper_mode, &mut state, log);
                 mounted = Some((stack.clone(), why.clone(), upper_mode));
                 break;
             }
@@ -261,6 +269,7 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
             }
         }
     }
+    rollback.discard_unused();
     let Some((stack, fallback, upper_mode)) = mounted else {
         return Err(BootError::NothingMounts(last_error));
     };
@@ -523,6 +532,98 @@ fn prepare_upper(
     Ok((data, work))
 }
 
+/// `[upper] on_rollback = "fresh"`: a boot that leaves out layers the previous boot had
+/// mounts a fresh persistent upper, and the old one is archived with the stack it was used
+/// over (`overlayctl mount --upper ID` shows it). Made when a stack to mount needs it; removed
+/// again, empty, when no such stack mounted.
+struct RollbackUpper {
+    /// The previous boot's stack (in the plan's terms: compacted runs by their new layer) and
+    /// its upper, when a rollback would archive it.
+    from: Option<(Vec<String>, String)>,
+    /// The fresh upper's id and directories, once made.
+    fresh: Option<(String, PathBuf, (PathBuf, PathBuf))>,
+    used: bool,
+}
+
+impl RollbackUpper {
+    fn new(plan: &Plan, state: &BootState, mode: UpperMode) -> Self {
+        let from = (plan.upper.on_rollback == OnRollback::Fresh && mode == UpperMode::Persistent)
+            .then(|| {
+                state
+                    .last_boot
+                    .as_ref()
+                    .map(|b| plan.current_names(&b.layers))
+            })
+            .flatten()
+            .zip(state.current_upper.clone());
+        Self {
+            from,
+            fresh: None,
+            used: false,
+        }
+    }
+
+    /// A fresh upper's directories when mounting `stack` is a rollback; else None (the
+    /// current upper). One that cannot be made is said, and the current one used.
+    fn dirs_for(
+        &mut self,
+        store: &Path,
+        stack: &[String],
+        log: &mut Log,
+    ) -> Option<(PathBuf, PathBuf)> {
+        let (before, current) = self.from.as_ref()?;
+        if before.iter().all(|n| stack.contains(n)) {
+            return None;
+        }
+        if self.fresh.is_none() {
+            let id = crate::freeze::first_free_upper(store, current);
+            let dir = store.join("uppers").join(&id);
+            let (data, work) = (dir.join("data"), dir.join("work"));
+            if let Err(e) = fs::create_dir_all(&data).and_then(|()| fs::create_dir_all(&work)) {
+                log.say(format!(
+                    "a fresh upper for the rollback cannot be made ({e}); keeping upper {current}"
+                ));
+                self.from = None;
+                return None;
+            }
+            self.fresh = Some((id, dir, (data, work)));
+        }
+        self.fresh.as_ref().map(|(_, _, dirs)| dirs.clone())
+    }
+
+    /// `stack` mounted with `mode`: when it was on the fresh upper, the old one is archived.
+    fn mounted(&mut self, stack: &[String], mode: UpperMode, state: &mut BootState, log: &mut Log) {
+        let (Some((before, current)), Some((id, _, _))) = (&self.from, &self.fresh) else {
+            return;
+        };
+        if mode != UpperMode::Persistent || before.iter().all(|n| stack.contains(n)) {
+            return;
+        }
+        self.used = true;
+        let left: Vec<&str> = before
+            .iter()
+            .filter(|n| !stack.contains(n))
+            .map(String::as_str)
+            .collect();
+        log.say(format!(
+            "rolled back from {}: upper {current} is archived (overlayctl mount --upper {current} shows it); a fresh upper {id} starts",
+            left.join(", ")
+        ));
+        state.archived_uppers.retain(|a| &a.id != current);
+        state.archived_uppers.push(layers_spec::ArchivedUpper {
+            id: current.clone(),
+            layers: before.clone(),
+        });
+        state.current_upper = Some(id.clone());
+    }
+
+    fn discard_unused(&mut self) {
+        if let Some((_, dir, _)) = self.fresh.take().filter(|_| !self.used) {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
 fn tmpfs_upper(env: &BootEnv) -> Result<(PathBuf, PathBuf), String> {
     let dir = env.run.join("strata/upper");
     fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
@@ -567,57 +668,8 @@ fn clear_staging(store: &Path, log: &mut Log) {
     }
 }
 
-/// `overlayctl checkpoint` asked for the upper to become a layer: before anything is mounted,
-/// its data directory is renamed into `layers/` (one rename on one filesystem), the plan gets
-/// the layer on top, and a fresh upper takes its place. Each step can be redone: a boot cut
-/// short after the rename finds the layer there and finishes the plan and the state.
-fn freeze_checkpoint(store: &Path, plan: &mut Plan, state: &mut BootState, log: &mut Log) {
-    let Some(checkpoint) = state.checkpoint.clone() else {
-        return;
-    };
-    let layer_dir = store.join("layers").join(&checkpoint.layer);
-    let upper_dir = store.join("uppers").join(&checkpoint.upper);
-    if plan.layer(&checkpoint.layer).is_none() {
-        if !layer_dir.exists() {
-            if let Err(e) = fs::rename(upper_dir.join("data"), &layer_dir) {
-                log.say(format!(
-                    "the checkpoint of upper {} cannot be made ({e}); it is dropped",
-                    checkpoint.upper
-                ));
-                state.checkpoint = None;
-                return;
-            }
-            if let Ok(dir) = fs::File::open(store.join("layers")) {
-                let _ = dir.sync_all();
-            }
-        }
-        let mut layer = layers_spec::Layer::new(checkpoint.layer.clone());
-        layer.title = checkpoint.title.clone();
-        layer.parent = plan.layers.first().map(|l| l.name.clone());
-        layer.notes = Some(format!("checkpoint of upper {}", checkpoint.upper));
-        plan.layers.insert(0, layer);
-        if let Err(e) = spec_store::save_plan(store, plan) {
-            log.say(format!("the checkpoint's plan cannot be written ({e})"));
-            plan.layers.remove(0);
-            return;
-        }
-    }
-    // A fresh upper: the first free number.
-    let fresh = (1..)
-        .map(|n: u32| n.to_string())
-        .find(|id| !store.join("uppers").join(id).exists())
-        .expect("some number is free");
-    log.say(format!(
-        "froze upper {} into layer {}; a fresh upper {fresh} starts",
-        checkpoint.upper, checkpoint.layer
-    ));
-    let _ = remove_entry(&upper_dir);
-    state.current_upper = Some(fresh);
-    state.checkpoint = None;
-}
-
 /// A file, or a directory with everything in it.
-fn remove_entry(path: &Path) -> std::io::Result<()> {
+pub(crate) fn remove_entry(path: &Path) -> std::io::Result<()> {
     if path.is_dir() {
         fs::remove_dir_all(path)
     } else {

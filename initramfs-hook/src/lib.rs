@@ -6,6 +6,7 @@
 
 pub mod console;
 pub mod flow;
+pub mod freeze;
 pub mod mkinitramfs;
 pub mod standalone;
 

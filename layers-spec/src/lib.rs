@@ -9,6 +9,7 @@ pub mod age;
 pub mod booted;
 pub mod cmdline;
 pub mod error;
+pub mod fault;
 pub mod legacy;
 pub mod lock;
 pub mod mount;
@@ -29,5 +30,5 @@ pub use plan::{
 };
 pub use resolve::{LeftOut, Note, Reason, Resolution, resolve};
 pub use size::ByteSize;
-pub use state::{BootState, Checkpoint, LastBoot, OneShot};
+pub use state::{ArchivedUpper, BootState, Checkpoint, LastBoot, OneShot};
 pub use toml::value::Datetime;

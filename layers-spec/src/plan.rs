@@ -364,7 +364,6 @@ impl Plan {
         self.layers.iter_mut().find(|l| l.name == name)
     }
 
-    /// Index from the top (0 is the top layer).
     /// `stack` (names, top first) with each run of layers a compaction replaced given as the
     /// layer that replaced it: a stack recorded before a compaction (the last good one) in this
     /// plan's terms. A stack with only part of a run keeps its names.
@@ -381,6 +380,17 @@ impl Plan {
         names
     }
 
+    /// The layers of `before` (a stack booted earlier, top first) that `now` leaves out, in
+    /// this plan's terms: what booting `now` after `before` rolls back. Layers added on top
+    /// (an upgrade, a checkpoint) or merged by a compaction are not a rollback.
+    pub fn left_out_since(&self, before: &[String], now: &[String]) -> Vec<String> {
+        self.current_names(before)
+            .into_iter()
+            .filter(|n| !now.contains(n))
+            .collect()
+    }
+
+    /// Index from the top (0 is the top layer).
     pub fn position(&self, name: &str) -> Option<usize> {
         self.layers.iter().position(|l| l.name == name)
     }

@@ -451,6 +451,18 @@ mod tests {
         );
         // Part of the run cannot be said with the new layer.
         assert_eq!(p.current_names(&names(&["b", "a"])), ["b", "a"]);
+        // After a boot of x, c, b, a: merging or adding is no rollback, leaving out x is.
+        let before = names(&["x", "c", "b", "a"]);
+        assert!(
+            p.left_out_since(&before, &names(&["x", "c+b", "a"]))
+                .is_empty()
+        );
+        assert!(
+            p.left_out_since(&before, &names(&["cp", "x", "c+b", "a"]))
+                .is_empty()
+        );
+        assert_eq!(p.left_out_since(&before, &names(&["c+b", "a"])), ["x"]);
+        assert_eq!(p.left_out_since(&before, &names(&["a"])), ["x", "c+b"]);
         let state = BootState {
             once: Some(OneShot {
                 layers: names(&["x", "c", "b", "a"]),

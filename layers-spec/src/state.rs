@@ -39,9 +39,26 @@ pub struct BootState {
     /// `overlayctl checkpoint`: at the next boot the hook freezes this upper into a layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
+    /// Uppers a rollback set aside (`[upper] on_rollback = "fresh"`), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub archived_uppers: Vec<ArchivedUpper>,
 }
 
-/// An upper to freeze into a read-only layer at the next boot.
+/// A persistent upper a rollback set aside: kept with the stack it was last used over, so
+/// `overlayctl mount --upper ID` can show what was changed there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchivedUpper {
+    #[serde(deserialize_with = "crate::name::de_layer_name")]
+    pub id: String,
+    /// Top first.
+    #[serde(deserialize_with = "crate::name::de_layer_names")]
+    pub layers: Vec<String>,
+}
+
+/// An upper to freeze into a read-only layer at the next boot. The hook renames it into
+/// `layers/` and sets `frozen`; the next `overlayctl` command that changes the store writes the
+/// layer's manifest and digest (the hook does not hash files) and drops the record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Checkpoint {
@@ -53,6 +70,8 @@ pub struct Checkpoint {
     /// The upper (`uppers/<id>/`) it freezes; an id follows the layer-name rule.
     #[serde(deserialize_with = "crate::name::de_layer_name")]
     pub upper: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub frozen: bool,
 }
 
 /// A one-shot selection: exactly these layers (in plan order), for one boot.
@@ -87,6 +106,7 @@ impl Default for BootState {
             current_upper: None,
             last_boot: None,
             checkpoint: None,
+            archived_uppers: Vec::new(),
         }
     }
 }
@@ -168,7 +188,12 @@ mod tests {
                 layer: "checkpoint-1".into(),
                 title: Some("Before the upgrade".into()),
                 upper: "3".into(),
+                frozen: true,
             }),
+            archived_uppers: vec![ArchivedUpper {
+                id: "2".into(),
+                layers: vec!["b".into(), "base".into()],
+            }],
         }
     }
 

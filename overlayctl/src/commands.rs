@@ -41,12 +41,13 @@ fn open_for_change(root: &Path) -> Result<Change> {
             store.root.join(layers_spec::store::PLAN_FILE).display()
         );
     }
-    let state = store.state()?;
-    store.clean_orphans(&loaded.value, &state)?;
+    let mut plan = loaded.value;
+    let mut state = store.state()?;
+    crate::ops::finish_pending(&store, &mut plan, &mut state)?;
     Ok(Change {
         store,
         _lock: lock,
-        plan: loaded.value,
+        plan,
         state,
     })
 }
@@ -1201,6 +1202,7 @@ pub fn checkpoint(
         layer: name.clone(),
         title: opts.title.clone(),
         upper: upper.clone(),
+        frozen: false,
     });
     change.store.save_state(&change.state)?;
     if json {

@@ -15,7 +15,6 @@ use crate::engine::compact::{Below, CompactStats, compact};
 use crate::engine::copy::link_layer;
 use crate::engine::manifest::hash_file;
 use crate::engine::{Layer, Manifest, XattrNs};
-use crate::fault;
 use crate::ops::{install, write_synced};
 use crate::store::Store;
 
@@ -125,7 +124,7 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     }
     let mut plan = loaded.value;
     let mut state = store.state()?;
-    store.clean_orphans(&plan, &state)?;
+    crate::ops::finish_pending(store, &mut plan, &mut state)?;
     let (top, bottom) = resolve_run(&plan, request)?;
     let replaced: Vec<String> = plan.layers[top..=bottom]
         .iter()
@@ -165,7 +164,7 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
         staged.file_name().expect("staging paths have a name"),
     )
     .with_context(|| format!("writing the compacted layer into {}", staged.display()))?;
-    fault::point("compact-staged");
+    layers_spec::fault::point("compact-staged");
     // The manifest from the run's manifests: the files are the run's, so their hashes are known.
     let known = crate::ops::known_hashes(store, &replaced, &run_layers);
     // The manifest of the tree just written (links keep the run's files as they were, and
@@ -188,7 +187,7 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     let staged_manifest = staged.with_extension("manifest");
     write_synced(&staged_manifest, manifest.text.as_bytes())?;
     install(store, &staged, &staged_manifest, &name)?;
-    fault::point("compact-installed");
+    layers_spec::fault::point("compact-installed");
 
     // A one-shot selection of part of the run cannot be said with the new layer: dropped
     // before the plan changes (else a crash between the two could boot the rest of it).
@@ -217,7 +216,7 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
         }
     }
     store.save_plan(&plan)?;
-    fault::point("compact-planned");
+    layers_spec::fault::point("compact-planned");
 
     // The boot state: a stack that named the whole run names the new layer instead (until
     // then, the plan's `replaces` lets the hook read the old names). A last good stack with
@@ -229,7 +228,7 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     if state_changed {
         store.save_state(&state)?;
     }
-    fault::point("compact-state");
+    layers_spec::fault::point("compact-state");
 
     // The old layers go by the store's one rule for layers the plan no longer names (which
     // also refreshes the previous plan, the fallback, first): unless a mounted stack, the last

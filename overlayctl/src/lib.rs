@@ -6,7 +6,6 @@ pub mod commands;
 pub mod compaction;
 pub mod diff;
 pub mod engine;
-pub mod fault;
 pub mod fetch;
 pub mod mount;
 pub mod ops;
@@ -304,7 +303,8 @@ pub struct MountOpts {
     /// Mount exactly these layers, in plan order.
     #[arg(long, value_name = "A,B,…", value_delimiter = ',')]
     pub layers: Option<Vec<String>>,
-    /// Use the archived or current persistent upper `uppers/ID` (changes go into it).
+    /// Use the archived or current persistent upper `uppers/ID` (changes go into it); an
+    /// archived one goes over the stack it was used over unless --top or --layers says otherwise.
     #[arg(long, value_name = "ID", conflicts_with_all = ["tmpfs_upper", "read_only"])]
     pub upper: Option<String>,
     /// Put changes in a throw-away tmpfs upper.

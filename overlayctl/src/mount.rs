@@ -67,9 +67,21 @@ impl Drop for Scratch {
     }
 }
 
+/// The record of an archived upper `id`, when it is one.
+fn archived(store: &Store, id: Option<&str>) -> Result<Option<layers_spec::ArchivedUpper>> {
+    let Some(id) = id else { return Ok(None) };
+    Ok(store
+        .state()?
+        .archived_uppers
+        .into_iter()
+        .find(|a| a.id == id))
+}
+
 pub fn mount_command(root: &Path, opts: &MountOpts, json: bool, out: &mut dyn Write) -> Result<()> {
     let store = Store::open(root)?;
     let plan = store.plan()?.value;
+    // An archived upper goes over the stack it was used over, unless told otherwise.
+    let archived = archived(&store, opts.upper.as_deref())?;
     let stack: Vec<String> = match (&opts.layers, &opts.top) {
         (Some(names), _) => {
             for name in names {
@@ -82,6 +94,18 @@ pub fn mount_command(root: &Path, opts: &MountOpts, json: bool, out: &mut dyn Wr
                 .filter(|l| names.contains(&l.name))
                 .map(|l| l.name.clone())
                 .collect()
+        }
+        (None, None) if archived.is_some() => {
+            let archived = archived.expect("checked");
+            let stack = plan.current_names(&archived.layers);
+            if let Some(gone) = stack.iter().find(|n| plan.layer(n).is_none()) {
+                bail!(
+                    "upper {} was archived over {}, and layer {gone} is no longer in the plan; name a stack with --top or --layers",
+                    archived.id,
+                    stack.join(", ")
+                );
+            }
+            stack
         }
         (None, top) => {
             if let Some(top) = top.as_ref().filter(|t| plan.layer(t).is_none()) {

@@ -145,6 +145,44 @@ pub(crate) fn install(
     Store::sync_dir(&store.root.join(store::LAYERS))
 }
 
+/// What the boot left for the next command that holds the lock, then the layers the plan no
+/// longer names (Store::clean_orphans). A checkpoint the hook froze gets its manifest and
+/// digest here, read from the layer (the hook hashes nothing); a layer that cannot be read is
+/// left without one, with a warning, rather than blocking every change.
+pub(crate) fn finish_pending(store: &Store, plan: &mut Plan, state: &mut BootState) -> Result<()> {
+    if let Some(checkpoint) = state.checkpoint.clone().filter(|c| c.frozen) {
+        let name = &checkpoint.layer;
+        if plan.layer(name).is_some_and(|l| l.digest.is_none()) {
+            match seal(store, name) {
+                Ok(digest) => {
+                    if let Some(layer) = plan.layer_mut(name) {
+                        layer.digest = Some(digest);
+                    }
+                    store.save_plan(plan)?;
+                }
+                Err(e) => log::warn!("checkpoint {name} gets no manifest: {e:#}"),
+            }
+        }
+        state.checkpoint = None;
+        store.save_state(state)?;
+    }
+    store.clean_orphans(plan, state)
+}
+
+/// Writes the manifest of a layer already in `layers/`; returns its digest.
+fn seal(store: &Store, name: &str) -> Result<String> {
+    let (digest, text) = manifest_of(&store.layer_dir(name))?;
+    let staged = store.staging_path(name).with_extension("manifest");
+    write_synced(&staged, text.as_bytes())?;
+    let target = store.manifest_path(name);
+    fs::create_dir_all(target.parent().expect("manifests have a parent"))
+        .with_context(|| format!("creating {}", store.root.join(store::MANIFESTS).display()))?;
+    fs::rename(&staged, &target)
+        .with_context(|| format!("moving the manifest to {}", target.display()))?;
+    Store::sync_dir(&store.root.join(store::MANIFESTS))?;
+    Ok(digest)
+}
+
 /// Creates a store at `root` whose bottom layer is a copy of `base` (or `base` itself, renamed
 /// into place, with `move_base`), active and known-good.
 pub fn init(root: &Path, base: &Path, layer: &NewLayer, move_base: bool) -> Result<Added> {
@@ -253,7 +291,8 @@ pub fn add_built_layer(
         );
     }
     let mut plan = loaded.value;
-    let state = store.state()?;
+    let mut state = store.state()?;
+    finish_pending(store, &mut plan, &mut state)?;
     if plan.layer(&layer.name).is_some() {
         bail!(
             "the plan already has a layer named {:?}; choose another --name",
@@ -279,7 +318,6 @@ pub fn add_built_layer(
         // Linked files are written already (their builder checked the room first).
         check_room(store, &plan, source.tree.content_bytes())?;
     }
-    store.clean_orphans(&plan, &state)?;
     let target = store.layer_dir(&layer.name);
     if fs::symlink_metadata(&target).is_ok() {
         bail!(

@@ -121,6 +121,18 @@ struct StatusJson<'a> {
     next_boot: &'a [String],
     current_boot: Option<&'a [String]>,
     notes: Vec<String>,
+    current_upper: Option<&'a str>,
+    archived_uppers: Vec<ArchivedJson<'a>>,
+    checkpoint: Option<&'a layers_spec::Checkpoint>,
+}
+
+#[derive(Serialize)]
+struct ArchivedJson<'a> {
+    id: &'a str,
+    /// The stack it was used over, top first.
+    layers: &'a [String],
+    /// Bytes of file content in it.
+    size: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -198,6 +210,17 @@ pub fn status(root: &Path, json: bool, verbose: bool, out: &mut dyn Write) -> Re
             next_boot: &next.stack,
             current_boot: booted.as_ref().map(|b| b.stack.as_slice()),
             notes: next.notes.iter().map(ToString::to_string).collect(),
+            current_upper: state.current_upper.as_deref(),
+            archived_uppers: state
+                .archived_uppers
+                .iter()
+                .map(|a| ArchivedJson {
+                    id: &a.id,
+                    layers: &a.layers,
+                    size: upper_size(&store, &a.id),
+                })
+                .collect(),
+            checkpoint: state.checkpoint.as_ref(),
         };
         return write_json(out, &report);
     }
@@ -225,7 +248,48 @@ pub fn status(root: &Path, json: bool, verbose: bool, out: &mut dyn Write) -> Re
             shown.join(", ")
         )?;
     }
+    write_uppers(&store, &state, out)
+}
+
+/// Archived uppers and a pending checkpoint, when there are any.
+fn write_uppers(store: &Store, state: &BootState, out: &mut dyn Write) -> Result<()> {
+    if !state.archived_uppers.is_empty() {
+        writeln!(
+            out,
+            "Archived uppers (see one with `overlayctl mount DIR --upper ID`):"
+        )?;
+        for archived in &state.archived_uppers {
+            let size = upper_size(store, &archived.id).map_or("?".into(), human);
+            writeln!(
+                out,
+                "  {}: {size}, used over {}",
+                archived.id,
+                archived.layers.first().map_or("nothing", String::as_str)
+            )?;
+        }
+    }
+    match &state.checkpoint {
+        Some(c) if c.frozen => writeln!(
+            out,
+            "Checkpoint: layer {} was frozen from upper {}; the next change writes its manifest",
+            c.layer, c.upper
+        )?,
+        Some(c) => writeln!(
+            out,
+            "Checkpoint: at the next boot upper {} becomes layer {}",
+            c.upper, c.layer
+        )?,
+        None => {}
+    }
     Ok(())
+}
+
+/// Bytes of file content in `uppers/<id>/data`.
+fn upper_size(store: &Store, id: &str) -> Option<u64> {
+    let data = format!("{id}/data");
+    crate::space::layer_space(&store.root.join(crate::store::UPPERS), &[&data])
+        .get(&data)
+        .map(|s| s.size)
 }
 
 pub fn tries_left(plan: &Plan, state: &BootState, name: &str) -> Option<u32> {

@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -191,11 +192,10 @@ impl Store {
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         let booted = Booted::parse(&text, &path.display().to_string())?;
-        let same = match (
-            fs::canonicalize(&booted.store),
-            fs::canonicalize(&self.root),
-        ) {
-            (Ok(a), Ok(b)) => a == b,
+        // The same directory, by whichever path (the hook's bind mount, or the real root
+        // mounted somewhere).
+        let same = match (fs::metadata(&booted.store), fs::metadata(&self.root)) {
+            (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
             _ => false,
         };
         Ok(same.then_some(booted))
@@ -270,7 +270,7 @@ impl Store {
                         entry.path().display()
                     );
                     remove_path(&entry.path())?;
-                    crate::fault::point("orphan-deleted");
+                    layers_spec::fault::point("orphan-deleted");
                 }
             }
         }

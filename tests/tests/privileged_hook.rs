@@ -8,8 +8,10 @@ use std::path::PathBuf;
 
 use assert_cmd::Command;
 use layers_spec::{BootState, Booted, LayerState, MenuMode, Plan, UpperMode};
+use std::os::unix::fs::MetadataExt;
 use tempfile::TempDir;
-use tests::{have_root, private_mount_namespace};
+
+use tests::{dir_names, have_root, private_mount_namespace};
 
 struct Machine {
     dir: TempDir,
@@ -248,6 +250,84 @@ fn privileged_hook_uppers_persist_or_not() {
     m.shutdown();
     m.boot("strata.upper=tmpfs");
     assert_eq!(m.read("etc/scratch"), None, "and forgets");
+    m.shutdown();
+}
+
+#[test]
+fn privileged_hook_rollback_carries_the_upper_or_archives_it() {
+    let Some(m) = Machine::new("privileged_hook_rollback_carries_the_upper_or_archives_it") else {
+        return;
+    };
+    // Accepted, so its tries do not run out (which would be a rollback too).
+    m.set_plan(|p| p.layer_mut("upgrade-2").unwrap().state = LayerState::Active);
+    // carry (the default): the rollback keeps the same upper.
+    m.boot("");
+    fs::write(m.path("newroot/etc/note"), "on 2\n").unwrap();
+    m.shutdown();
+    let booted = m.boot("strata.top=upgrade-1");
+    assert_eq!(booted.upper_id.as_deref(), Some("1"));
+    assert_eq!(m.read("etc/note").as_deref(), Some("on 2\n"));
+    m.shutdown();
+
+    // fresh: a boot that leaves out what the last one had archives the upper.
+    m.set_plan(|p| p.upper.on_rollback = layers_spec::OnRollback::Fresh);
+    m.boot("");
+    m.shutdown();
+    let (booted, log) = m.boot_with_keys("strata.top=upgrade-1", None);
+    assert_eq!(stack(&booted), ["upgrade-1", "base"]);
+    assert_eq!(booted.upper_id.as_deref(), Some("2"), "{log}");
+    assert!(
+        log.contains("rolled back from upgrade-2: upper 1 is archived"),
+        "{log}"
+    );
+    assert_eq!(m.read("etc/note"), None, "the fresh upper starts empty");
+    assert_eq!(
+        m.state().archived_uppers,
+        [layers_spec::ArchivedUpper {
+            id: "1".into(),
+            layers: vec!["upgrade-2".into(), "upgrade-1".into(), "base".into()],
+        }]
+    );
+    fs::write(m.path("newroot/etc/note"), "on 1\n").unwrap();
+    m.shutdown();
+    // The same stack again, or an upgrade on top: no rollback, the upper stays.
+    for cmdline in ["strata.top=upgrade-1", ""] {
+        let booted = m.boot(cmdline);
+        assert_eq!(booted.upper_id.as_deref(), Some("2"), "{cmdline}");
+        assert_eq!(m.read("etc/note").as_deref(), Some("on 1\n"));
+        m.shutdown();
+    }
+    assert_eq!(m.state().archived_uppers.len(), 1);
+    assert_eq!(dir_names(&m.store().join("uppers")), ["1", "2"]);
+
+    // The archived upper mounts over the stack it was used over, to recover what it holds.
+    m.boot("");
+    let mnt = m.path("recover");
+    fs::create_dir(&mnt).unwrap();
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
+            .env("STRATA_RUN_DIR", m.path("run/strata"))
+            .arg("--store")
+            .arg(m.store())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let status = String::from_utf8(ctl(&["status"]).stdout).unwrap();
+    assert!(status.contains("  1: 5, used over upgrade-2"), "{status}");
+    let out = ctl(&["mount", mnt.to_str().unwrap(), "--upper", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read_to_string(mnt.join("etc/note")).unwrap(), "on 2\n");
+    assert_eq!(fs::read_to_string(mnt.join("etc/version")).unwrap(), "2\n");
+    assert!(ctl(&["umount", mnt.to_str().unwrap()]).status.success());
+    // The running upper is refused.
+    let out = ctl(&["mount", mnt.to_str().unwrap(), "--upper", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the running system's upper"), "{stderr}");
     m.shutdown();
 }
 
@@ -583,73 +663,214 @@ fn privileged_hook_locked_menu_needs_the_password() {
     m.shutdown();
 }
 
+impl Machine {
+    /// overlayctl as the running system runs it: the store where the hook bound it, its record.
+    fn booted_ctl(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
+            .env("STRATA_RUN_DIR", self.path("run/strata"))
+            .arg("--store")
+            .arg(self.path("run/strata/store"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Boots, changes the running root, asks for a checkpoint `cp1` and shuts down.
+    fn change_and_checkpoint(&self) {
+        let first = self.boot("");
+        assert_eq!(first.upper_id.as_deref(), Some("1"));
+        fs::write(self.path("newroot/etc/note"), "made while running\n").unwrap();
+        // Two deletions (whiteouts overlayfs links to one inode), copied-up directories
+        // (bookkeeping xattrs), a directory deleted and made again (opaque).
+        fs::remove_file(self.path("newroot/etc/only-in-base")).unwrap();
+        fs::remove_file(self.path("newroot/etc/version")).unwrap();
+        fs::remove_dir_all(self.path("newroot/usr/bin")).unwrap();
+        fs::create_dir(self.path("newroot/usr/bin")).unwrap();
+        fs::write(self.path("newroot/usr/bin/tool"), "tool\n").unwrap();
+        let upper = self.store().join("uppers/1/data");
+        assert!(
+            fs::symlink_metadata(upper.join("etc/only-in-base"))
+                .unwrap()
+                .nlink()
+                > 1,
+            "overlayfs shares one whiteout inode, which the freeze must undo"
+        );
+        assert!(
+            !overlay_xattrs(&upper).is_empty(),
+            "the upper has bookkeeping xattrs to strip"
+        );
+        let out = self.booted_ctl(&[
+            "checkpoint",
+            "--name",
+            "cp1",
+            "--title",
+            "Before the upgrade",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout)
+                .contains("upper 1 becomes the read-only layer cp1")
+        );
+        self.shutdown();
+    }
+
+    /// The boot after the checkpoint: cp1 on top, clean, its files; a fresh upper 2.
+    fn assert_frozen(&self, booted: &Booted) {
+        assert_eq!(stack(booted)[0], "cp1", "{booted:?}");
+        assert_eq!(booted.upper_id.as_deref(), Some("2"));
+        assert_eq!(
+            self.read("etc/note").as_deref(),
+            Some("made while running\n")
+        );
+        assert_eq!(self.read("etc/version"), None);
+        assert_eq!(self.read("etc/only-in-base"), None);
+        assert_eq!(dir_names(&self.path("newroot/usr/bin")), ["tool"]);
+        let plan = self.plan();
+        assert_eq!(plan.layers.iter().filter(|l| l.name == "cp1").count(), 1);
+        let layer = plan.layer("cp1").unwrap();
+        assert_eq!(layer.title.as_deref(), Some("Before the upgrade"));
+        assert_eq!(layer.parent.as_deref(), Some("upgrade-2"));
+        assert_eq!(layer.digest, None, "the hook hashes nothing");
+        assert!(
+            !self.store().join("uppers/1").exists(),
+            "the frozen upper is gone"
+        );
+        // A plain lower layer: each whiteout its own node, only `opaque` left of overlay's
+        // xattrs, nothing of the freeze's own.
+        let dir = self.store().join("layers/cp1");
+        assert_eq!(
+            dir_names(&dir.join("etc")),
+            ["note", "only-in-base", "version"]
+        );
+        for whiteout in ["etc/only-in-base", "etc/version"] {
+            let meta = fs::symlink_metadata(dir.join(whiteout));
+            assert!(
+                meta.as_ref().is_ok_and(|m| m.nlink() == 1),
+                "{whiteout}: {meta:?}"
+            );
+        }
+        assert_eq!(
+            overlay_xattrs(&dir),
+            [("usr/bin".to_owned(), "trusted.overlay.opaque".to_owned())]
+        );
+        let frozen = self
+            .state()
+            .checkpoint
+            .expect("kept until overlayctl seals it");
+        assert!(frozen.frozen, "{frozen:?}");
+    }
+}
+
 #[test]
 fn privileged_hook_checkpoint_freezes_the_upper_at_the_next_boot() {
     let Some(m) = Machine::new("privileged_hook_checkpoint_freezes_the_upper_at_the_next_boot")
     else {
         return;
     };
-    // overlayctl as the running system runs it: the store where the hook bound it, its record.
-    let booted_ctl = |args: &[&str]| {
-        std::process::Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
-            .env("STRATA_RUN_DIR", m.path("run/strata"))
-            .arg("--store")
-            .arg(m.path("run/strata/store"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
     // Not booted: nothing to freeze.
-    let e = m.path("sysroot/strata");
     let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
         .env("STRATA_RUN_DIR", "/nonexistent")
         .arg("--store")
-        .arg(&e)
+        .arg(m.store())
         .args(["checkpoint"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("was not booted from"));
-
-    let first = m.boot("");
-    assert_eq!(first.upper_id.as_deref(), Some("1"));
-    fs::write(m.path("newroot/etc/note"), "made while running\n").unwrap();
-    let out = booted_ctl(&[
-        "checkpoint",
-        "--name",
-        "cp1",
-        "--title",
-        "Before the upgrade",
-    ]);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        !m.store().join("state/boot.toml").exists(),
+        "nothing recorded"
     );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("upper 1 becomes the read-only layer cp1")
-    );
-    m.shutdown();
 
+    m.change_and_checkpoint();
     let second = m.boot("");
-    assert_eq!(stack(&second)[0], "cp1", "{second:?}");
-    assert_eq!(second.upper_id.as_deref(), Some("2"));
-    assert_eq!(m.read("etc/note").as_deref(), Some("made while running\n"));
-    let plan = m.plan();
-    let layer = plan.layer("cp1").unwrap();
-    assert_eq!(layer.title.as_deref(), Some("Before the upgrade"));
-    assert_eq!(layer.parent.as_deref(), Some("upgrade-2"));
-    assert!(m.store().join("layers/cp1/etc/note").exists());
-    assert!(
-        !m.store().join("uppers/1").exists(),
-        "the frozen upper is gone"
-    );
-    assert_eq!(m.state().checkpoint, None);
+    m.assert_frozen(&second);
     // Writes now go to the fresh upper, not the frozen layer.
     fs::write(m.path("newroot/etc/note"), "after\n").unwrap();
     assert_eq!(
         fs::read_to_string(m.store().join("layers/cp1/etc/note")).unwrap(),
         "made while running\n"
     );
+    // The next change (the accept unit's, here) writes the layer's manifest and digest.
+    let out = m.booted_ctl(&["accept"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(m.state().checkpoint, None);
+    assert!(m.plan().layer("cp1").unwrap().digest.is_some());
+    assert!(m.store().join("manifests/cp1").is_file());
+    let out = m.booted_ctl(&["verify"]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("cp1: ok"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     m.shutdown();
+}
+
+/// A boot cut short at each step of the freeze (STRATA_FAULT aborts the hook there, as a power
+/// cut would) leaves a store whose next boot finishes the checkpoint.
+#[test]
+fn privileged_hook_checkpoint_crash_at_every_step_finishes_at_the_next_boot() {
+    for point in [
+        "checkpoint-renamed",
+        "checkpoint-whiteout",
+        "checkpoint-planned",
+        "checkpoint-upper-removed",
+    ] {
+        let Some(m) = Machine::new(
+            "privileged_hook_checkpoint_crash_at_every_step_finishes_at_the_next_boot",
+        ) else {
+            return;
+        };
+        m.change_and_checkpoint();
+        let out = Command::cargo_bin("initramfs-hook")
+            .unwrap()
+            .args(["boot", "--sysroot"])
+            .arg(m.path("sysroot"))
+            .arg("--newroot")
+            .arg(m.path("newroot"))
+            .arg("--run")
+            .arg(m.path("run"))
+            .args(["--cmdline", ""])
+            .env("STRATA_FAULT", point)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(&format!("fault injected at {point}")),
+            "{point}: the hook did not stop there: {stderr}"
+        );
+        m.shutdown();
+        let booted = m.boot("");
+        m.assert_frozen(&booted);
+        m.shutdown();
+    }
+}
+
+/// Every `trusted.overlay.*` xattr under `root` (itself included), as (path, name), in order.
+fn overlay_xattrs(root: &std::path::Path) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut paths = vec![root.to_owned()];
+    while let Some(path) = paths.pop() {
+        for name in xattr::list(&path).into_iter().flatten() {
+            let name = name.to_string_lossy().into_owned();
+            if name.starts_with("trusted.overlay.") {
+                let rel = path.strip_prefix(root).unwrap();
+                found.push((rel.display().to_string(), name));
+            }
+        }
+        if fs::symlink_metadata(&path).unwrap().is_dir() {
+            paths.extend(fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    found.sort();
+    found
 }

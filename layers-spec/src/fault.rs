@@ -1,12 +1,12 @@
 //! Fault injection for the crash tests: with the `fault-injection` feature (which only the
-//! test crate turns on), `STRATA_FAULT=NAME` makes the process abort at the point called NAME,
+//! tests turn on, through overlayctl's feature of that name), `STRATA_FAULT=NAME` makes the process abort at the point called NAME,
 //! as a crash or power cut there would stop it. Without the feature the points are empty.
 
 /// Aborts here when `STRATA_FAULT` names this point (test builds only).
 #[cfg(feature = "fault-injection")]
 pub fn point(name: &str) {
     if std::env::var("STRATA_FAULT").is_ok_and(|v| v == name) {
-        log::error!("fault injected at {name}: aborting");
+        eprintln!("fault injected at {name}: aborting");
         std::process::abort();
     }
 }
