@@ -135,6 +135,16 @@ pub fn kernel() -> Kernel {
 
 /// The hook built as a static binary (the initramfs has no libraries).
 pub fn static_hook() -> PathBuf {
+    static_binary("initramfs-hook")
+}
+
+/// overlayctl built as a static binary, to run inside the test VMs' busybox roots.
+pub fn static_overlayctl() -> PathBuf {
+    static_binary("overlayctl")
+}
+
+/// A workspace binary built static, in release mode, without the tests' fault injection.
+fn static_binary(package: &str) -> PathBuf {
     let target_dir = workspace().join("target/static");
     run(Command::new(env!("CARGO"))
         .args([
@@ -142,14 +152,14 @@ pub fn static_hook() -> PathBuf {
             "--release",
             "--locked",
             "-p",
-            "initramfs-hook",
+            package,
             "--target",
             "x86_64-unknown-linux-gnu",
         ])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .env("CARGO_TARGET_DIR", &target_dir)
         .current_dir(workspace()));
-    target_dir.join("x86_64-unknown-linux-gnu/release/initramfs-hook")
+    target_dir.join(format!("x86_64-unknown-linux-gnu/release/{package}"))
 }
 
 /// The modules a virtio disk with ext4 and overlay need (crc32c_generic: ext4's soft dependency).
@@ -296,14 +306,24 @@ pub fn dracut_image(kernel: &Kernel, hook: &Path, work: &Path, systemd: bool) ->
     image
 }
 
-/// The test init: prints markers (`@@ …`) and powers off. `test.write` on the command line makes
-/// it write /var/persist first.
+/// The test init: prints markers (`@@ …`) and powers off. On the command line, `test.write`
+/// makes it write /var/persist; `test.checkpoint` writes /etc/note and runs `overlayctl
+/// checkpoint`, `test.accept` runs `overlayctl accept` (both need overlayctl in the root).
 pub const TEST_INIT: &str = r#"#!/bin/sh
 echo "@@ version $(cat /etc/version)"
 echo "@@ booted-begin"; cat /run/strata/booted.toml; echo "@@ booted-end"
 echo "@@ state-begin"; cat /run/strata/store/state/boot.toml; echo "@@ state-end"
 echo "@@ persist $(cat /var/persist 2>/dev/null || echo none)"
+echo "@@ note $(cat /etc/note 2>/dev/null || echo none)"
 case " $(cat /proc/cmdline) " in *" test.write "*) echo kept > /var/persist ;; esac
+case " $(cat /proc/cmdline) " in *" test.checkpoint "*)
+  echo "made while running" > /etc/note
+  /bin/overlayctl checkpoint --name cp1 --title "Before the upgrade" && echo "@@ checkpoint asked" ;;
+esac
+case " $(cat /proc/cmdline) " in *" test.accept "*)
+  /bin/overlayctl accept && echo "@@ accepted yes"
+  echo "@@ plan-begin"; cat /run/strata/store/overlayplan.toml; echo "@@ plan-end" ;;
+esac
 sync
 echo "@@ done"
 poweroff -f

@@ -261,6 +261,83 @@ fn vm_persistent_upper_keeps_files_and_tmpfs_does_not() {
 }
 
 #[test]
+fn vm_checkpoint_freezes_the_running_upper_across_a_reboot() {
+    let Some(vm) = Vm::new(
+        "vm_checkpoint_freezes_the_running_upper_across_a_reboot",
+        &["upgrade-1"],
+    ) else {
+        return;
+    };
+    // overlayctl for the running system, in a layer of its own.
+    let tools = vm.path("src-tools");
+    fs::create_dir_all(tools.join("bin")).unwrap();
+    fs::copy(vm::static_overlayctl(), tools.join("bin/overlayctl")).unwrap();
+    vm.ctl(&[
+        "add-layer",
+        tools.to_str().unwrap(),
+        "--name",
+        "tools",
+        "--active",
+    ]);
+    vm.make_disk();
+
+    // The running system writes a file and asks for a checkpoint.
+    let first = vm.boot("test.checkpoint");
+    assert_eq!(
+        first.log.marker("checkpoint"),
+        Some("asked"),
+        "{}",
+        first.log.serial
+    );
+    assert_eq!(first.booted.upper_id.as_deref(), Some("1"));
+    assert_eq!(first.log.marker("note"), Some("none"));
+
+    // The reboot freezes upper 1 into cp1 before mounting; writes go to a fresh upper 2. The
+    // accept unit's command then writes the layer's manifest.
+    let second = vm.boot("test.accept");
+    assert_eq!(
+        second.stack(),
+        ["cp1", "tools", "upgrade-1", "base"],
+        "{}",
+        second.log.serial
+    );
+    assert_eq!(second.booted.upper_id.as_deref(), Some("2"));
+    assert_eq!(second.log.marker("note"), Some("made while running"));
+    let frozen = second
+        .state
+        .checkpoint
+        .as_ref()
+        .expect("frozen, not sealed yet");
+    assert!(frozen.frozen && frozen.layer == "cp1", "{frozen:?}");
+    assert_eq!(
+        second.log.marker("accepted"),
+        Some("yes"),
+        "{}",
+        second.log.serial
+    );
+    let plan = layers_spec::Plan::parse(&second.log.block("plan").unwrap(), "plan").unwrap();
+    let layer = plan.layer("cp1").unwrap();
+    assert_eq!(layer.title.as_deref(), Some("Before the upgrade"));
+    assert!(layer.digest.is_some(), "sealed by accept");
+    assert_eq!(
+        vm::read_from_image(&vm.image(), "/strata/layers/cp1/etc/note"),
+        "made while running\n"
+    );
+    assert_eq!(
+        vm::read_from_image(&vm.image(), "/strata/uppers/1/data/etc/note"),
+        "",
+        "the frozen upper is gone"
+    );
+
+    // And it stays: the next boot has the file from the layer, with upper 2 still.
+    let third = vm.boot("");
+    assert_eq!(third.stack()[0], "cp1");
+    assert_eq!(third.booted.upper_id.as_deref(), Some("2"));
+    assert_eq!(third.log.marker("note"), Some("made while running"));
+    assert!(third.state.checkpoint.is_none());
+}
+
+#[test]
 fn vm_trial_layer_is_left_out_after_its_boots() {
     let Some(vm) = Vm::new("vm_trial_layer_is_left_out_after_its_boots", &["upgrade-1"]) else {
         return;
