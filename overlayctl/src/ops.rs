@@ -145,8 +145,8 @@ pub(crate) fn install(
     Store::sync_dir(&store.root.join(store::LAYERS))
 }
 
-/// What the boot left for the next command that holds the lock, then the layers the plan no
-/// longer names (Store::clean_orphans). A checkpoint the hook froze gets its manifest and
+/// What the boot left for the next command that holds the lock, what a stopped `run` left,
+/// then the layers the plan no longer names (Store::clean_orphans). A checkpoint the hook froze gets its manifest and
 /// digest here, read from the layer (the hook hashes nothing); a layer that cannot be read is
 /// left without one, with a warning, rather than blocking every change.
 pub(crate) fn finish_pending(store: &Store, plan: &mut Plan, state: &mut BootState) -> Result<()> {
@@ -166,6 +166,7 @@ pub(crate) fn finish_pending(store: &Store, plan: &mut Plan, state: &mut BootSta
         state.checkpoint = None;
         store.save_state(state)?;
     }
+    crate::run::clean_stale_runs(store)?;
     store.clean_orphans(plan, state)
 }
 

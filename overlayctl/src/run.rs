@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, bail, ensure};
 use layers_spec::mount::{OverlaySpec, SOURCE_PREFIX, mount_overlay};
 use layers_spec::{LayerState, check_name};
+use rustix::fd::OwnedFd;
+use rustix::fs::{FlockOperation, Mode, OFlags, flock};
 
 use crate::engine::{Kind, Node};
 use crate::ops::{self, Added, Files, NewLayer};
@@ -82,9 +84,12 @@ pub fn run(
     );
 
     let scratch = store.root.join(RUNS).join(&layer.name);
+    // Under the store's lock, so no other command takes the new run for a stale one.
+    let store_lock = store.lock()?;
+    clean_stale_runs(store)?;
     ensure!(
         !scratch.exists(),
-        "{} exists (another run of that name?); choose another --name",
+        "{} exists (another run of that name, or one kept with --keep-on-failure); choose another --name",
         scratch.display()
     );
     let (upper, work, root) = (
@@ -95,6 +100,8 @@ pub fn run(
     for dir in [&upper, &work, &root] {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let _alive = lock_run(&scratch)?;
+    drop(store_lock);
     // The parent outlives Ctrl-C (the terminal sends it to the command too) to clean up.
     let interrupted = Arc::new(AtomicBool::new(false));
     for signal in [
@@ -130,6 +137,8 @@ pub fn run(
     };
     if let Some(why) = failed {
         if keep_on_failure {
+            fs::write(scratch.join(KEPT), format!("{why}\n"))
+                .with_context(|| format!("marking {} as kept", scratch.display()))?;
             return Ok(Outcome::Failed {
                 why,
                 kept: Some(upper),
@@ -142,6 +151,57 @@ pub fn run(
     let result = add_upper(store, layer, &stack, &upper);
     remove_path(&scratch)?;
     result
+}
+
+/// In a run's directory: locked while any process of the run lives.
+const LIVE_LOCK: &str = "lock";
+/// In a run's directory: kept by `--keep-on-failure`, for the user to look at and remove.
+const KEPT: &str = "kept";
+
+/// Locks the run at `scratch` for as long as any process of it lives: the lock's file is
+/// inherited by the child and the command (no close-on-exec), so a run whose `overlayctl` was
+/// killed stays locked while its command still writes.
+fn lock_run(scratch: &Path) -> Result<OwnedFd> {
+    let path = scratch.join(LIVE_LOCK);
+    let fd = rustix::fs::open(
+        &path,
+        OFlags::CREATE | OFlags::RDWR | OFlags::NOFOLLOW,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(std::io::Error::from)
+    .with_context(|| format!("creating {}", path.display()))?;
+    flock(&fd, FlockOperation::NonBlockingLockExclusive)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(fd)
+}
+
+/// Removes what runs whose processes are all gone (killed, or a power cut) left in `runs/`;
+/// runs kept with `--keep-on-failure` stay.
+pub(crate) fn clean_stale_runs(store: &Store) -> Result<()> {
+    let runs = store.root.join(RUNS);
+    let Ok(entries) = fs::read_dir(&runs) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let dir = entry
+            .with_context(|| format!("reading {}", runs.display()))?
+            .path();
+        if dir.join(KEPT).exists() {
+            continue;
+        }
+        let alive = rustix::fs::open(
+            dir.join(LIVE_LOCK),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .is_ok_and(|fd| flock(&fd, FlockOperation::NonBlockingLockShared).is_err());
+        if !alive {
+            log::info!("removing {}, left by a run that was stopped", dir.display());
+            remove_path(&dir)?;
+        }
+    }
+    Ok(())
 }
 
 /// Adds the upper a successful run left as a trial layer on the stack it ran in.

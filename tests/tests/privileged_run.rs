@@ -157,6 +157,9 @@ fn privileged_run_failures_roll_everything_back() {
         fs::read_to_string(kept.join("etc/version")).unwrap(),
         "broken\n"
     );
+    // Kept through the cleaning of stopped runs the next command does.
+    env.ok(&["run", "--name", "y", "--", "/bin/sh", "-c", ":"]);
+    assert!(kept.join("etc/version").exists());
     fs::remove_dir_all(env.store().join("runs/kept")).unwrap();
     // No room: refused with the numbers, before anything runs.
     let path = env.store().join("overlayplan.toml");
@@ -173,4 +176,49 @@ fn privileged_run_failures_roll_everything_back() {
         "{e}"
     );
     assert_eq!(env.snapshot(), before);
+}
+
+#[test]
+fn privileged_run_killed_is_cleaned_once_all_its_processes_are_gone() {
+    use std::os::unix::process::CommandExt;
+    let Some(env) = Env::new("privileged_run_killed_is_cleaned_once_all_its_processes_are_gone")
+    else {
+        return;
+    };
+    // The run in a process group of its own, so the test can kill all of it.
+    let mut run = std::process::Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
+        .env("STRATA_RUN_DIR", "/nonexistent/strata-run")
+        .arg("--store")
+        .arg(env.store())
+        .args(["run", "--name", "k", "--", "/bin/sh", "-c"])
+        .arg("echo x > /etc/x; sleep 60")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let written = env.store().join("runs/k/upper/etc/x");
+    for _ in 0..200 {
+        if written.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(written.exists(), "the run did not start");
+    let group = run.id();
+    // overlayctl killed, its command still running: the run stays.
+    run.kill().unwrap();
+    run.wait().unwrap();
+    env.ok(&["run", "--name", "y", "--", "/bin/sh", "-c", ":"]);
+    assert!(written.exists(), "a live run was removed");
+    // Everything gone: the next command removes what it left.
+    let group = nix::unistd::Pid::from_raw(i32::try_from(group).unwrap());
+    nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL).unwrap();
+    // (The kernel releases the lock as the last process exits: give it a moment.)
+    for _ in 0..50 {
+        env.ok(&["run", "--name", "y", "--", "/bin/sh", "-c", ":"]);
+        if tests::dir_names(&env.store().join("runs")).is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("what the killed run left was never removed");
 }
