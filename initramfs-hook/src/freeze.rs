@@ -84,7 +84,11 @@ pub fn freeze_checkpoint(store: &Path, plan: &mut Plan, state: &mut BootState, l
         }
         let mut layer = layers_spec::Layer::new(checkpoint.layer.clone());
         layer.title = checkpoint.title.clone();
-        layer.parent = plan.layers.first().map(|l| l.name.clone());
+        layer.parent = checkpoint
+            .parent
+            .clone()
+            .filter(|p| plan.layer(p).is_some())
+            .or_else(|| plan.layers.first().map(|l| l.name.clone()));
         layer.notes = Some(format!("checkpoint of upper {}", checkpoint.upper));
         plan.layers.insert(0, layer);
         if let Err(e) = spec_store::save_plan(store, plan) {

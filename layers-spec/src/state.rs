@@ -70,6 +70,9 @@ pub struct Checkpoint {
     /// The upper (`uppers/<id>/`) it freezes; an id follows the layer-name rule.
     #[serde(deserialize_with = "crate::name::de_layer_name")]
     pub upper: String,
+    /// The top of the stack the upper was used over: the new layer's parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub frozen: bool,
 }
@@ -188,6 +191,7 @@ mod tests {
                 layer: "checkpoint-1".into(),
                 title: Some("Before the upgrade".into()),
                 upper: "3".into(),
+                parent: Some("a.1+x".into()),
                 frozen: true,
             }),
             archived_uppers: vec![ArchivedUpper {

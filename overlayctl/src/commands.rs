@@ -713,52 +713,69 @@ pub fn rollback(root: &Path, to: Option<&str>, json: bool, out: &mut dyn Write) 
 
 pub fn remove(root: &Path, opts: &RemoveOpts, json: bool, out: &mut dyn Write) -> Result<()> {
     let mut change = open_for_change(root)?;
-    let i = layer_index(&change.plan, &opts.layer)?;
-    if change.store.in_use(&opts.layer)? {
+    let layer = match (&opts.layer, &opts.upper) {
+        (Some(layer), None) => layer.clone(),
+        (_, Some(id)) => {
+            let size = crate::uppers::size(&change.store, id);
+            crate::uppers::remove(&change.store, &mut change.state, id)?;
+            if json {
+                return write_json(
+                    out,
+                    &serde_json::json!({ "removed_upper": id, "size": size }),
+                );
+            }
+            let size = size.map_or_else(|| "?".to_owned(), layers_spec::size::human);
+            writeln!(out, "removed archived upper {id} ({size})")?;
+            return Ok(());
+        }
+        (None, None) => bail!("name a layer to remove, or --upper ID"),
+    };
+    let i = layer_index(&change.plan, &layer)?;
+    if change.store.in_use(&layer)? {
         bail!(
             "can not remove a layer the running system is using: {} is in a mounted stack (the running boot's, or an `overlayctl mount`); disable it and reboot, or unmount it, then remove it",
-            opts.layer
+            layer
         );
     }
     if change.plan.layers.len() == 1 {
         bail!(
             "{} is the only layer of the plan; a plan needs at least one",
-            opts.layer
+            layer
         );
     }
     let built_on: Vec<String> = change.plan.layers[..i]
         .iter()
-        .filter(|l| l.parent.as_deref() == Some(opts.layer.as_str()))
+        .filter(|l| l.parent.as_deref() == Some(layer.as_str()))
         .filter(|l| l.state != LayerState::Disabled)
         .map(|l| l.name.clone())
         .collect();
     if !built_on.is_empty() && !opts.force {
         bail!(
             "enabled layers were built on {}: {}; remove or disable them first, or pass --force",
-            opts.layer,
+            layer,
             built_on.join(", ")
         );
     }
     // Layers that named it as their parent now stand on their own.
-    for layer in &mut change.plan.layers {
-        if layer.parent.as_deref() == Some(opts.layer.as_str()) {
-            layer.parent = None;
+    for above in &mut change.plan.layers {
+        if above.parent.as_deref() == Some(layer.as_str()) {
+            above.parent = None;
         }
     }
     change.plan.layers.remove(i);
-    change.state.last_good.retain(|name| name != &opts.layer);
-    change.state.trial_tries.remove(&opts.layer);
+    change.state.last_good.retain(|name| name != &layer);
+    change.state.trial_tries.remove(&layer);
     change.store.save_state(&change.state)?;
     // The plan stops naming the layer first; only then does its directory go.
     finish(
         &change,
-        std::slice::from_ref(&opts.layer),
-        &format!("removed {}", opts.layer),
+        std::slice::from_ref(&layer),
+        &format!("removed {}", layer),
         json,
         out,
     )?;
-    remove_path(&change.store.layer_dir(&opts.layer))?;
-    remove_path(&change.store.manifest_path(&opts.layer))
+    remove_path(&change.store.layer_dir(&layer))?;
+    remove_path(&change.store.manifest_path(&layer))
 }
 
 #[derive(Serialize)]
@@ -955,6 +972,17 @@ pub fn policy(root: &Path, opts: &PolicyOpts, json: bool, out: &mut dyn Write) -
     let plan = loaded.value;
     let spaces = crate::status::spaces(&store, &plan, &[]);
     let in_use = store.layers_in_use()?;
+    let archived: Vec<(String, u64)> = store
+        .state()?
+        .archived_uppers
+        .iter()
+        .map(|a| {
+            (
+                a.id.clone(),
+                crate::uppers::size(&store, &a.id).unwrap_or(0),
+            )
+        })
+        .collect();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -965,6 +993,7 @@ pub fn policy(root: &Path, opts: &PolicyOpts, json: bool, out: &mut dyn Write) -
             free: ops::free_bytes(&store)?,
             in_use: &in_use,
             frees: &|name| spaces.get(name).map_or(0, |s| s.frees),
+            archived_uppers: &archived,
         },
     );
     if !opts.dry_run {
@@ -985,13 +1014,19 @@ pub fn policy(root: &Path, opts: &PolicyOpts, json: bool, out: &mut dyn Write) -
                 Action::Remove { layer, .. } => remove(
                     root,
                     &RemoveOpts {
-                        layer: layer.clone(),
+                        layer: Some(layer.clone()),
+                        upper: None,
                         force: true,
                     },
                     false,
                     &mut std::io::sink(),
                 )
                 .with_context(|| format!("policy: {action}"))?,
+                Action::RemoveUpper { id, .. } => {
+                    let mut change = open_for_change(root)?;
+                    crate::uppers::remove(&change.store, &mut change.state, id)
+                        .with_context(|| format!("policy: {action}"))?;
+                }
                 Action::Compact { from, to, .. } => {
                     let request = crate::compaction::Request {
                         from: Some(from.clone()),
@@ -1198,15 +1233,21 @@ pub fn checkpoint(
         change.plan.layer(&name).is_none() && !change.store.layer_dir(&name).exists(),
         "a layer named {name:?} exists; choose another --name"
     );
+    // finish_pending sealed a frozen one; one still pending is replaced, with the same upper.
+    let replaced = change.state.checkpoint.take().map(|c| c.layer);
     change.state.checkpoint = Some(layers_spec::Checkpoint {
         layer: name.clone(),
         title: opts.title.clone(),
         upper: upper.clone(),
+        parent: booted.stack.first().cloned(),
         frozen: false,
     });
     change.store.save_state(&change.state)?;
     if json {
         return write_json(out, &serde_json::json!({ "layer": name, "upper": upper }));
+    }
+    if let Some(replaced) = replaced {
+        writeln!(out, "(this replaces the pending checkpoint {replaced})")?;
     }
     writeln!(
         out,

@@ -14,6 +14,7 @@ pub mod run;
 pub mod space;
 pub mod status;
 pub mod store;
+pub mod uppers;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -288,7 +289,11 @@ pub struct RollbackOpts {
 
 #[derive(Debug, Args)]
 pub struct RemoveOpts {
-    pub layer: String,
+    #[arg(required_unless_present = "upper", conflicts_with = "upper")]
+    pub layer: Option<String>,
+    /// Remove the archived upper `uppers/ID` instead (see `status`), with what it holds.
+    #[arg(long, value_name = "ID")]
+    pub upper: Option<String>,
     /// Remove it even though enabled layers above were built on it.
     #[arg(long)]
     pub force: bool,

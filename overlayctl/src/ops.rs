@@ -166,6 +166,9 @@ pub(crate) fn finish_pending(store: &Store, plan: &mut Plan, state: &mut BootSta
         state.checkpoint = None;
         store.save_state(state)?;
     }
+    if crate::uppers::forget_missing(store, state) {
+        store.save_state(state)?;
+    }
     crate::run::clean_stale_runs(store)?;
     store.clean_orphans(plan, state)
 }

@@ -2,7 +2,8 @@
 //! plan alone (a pure function, table-tested) and then carried out one transaction at a time.
 //!
 //! In order: disabled layers older than `drop_disabled_after` are removed; while free space is
-//! below `min_free`, the other disabled layers are removed, oldest first; while the plan has
+//! below `min_free`, the other disabled layers are removed, oldest first, then the uppers
+//! rollbacks archived (`on_rollback = "fresh"`), oldest first; while the plan has
 //! more than `max_layers` layers, the lowest run of accepted layers is compacted, as few of its
 //! bottom layers as bring the count down (newer layers stay separate, for finer rollback).
 //! Known-good layers (with `keep_known_good`) are never removed or merged, trial layers are
@@ -25,6 +26,11 @@ pub enum Action {
     },
     Remove {
         layer: String,
+        why: String,
+    },
+    /// Remove an upper a rollback archived.
+    RemoveUpper {
+        id: String,
         why: String,
     },
     /// Merge the run from `from` (bottom) to `to` (top).
@@ -53,6 +59,8 @@ pub struct Facts<'a> {
     pub in_use: &'a BTreeSet<String>,
     /// What removing a layer would free.
     pub frees: &'a dyn Fn(&str) -> u64,
+    /// Archived uppers, oldest first, with the bytes each holds.
+    pub archived_uppers: &'a [(String, u64)],
 }
 
 /// Decides the actions for `plan` (layers top first).
@@ -127,9 +135,24 @@ pub fn decide(plan: &Plan, facts: &Facts<'_>) -> Decision {
             );
             remove(&mut decision, &mut layers, &layer.name, why);
         }
+        // Changes people made before a rollback go only after every layer that may.
+        for (id, bytes) in facts.archived_uppers {
+            if free >= policy.min_free.0 {
+                break;
+            }
+            free = free.saturating_add(*bytes);
+            decision.actions.push(Action::RemoveUpper {
+                id: id.clone(),
+                why: format!(
+                    "archived by a rollback, and free space is below policy.min_free = {} (frees {})",
+                    policy.min_free,
+                    human(*bytes)
+                ),
+            });
+        }
         if free < policy.min_free.0 {
             decision.notes.push(format!(
-                "free space stays below policy.min_free = {}: {} free after the removals, and no other disabled layer may go",
+                "free space stays below policy.min_free = {}: {} free after the removals, and no other disabled layer or archived upper may go",
                 policy.min_free,
                 human(free)
             ));
@@ -190,6 +213,7 @@ impl std::fmt::Display for Action {
                 if layers.len() == 1 { "was" } else { "were" }
             ),
             Action::Remove { layer, why } => write!(f, "remove {layer}: {why}"),
+            Action::RemoveUpper { id, why } => write!(f, "remove upper {id}: {why}"),
             Action::Compact { from, to, layers } => {
                 write!(f, "compact {layers} layers, {to} down to {from}, into one")
             }
@@ -235,6 +259,7 @@ mod tests {
                 free,
                 in_use: &in_use,
                 frees: &|_| 300 << 20,
+                archived_uppers: &[],
             },
         )
     }
@@ -244,7 +269,7 @@ mod tests {
             .iter()
             .filter_map(|a| match a {
                 Action::Remove { layer, .. } => Some(layer.as_str()),
-                Action::Compact { .. } | Action::Date { .. } => None,
+                Action::Compact { .. } | Action::Date { .. } | Action::RemoveUpper { .. } => None,
             })
             .collect()
     }
@@ -254,7 +279,7 @@ mod tests {
             .iter()
             .filter_map(|a| match a {
                 Action::Compact { from, to, layers } => Some((from.as_str(), to.as_str(), *layers)),
-                Action::Remove { .. } | Action::Date { .. } => None,
+                Action::Remove { .. } | Action::Date { .. } | Action::RemoveUpper { .. } => None,
             })
             .collect()
     }
@@ -316,6 +341,50 @@ mod tests {
             1 << 40,
         );
         assert_eq!(d, Decision::default());
+    }
+
+    #[test]
+    fn archived_uppers_go_after_disabled_layers_oldest_first() {
+        let plan = {
+            let mut p = Plan::new(vec![
+                layer("off", 'd', false, 5),
+                layer("base", 'a', true, 9),
+            ]);
+            p.policy.min_free = ByteSize(1 << 30);
+            p
+        };
+        let archived = [("1".to_owned(), 400 << 20), ("3".to_owned(), 400 << 20)];
+        let decide_with = |free: u64| {
+            decide(
+                &plan,
+                &Facts {
+                    now: NOW,
+                    free,
+                    in_use: &BTreeSet::new(),
+                    frees: &|_| 300 << 20,
+                    archived_uppers: &archived,
+                },
+            )
+        };
+        // 400 MiB free, 1 GiB wanted: the disabled layer (300 MiB), then the oldest upper.
+        let d = decide_with(400 << 20);
+        assert_eq!(removed(&d), ["off"]);
+        let uppers: Vec<&str> = d
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::RemoveUpper { id, .. } => Some(id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(uppers, ["1"]);
+        assert!(
+            d.actions[1]
+                .to_string()
+                .starts_with("remove upper 1: archived by a rollback")
+        );
+        // Enough room: the uppers stay.
+        assert_eq!(decide_with(2 << 30), Decision::default());
     }
 
     #[test]

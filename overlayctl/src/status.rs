@@ -217,7 +217,7 @@ pub fn status(root: &Path, json: bool, verbose: bool, out: &mut dyn Write) -> Re
                 .map(|a| ArchivedJson {
                     id: &a.id,
                     layers: &a.layers,
-                    size: upper_size(&store, &a.id),
+                    size: crate::uppers::size(&store, &a.id),
                 })
                 .collect(),
             checkpoint: state.checkpoint.as_ref(),
@@ -259,7 +259,7 @@ fn write_uppers(store: &Store, state: &BootState, out: &mut dyn Write) -> Result
             "Archived uppers (see one with `overlayctl mount DIR --upper ID`):"
         )?;
         for archived in &state.archived_uppers {
-            let size = upper_size(store, &archived.id).map_or("?".into(), human);
+            let size = crate::uppers::size(store, &archived.id).map_or("?".into(), human);
             writeln!(
                 out,
                 "  {}: {size}, used over {}",
@@ -282,14 +282,6 @@ fn write_uppers(store: &Store, state: &BootState, out: &mut dyn Write) -> Result
         None => {}
     }
     Ok(())
-}
-
-/// Bytes of file content in `uppers/<id>/data`.
-fn upper_size(store: &Store, id: &str) -> Option<u64> {
-    let data = format!("{id}/data");
-    crate::space::layer_space(&store.root.join(crate::store::UPPERS), &[&data])
-        .get(&data)
-        .map(|s| s.size)
 }
 
 pub fn tries_left(plan: &Plan, state: &BootState, name: &str) -> Option<u32> {

@@ -328,6 +328,38 @@ fn privileged_hook_rollback_carries_the_upper_or_archives_it() {
     let out = ctl(&["mount", mnt.to_str().unwrap(), "--upper", "2"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("the running system's upper"), "{stderr}");
+
+    // Removing: never the current upper, nor one that is not archived.
+    for (id, error) in [
+        ("2", "upper 2 is the current upper"),
+        ("7", "there is no archived upper 7; archived uppers: 1"),
+    ] {
+        let out = ctl(&["remove", "--upper", id]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(error), "{stderr}");
+    }
+    // The policy removes archived uppers when free space is short, after disabled layers.
+    m.set_plan(|p| p.policy.min_free = layers_spec::ByteSize(u64::MAX / 2));
+    let out = ctl(&["policy", "--dry-run"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("would remove upper 1: archived by a rollback"),
+        "{said}"
+    );
+    assert!(
+        m.store().join("uppers/1").exists(),
+        "a dry run changes nothing"
+    );
+    m.set_plan(|p| p.policy.min_free = layers_spec::ByteSize(0));
+    let out = ctl(&["remove", "--upper", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed archived upper 1 (5)"));
+    assert!(m.state().archived_uppers.is_empty());
+    assert_eq!(dir_names(&m.store().join("uppers")), ["2"]);
     m.shutdown();
 }
 
@@ -787,8 +819,15 @@ fn privileged_hook_checkpoint_freezes_the_upper_at_the_next_boot() {
     );
 
     m.change_and_checkpoint();
+    // A layer added before the reboot goes below the checkpoint, which keeps the parent the
+    // upper was used over.
+    fs::create_dir_all(m.path("later/opt")).unwrap();
+    fs::write(m.path("later/opt/later"), "later\n").unwrap();
+    m.ctl(&["add-layer", m.path("later").to_str().unwrap(), "--active"]);
     let second = m.boot("");
     m.assert_frozen(&second);
+    assert_eq!(stack(&second)[..2], ["cp1", "later"]);
+    assert_eq!(m.read("opt/later").as_deref(), Some("later\n"));
     // Writes now go to the fresh upper, not the frozen layer.
     fs::write(m.path("newroot/etc/note"), "after\n").unwrap();
     assert_eq!(

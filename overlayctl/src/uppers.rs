@@ -1,0 +1,63 @@
+//! Archived uppers: what `[upper] on_rollback = "fresh"` set aside at a rollback (recorded in
+//! the boot state with the stack each was used over). They are measured for `status` and the
+//! policy, and removed by `remove --upper ID` or the policy's free-space step.
+
+use std::fs;
+
+use anyhow::{Context, Result, bail};
+use layers_spec::BootState;
+
+use crate::store::{Store, UPPERS, remove_path};
+
+/// Bytes of file content in `uppers/<id>/data`.
+pub fn size(store: &Store, id: &str) -> Option<u64> {
+    let data = format!("{id}/data");
+    crate::space::layer_space(&store.root.join(UPPERS), &[&data])
+        .get(&data)
+        .map(|s| s.size)
+}
+
+/// Removes the archived upper `id`: renamed into `staging/` (one step), dropped from the
+/// state, then deleted; a crash in between leaves a staged leftover the next command removes.
+/// Never the current upper.
+pub fn remove(store: &Store, state: &mut BootState, id: &str) -> Result<()> {
+    if !state.archived_uppers.iter().any(|a| a.id == id) {
+        if state.current_upper.as_deref() == Some(id) {
+            bail!(
+                "upper {id} is the current upper, which the next boot mounts; only archived uppers can be removed"
+            );
+        }
+        let archived: Vec<&str> = state
+            .archived_uppers
+            .iter()
+            .map(|a| a.id.as_str())
+            .collect();
+        bail!(
+            "there is no archived upper {id}; archived uppers: {}",
+            if archived.is_empty() {
+                "none".to_owned()
+            } else {
+                archived.join(", ")
+            }
+        );
+    }
+    let dir = store.root.join(UPPERS).join(id);
+    let staged = store.staging_path(&format!("upper-{id}"));
+    if dir.exists() {
+        fs::rename(&dir, &staged)
+            .with_context(|| format!("moving {} out of the store", dir.display()))?;
+    }
+    state.archived_uppers.retain(|a| a.id != id);
+    store.save_state(state)?;
+    remove_path(&staged)
+}
+
+/// Drops the records of archived uppers whose directory is gone (removed by hand, or by a
+/// removal cut short after its rename). True when it dropped any.
+pub fn forget_missing(store: &Store, state: &mut BootState) -> bool {
+    let before = state.archived_uppers.len();
+    state
+        .archived_uppers
+        .retain(|a| store.root.join(UPPERS).join(&a.id).join("data").is_dir());
+    state.archived_uppers.len() != before
+}
