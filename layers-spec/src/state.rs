@@ -201,6 +201,21 @@ mod tests {
         }
     }
 
+    /// The example in the README's "Boot state" section is a valid state file.
+    #[test]
+    fn the_readme_example_parses() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("### Boot state").expect("the section")..];
+        let start = section.find("```toml\n").expect("its example") + 8;
+        let text = &section[start..start + section[start..].find("```").unwrap()];
+        let state = BootState::parse(text, "README.md").unwrap();
+        assert_eq!(state.archived_uppers[0].layers.len(), 3);
+        assert_eq!(
+            state.checkpoint.unwrap().parent.as_deref(),
+            Some("upgrade-1")
+        );
+    }
+
     #[test]
     fn round_trips() {
         for state in [BootState::default(), full()] {
