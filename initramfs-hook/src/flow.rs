@@ -231,7 +231,7 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
             // The very last try trades a broken persistent upper for a tmpfs one.
             (Ok(dirs), false) => (
                 rollback
-                    .dirs_for(&store, stack, log)
+                    .dirs_for(&store, &plan, &state, stack, log)
                     .unwrap_or_else(|| dirs.clone()),
                 resolution.upper,
             ),
@@ -259,7 +259,10 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
                     "mounted {} layers with the {api:?} mount API",
                     stack.len()
                 ));
-                rollback.mounted(stack, upper_mode, &mut state, log);
+                rollback.mounted(&plan, stack, upper_mode, &mut state, log);
+                if upper_mode == UpperMode::Persistent {
+                    state.upper_stack.clone_from(stack);
+                }
                 mounted = Some((stack.clone(), why.clone(), upper_mode));
                 break;
             }
@@ -532,13 +535,12 @@ fn prepare_upper(
     Ok((data, work))
 }
 
-/// `[upper] on_rollback = "fresh"`: a boot that leaves out layers the previous boot had
-/// mounts a fresh persistent upper, and the old one is archived with the stack it was used
-/// over (`overlayctl mount --upper ID` shows it). Made when a stack to mount needs it; removed
+/// `[upper] on_rollback = "fresh"`: a boot that leaves out layers the persistent upper was
+/// last used over mounts a fresh persistent upper, and the old one is archived with that stack
+/// (`overlayctl mount --upper ID` shows it). Made when a stack to mount needs it; removed
 /// again, empty, when no such stack mounted.
 struct RollbackUpper {
-    /// The previous boot's stack (in the plan's terms: compacted runs by their new layer) and
-    /// its upper, when a rollback would archive it.
+    /// The stack the current upper was last used over, and its id, when `fresh` applies.
     from: Option<(Vec<String>, String)>,
     /// The fresh upper's id and directories, once made.
     fresh: Option<(String, PathBuf, (PathBuf, PathBuf))>,
@@ -547,13 +549,14 @@ struct RollbackUpper {
 
 impl RollbackUpper {
     fn new(plan: &Plan, state: &BootState, mode: UpperMode) -> Self {
+        let before = if state.upper_stack.is_empty() {
+            // Written before the state recorded the upper's own stack.
+            state.last_boot.as_ref().map(|b| b.layers.clone())
+        } else {
+            Some(state.upper_stack.clone())
+        };
         let from = (plan.upper.on_rollback == OnRollback::Fresh && mode == UpperMode::Persistent)
-            .then(|| {
-                state
-                    .last_boot
-                    .as_ref()
-                    .map(|b| plan.current_names(&b.layers))
-            })
+            .then_some(before)
             .flatten()
             .zip(state.current_upper.clone());
         Self {
@@ -563,25 +566,34 @@ impl RollbackUpper {
         }
     }
 
+    /// What mounting `stack` leaves out of the upper's last stack: a rollback when not empty.
+    fn left_out(&self, plan: &Plan, stack: &[String]) -> Vec<String> {
+        self.from
+            .as_ref()
+            .map(|(before, _)| plan.left_out_since(before, stack))
+            .unwrap_or_default()
+    }
+
     /// A fresh upper's directories when mounting `stack` is a rollback; else None (the
     /// current upper). One that cannot be made is said, and the current one used.
     fn dirs_for(
         &mut self,
         store: &Path,
+        plan: &Plan,
+        state: &BootState,
         stack: &[String],
         log: &mut Log,
     ) -> Option<(PathBuf, PathBuf)> {
-        let (before, current) = self.from.as_ref()?;
-        if before.iter().all(|n| stack.contains(n)) {
+        if self.left_out(plan, stack).is_empty() {
             return None;
         }
         if self.fresh.is_none() {
-            let id = crate::freeze::first_free_upper(store, current);
+            let id = crate::freeze::first_free_upper(store, state);
             let dir = store.join("uppers").join(&id);
             let (data, work) = (dir.join("data"), dir.join("work"));
             if let Err(e) = fs::create_dir_all(&data).and_then(|()| fs::create_dir_all(&work)) {
                 log.say(format!(
-                    "a fresh upper for the rollback cannot be made ({e}); keeping upper {current}"
+                    "a fresh upper for the rollback cannot be made ({e}); keeping the current one"
                 ));
                 self.from = None;
                 return None;
@@ -592,19 +604,22 @@ impl RollbackUpper {
     }
 
     /// `stack` mounted with `mode`: when it was on the fresh upper, the old one is archived.
-    fn mounted(&mut self, stack: &[String], mode: UpperMode, state: &mut BootState, log: &mut Log) {
+    fn mounted(
+        &mut self,
+        plan: &Plan,
+        stack: &[String],
+        mode: UpperMode,
+        state: &mut BootState,
+        log: &mut Log,
+    ) {
+        let left = self.left_out(plan, stack);
         let (Some((before, current)), Some((id, _, _))) = (&self.from, &self.fresh) else {
             return;
         };
-        if mode != UpperMode::Persistent || before.iter().all(|n| stack.contains(n)) {
+        if mode != UpperMode::Persistent || left.is_empty() {
             return;
         }
         self.used = true;
-        let left: Vec<&str> = before
-            .iter()
-            .filter(|n| !stack.contains(n))
-            .map(String::as_str)
-            .collect();
         log.say(format!(
             "rolled back from {}: upper {current} is archived (overlayctl mount --upper {current} shows it); a fresh upper {id} starts",
             left.join(", ")
@@ -612,7 +627,7 @@ impl RollbackUpper {
         state.archived_uppers.retain(|a| &a.id != current);
         state.archived_uppers.push(layers_spec::ArchivedUpper {
             id: current.clone(),
-            layers: before.clone(),
+            layers: plan.current_names(before),
         });
         state.current_upper = Some(id.clone());
     }

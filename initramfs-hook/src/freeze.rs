@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use layers_spec::store as spec_store;
-use layers_spec::{BootState, Plan};
+use layers_spec::{BootState, Checkpoint, Layer, LayerState, Plan};
 use rustix::fs::{CWD, FileType, Mode};
 
 use crate::flow::{Log, remove_entry};
@@ -36,89 +36,143 @@ pub struct Cleaned {
 }
 
 /// Freezes the upper a pending `[checkpoint]` names; afterwards the record says `frozen` until
-/// `overlayctl` writes the layer's manifest.
+/// `overlayctl` writes the layer's manifest. The upper's data is never lost: what fails after
+/// the rename is undone (the upper boots as before and the next boot tries again), and the
+/// upper is only removed once its data is the layer the plan names.
 pub fn freeze_checkpoint(store: &Path, plan: &mut Plan, state: &mut BootState, log: &mut Log) {
     let Some(checkpoint) = state.checkpoint.clone().filter(|c| !c.frozen) else {
         return;
     };
-    let layer_dir = store.join("layers").join(&checkpoint.layer);
+    let name = checkpoint.layer.as_str();
+    let layer_dir = store.join("layers").join(name);
     let upper_dir = store.join("uppers").join(&checkpoint.upper);
-    if plan.layer(&checkpoint.layer).is_none() {
-        if !layer_dir.exists()
-            && let Err(e) = fs::rename(upper_dir.join("data"), &layer_dir)
-        {
+    let data = upper_dir.join("data");
+    let data_there = fs::symlink_metadata(&data).is_ok_and(|m| m.is_dir());
+    let layer_there = fs::symlink_metadata(&layer_dir).is_ok();
+    if data_there && (plan.layer(name).is_some() || layer_there) {
+        log.say(format!(
+            "the checkpoint {name} cannot be made: a layer of that name exists; upper {} stays in use",
+            checkpoint.upper
+        ));
+        state.checkpoint = None;
+        return;
+    }
+    if plan.layer(name).is_none() {
+        if !data_there && !layer_there {
             log.say(format!(
-                "the checkpoint of upper {} cannot be made ({e}); it is dropped",
+                "the checkpoint {name} cannot be made: upper {} has no data; it is dropped",
+                checkpoint.upper
+            ));
+            state.checkpoint = None;
+            return;
+        }
+        if data_there && let Err(e) = fs::rename(&data, &layer_dir) {
+            log.say(format!(
+                "the checkpoint {name} cannot be made ({e}); it is dropped, upper {} stays in use",
                 checkpoint.upper
             ));
             state.checkpoint = None;
             return;
         }
         layers_spec::fault::point("checkpoint-renamed");
-        match clean_upper(&layer_dir) {
-            Ok(cleaned) => {
-                log.debug(format!(
-                    "checkpoint {}: {} whiteouts rewritten, {} overlay xattrs removed",
-                    checkpoint.layer, cleaned.whiteouts, cleaned.xattrs
-                ));
-                if !cleaned.unusable.is_empty() {
-                    log.say(format!(
-                        "checkpoint {}: {} has overlay redirects or metacopy; overlayctl cannot read this layer",
-                        checkpoint.layer,
-                        cleaned.unusable.join(", ")
-                    ));
-                }
+        let undo = |why: String, log: &mut Log| {
+            let back = fs::rename(&layer_dir, &data)
+                .map(|()| format!("upper {} stays in use", checkpoint.upper))
+                .unwrap_or_else(|e| format!("and moving it back failed too ({e})"));
+            log.say(format!(
+                "the checkpoint {name} cannot be made ({why}); {back}; trying again at the next boot"
+            ));
+        };
+        let cleaned = match clean_upper(&layer_dir).and_then(|c| {
+            if layers_spec::fault::fails("checkpoint-clean") {
+                return Err(io::Error::other("injected failure"));
             }
-            // Half-cleaned is still a working lower layer; the next boot tries again first.
-            Err(e) => {
-                log.say(format!(
-                    "the checkpoint {} cannot be cleaned ({e}); trying again at the next boot",
-                    checkpoint.layer
-                ));
-                return;
-            }
+            Ok(c)
+        }) {
+            Ok(cleaned) => cleaned,
+            Err(e) => return undo(format!("cleaning it: {e}"), log),
+        };
+        log.debug(format!(
+            "checkpoint {name}: {} whiteouts rewritten, {} overlay xattrs removed",
+            cleaned.whiteouts, cleaned.xattrs
+        ));
+        if !cleaned.unusable.is_empty() {
+            log.say(format!(
+                "checkpoint {name}: {} has overlay redirects or metacopy; overlayctl cannot read this layer",
+                cleaned.unusable.join(", ")
+            ));
         }
         // The renames and rewrites reach the disk before the plan names the layer.
         if let Ok(dir) = fs::File::open(&layer_dir) {
             let _ = rustix::fs::syncfs(&dir);
         }
-        let mut layer = layers_spec::Layer::new(checkpoint.layer.clone());
-        layer.title = checkpoint.title.clone();
-        layer.parent = checkpoint
-            .parent
-            .clone()
-            .filter(|p| plan.layer(p).is_some())
-            .or_else(|| plan.layers.first().map(|l| l.name.clone()));
-        layer.notes = Some(format!("checkpoint of upper {}", checkpoint.upper));
-        plan.layers.insert(0, layer);
-        if let Err(e) = spec_store::save_plan(store, plan) {
-            log.say(format!("the checkpoint's plan cannot be written ({e})"));
+        plan.layers
+            .insert(0, checkpoint_layer(&checkpoint, plan, log));
+        let saved = if layers_spec::fault::fails("checkpoint-plan") {
+            Err("injected failure".to_owned())
+        } else {
+            spec_store::save_plan(store, plan).map_err(|e| e.to_string())
+        };
+        if let Err(e) = saved {
             plan.layers.remove(0);
-            return;
+            return undo(format!("writing the plan: {e}"), log);
         }
         layers_spec::fault::point("checkpoint-planned");
     }
-    // A fresh upper: the first free number, never the frozen one's (its directory may be
-    // gone already when this is redone).
-    let fresh = first_free_upper(store, &checkpoint.upper);
+    // The data is the plan's layer now: the rest of the upper (its work directory) goes, and
+    // a fresh upper starts under an id nothing records.
+    let fresh = first_free_upper(store, state);
     log.say(format!(
-        "froze upper {} into layer {}; a fresh upper {fresh} starts",
-        checkpoint.upper, checkpoint.layer
+        "froze upper {} into layer {name}; a fresh upper {fresh} starts",
+        checkpoint.upper
     ));
     let _ = remove_entry(&upper_dir);
     layers_spec::fault::point("checkpoint-upper-removed");
     state.current_upper = Some(fresh);
+    state.upper_stack.clear();
     state.checkpoint = Some(layers_spec::Checkpoint {
         frozen: true,
         ..checkpoint
     });
+    // Now, not after the mount: a boot that fails later must not pick yet another upper.
+    if let Err(e) = spec_store::save_state(store, state) {
+        log.say(format!("could not save the boot state: {e}"));
+    }
 }
 
-/// The lowest upper number not taken in `uppers/`, other than `except`.
-pub fn first_free_upper(store: &Path, except: &str) -> String {
+/// The plan entry of a frozen checkpoint: on top, built on the top of the stack the upper was
+/// used over; disabled when that layer is (rolled back since), so the upper's changes do not
+/// land on an older system.
+fn checkpoint_layer(checkpoint: &Checkpoint, plan: &Plan, log: &mut Log) -> Layer {
+    let mut layer = Layer::new(checkpoint.layer.clone());
+    layer.title = checkpoint.title.clone();
+    layer.notes = Some(format!("checkpoint of upper {}", checkpoint.upper));
+    let parent = checkpoint.parent.as_deref().and_then(|p| plan.layer(p));
+    layer.parent = parent
+        .map(|p| p.name.clone())
+        .or_else(|| plan.layers.first().map(|l| l.name.clone()));
+    if let Some(parent) = parent.filter(|p| p.state == LayerState::Disabled) {
+        log.say(format!(
+            "checkpoint {} is disabled like {}, the layer its upper was used over",
+            layer.name, parent.name
+        ));
+        // No date: an early-boot clock may be wrong; the policy job records it.
+        layer.set_state(LayerState::Disabled, None);
+    }
+    layer
+}
+
+/// The lowest upper number with no directory in `uppers/` that the state does not name
+/// (current, archived, or being frozen).
+pub fn first_free_upper(store: &Path, state: &BootState) -> String {
+    let named = |id: &str| {
+        state.current_upper.as_deref() == Some(id)
+            || state.checkpoint.as_ref().is_some_and(|c| c.upper == id)
+            || state.archived_uppers.iter().any(|a| a.id == id)
+    };
     (1..)
         .map(|n: u32| n.to_string())
-        .find(|id| id != except && !store.join("uppers").join(id).exists())
+        .find(|id| !named(id) && fs::symlink_metadata(store.join("uppers").join(id)).is_err())
         .expect("some number is free")
 }
 

@@ -380,14 +380,24 @@ impl Plan {
         names
     }
 
-    /// The layers of `before` (a stack booted earlier, top first) that `now` leaves out, in
-    /// this plan's terms: what booting `now` after `before` rolls back. Layers added on top
-    /// (an upgrade, a checkpoint) or merged by a compaction are not a rollback.
+    /// The layers of `before` (a stack booted earlier, top first) that `now` leaves out: what
+    /// booting `now` after `before` rolls back. Layers added (an upgrade, a checkpoint) are not
+    /// a rollback, nor is a merge: a layer a compaction replaced counts as kept when the layer
+    /// that replaced it is in `now`, and one the plan no longer knows at all (merged twice, or
+    /// removed by hand; `remove` refuses a running layer) is not counted.
     pub fn left_out_since(&self, before: &[String], now: &[String]) -> Vec<String> {
-        self.current_names(before)
-            .into_iter()
-            .filter(|n| !now.contains(n))
-            .collect()
+        let kept = |name: &String| {
+            now.contains(name)
+                || match self.layer(name) {
+                    Some(_) => false,
+                    None => self
+                        .layers
+                        .iter()
+                        .find(|l| l.replaces.contains(name))
+                        .is_none_or(|l| now.contains(&l.name)),
+                }
+        };
+        before.iter().filter(|n| !kept(n)).cloned().collect()
     }
 
     /// Index from the top (0 is the top layer).

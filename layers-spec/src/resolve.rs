@@ -462,7 +462,18 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(p.left_out_since(&before, &names(&["c+b", "a"])), ["x"]);
-        assert_eq!(p.left_out_since(&before, &names(&["a"])), ["x", "c+b"]);
+        assert_eq!(p.left_out_since(&before, &names(&["a"])), ["x", "c", "b"]);
+        // Booted b, a; then c added and c, b merged: no rollback unless c+b is left out.
+        assert!(
+            p.left_out_since(&names(&["b", "a"]), &names(&["x", "c+b", "a"]))
+                .is_empty()
+        );
+        assert_eq!(p.left_out_since(&names(&["b", "a"]), &names(&["a"])), ["b"]);
+        // Merged twice since (c+b itself replaced, so unknown to the plan): not counted.
+        assert!(
+            p.left_out_since(&names(&["z", "a"]), &names(&["a"]))
+                .is_empty()
+        );
         let state = BootState {
             once: Some(OneShot {
                 layers: names(&["x", "c", "b", "a"]),

@@ -33,6 +33,14 @@ pub struct BootState {
     /// The persistent upper in use (`uppers/<id>/`); the hook starts with `1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_upper: Option<String>,
+    /// The stack the current persistent upper was last mounted over, top first (a tmpfs
+    /// boot in between does not change it): what a rollback is judged against.
+    #[serde(
+        default,
+        deserialize_with = "crate::name::de_layer_names",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub upper_stack: Vec<String>,
     /// What the previous boot mounted, and why it fell back if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_boot: Option<LastBoot>,
@@ -107,6 +115,7 @@ impl Default for BootState {
             once: None,
             trial_tries: BTreeMap::new(),
             current_upper: None,
+            upper_stack: Vec::new(),
             last_boot: None,
             checkpoint: None,
             archived_uppers: Vec::new(),
@@ -182,6 +191,7 @@ mod tests {
             }),
             trial_tries: [("a.1+x".to_owned(), 2)].into(),
             current_upper: Some("3".into()),
+            upper_stack: vec!["b".into(), "base".into()],
             last_boot: Some(LastBoot {
                 layers: vec!["a.1+x".into(), "b".into(), "base".into()],
                 fallback: Some("mount of the resolved stack failed: EINVAL".into()),

@@ -749,6 +749,19 @@ pub fn remove(root: &Path, opts: &RemoveOpts, json: bool, out: &mut dyn Write) -
         .filter(|l| l.state != LayerState::Disabled)
         .map(|l| l.name.clone())
         .collect();
+    let keeping: Vec<&str> = change
+        .state
+        .archived_uppers
+        .iter()
+        .filter(|a| change.plan.current_names(&a.layers).contains(&layer))
+        .map(|a| a.id.as_str())
+        .collect();
+    if !keeping.is_empty() && !opts.force {
+        bail!(
+            "archived upper {} was used over {layer} and is shown over it; remove it first (`overlayctl remove --upper ID`), or pass --force",
+            keeping.join(", ")
+        );
+    }
     if !built_on.is_empty() && !opts.force {
         bail!(
             "enabled layers were built on {}: {}; remove or disable them first, or pass --force",
@@ -972,15 +985,14 @@ pub fn policy(root: &Path, opts: &PolicyOpts, json: bool, out: &mut dyn Write) -
     let plan = loaded.value;
     let spaces = crate::status::spaces(&store, &plan, &[]);
     let in_use = store.layers_in_use()?;
-    let archived: Vec<(String, u64)> = store
+    let archived: Vec<crate::policy::Archived> = store
         .state()?
         .archived_uppers
         .iter()
-        .map(|a| {
-            (
-                a.id.clone(),
-                crate::uppers::size(&store, &a.id).unwrap_or(0),
-            )
+        .map(|a| crate::policy::Archived {
+            id: a.id.clone(),
+            bytes: crate::uppers::size(&store, &a.id).unwrap_or(0),
+            layers: plan.current_names(&a.layers),
         })
         .collect();
     let now = std::time::SystemTime::now()

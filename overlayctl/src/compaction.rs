@@ -130,7 +130,11 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
         .iter()
         .map(|l| l.name.clone())
         .collect();
-    let taken = |name: &str| plan.layer(name).is_some() || store.layer_dir(name).exists();
+    let taken = |name: &str| {
+        plan.layer(name).is_some()
+            || store.layer_dir(name).exists()
+            || state.checkpoint.as_ref().is_some_and(|c| c.layer == name)
+    };
     let name = match &request.name {
         Some(name) => {
             check_name(name).map_err(|p| {

@@ -303,6 +303,16 @@ pub fn add_built_layer(
             layer.name
         );
     }
+    if state
+        .checkpoint
+        .as_ref()
+        .is_some_and(|c| c.layer == layer.name)
+    {
+        bail!(
+            "{:?} is the name of the pending checkpoint; choose another --name",
+            layer.name
+        );
+    }
     if store.in_use(&layer.name)? {
         bail!(
             "a layer named {:?} is in use (mounted) though the plan no longer names it; choose another --name",

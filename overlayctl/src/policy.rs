@@ -59,8 +59,18 @@ pub struct Facts<'a> {
     pub in_use: &'a BTreeSet<String>,
     /// What removing a layer would free.
     pub frees: &'a dyn Fn(&str) -> u64,
-    /// Archived uppers, oldest first, with the bytes each holds.
-    pub archived_uppers: &'a [(String, u64)],
+    /// Archived uppers, oldest first.
+    pub archived_uppers: &'a [Archived],
+}
+
+/// An archived upper as the policy sees it.
+#[derive(Debug, Clone)]
+pub struct Archived {
+    pub id: String,
+    /// Bytes of content it holds.
+    pub bytes: u64,
+    /// The stack it was used over: layers it keeps (its changes only make sense over them).
+    pub layers: Vec<String>,
 }
 
 /// Decides the actions for `plan` (layers top first).
@@ -69,8 +79,13 @@ pub fn decide(plan: &Plan, facts: &Facts<'_>) -> Decision {
     let mut decision = Decision::default();
     let mut layers: Vec<&layers_spec::Layer> = plan.layers.iter().collect();
     let protected = |l: &layers_spec::Layer| l.known_good && policy.keep_known_good;
-    let removable = |l: &layers_spec::Layer| {
-        l.state == LayerState::Disabled && !protected(l) && !facts.in_use.contains(&l.name)
+    // Archived uppers not (yet) removed; each keeps the layers it was used over.
+    let mut archives: Vec<&Archived> = facts.archived_uppers.iter().collect();
+    let removable = |l: &layers_spec::Layer, archives: &[&Archived]| {
+        l.state == LayerState::Disabled
+            && !protected(l)
+            && !facts.in_use.contains(&l.name)
+            && !archives.iter().any(|a| a.layers.contains(&l.name))
     };
     let remove = |decision: &mut Decision,
                   layers: &mut Vec<&layers_spec::Layer>,
@@ -95,7 +110,7 @@ pub fn decide(plan: &Plan, facts: &Facts<'_>) -> Decision {
         }
         let old: Vec<(String, u64)> = layers
             .iter()
-            .filter(|l| removable(l))
+            .filter(|l| removable(l, &archives))
             .filter_map(|l| {
                 let disabled = l.disabled_at.as_ref().and_then(crate::store::epoch_secs)?;
                 let age = facts.now.saturating_sub(disabled);
@@ -118,9 +133,12 @@ pub fn decide(plan: &Plan, facts: &Facts<'_>) -> Decision {
             free = free.saturating_add((facts.frees)(layer));
         }
     }
-    if free < policy.min_free.0 {
-        let mut candidates: Vec<&layers_spec::Layer> =
-            layers.iter().copied().filter(|l| removable(l)).collect();
+    while free < policy.min_free.0 {
+        let mut candidates: Vec<&layers_spec::Layer> = layers
+            .iter()
+            .copied()
+            .filter(|l| removable(l, &archives))
+            .collect();
         candidates.sort_by_key(|l| l.created.as_ref().and_then(crate::store::epoch_secs));
         for layer in candidates {
             if free >= policy.min_free.0 {
@@ -135,28 +153,28 @@ pub fn decide(plan: &Plan, facts: &Facts<'_>) -> Decision {
             );
             remove(&mut decision, &mut layers, &layer.name, why);
         }
-        // Changes people made before a rollback go only after every layer that may.
-        for (id, bytes) in facts.archived_uppers {
-            if free >= policy.min_free.0 {
-                break;
-            }
-            free = free.saturating_add(*bytes);
-            decision.actions.push(Action::RemoveUpper {
-                id: id.clone(),
-                why: format!(
-                    "archived by a rollback, and free space is below policy.min_free = {} (frees {})",
-                    policy.min_free,
-                    human(*bytes)
-                ),
-            });
+        // Changes people made before a rollback go only after every layer that may; each
+        // upper removed lets go of the layers it kept, which the next round may remove.
+        if free >= policy.min_free.0 || archives.is_empty() {
+            break;
         }
-        if free < policy.min_free.0 {
-            decision.notes.push(format!(
-                "free space stays below policy.min_free = {}: {} free after the removals, and no other disabled layer or archived upper may go",
+        let archived = archives.remove(0);
+        free = free.saturating_add(archived.bytes);
+        decision.actions.push(Action::RemoveUpper {
+            id: archived.id.clone(),
+            why: format!(
+                "archived by a rollback, and free space is below policy.min_free = {} (frees {})",
                 policy.min_free,
-                human(free)
-            ));
-        }
+                human(archived.bytes)
+            ),
+        });
+    }
+    if free < policy.min_free.0 {
+        decision.notes.push(format!(
+            "free space stays below policy.min_free = {}: {} free after the removals, and no other disabled layer or archived upper may go",
+            policy.min_free,
+            human(free)
+        ));
     }
 
     // At most max_layers: merge the lowest runs of accepted layers, bottom layers first.
@@ -344,16 +362,22 @@ mod tests {
     }
 
     #[test]
-    fn archived_uppers_go_after_disabled_layers_oldest_first() {
+    fn archived_uppers_go_after_disabled_layers_and_keep_their_layers() {
         let plan = {
             let mut p = Plan::new(vec![
                 layer("off", 'd', false, 5),
+                layer("kept-off", 'd', false, 9),
                 layer("base", 'a', true, 9),
             ]);
             p.policy.min_free = ByteSize(1 << 30);
             p
         };
-        let archived = [("1".to_owned(), 400 << 20), ("3".to_owned(), 400 << 20)];
+        let archived = |id: &str, over: &str| Archived {
+            id: id.into(),
+            bytes: 400 << 20,
+            layers: vec![over.into(), "base".into()],
+        };
+        let archived = [archived("1", "kept-off"), archived("3", "base")];
         let decide_with = |free: u64| {
             decide(
                 &plan,
@@ -366,24 +390,35 @@ mod tests {
                 },
             )
         };
-        // 400 MiB free, 1 GiB wanted: the disabled layer (300 MiB), then the oldest upper.
+        let shown = |d: &Decision| {
+            d.actions
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        // 400 MiB free, 1 GiB wanted: the disabled layer no upper keeps (300 MiB), then the
+        // oldest upper (400 MiB) is enough; kept-off, which upper 1 kept, could go next.
         let d = decide_with(400 << 20);
-        assert_eq!(removed(&d), ["off"]);
-        let uppers: Vec<&str> = d
-            .actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::RemoveUpper { id, .. } => Some(id.as_str()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(uppers, ["1"]);
+        assert_eq!(removed(&d), ["off"], "{:?}", shown(&d));
         assert!(
             d.actions[1]
                 .to_string()
-                .starts_with("remove upper 1: archived by a rollback")
+                .starts_with("remove upper 1: archived by a rollback"),
+            "{:?}",
+            shown(&d)
         );
-        // Enough room: the uppers stay.
+        assert_eq!(d.actions.len(), 2);
+        // Less room: upper 1 gone, kept-off is free to go before upper 3.
+        let d = decide_with(0);
+        assert_eq!(removed(&d), ["off", "kept-off"], "{:?}", shown(&d));
+        assert!(
+            d.actions[3].to_string().starts_with("remove upper 3"),
+            "{:?}",
+            shown(&d)
+        );
+        assert_eq!(d.actions.len(), 4);
+        assert!(d.notes.is_empty(), "{:?}", d.notes);
+        // Enough room: the uppers and the layers they keep stay.
         assert_eq!(decide_with(2 << 30), Decision::default());
     }
 

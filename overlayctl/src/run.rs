@@ -198,7 +198,10 @@ pub(crate) fn clean_stale_runs(store: &Store) -> Result<()> {
         .is_ok_and(|fd| flock(&fd, FlockOperation::NonBlockingLockShared).is_err());
         if !alive {
             log::info!("removing {}, left by a run that was stopped", dir.display());
-            remove_path(&dir)?;
+            // Never in the way of the change that called this.
+            if let Err(e) = remove_path(&dir) {
+                log::warn!("{e:#}");
+            }
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 //! policy, and removed by `remove --upper ID` or the policy's free-space step.
 
 use std::fs;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use layers_spec::BootState;
@@ -21,12 +22,12 @@ pub fn size(store: &Store, id: &str) -> Option<u64> {
 /// state, then deleted; a crash in between leaves a staged leftover the next command removes.
 /// Never the current upper.
 pub fn remove(store: &Store, state: &mut BootState, id: &str) -> Result<()> {
+    if state.current_upper.as_deref() == Some(id) {
+        bail!(
+            "upper {id} is the current upper, which the next boot mounts; only archived uppers can be removed"
+        );
+    }
     if !state.archived_uppers.iter().any(|a| a.id == id) {
-        if state.current_upper.as_deref() == Some(id) {
-            bail!(
-                "upper {id} is the current upper, which the next boot mounts; only archived uppers can be removed"
-            );
-        }
         let archived: Vec<&str> = state
             .archived_uppers
             .iter()
@@ -42,6 +43,9 @@ pub fn remove(store: &Store, state: &mut BootState, id: &str) -> Result<()> {
         );
     }
     let dir = store.root.join(UPPERS).join(id);
+    if mounted(&dir.join("data"))? {
+        bail!("upper {id} is mounted (by `overlayctl mount --upper {id}`?); unmount it first");
+    }
     let staged = store.staging_path(&format!("upper-{id}"));
     if dir.exists() {
         fs::rename(&dir, &staged)
@@ -50,6 +54,21 @@ pub fn remove(store: &Store, state: &mut BootState, id: &str) -> Result<()> {
     state.archived_uppers.retain(|a| a.id != id);
     store.save_state(state)?;
     remove_path(&staged)
+}
+
+/// Whether an overlay mounted now has `data` as its upper directory.
+fn mounted(data: &Path) -> Result<bool> {
+    let Ok(data) = fs::canonicalize(data) else {
+        return Ok(false);
+    };
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    Ok(layers_spec::mount::parse_mountinfo(&mountinfo)
+        .iter()
+        .filter(|m| m.fstype == "overlay")
+        .flat_map(|m| m.options.split(',').map(str::to_owned).collect::<Vec<_>>())
+        .filter_map(|o| o.strip_prefix("upperdir=").map(PathBuf::from))
+        .any(|upper| fs::canonicalize(upper).is_ok_and(|u| u == data)))
 }
 
 /// Drops the records of archived uppers whose directory is gone (removed by hand, or by a

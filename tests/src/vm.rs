@@ -391,6 +391,26 @@ pub fn read_from_image(image: &Path, path: &str) -> String {
         .stderr(Stdio::null()))
 }
 
+/// Whether a path exists inside an ext4 image (debugfs `stat`, which says "File not found"
+/// for one that does not).
+pub fn image_has(image: &Path, path: &str) -> bool {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("stat {path}")])
+        .arg(image)
+        .output()
+        .unwrap_or_else(|e| panic!("running debugfs: {e}"));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "debugfs failed: {said}");
+    if said.contains("File not found") {
+        return false;
+    }
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Inode:"),
+        "debugfs stat {path}: {said}"
+    );
+    true
+}
+
 /// What a boot printed on its serial console.
 #[derive(Debug)]
 pub struct BootLog {

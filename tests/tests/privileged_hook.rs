@@ -75,6 +75,11 @@ impl Machine {
 
     /// Boots with keys for the menu (`--menu-keys`); returns the record and the hook's log.
     fn boot_with_keys(&self, cmdline: &str, keys: Option<&str>) -> (Booted, String) {
+        self.boot_command(self.hook(cmdline), keys)
+    }
+
+    /// The hook's `boot` command for this machine, to run as it is or with more set.
+    fn hook(&self, cmdline: &str) -> Command {
         let mut cmd = Command::cargo_bin("initramfs-hook").unwrap();
         cmd.args(["boot", "--sysroot"])
             .arg(self.path("sysroot"))
@@ -83,6 +88,11 @@ impl Machine {
             .arg("--run")
             .arg(self.path("run"))
             .args(["--cmdline", cmdline]);
+        cmd
+    }
+
+    /// Runs a boot command, which must succeed; returns the record and the hook's log.
+    fn boot_command(&self, mut cmd: Command, keys: Option<&str>) -> (Booted, String) {
         if let Some(keys) = keys {
             cmd.args(["--menu-keys", keys]);
         }
@@ -338,6 +348,33 @@ fn privileged_hook_rollback_carries_the_upper_or_archives_it() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && stderr.contains(error), "{stderr}");
     }
+    m.shutdown();
+
+    // Another rollback archives upper 2; the fresh upper takes an id no record names.
+    let booted = m.boot("strata.top=upgrade-1");
+    assert_eq!(booted.upper_id.as_deref(), Some("3"));
+    m.shutdown();
+    let ids: Vec<String> = m
+        .state()
+        .archived_uppers
+        .iter()
+        .map(|a| a.id.clone())
+        .collect();
+    assert_eq!(ids, ["1", "2"]);
+    // A layer an archived upper was used over is kept for it unless forced.
+    let out = ctl(&["remove", "upgrade-2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("archived upper 1, 2 was used over upgrade-2"),
+        "{stderr}"
+    );
+    let out = ctl(&["remove", "--upper", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed archived upper 2"));
     // The policy removes archived uppers when free space is short, after disabled layers.
     m.set_plan(|p| p.policy.min_free = layers_spec::ByteSize(u64::MAX / 2));
     let out = ctl(&["policy", "--dry-run"]);
@@ -350,17 +387,11 @@ fn privileged_hook_rollback_carries_the_upper_or_archives_it() {
         m.store().join("uppers/1").exists(),
         "a dry run changes nothing"
     );
-    m.set_plan(|p| p.policy.min_free = layers_spec::ByteSize(0));
-    let out = ctl(&["remove", "--upper", "1"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("removed archived upper 1 (5)"));
+    let out = ctl(&["policy"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("done: remove upper 1"), "{said}");
     assert!(m.state().archived_uppers.is_empty());
-    assert_eq!(dir_names(&m.store().join("uppers")), ["2"]);
-    m.shutdown();
+    assert_eq!(dir_names(&m.store().join("uppers")), ["3"]);
 }
 
 #[test]
@@ -870,18 +901,7 @@ fn privileged_hook_checkpoint_crash_at_every_step_finishes_at_the_next_boot() {
             return;
         };
         m.change_and_checkpoint();
-        let out = Command::cargo_bin("initramfs-hook")
-            .unwrap()
-            .args(["boot", "--sysroot"])
-            .arg(m.path("sysroot"))
-            .arg("--newroot")
-            .arg(m.path("newroot"))
-            .arg("--run")
-            .arg(m.path("run"))
-            .args(["--cmdline", ""])
-            .env("STRATA_FAULT", point)
-            .output()
-            .unwrap();
+        let out = m.hook("").env("STRATA_FAULT", point).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success() && stderr.contains(&format!("fault injected at {point}")),
@@ -890,6 +910,42 @@ fn privileged_hook_checkpoint_crash_at_every_step_finishes_at_the_next_boot() {
         m.shutdown();
         let booted = m.boot("");
         m.assert_frozen(&booted);
+        m.shutdown();
+    }
+}
+
+/// A freeze that fails without a crash (cleaning the layer, writing the plan) puts the upper
+/// back: the boot runs on it with its data, and the next boot freezes it, later writes too.
+#[test]
+fn privileged_hook_checkpoint_that_fails_keeps_the_upper_and_tries_again() {
+    for step in ["checkpoint-clean", "checkpoint-plan"] {
+        let Some(m) =
+            Machine::new("privileged_hook_checkpoint_that_fails_keeps_the_upper_and_tries_again")
+        else {
+            return;
+        };
+        m.change_and_checkpoint();
+        let mut failing = m.hook("");
+        failing.env("STRATA_FAIL", step);
+        let (booted, log) = m.boot_command(failing, None);
+        assert_eq!(booted.upper_id.as_deref(), Some("1"), "{step}: {log}");
+        assert!(
+            log.contains("the checkpoint cp1 cannot be made"),
+            "{step}: {log}"
+        );
+        assert!(log.contains("upper 1 stays in use"), "{step}: {log}");
+        assert_eq!(m.read("etc/note").as_deref(), Some("made while running\n"));
+        assert_eq!(stack(&booted)[0], "upgrade-2");
+        assert!(m.plan().layer("cp1").is_none());
+        assert!(!m.store().join("layers/cp1").exists());
+        let pending = m.state().checkpoint.expect("still pending");
+        assert!(!pending.frozen);
+        fs::create_dir(m.path("newroot/var")).unwrap();
+        fs::write(m.path("newroot/var/later"), "later\n").unwrap();
+        m.shutdown();
+        let booted = m.boot("");
+        m.assert_frozen(&booted);
+        assert!(m.store().join("layers/cp1/var/later").is_file(), "{step}");
         m.shutdown();
     }
 }

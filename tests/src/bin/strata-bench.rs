@@ -631,6 +631,103 @@ fn bench_compact(scratch: &Path, overlayctl: &Path) -> (ColdWarm, ColdWarm, Cold
     (ours, rsync, cp, ours_shown.len())
 }
 
+/// Freezing a running system's upper into a layer: the hook's boot with a pending checkpoint
+/// (rename, clean in place, plan; then the usual mount) against the same boot without one, and
+/// against copying the upper into a layer with `cp -a` + `sync` (which would also keep
+/// overlayfs's bookkeeping). The upper is a real one: a 20,000-file base booted through the
+/// hook, then 5,000 files changed, 5,000 deleted and 5,000 made through the overlay. Warm cache.
+fn bench_checkpoint(
+    scratch: &Path,
+    overlayctl: &Path,
+    hook: &Path,
+) -> (Duration, Duration, Duration, usize) {
+    let root = scratch.join("checkpoint");
+    let base = root.join("base");
+    for i in 0..20_000 {
+        let path = base.join(format!("d{:03}/f{i}", i / 100));
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, vec![(i % 251) as u8; 1024]).unwrap();
+    }
+    let template = root.join("template");
+    let store = template.join("sysroot/strata");
+    output(
+        overlayctl_in(overlayctl, &store)
+            .args(["init", "--base"])
+            .arg(&base),
+    );
+    let boot = |machine: &Path| {
+        for dir in ["newroot", "run"] {
+            fs::create_dir_all(machine.join(dir)).unwrap();
+        }
+        run(Command::new(hook)
+            .args(["boot", "--cmdline", ""])
+            .arg("--sysroot")
+            .arg(machine.join("sysroot"))
+            .arg("--newroot")
+            .arg(machine.join("newroot"))
+            .arg("--run")
+            .arg(machine.join("run"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()));
+    };
+    let shutdown = |machine: &Path| {
+        for target in [machine.join("newroot"), machine.join("run/strata/store")] {
+            while nix::mount::umount(&target).is_ok() {}
+        }
+    };
+    boot(&template);
+    let newroot = template.join("newroot");
+    for i in 0..5_000 {
+        let dir = newroot.join(format!("d{:03}", i * 4 / 100));
+        fs::write(dir.join(format!("f{}", i * 4)), b"changed").unwrap();
+        fs::remove_file(dir.join(format!("f{}", i * 4 + 1))).unwrap();
+        fs::write(dir.join(format!("new{i}")), vec![7u8; 1024]).unwrap();
+    }
+    shutdown(&template);
+    let entries = tests::dir_names(&store.join("uppers/1/data"))
+        .iter()
+        .map(|d| tests::dir_names(&store.join("uppers/1/data").join(d)).len() + 1)
+        .sum();
+    let plain = root.join("plain");
+    let pending = root.join("pending");
+    copy_tree(&template, &plain);
+    copy_tree(&template, &pending);
+    let state_of = |machine: &Path| machine.join("sysroot/strata");
+    let mut state = layers_spec::store::load_state(&state_of(&pending))
+        .unwrap()
+        .value;
+    state.checkpoint = Some(layers_spec::Checkpoint {
+        layer: "cp".into(),
+        title: None,
+        upper: "1".into(),
+        parent: None,
+        frozen: false,
+    });
+    layers_spec::store::save_state(&state_of(&pending), &state).unwrap();
+
+    let work = root.join("machine");
+    let timed_boot = |from: &Path| {
+        median_of_3(false, &mut || copy_tree(from, &work), &mut || {
+            boot(&work);
+            shutdown(&work);
+        })
+    };
+    let with_freeze = timed_boot(&pending);
+    assert!(
+        state_of(&work).join("layers/cp").is_dir(),
+        "the checkpoint was not frozen"
+    );
+    let without = timed_boot(&plain);
+    let copied = median_of_3(false, &mut || copy_tree(&template, &work), &mut || {
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(state_of(&work).join("uppers/1/data"))
+            .arg(state_of(&work).join("layers/cp")));
+        run(&mut Command::new("sync"));
+    });
+    (with_freeze, without, copied, entries)
+}
+
 fn main() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -650,7 +747,8 @@ fn main() {
     scratch.disable_cleanup(std::env::var_os("STRATA_BENCH_KEEP").is_some());
     private_mount_namespace();
 
-    // Further arguments pick benchmarks by name (view, hook, add, compact, upgrade); none: all.
+    // Further arguments pick benchmarks by name (view, hook, add, compact, checkpoint, upgrade);
+    // none: all.
     let only: Vec<String> = std::env::args().skip(5).collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
@@ -708,6 +806,18 @@ fn main() {
                 );
             }
         }
+    }
+    if wanted("checkpoint") {
+        let (with_freeze, without, copied, entries) =
+            bench_checkpoint(scratch.path(), &overlayctl, &hook);
+        println!(
+            "| freeze a running system's upper ({entries} entries: 5,000 changed, 5,000 deleted, 5,000 new files) into a layer (warm cache) | the boot with the checkpoint pending {} (the same boot without: {}; the freeze: {}) | `cp -a` of the upper into `layers/` + `sync` {} | {:.2} |",
+            ms(with_freeze),
+            ms(without),
+            ms(with_freeze.saturating_sub(without)),
+            ms(copied),
+            copied.as_secs_f64() / with_freeze.saturating_sub(without).as_secs_f64().max(1e-6)
+        );
     }
     if wanted("upgrade") {
         print_upgrade(&bench_upgrade(scratch.path(), &overlayctl, &trees));
