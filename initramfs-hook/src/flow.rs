@@ -225,7 +225,7 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
     }
     let mut last_error = String::from("no layer to mount");
     let mut mounted = None;
-    let mut rollback = RollbackUpper::new(&plan, &state, resolution.upper);
+    let mut rollback = RollbackUpper::new(&store, &plan, &state, resolution.upper);
     for (i, (stack, why)) in candidates.iter().enumerate() {
         let (upper_dirs, upper_mode) = match (&upper, i + 1 == candidates.len()) {
             // The very last try trades a broken persistent upper for a tmpfs one.
@@ -548,8 +548,15 @@ struct RollbackUpper {
 }
 
 impl RollbackUpper {
-    fn new(plan: &Plan, state: &BootState, mode: UpperMode) -> Self {
-        let before = if state.upper_stack.is_empty() {
+    fn new(store: &Path, plan: &Plan, state: &BootState, mode: UpperMode) -> Self {
+        // An upper with nothing in it (just started by a checkpoint, say) has nothing to keep.
+        let empty = state.current_upper.as_ref().is_none_or(|id| {
+            fs::read_dir(store.join("uppers").join(id).join("data"))
+                .map_or(true, |mut d| d.next().is_none())
+        });
+        let before = if empty {
+            None
+        } else if state.upper_stack.is_empty() {
             // Written before the state recorded the upper's own stack.
             state.last_boot.as_ref().map(|b| b.layers.clone())
         } else {

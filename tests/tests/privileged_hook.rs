@@ -914,6 +914,34 @@ fn privileged_hook_checkpoint_crash_at_every_step_finishes_at_the_next_boot() {
     }
 }
 
+/// A checkpoint frozen at a boot that also rolls back (on_rollback = "fresh"): the layer is
+/// disabled with the layer rolled back, and the fresh upper, empty, is not archived.
+#[test]
+fn privileged_hook_checkpoint_then_rollback_keeps_the_changes_off_the_older_stack() {
+    let Some(m) = Machine::new(
+        "privileged_hook_checkpoint_then_rollback_keeps_the_changes_off_the_older_stack",
+    ) else {
+        return;
+    };
+    m.set_plan(|p| p.upper.on_rollback = layers_spec::OnRollback::Fresh);
+    m.change_and_checkpoint();
+    m.ctl(&["rollback", "--to", "upgrade-1"]);
+    let (booted, log) = m.boot_with_keys("", None);
+    assert_eq!(stack(&booted), ["upgrade-1", "base"], "{log}");
+    assert_eq!(booted.upper_id.as_deref(), Some("2"));
+    let plan = m.plan();
+    assert_eq!(plan.layers[0].name, "cp1");
+    assert_eq!(plan.layers[0].state, LayerState::Disabled, "{log}");
+    assert!(
+        log.contains("checkpoint cp1 is disabled like upgrade-2"),
+        "{log}"
+    );
+    assert!(m.state().archived_uppers.is_empty(), "{log}");
+    assert_eq!(m.read("etc/note"), None);
+    assert_eq!(m.read("etc/version").as_deref(), Some("1\n"));
+    m.shutdown();
+}
+
 /// A freeze that fails without a crash (cleaning the layer, writing the plan) puts the upper
 /// back: the boot runs on it with its data, and the next boot freezes it, later writes too.
 #[test]
