@@ -127,6 +127,9 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
     if loaded.fell_back.is_none() {
         crate::freeze::freeze_checkpoint(&store, &mut plan, &mut state, log);
         clear_orphans(&store, &plan, &state, log);
+    } else {
+        // No plan to write the layer into: a freeze cut short goes back into its upper.
+        crate::freeze::undo_half_done(&store, &state, log);
     }
 
     let layers_dir = store.join("layers");
@@ -273,6 +276,7 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
         }
     }
     rollback.discard_unused();
+    layers_spec::fault::point("boot-mounted");
     let Some((stack, fallback, upper_mode)) = mounted else {
         return Err(BootError::NothingMounts(last_error));
     };
@@ -631,6 +635,17 @@ impl RollbackUpper {
             "rolled back from {}: upper {current} is archived (overlayctl mount --upper {current} shows it); a fresh upper {id} starts",
             left.join(", ")
         ));
+        // A checkpoint of that upper still pending (its freeze failed) is the archive now.
+        if state
+            .checkpoint
+            .as_ref()
+            .is_some_and(|c| !c.frozen && &c.upper == current)
+        {
+            log.say(format!(
+                "the pending checkpoint of upper {current} is dropped: the upper is archived instead"
+            ));
+            state.checkpoint = None;
+        }
         state.archived_uppers.retain(|a| &a.id != current);
         state.archived_uppers.push(layers_spec::ArchivedUpper {
             id: current.clone(),

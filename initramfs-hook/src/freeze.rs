@@ -49,12 +49,31 @@ pub fn freeze_checkpoint(store: &Path, plan: &mut Plan, state: &mut BootState, l
     let data = upper_dir.join("data");
     let data_there = fs::symlink_metadata(&data).is_ok_and(|m| m.is_dir());
     let layer_there = fs::symlink_metadata(&layer_dir).is_ok();
-    if data_there && (plan.layer(name).is_some() || layer_there) {
+    if data_there && plan.layer(name).is_some() {
+        // Only a hand edit can put that name in the plan meanwhile: the upper is left alone.
         log.say(format!(
-            "the checkpoint {name} cannot be made: a layer of that name exists; upper {} stays in use",
+            "the checkpoint {name} cannot be made: the plan has a layer of that name; upper {} stays in use",
             checkpoint.upper
         ));
         state.checkpoint = None;
+        return;
+    }
+    if data_there && state.current_upper.as_deref() != Some(checkpoint.upper.as_str()) {
+        log.say(format!(
+            "the checkpoint {name} is dropped: upper {} is no longer the current upper",
+            checkpoint.upper
+        ));
+        state.checkpoint = None;
+        return;
+    }
+    if data_there && layer_there {
+        // A freeze cut short whose move back failed, then a boot that made the upper again:
+        // data in both. Both are kept (the record keeps the layer from orphan cleaning).
+        log.say(format!(
+            "the checkpoint {name} waits: both {} and {} exist; move one aside",
+            data.display(),
+            layer_dir.display()
+        ));
         return;
     }
     if plan.layer(name).is_none() {
@@ -113,7 +132,15 @@ pub fn freeze_checkpoint(store: &Path, plan: &mut Plan, state: &mut BootState, l
         } else {
             spec_store::save_plan(store, plan).map_err(|e| e.to_string())
         };
-        if let Err(e) = saved {
+        // A save can fail after the new plan is in place (flushing its directory): then the
+        // layer stays, as the plan names it.
+        let in_place = || {
+            spec_store::load_plan(store)
+                .is_ok_and(|p| p.fell_back.is_none() && p.value.layer(name).is_some())
+        };
+        if let Err(e) = saved
+            && !in_place()
+        {
             plan.layers.remove(0);
             return undo(format!("writing the plan: {e}"), log);
         }
@@ -140,6 +167,29 @@ pub fn freeze_checkpoint(store: &Path, plan: &mut Plan, state: &mut BootState, l
     }
 }
 
+/// With a plan read from its previous copy (the freeze cannot write the plan): a freeze cut
+/// short after its rename is moved back into the upper, so this boot runs on the upper's data
+/// and the checkpoint stays pending.
+pub fn undo_half_done(store: &Path, state: &BootState, log: &mut Log) {
+    let Some(checkpoint) = state.checkpoint.as_ref().filter(|c| !c.frozen) else {
+        return;
+    };
+    let layer_dir = store.join("layers").join(&checkpoint.layer);
+    let data = store.join("uppers").join(&checkpoint.upper).join("data");
+    if fs::symlink_metadata(&data).is_err() && fs::symlink_metadata(&layer_dir).is_ok() {
+        match fs::rename(&layer_dir, &data) {
+            Ok(()) => log.say(format!(
+                "the checkpoint {} waits for a readable plan; upper {} is back in use",
+                checkpoint.layer, checkpoint.upper
+            )),
+            Err(e) => log.say(format!(
+                "the checkpoint {} cannot be moved back into upper {} ({e})",
+                checkpoint.layer, checkpoint.upper
+            )),
+        }
+    }
+}
+
 /// The plan entry of a frozen checkpoint: on top, built on the top of the stack the upper was
 /// used over; disabled when that layer is (rolled back since), so the upper's changes do not
 /// land on an older system.
@@ -147,7 +197,14 @@ fn checkpoint_layer(checkpoint: &Checkpoint, plan: &Plan, log: &mut Log) -> Laye
     let mut layer = Layer::new(checkpoint.layer.clone());
     layer.title = checkpoint.title.clone();
     layer.notes = Some(format!("checkpoint of upper {}", checkpoint.upper));
-    let parent = checkpoint.parent.as_deref().and_then(|p| plan.layer(p));
+    // Merged by a compaction since: the layer that replaced it.
+    let parent = checkpoint.parent.as_deref().and_then(|p| {
+        plan.layer(p).or_else(|| {
+            plan.layers
+                .iter()
+                .find(|l| l.replaces.iter().any(|r| r == p))
+        })
+    });
     layer.parent = parent
         .map(|p| p.name.clone())
         .or_else(|| plan.layers.first().map(|l| l.name.clone()));

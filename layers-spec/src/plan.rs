@@ -383,19 +383,17 @@ impl Plan {
     /// The layers of `before` (a stack booted earlier, top first) that `now` leaves out: what
     /// booting `now` after `before` rolls back. Layers added (an upgrade, a checkpoint) are not
     /// a rollback, nor is a merge: a layer a compaction replaced counts as kept when the layer
-    /// that replaced it is in `now`, and one the plan no longer knows at all (merged twice, or
-    /// removed by hand; `remove` refuses a running layer) is not counted.
+    /// that replaced it is in `now` (compaction also renames the recorded stacks it merges). One
+    /// the plan no longer knows at all was removed: left out.
     pub fn left_out_since(&self, before: &[String], now: &[String]) -> Vec<String> {
         let kept = |name: &String| {
             now.contains(name)
-                || match self.layer(name) {
-                    Some(_) => false,
-                    None => self
+                || (self.layer(name).is_none()
+                    && self
                         .layers
                         .iter()
                         .find(|l| l.replaces.contains(name))
-                        .is_none_or(|l| now.contains(&l.name)),
-                }
+                        .is_some_and(|l| now.contains(&l.name)))
         };
         before.iter().filter(|n| !kept(n)).cloned().collect()
     }

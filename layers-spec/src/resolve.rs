@@ -469,11 +469,8 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(p.left_out_since(&names(&["b", "a"]), &names(&["a"])), ["b"]);
-        // Merged twice since (c+b itself replaced, so unknown to the plan): not counted.
-        assert!(
-            p.left_out_since(&names(&["z", "a"]), &names(&["a"]))
-                .is_empty()
-        );
+        // Removed since (unknown to the plan, nothing replaced it): left out.
+        assert_eq!(p.left_out_since(&names(&["z", "a"]), &names(&["a"])), ["z"]);
         let state = BootState {
             once: Some(OneShot {
                 layers: names(&["x", "c", "b", "a"]),

@@ -229,6 +229,13 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     if let Some(once) = &mut state.once {
         state_changed |= replace_run(&mut once.layers, &replaced, &name) == Named::Whole;
     }
+    // The stack the upper was used over (what a rollback is judged by) names the new layer
+    // for any of the run it has: merging is never a rollback, however many times it happens.
+    let upper_stack = rename_run(&state.upper_stack, &replaced, &name);
+    if upper_stack != state.upper_stack {
+        state.upper_stack = upper_stack;
+        state_changed = true;
+    }
     if state_changed {
         store.save_state(&state)?;
     }
@@ -297,6 +304,18 @@ fn replace_run(stack: &mut Vec<String>, run: &[String], with: &str) -> Named {
     }
 }
 
+/// `stack` with every name of `run` it has given as `with`, once.
+fn rename_run(stack: &[String], run: &[String], with: &str) -> Vec<String> {
+    let mut renamed: Vec<String> = Vec::with_capacity(stack.len());
+    for name in stack {
+        let name = if run.contains(name) { with } else { name };
+        if renamed.last().is_none_or(|last| last != name) {
+            renamed.push(name.to_owned());
+        }
+    }
+    renamed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,5 +349,13 @@ mod tests {
         assert_eq!(part, names(&["b", "a"]));
         let mut none = names(&["a"]);
         assert_eq!(replace_run(&mut none, &run, "c+b"), Named::Nothing);
+        assert_eq!(
+            rename_run(&names(&["x", "b", "a"]), &run, "c+b"),
+            ["x", "c+b", "a"]
+        );
+        assert_eq!(
+            rename_run(&names(&["c", "b", "a"]), &run, "c+b"),
+            ["c+b", "a"]
+        );
     }
 }

@@ -283,6 +283,11 @@ fn privileged_hook_rollback_carries_the_upper_or_archives_it() {
     m.set_plan(|p| p.upper.on_rollback = layers_spec::OnRollback::Fresh);
     m.boot("");
     m.shutdown();
+    // A tmpfs boot of the older stack in between: the persistent upper was still last used
+    // over upgrade-2, so the next persistent boot of the older stack is the rollback.
+    let booted = m.boot("strata.upper=tmpfs strata.top=upgrade-1");
+    assert_eq!(booted.upper, UpperMode::Tmpfs);
+    m.shutdown();
     let (booted, log) = m.boot_with_keys("strata.top=upgrade-1", None);
     assert_eq!(stack(&booted), ["upgrade-1", "base"]);
     assert_eq!(booted.upper_id.as_deref(), Some("2"), "{log}");
@@ -333,6 +338,9 @@ fn privileged_hook_rollback_carries_the_upper_or_archives_it() {
     );
     assert_eq!(fs::read_to_string(mnt.join("etc/note")).unwrap(), "on 2\n");
     assert_eq!(fs::read_to_string(mnt.join("etc/version")).unwrap(), "2\n");
+    let out = ctl(&["remove", "--upper", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("upper 1 is mounted"), "{stderr}");
     assert!(ctl(&["umount", mnt.to_str().unwrap()]).status.success());
     // The running upper is refused.
     let out = ctl(&["mount", mnt.to_str().unwrap(), "--upper", "2"]);
@@ -392,6 +400,21 @@ fn privileged_hook_rollback_carries_the_upper_or_archives_it() {
     assert!(said.contains("done: remove upper 1"), "{said}");
     assert!(m.state().archived_uppers.is_empty());
     assert_eq!(dir_names(&m.store().join("uppers")), ["3"]);
+
+    // An id the state still names is never taken again, even with its directory gone (removed
+    // by hand, here).
+    let mut state = m.state();
+    state.archived_uppers.push(layers_spec::ArchivedUpper {
+        id: "1".into(),
+        layers: vec!["upgrade-1".into(), "base".into()],
+    });
+    layers_spec::store::save_state(&m.store(), &state).unwrap();
+    m.boot("strata.top=upgrade-1");
+    fs::write(m.path("newroot/etc/note"), "on 1 again\n").unwrap();
+    m.shutdown();
+    let booted = m.boot("strata.top=base");
+    assert_eq!(booted.upper_id.as_deref(), Some("2"));
+    m.shutdown();
 }
 
 #[test]
@@ -850,6 +873,24 @@ fn privileged_hook_checkpoint_freezes_the_upper_at_the_next_boot() {
     );
 
     m.change_and_checkpoint();
+    // The pending checkpoint's name is taken.
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
+        .env("STRATA_RUN_DIR", "/nonexistent")
+        .arg("--store")
+        .arg(m.store())
+        .args([
+            "add-layer",
+            m.path("base").to_str().unwrap(),
+            "--name",
+            "cp1",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("\"cp1\" is the name of the pending checkpoint"),
+        "{stderr}"
+    );
     // A layer added before the reboot goes below the checkpoint, which keeps the parent the
     // upper was used over.
     fs::create_dir_all(m.path("later/opt")).unwrap();
@@ -894,6 +935,9 @@ fn privileged_hook_checkpoint_crash_at_every_step_finishes_at_the_next_boot() {
         "checkpoint-whiteout",
         "checkpoint-planned",
         "checkpoint-upper-removed",
+        // After the freeze and the mount, before the boot's own state save: the state saved
+        // right after the freeze keeps the fresh upper (else the next boot would start another).
+        "boot-mounted",
     ] {
         let Some(m) = Machine::new(
             "privileged_hook_checkpoint_crash_at_every_step_finishes_at_the_next_boot",
