@@ -237,67 +237,92 @@ pub fn first_free_upper(store: &Path, state: &BootState) -> String {
 /// device (overlayfs links them all to one inode in `work/`), and no overlay xattrs but
 /// `opaque` and `whiteout`. Never follows a symlink; running it again changes nothing more.
 pub fn clean_upper(root: &Path) -> io::Result<Cleaned> {
-    let mut cleaned = Cleaned::default();
-    clean_entry(root, root, &mut cleaned)?;
-    Ok(cleaned)
+    let mut cleaner = Cleaner {
+        root,
+        // The largest list the kernel returns (XATTR_LIST_MAX), allocated once.
+        names: vec![0u8; 65536],
+        cleaned: Cleaned::default(),
+    };
+    cleaner.dir(root)?;
+    Ok(cleaner.cleaned)
 }
 
-fn clean_entry(root: &Path, path: &Path, cleaned: &mut Cleaned) -> io::Result<()> {
-    let meta = fs::symlink_metadata(path)?;
-    strip_xattrs(root, path, cleaned)?;
-    if !meta.is_dir() {
-        return Ok(());
-    }
-    let temp = path.join(WHITEOUT_TEMP);
-    if fs::symlink_metadata(&temp).is_ok_and(|m| is_whiteout(&m)) {
-        fs::remove_file(&temp)?;
-    }
-    for entry in fs::read_dir(path)? {
-        let entry = entry?;
-        let child = entry.path();
-        let child_meta = fs::symlink_metadata(&child)?;
-        if is_whiteout(&child_meta) {
-            if std::os::unix::fs::MetadataExt::nlink(&child_meta) > 1 {
-                rustix::fs::mknodat(CWD, &temp, FileType::CharacterDevice, Mode::empty(), 0)?;
-                layers_spec::fault::point("checkpoint-whiteout");
-                fs::rename(&temp, &child)?;
-                cleaned.whiteouts += 1;
-            }
-            continue;
+struct Cleaner<'a> {
+    root: &'a Path,
+    names: Vec<u8>,
+    cleaned: Cleaned,
+}
+
+impl Cleaner<'_> {
+    /// A directory and everything in it. Entry types come from the directory listing; only
+    /// character devices (whiteouts or not) are stat'ed.
+    fn dir(&mut self, path: &Path) -> io::Result<()> {
+        self.strip_xattrs(path)?;
+        let temp = path.join(WHITEOUT_TEMP);
+        if fs::symlink_metadata(&temp).is_ok_and(|m| is_whiteout(&m)) {
+            fs::remove_file(&temp)?;
         }
-        clean_entry(root, &child, cleaned)?;
+        for entry in fs::read_dir(path)? {
+            let entry = entry?;
+            let child = entry.path();
+            let file_type = entry.file_type()?;
+            if file_type.is_dir() {
+                self.dir(&child)?;
+                continue;
+            }
+            if std::os::unix::fs::FileTypeExt::is_char_device(&file_type) {
+                let meta = fs::symlink_metadata(&child)?;
+                if is_whiteout(&meta) {
+                    if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
+                        rustix::fs::mknodat(
+                            CWD,
+                            &temp,
+                            FileType::CharacterDevice,
+                            Mode::empty(),
+                            0,
+                        )?;
+                        layers_spec::fault::point("checkpoint-whiteout");
+                        fs::rename(&temp, &child)?;
+                        self.cleaned.whiteouts += 1;
+                    }
+                    continue;
+                }
+            }
+            self.strip_xattrs(&child)?;
+        }
+        Ok(())
     }
-    Ok(())
+
+    fn strip_xattrs(&mut self, path: &Path) -> io::Result<()> {
+        let len = match rustix::fs::llistxattr(path, &mut self.names[..]) {
+            Ok(len) => len,
+            Err(rustix::io::Errno::NOTSUP) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        for name in self.names[..len]
+            .split(|&b| b == 0)
+            .filter(|n| !n.is_empty())
+        {
+            let Some(attr) = name.strip_prefix(OVERLAY_PREFIX.as_bytes()) else {
+                continue;
+            };
+            let attr = String::from_utf8_lossy(attr);
+            if KEPT_OVERLAY_XATTRS.contains(&attr.as_ref()) {
+                continue;
+            }
+            if UNUSABLE_XATTRS.contains(&attr.as_ref()) {
+                let rel = path.strip_prefix(self.root).unwrap_or(path);
+                self.cleaned.unusable.push(format!("/{}", rel.display()));
+                continue;
+            }
+            rustix::fs::lremovexattr(path, OsStr::from_bytes(name))?;
+            self.cleaned.xattrs += 1;
+        }
+        Ok(())
+    }
 }
 
 fn is_whiteout(meta: &fs::Metadata) -> bool {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     meta.file_type().is_char_device() && meta.rdev() == 0
-}
-
-fn strip_xattrs(root: &Path, path: &Path, cleaned: &mut Cleaned) -> io::Result<()> {
-    // The largest list the kernel returns (XATTR_LIST_MAX).
-    let mut names = vec![0u8; 65536];
-    let len = match rustix::fs::llistxattr(path, &mut names[..]) {
-        Ok(len) => len,
-        Err(rustix::io::Errno::NOTSUP) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    for name in names[..len].split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let Some(attr) = name.strip_prefix(OVERLAY_PREFIX.as_bytes()) else {
-            continue;
-        };
-        let attr = String::from_utf8_lossy(attr);
-        if KEPT_OVERLAY_XATTRS.contains(&attr.as_ref()) {
-            continue;
-        }
-        if UNUSABLE_XATTRS.contains(&attr.as_ref()) {
-            let rel = path.strip_prefix(root).unwrap_or(path);
-            cleaned.unusable.push(format!("/{}", rel.display()));
-            continue;
-        }
-        rustix::fs::lremovexattr(path, OsStr::from_bytes(name))?;
-        cleaned.xattrs += 1;
-    }
-    Ok(())
 }
