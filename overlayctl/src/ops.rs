@@ -133,22 +133,28 @@ pub(crate) fn install(
     staged_manifest: &Path,
     name: &str,
 ) -> Result<()> {
+    install_manifest(store, staged_manifest, name)?;
     let target = store.layer_dir(name);
+    fs::rename(staged, &target)
+        .with_context(|| format!("moving the layer to {}", target.display()))?;
+    Store::sync_dir(&store.root.join(store::LAYERS))
+}
+
+/// Renames a staged manifest into `manifests/`, durably.
+fn install_manifest(store: &Store, staged_manifest: &Path, name: &str) -> Result<()> {
     let manifest = store.manifest_path(name);
     fs::create_dir_all(manifest.parent().expect("manifests have a parent"))
         .with_context(|| format!("creating {}", store.root.join(store::MANIFESTS).display()))?;
     fs::rename(staged_manifest, &manifest)
         .with_context(|| format!("moving the manifest to {}", manifest.display()))?;
-    fs::rename(staged, &target)
-        .with_context(|| format!("moving the layer to {}", target.display()))?;
-    Store::sync_dir(&store.root.join(store::MANIFESTS))?;
-    Store::sync_dir(&store.root.join(store::LAYERS))
+    Store::sync_dir(&store.root.join(store::MANIFESTS))
 }
 
 /// What the boot left for the next command that holds the lock, what a stopped `run` left,
-/// then the layers the plan no longer names (Store::clean_orphans). A checkpoint the hook froze gets its manifest and
-/// digest here, read from the layer (the hook hashes nothing); a layer that cannot be read is
-/// left without one, with a warning, rather than blocking every change.
+/// then the layers the plan no longer names (Store::clean_orphans). A checkpoint the hook
+/// froze gets its manifest and digest here, read from the layer (the hook hashes nothing); a
+/// layer that cannot be read is left without one, with a warning, rather than blocking every
+/// change.
 pub(crate) fn finish_pending(store: &Store, plan: &mut Plan, state: &mut BootState) -> Result<()> {
     if let Some(checkpoint) = state.checkpoint.clone().filter(|c| c.frozen) {
         let name = &checkpoint.layer;
@@ -178,12 +184,7 @@ fn seal(store: &Store, name: &str) -> Result<String> {
     let (digest, text) = manifest_of(&store.layer_dir(name))?;
     let staged = store.staging_path(name).with_extension("manifest");
     write_synced(&staged, text.as_bytes())?;
-    let target = store.manifest_path(name);
-    fs::create_dir_all(target.parent().expect("manifests have a parent"))
-        .with_context(|| format!("creating {}", store.root.join(store::MANIFESTS).display()))?;
-    fs::rename(&staged, &target)
-        .with_context(|| format!("moving the manifest to {}", target.display()))?;
-    Store::sync_dir(&store.root.join(store::MANIFESTS))?;
+    install_manifest(store, &staged, name)?;
     Ok(digest)
 }
 
