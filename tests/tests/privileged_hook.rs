@@ -319,15 +319,7 @@ fn privileged_hook_rollback_carries_the_upper_or_archives_it() {
     m.boot("");
     let mnt = m.path("recover");
     fs::create_dir(&mnt).unwrap();
-    let ctl = |args: &[&str]| {
-        std::process::Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
-            .env("STRATA_RUN_DIR", m.path("run/strata"))
-            .arg("--store")
-            .arg(m.store())
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let ctl = |args: &[&str]| m.ctl_at(&m.store(), args);
     let status = String::from_utf8(ctl(&["status"]).stdout).unwrap();
     assert!(status.contains("  1: 5, used over upgrade-2"), "{status}");
     let out = ctl(&["mount", mnt.to_str().unwrap(), "--upper", "1"]);
@@ -752,10 +744,16 @@ fn privileged_hook_locked_menu_needs_the_password() {
 impl Machine {
     /// overlayctl as the running system runs it: the store where the hook bound it, its record.
     fn booted_ctl(&self, args: &[&str]) -> std::process::Output {
+        self.ctl_at(&self.path("run/strata/store"), args)
+    }
+
+    /// overlayctl on `store`, with the running boot's record (none after `shutdown`), whatever
+    /// it exits with.
+    fn ctl_at(&self, store: &std::path::Path, args: &[&str]) -> std::process::Output {
         std::process::Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
             .env("STRATA_RUN_DIR", self.path("run/strata"))
             .arg("--store")
-            .arg(self.path("run/strata/store"))
+            .arg(store)
             .args(args)
             .output()
             .unwrap()
@@ -858,13 +856,7 @@ fn privileged_hook_checkpoint_freezes_the_upper_at_the_next_boot() {
         return;
     };
     // Not booted: nothing to freeze.
-    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
-        .env("STRATA_RUN_DIR", "/nonexistent")
-        .arg("--store")
-        .arg(m.store())
-        .args(["checkpoint"])
-        .output()
-        .unwrap();
+    let out = m.ctl_at(&m.store(), &["checkpoint"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("was not booted from"));
     assert!(
@@ -874,18 +866,15 @@ fn privileged_hook_checkpoint_freezes_the_upper_at_the_next_boot() {
 
     m.change_and_checkpoint();
     // The pending checkpoint's name is taken.
-    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
-        .env("STRATA_RUN_DIR", "/nonexistent")
-        .arg("--store")
-        .arg(m.store())
-        .args([
+    let out = m.ctl_at(
+        &m.store(),
+        &[
             "add-layer",
             m.path("base").to_str().unwrap(),
             "--name",
             "cp1",
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("\"cp1\" is the name of the pending checkpoint"),
