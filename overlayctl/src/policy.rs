@@ -269,15 +269,21 @@ mod tests {
         let mut plan = Plan::new(layers);
         plan.policy.min_free = ByteSize(0);
         edit(&mut plan);
+        decide_at(&plan, free, &[])
+    }
+
+    /// The decision at NOW with `free` bytes free, every layer freeing 300 MiB, and the layer
+    /// named "in-use" mounted.
+    fn decide_at(plan: &Plan, free: u64, archived_uppers: &[Archived]) -> Decision {
         let in_use: BTreeSet<String> = ["in-use".to_owned()].into();
         decide(
-            &plan,
+            plan,
             &Facts {
                 now: NOW,
                 free,
                 in_use: &in_use,
                 frees: &|_| 300 << 20,
-                archived_uppers: &[],
+                archived_uppers,
             },
         )
     }
@@ -378,18 +384,7 @@ mod tests {
             layers: vec![over.into(), "base".into()],
         };
         let archived = [archived("1", "kept-off"), archived("3", "base")];
-        let decide_with = |free: u64| {
-            decide(
-                &plan,
-                &Facts {
-                    now: NOW,
-                    free,
-                    in_use: &BTreeSet::new(),
-                    frees: &|_| 300 << 20,
-                    archived_uppers: &archived,
-                },
-            )
-        };
+        let decide_with = |free: u64| decide_at(&plan, free, &archived);
         let shown = |d: &Decision| {
             d.actions
                 .iter()
