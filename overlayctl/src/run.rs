@@ -256,16 +256,7 @@ fn count(node: &Node, entries: &mut u64, deletions: &mut u64) {
 /// `/dev` and `/run` inside it, a chroot, and the command in its place. Returns only on error.
 pub fn child(store: &Path, scratch: &Path, lowers: &[PathBuf], command: &[String]) -> Result<()> {
     use nix::mount::{MsFlags, mount};
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-        .context("making a private mount namespace")?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .context("making the mounts private")?;
+    private_mount_namespace()?;
     let root = scratch.join("root");
     let spec = OverlaySpec {
         lowers: lowers.to_vec(),
@@ -314,6 +305,23 @@ pub fn child(store: &Path, scratch: &Path, lowers: &[PathBuf], command: &[String
     let error = Command::new(&command[0]).args(&command[1..]).exec();
     eprintln!("overlayctl run: {}: {error}", command[0]);
     std::process::exit(127);
+}
+
+/// Moves the calling thread into a mount namespace of its own whose mounts do not propagate
+/// back: what it mounts vanishes with it and is never seen by the rest of the system.
+pub fn private_mount_namespace() -> Result<()> {
+    use nix::mount::{MsFlags, mount};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .context("making a private mount namespace (this needs root)")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making the mounts private")?;
+    Ok(())
 }
 
 /// The trial layer a run adds.

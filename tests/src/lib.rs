@@ -10,7 +10,6 @@ pub mod vm;
 use std::path::Path;
 
 use nix::mount::{MsFlags, mount};
-use nix::sched::{CloneFlags, unshare};
 
 /// True when running under CI, where skipping is forbidden.
 pub fn in_ci() -> bool {
@@ -34,15 +33,7 @@ pub fn have_root(test: &str) -> bool {
 /// Moves the calling thread into a private mount namespace, so its mounts vanish with it and are
 /// never seen by the rest of the system.
 pub fn private_mount_namespace() {
-    unshare(CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS): is this root?");
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .expect("making / private in the new namespace");
+    overlayctl::run::private_mount_namespace().expect("a private mount namespace");
 }
 
 /// The options that keep an upper a clean, portable future layer (see shared FACTS).
