@@ -82,8 +82,8 @@ pub fn mount_command(root: &Path, opts: &MountOpts, json: bool, out: &mut dyn Wr
     let plan = store.plan()?.value;
     // An archived upper goes over the stack it was used over, unless told otherwise.
     let archived = archived(&store, opts.upper.as_deref())?;
-    let stack: Vec<String> = match (&opts.layers, &opts.top) {
-        (Some(names), _) => {
+    let stack: Vec<String> = match (&opts.layers, &opts.top, archived) {
+        (Some(names), _, _) => {
             for name in names {
                 if plan.layer(name).is_none() {
                     bail!("--layers names {name:?}, which is not a layer of the plan");
@@ -95,8 +95,7 @@ pub fn mount_command(root: &Path, opts: &MountOpts, json: bool, out: &mut dyn Wr
                 .map(|l| l.name.clone())
                 .collect()
         }
-        (None, None) if archived.is_some() => {
-            let archived = archived.expect("checked");
+        (None, None, Some(archived)) => {
             let stack = plan.current_names(&archived.layers);
             if let Some(gone) = stack.iter().find(|n| plan.layer(n).is_none()) {
                 bail!(
@@ -107,7 +106,7 @@ pub fn mount_command(root: &Path, opts: &MountOpts, json: bool, out: &mut dyn Wr
             }
             stack
         }
-        (None, top) => {
+        (None, top, _) => {
             if let Some(top) = top.as_ref().filter(|t| plan.layer(t).is_none()) {
                 bail!("--top {top:?} is not a layer of the plan");
             }
