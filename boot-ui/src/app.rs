@@ -129,7 +129,7 @@ impl App {
             .iter()
             .map(|l| LayerInfo {
                 name: l.name.clone(),
-                title: l.display_title().to_owned(),
+                title: l.display_title().into_owned(),
                 state: l.state,
                 known_good: l.known_good,
                 parent: l.parent.clone(),

@@ -8,20 +8,18 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use boot_ui::Action;
-use layers_spec::mount::{OverlaySpec, SOURCE_PREFIX, mount_overlay};
-use layers_spec::store as spec_store;
 use layers_spec::{
     BootOverrides, BootState, Booted, LastBoot, LayerState, MenuMode, OnRollback, Plan, UpperMode,
     resolve,
 };
+use layers_store::layout::{FIRST_UPPER, Folder, UPPER_DATA, UPPER_WORK};
+use layers_store::mount::{OverlaySpec, SOURCE_PREFIX, mount_overlay};
+use layers_store::{Store, StoreError};
 use rustix::mount::{MountFlags, MountPropagationFlags};
 
 use crate::console::Console;
 
-/// The store's place on the root filesystem unless `strata.store=` says otherwise.
-pub const DEFAULT_STORE: &str = "/strata";
-/// The persistent upper a store starts with.
-const FIRST_UPPER: &str = "1";
+pub use layers_store::layout::DEFAULT_STORE;
 
 /// Where things are for one boot.
 #[derive(Debug, Clone)]
@@ -75,6 +73,8 @@ pub struct Outcome {
 pub enum BootError {
     #[error("there is no store at {0}; this root was not set up by Strata")]
     NoStore(PathBuf),
+    #[error("the store cannot be used: {0}")]
+    BadStore(String),
     #[error("no usable plan in {store}: {reason}")]
     NoPlan { store: PathBuf, reason: String },
     #[error("every stack failed to mount; the last error: {0}")]
@@ -92,13 +92,17 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
         .store
         .clone()
         .unwrap_or_else(|| DEFAULT_STORE.to_owned());
-    let store = env.sysroot.join(store_rel.trim_start_matches('/'));
-    if !store.is_dir() {
-        return Err(BootError::NoStore(store));
-    }
+    let handle = match Store::open_in_root(&env.sysroot, Path::new(&store_rel)) {
+        Ok(handle) => handle,
+        Err(StoreError::NoStore(path)) => return Err(BootError::NoStore(path)),
+        Err(e) => return Err(BootError::BadStore(e.to_string())),
+    };
+    // Symlinks on the way were resolved inside the root: the store's real place in it.
+    let store_dir = handle.path().to_owned();
+    let store = &handle;
 
-    let loaded = spec_store::load_plan(&store).map_err(|e| BootError::NoPlan {
-        store: store.clone(),
+    let loaded = store.load_plan().map_err(|e| BootError::NoPlan {
+        store: store_dir.clone(),
         reason: e.to_string(),
     })?;
     let mut plan_fallback = None;
@@ -108,7 +112,7 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
         plan_fallback = Some(note);
     }
     let mut plan = loaded.value;
-    let mut state = match spec_store::load_state(&store) {
+    let mut state = match store.load_state() {
         Ok(state) => {
             if let Some(why) = &state.fell_back {
                 log.say(format!(
@@ -123,17 +127,17 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
         }
     };
     let state_before = state.clone();
-    clear_staging(&store, log);
+    clear_leftovers(store, log);
     if loaded.fell_back.is_none() {
-        crate::freeze::freeze_checkpoint(&store, &mut plan, &mut state, log);
-        clear_orphans(&store, &plan, &state, log);
+        crate::freeze::freeze_checkpoint(store, &mut plan, &mut state, log);
+        sweep(store, &plan, &mut state, log);
     } else {
         // No plan to write the layer into: a freeze cut short goes back into its upper.
-        crate::freeze::undo_half_done(&store, &state, log);
+        crate::freeze::undo_half_done(store, &state, log);
     }
 
-    let layers_dir = store.join("layers");
-    let present = |name: &str| layers_dir.join(name).is_dir();
+    let layers_dir = store_dir.join(Folder::Layers.name());
+    let present = |name: &str| store.layer_present(name);
     let resolution = resolve(&plan, &state, &overrides, Some(&present));
     for note in &resolution.notes {
         log.say(note.to_string());
@@ -170,7 +174,7 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
         let countdown =
             (!overrides.menu && plan.boot.menu != MenuMode::OnKey).then_some(plan.boot.timeout_s);
         let choice = MenuChoice {
-            store: &store,
+            store,
             plan_damaged: loaded.fell_back.is_some(),
             countdown,
         };
@@ -200,12 +204,41 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
                 "trial layer {name} was never accepted; it is disabled now"
             ));
         }
-        if let Err(e) = spec_store::save_plan(&store, &plan) {
+        if let Err(e) = store.save_plan(&plan) {
             log.say(format!("could not save the plan: {e}"));
         }
     }
 
-    let upper = prepare_upper(env, &store, &mut state, resolution.upper, log);
+    // A trial layer's try is recorded before it is mounted: a boot that cannot record it (a
+    // full disk) leaves the layer out, so its tries still run out and the rollback comes.
+    let trials: Vec<String> = resolution
+        .stack
+        .iter()
+        .filter(|n| plan.layer(n).is_some_and(|l| l.state == LayerState::Trial))
+        .cloned()
+        .collect();
+    if !trials.is_empty() {
+        for name in &trials {
+            *state.trial_tries.entry(name.clone()).or_insert(0) += 1;
+        }
+        if let Err(e) = store.save_state(&state) {
+            log.say(format!(
+                "this boot's try of trial layer {} cannot be recorded ({e}); it is left out of this boot",
+                trials.join(", ")
+            ));
+            for name in &trials {
+                if let Some(tries) = state.trial_tries.get_mut(name) {
+                    *tries -= 1;
+                }
+            }
+            state.trial_tries.retain(|_, tries| *tries > 0);
+            overrides.disable.extend(trials.iter().cloned());
+            overrides.top = None;
+            resolution = resolve(&plan, &state, &overrides, Some(&present));
+        }
+    }
+
+    let upper = prepare_upper(env, store, &mut state, resolution.upper, log);
     // A layer that should be in the stack but is missing means a damaged store: rather than
     // mount the rest without it, start from the fallbacks.
     let missing: Vec<&str> = resolution
@@ -228,13 +261,13 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
     }
     let mut last_error = String::from("no layer to mount");
     let mut mounted = None;
-    let mut rollback = RollbackUpper::new(&store, &plan, &state, resolution.upper);
+    let mut rollback = RollbackUpper::new(store, &plan, &state, resolution.upper);
     for (i, (stack, why)) in candidates.iter().enumerate() {
         let (upper_dirs, upper_mode) = match (&upper, i + 1 == candidates.len()) {
             // The very last try trades a broken persistent upper for a tmpfs one.
             (Ok(dirs), false) => (
                 rollback
-                    .dirs_for(&store, &plan, &state, stack, log)
+                    .dirs_for(store, &plan, &state, stack, log)
                     .unwrap_or_else(|| dirs.clone()),
                 resolution.upper,
             ),
@@ -275,29 +308,26 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
             }
         }
     }
-    rollback.discard_unused();
+    rollback.discard_unused(store, log);
     layers_spec::fault::point("boot-mounted");
     let Some((stack, fallback, upper_mode)) = mounted else {
         return Err(BootError::NothingMounts(last_error));
     };
-    let fallback = match (fallback, plan_fallback) {
-        (Some(a), Some(b)) => Some(format!("{b}; {a}")),
-        (a, b) => a.or(b),
-    };
+    let upper_fallback = upper
+        .as_ref()
+        .err()
+        .filter(|_| upper_mode == UpperMode::Tmpfs)
+        .map(|why| format!("{why}; booted with a tmpfs upper"));
+    let fallback = [plan_fallback, upper_fallback, fallback]
+        .into_iter()
+        .flatten()
+        .reduce(|a, b| format!("{a}; {b}"));
     if let Some(why) = &fallback {
         log.say(format!("fell back: {why}"));
     }
     log.say(format!("booting {}", summarize(&stack)));
 
-    // Count a try for every trial layer in the stack; the one-shot selection is used up.
-    for name in &stack {
-        if plan
-            .layer(name)
-            .is_some_and(|l| l.state == LayerState::Trial)
-        {
-            *state.trial_tries.entry(name.clone()).or_insert(0) += 1;
-        }
-    }
+    // The one-shot selection is used up.
     state.once = None;
     state.last_boot = Some(LastBoot {
         layers: stack.clone(),
@@ -307,7 +337,7 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
     // An ordinary boot (no trial layer, no one-shot, the same stack as last time) writes nothing:
     // a faster boot, and no flash wear on devices that boot often.
     if state != state_before
-        && let Err(e) = spec_store::save_state(&store, &state)
+        && let Err(e) = store.save_state(&state)
     {
         log.say(format!("could not save the boot state: {e}"));
     }
@@ -327,7 +357,7 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
         at: None,
     };
     write_record(env, &booted, log);
-    expose_store(env, &store, log);
+    expose_store(env, &store_dir, log);
     Ok(Outcome {
         booted,
         showed_menu,
@@ -336,7 +366,7 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
 
 /// The boot menu and what its choice does to the plan and the boot state.
 struct MenuChoice<'a> {
-    store: &'a Path,
+    store: &'a Store,
     /// The plan came from its `.prev` copy: a saved choice would overwrite the damaged file
     /// with an old plan, so it is used for this boot only.
     plan_damaged: bool,
@@ -366,7 +396,7 @@ impl MenuChoice<'_> {
                     .plan_damaged
                     .then(|| "the plan on disk is damaged, so nothing can be saved".to_owned()),
             };
-            let size = |name: &str| spec_store::layer_content_size(self.store, name);
+            let size = |name: &str| self.store.layer_content_size(name);
             let mut app = boot_ui::App::new(plan, resolution, state, &size, setup);
             let action = match console.run_menu(&mut app) {
                 Ok(action) => action,
@@ -418,7 +448,7 @@ impl MenuChoice<'_> {
                             (true, _) => {}
                         }
                     }
-                    match spec_store::save_plan(self.store, &saved) {
+                    match self.store.save_plan(&saved) {
                         Ok(()) => {
                             log.say(format!(
                                 "menu: saved {} to the plan; booting it",
@@ -510,7 +540,7 @@ fn fallback_chain(
 /// The persistent upper's `data` and `work`, created when missing, or a tmpfs one.
 fn prepare_upper(
     env: &BootEnv,
-    store: &Path,
+    store: &Store,
     state: &mut BootState,
     mode: UpperMode,
     log: &mut Log,
@@ -522,21 +552,24 @@ fn prepare_upper(
         .current_upper
         .get_or_insert_with(|| FIRST_UPPER.to_owned())
         .clone();
-    let dir = store.join("uppers").join(&id);
-    let (data, work) = (dir.join("data"), dir.join("work"));
-    for path in [&data, &work] {
-        if let Err(e) = fs::create_dir_all(path) {
-            let message = format!(
-                "the persistent upper {} cannot be used: {e}",
-                path.display()
-            );
-            log.say(&message);
-            return Err(message);
-        }
-    }
+    upper_dirs(store, &id).map_err(|e| {
+        let message = format!("the persistent upper {id} cannot be used: {e}");
+        log.say(&message);
+        message
+    })
+}
+
+/// `uppers/<id>/data` and `work`, made when missing; each a real directory of the store (an
+/// upper is never mounted through a symlink).
+pub(crate) fn upper_dirs(store: &Store, id: &str) -> Result<(PathBuf, PathBuf), StoreError> {
+    let upper = store.folder(Folder::Uppers)?.sub_or_create(id)?;
+    let (data, work) = (
+        upper.sub_or_create(UPPER_DATA)?,
+        upper.sub_or_create(UPPER_WORK)?,
+    );
     // Left by a mount with `volatile`, it would refuse every later mount (FACTS).
-    let _ = fs::remove_dir_all(work.join("incompat"));
-    Ok((data, work))
+    work.remove("incompat")?;
+    Ok((data.path().to_owned(), work.path().to_owned()))
 }
 
 /// `[upper] on_rollback = "fresh"`: a boot that leaves out layers the persistent upper was
@@ -547,15 +580,15 @@ struct RollbackUpper {
     /// The stack the current upper was last used over, and its id, when `fresh` applies.
     from: Option<(Vec<String>, String)>,
     /// The fresh upper's id and directories, once made.
-    fresh: Option<(String, PathBuf, (PathBuf, PathBuf))>,
+    fresh: Option<(String, (PathBuf, PathBuf))>,
     used: bool,
 }
 
 impl RollbackUpper {
-    fn new(store: &Path, plan: &Plan, state: &BootState, mode: UpperMode) -> Self {
+    fn new(store: &Store, plan: &Plan, state: &BootState, mode: UpperMode) -> Self {
         // An upper with nothing in it (just started by a checkpoint, say) has nothing to keep.
         let empty = state.current_upper.as_ref().is_none_or(|id| {
-            fs::read_dir(store.join("uppers").join(id).join("data"))
+            fs::read_dir(store.path_of(Folder::Uppers, id).join(UPPER_DATA))
                 .map_or(true, |mut d| d.next().is_none())
         });
         let before = if empty {
@@ -589,7 +622,7 @@ impl RollbackUpper {
     /// current upper). One that cannot be made is said, and the current one used.
     fn dirs_for(
         &mut self,
-        store: &Path,
+        store: &Store,
         plan: &Plan,
         state: &BootState,
         stack: &[String],
@@ -600,18 +633,18 @@ impl RollbackUpper {
         }
         if self.fresh.is_none() {
             let id = crate::freeze::first_free_upper(store, state);
-            let dir = store.join("uppers").join(&id);
-            let (data, work) = (dir.join("data"), dir.join("work"));
-            if let Err(e) = fs::create_dir_all(&data).and_then(|()| fs::create_dir_all(&work)) {
-                log.say(format!(
-                    "a fresh upper for the rollback cannot be made ({e}); keeping the current one"
-                ));
-                self.from = None;
-                return None;
+            match upper_dirs(store, &id) {
+                Ok(dirs) => self.fresh = Some((id, dirs)),
+                Err(e) => {
+                    log.say(format!(
+                        "a fresh upper for the rollback cannot be made ({e}); keeping the current one"
+                    ));
+                    self.from = None;
+                    return None;
+                }
             }
-            self.fresh = Some((id, dir, (data, work)));
         }
-        self.fresh.as_ref().map(|(_, _, dirs)| dirs.clone())
+        self.fresh.as_ref().map(|(_, dirs)| dirs.clone())
     }
 
     /// `stack` mounted with `mode`: when it was on the fresh upper, the old one is archived.
@@ -624,7 +657,7 @@ impl RollbackUpper {
         log: &mut Log,
     ) {
         let left = self.left_out(plan, stack);
-        let (Some((before, current)), Some((id, _, _))) = (&self.from, &self.fresh) else {
+        let (Some((before, current)), Some((id, _))) = (&self.from, &self.fresh) else {
             return;
         };
         if mode != UpperMode::Persistent || left.is_empty() {
@@ -654,9 +687,16 @@ impl RollbackUpper {
         state.current_upper = Some(id.clone());
     }
 
-    fn discard_unused(&mut self) {
-        if let Some((_, dir, _)) = self.fresh.take().filter(|_| !self.used) {
-            let _ = fs::remove_dir_all(dir);
+    /// The fresh upper this boot made and did not use goes again.
+    fn discard_unused(&mut self, store: &Store, log: &mut Log) {
+        if let Some((id, _)) = self.fresh.take().filter(|_| !self.used) {
+            let removed = store
+                .folder(Folder::Uppers)
+                .map_err(|e| e.to_string())
+                .and_then(|uppers| uppers.remove(&id).map_err(|e| e.to_string()));
+            if let Err(e) = removed {
+                log.say(format!("could not remove the unused fresh upper {id}: {e}"));
+            }
         }
     }
 }
@@ -666,7 +706,7 @@ fn tmpfs_upper(env: &BootEnv) -> Result<(PathBuf, PathBuf), String> {
     fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let mounted = fs::read_to_string("/proc/self/mountinfo")
         .map(|m| {
-            layers_spec::mount::parse_mountinfo(&m)
+            layers_store::mount::parse_mountinfo(&m)
                 .iter()
                 .any(|e| e.target == dir)
         })
@@ -688,67 +728,41 @@ fn tmpfs_upper(env: &BootEnv) -> Result<(PathBuf, PathBuf), String> {
     Ok((data, work))
 }
 
-/// Deletes what an interrupted store change left in `staging/` (the root may be read-only).
-fn clear_staging(store: &Path, log: &mut Log) {
-    let Ok(entries) = fs::read_dir(store.join("staging")) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        match remove_entry(&path) {
-            Ok(()) => log.debug(format!(
-                "removed {}, left by an interrupted change",
-                path.display()
-            )),
-            Err(e) => log.debug(format!("could not remove {}: {e}", path.display())),
-        }
-    }
-}
-
-/// A file, or a directory with everything in it.
-pub(crate) fn remove_entry(path: &Path) -> std::io::Result<()> {
-    if path.is_dir() {
-        fs::remove_dir_all(path)
-    } else {
-        fs::remove_file(path)
-    }
-}
-
-/// Deletes layers (and their manifests) that neither the plan (nor its previous copy, the
-/// fallback), nor the last good stack, nor a one-shot selection names: what compaction or
-/// removal left because the previous boot was using them, or an interrupted change left.
-/// Nothing is mounted from the store yet, so nothing uses them. Only with a plan read from its
-/// own file.
-fn clear_orphans(store: &Path, plan: &Plan, state: &BootState, log: &mut Log) {
-    let prev = spec_store::prev_plan_layers(store);
-    let named = |name: &str| {
-        plan.layer(name).is_some()
-            || prev.iter().any(|n| n == name)
-            || state.last_good.iter().any(|n| n == name)
-            || state.checkpoint.as_ref().is_some_and(|c| c.layer == name)
-            || state
-                .once
-                .as_ref()
-                .is_some_and(|o| o.layers.iter().any(|n| n == name))
-    };
-    for dir in ["layers", "manifests"] {
-        let Ok(entries) = fs::read_dir(store.join(dir)) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if named(&name) {
-                continue;
-            }
-            let path = entry.path();
-            match remove_entry(&path) {
-                Ok(()) => log.say(format!(
-                    "removed {}, which the plan no longer names",
+/// Deletes what an interrupted store change left (only what Strata named; the root may be
+/// read-only, then nothing is removed).
+fn clear_leftovers(store: &Store, log: &mut Log) {
+    match store.clear_leftovers() {
+        Ok((removed, kept)) => {
+            for path in removed {
+                log.debug(format!(
+                    "removed {}, left by an interrupted change",
                     path.display()
-                )),
-                Err(e) => log.debug(format!("could not remove {}: {e}", path.display())),
+                ));
+            }
+            for path in kept {
+                log.debug(format!(
+                    "{} was not made by Strata; it is kept",
+                    path.display()
+                ));
             }
         }
+        Err(e) => log.debug(format!(
+            "could not clear what interrupted changes left: {e}"
+        )),
+    }
+}
+
+/// Carries out the store's journal: layers a command let go and nothing needs any more are
+/// deleted (nothing is mounted from the store yet, so nothing uses them); a change cut short
+/// loses what it claimed. Only with a plan read from its own file. Nothing else is deleted.
+fn sweep(store: &Store, plan: &Plan, state: &mut BootState, log: &mut Log) {
+    match store.sweep(plan, state, &Default::default()) {
+        Ok(swept) => {
+            for (name, by) in swept.deleted {
+                log.say(format!("deleted layer {name}, which {by} let go"));
+            }
+        }
+        Err(e) => log.say(format!("could not delete the layers let go: {e}")),
     }
 }
 

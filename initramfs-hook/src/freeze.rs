@@ -9,11 +9,12 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use layers_spec::store as spec_store;
 use layers_spec::{BootState, Checkpoint, Layer, LayerState, Plan};
+use layers_store::Store;
+use layers_store::layout::{Folder, UPPER_DATA};
 use rustix::fs::{CWD, FileType, Mode};
 
-use crate::flow::{Log, remove_entry};
+use crate::flow::Log;
 
 /// The overlay xattrs a lower layer uses; every other `trusted.overlay.*` in an upper is the
 /// kernel's bookkeeping for that upper (origin, impure, uuid, …) and means nothing below it.
@@ -39,16 +40,25 @@ pub struct Cleaned {
 /// `overlayctl` writes the layer's manifest. The upper's data is never lost: what fails after
 /// the rename is undone (the upper boots as before and the next boot tries again), and the
 /// upper is only removed once its data is the layer the plan names.
-pub fn freeze_checkpoint(store: &Path, plan: &mut Plan, state: &mut BootState, log: &mut Log) {
+pub fn freeze_checkpoint(store: &Store, plan: &mut Plan, state: &mut BootState, log: &mut Log) {
     let Some(checkpoint) = state.checkpoint.clone().filter(|c| !c.frozen) else {
         return;
     };
     let name = checkpoint.layer.as_str();
-    let layer_dir = store.join("layers").join(name);
-    let upper_dir = store.join("uppers").join(&checkpoint.upper);
-    let data = upper_dir.join("data");
-    let data_there = fs::symlink_metadata(&data).is_ok_and(|m| m.is_dir());
-    let layer_there = fs::symlink_metadata(&layer_dir).is_ok();
+    // Each a real directory of the store, or the checkpoint waits (nothing is moved through a
+    // symlink).
+    let (layers, uppers) = match (store.folder(Folder::Layers), store.folder(Folder::Uppers)) {
+        (Ok(layers), Ok(uppers)) => (layers, uppers),
+        (Err(e), _) | (_, Err(e)) => {
+            log.say(format!("the checkpoint {name} waits: {e}"));
+            return;
+        }
+    };
+    let upper = uppers.sub(&checkpoint.upper).ok();
+    let layer_dir = layers.child_path(name);
+    let data = uppers.child_path(&checkpoint.upper).join(UPPER_DATA);
+    let data_there = upper.as_ref().is_some_and(|u| u.has_dir(UPPER_DATA));
+    let layer_there = layers.kind(name).ok().flatten().is_some();
     if data_there && plan.layer(name).is_some() {
         // Only a hand edit can put that name in the plan meanwhile: the upper is left alone.
         log.say(format!(
@@ -85,7 +95,14 @@ pub fn freeze_checkpoint(store: &Path, plan: &mut Plan, state: &mut BootState, l
             state.checkpoint = None;
             return;
         }
-        if data_there && let Err(e) = fs::rename(&data, &layer_dir) {
+        let Some(upper) = upper.as_ref() else {
+            log.say(format!(
+                "the checkpoint {name} waits: {} is missing or not a real directory",
+                uppers.child_path(&checkpoint.upper).display()
+            ));
+            return;
+        };
+        if data_there && let Err(e) = upper.rename_to(UPPER_DATA, &layers, name) {
             log.say(format!(
                 "the checkpoint {name} cannot be made ({e}); it is dropped, upper {} stays in use",
                 checkpoint.upper
@@ -95,7 +112,8 @@ pub fn freeze_checkpoint(store: &Path, plan: &mut Plan, state: &mut BootState, l
         }
         layers_spec::fault::point("checkpoint-renamed");
         let undo = |why: String, log: &mut Log| {
-            let back = fs::rename(&layer_dir, &data)
+            let back = layers
+                .rename_to(name, upper, UPPER_DATA)
                 .map(|()| format!("upper {} stays in use", checkpoint.upper))
                 .unwrap_or_else(|e| format!("and moving it back failed too ({e})"));
             log.say(format!(
@@ -130,12 +148,13 @@ pub fn freeze_checkpoint(store: &Path, plan: &mut Plan, state: &mut BootState, l
         let saved = if layers_spec::fault::fails("checkpoint-plan") {
             Err("injected failure".to_owned())
         } else {
-            spec_store::save_plan(store, plan).map_err(|e| e.to_string())
+            store.save_plan(plan).map_err(|e| e.to_string())
         };
         // A save can fail after the new plan is in place (flushing its directory): then the
         // layer stays, as the plan names it.
         let in_place = || {
-            spec_store::load_plan(store)
+            store
+                .load_plan()
                 .is_ok_and(|p| p.fell_back.is_none() && p.value.layer(name).is_some())
         };
         if let Err(e) = saved
@@ -153,7 +172,12 @@ pub fn freeze_checkpoint(store: &Path, plan: &mut Plan, state: &mut BootState, l
         "froze upper {} into layer {name}; a fresh upper {fresh} starts",
         checkpoint.upper
     ));
-    let _ = remove_entry(&upper_dir);
+    if let Err(e) = uppers.remove(&checkpoint.upper) {
+        log.say(format!(
+            "could not remove the rest of upper {}: {e}",
+            checkpoint.upper
+        ));
+    }
     layers_spec::fault::point("checkpoint-upper-removed");
     state.current_upper = Some(fresh);
     state.upper_stack.clear();
@@ -162,7 +186,7 @@ pub fn freeze_checkpoint(store: &Path, plan: &mut Plan, state: &mut BootState, l
         ..checkpoint
     });
     // Now, not after the mount: a boot that fails later must not pick yet another upper.
-    if let Err(e) = spec_store::save_state(store, state) {
+    if let Err(e) = store.save_state(state) {
         log.say(format!("could not save the boot state: {e}"));
     }
 }
@@ -170,14 +194,19 @@ pub fn freeze_checkpoint(store: &Path, plan: &mut Plan, state: &mut BootState, l
 /// With a plan read from its previous copy (the freeze cannot write the plan): a freeze cut
 /// short after its rename is moved back into the upper, so this boot runs on the upper's data
 /// and the checkpoint stays pending.
-pub fn undo_half_done(store: &Path, state: &BootState, log: &mut Log) {
+pub fn undo_half_done(store: &Store, state: &BootState, log: &mut Log) {
     let Some(checkpoint) = state.checkpoint.as_ref().filter(|c| !c.frozen) else {
         return;
     };
-    let layer_dir = store.join("layers").join(&checkpoint.layer);
-    let data = store.join("uppers").join(&checkpoint.upper).join("data");
-    if fs::symlink_metadata(&data).is_err() && fs::symlink_metadata(&layer_dir).is_ok() {
-        match fs::rename(&layer_dir, &data) {
+    let open = |f| store.existing_folder(f).ok().flatten();
+    let (Some(layers), Some(uppers)) = (open(Folder::Layers), open(Folder::Uppers)) else {
+        return;
+    };
+    let Some(upper) = uppers.sub(&checkpoint.upper).ok() else {
+        return;
+    };
+    if upper.kind(UPPER_DATA).ok().flatten().is_none() && layers.has_dir(&checkpoint.layer) {
+        match layers.rename_to(&checkpoint.layer, &upper, UPPER_DATA) {
             Ok(()) => log.say(format!(
                 "the checkpoint {} waits for a readable plan; upper {} is back in use",
                 checkpoint.layer, checkpoint.upper
@@ -221,7 +250,7 @@ fn checkpoint_layer(checkpoint: &Checkpoint, plan: &Plan, log: &mut Log) -> Laye
 
 /// The lowest upper number with no directory in `uppers/` that the state does not name
 /// (current, archived, or being frozen).
-pub fn first_free_upper(store: &Path, state: &BootState) -> String {
+pub fn first_free_upper(store: &Store, state: &BootState) -> String {
     let named = |id: &str| {
         state.current_upper.as_deref() == Some(id)
             || state.checkpoint.as_ref().is_some_and(|c| c.upper == id)
@@ -229,7 +258,7 @@ pub fn first_free_upper(store: &Path, state: &BootState) -> String {
     };
     (1..)
         .map(|n: u32| n.to_string())
-        .find(|id| !named(id) && fs::symlink_metadata(store.join("uppers").join(id)).is_err())
+        .find(|id| !named(id) && fs::symlink_metadata(store.path_of(Folder::Uppers, id)).is_err())
         .expect("some number is free")
 }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use layers_spec::{BootOverrides, resolve, store};
+use layers_spec::{BootOverrides, resolve};
 
 pub use flow::DEFAULT_STORE;
 
@@ -158,25 +158,25 @@ pub fn resolve_report(sysroot: &Path, cmdline: &str) -> Result<String> {
     for problem in &problems {
         report += &format!("strata: ignoring {problem}\n");
     }
-    let store_dir = sysroot.join(
-        overrides
-            .store
-            .as_deref()
-            .unwrap_or(DEFAULT_STORE)
-            .trim_start_matches('/'),
-    );
-    let plan = store::load_plan(&store_dir)
+    // Symlinks on the way resolve inside SYSROOT, as they will when it is `/`.
+    let store = layers_store::Store::open_in_root(
+        sysroot,
+        Path::new(overrides.store.as_deref().unwrap_or(DEFAULT_STORE)),
+    )?;
+    let store_dir = store.path();
+    let plan = store
+        .load_plan()
         .with_context(|| format!("loading the plan from {}", store_dir.display()))?;
     if let Some(why) = &plan.fell_back {
         report += &format!("strata: using {} because {why}\n", plan.path.display());
     }
-    let state = store::load_state(&store_dir)
+    let state = store
+        .load_state()
         .with_context(|| format!("loading the boot state from {}", store_dir.display()))?;
     if let Some(why) = &state.fell_back {
         report += &format!("strata: using {} because {why}\n", state.path.display());
     }
-    let layers = store_dir.join("layers");
-    let present = |name: &str| layers.join(name).is_dir();
+    let present = |name: &str| store.layer_present(name);
     let resolution = resolve(&plan.value, &state.value, &overrides, Some(&present));
     report += &boot_ui::describe(&plan.value, &resolution);
     report += &format!(

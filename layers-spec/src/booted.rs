@@ -7,9 +7,6 @@ use toml::value::Datetime;
 use crate::error::PlanError;
 use crate::plan::{UpperMode, check_version};
 
-/// Where the hook writes the record in the booted system.
-pub const BOOTED_RECORD: &str = "/run/strata/booted.toml";
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Booted {

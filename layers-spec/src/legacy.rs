@@ -188,7 +188,13 @@ mod tests {
     fn summary(plan: &Plan) -> Vec<(&str, &str, LayerState)> {
         plan.layers
             .iter()
-            .map(|l| (l.name.as_str(), l.display_title(), l.state))
+            .map(|l| {
+                (
+                    l.name.as_str(),
+                    l.title.as_deref().unwrap_or(&l.name),
+                    l.state,
+                )
+            })
             .collect()
     }
 

@@ -2,8 +2,8 @@
 //! `.overlayplan` import, kernel command-line overrides, boot state, and the pure function that
 //! turns all of them into the stack of layers to mount.
 //!
-//! Parsers take text and resolution is pure; [`store`] is the thin layer that reads and writes
-//! the files atomically, and [`mount`] mounts a stack (shared by the hook and `overlayctl`).
+//! Parsers take text and resolution is pure: reading and writing the files, and mounting, live
+//! in the `layers-store` crate.
 
 pub mod age;
 pub mod booted;
@@ -12,23 +12,21 @@ pub mod error;
 pub mod fault;
 pub mod legacy;
 pub mod lock;
-pub mod mount;
 pub mod name;
 pub mod plan;
 pub mod resolve;
 pub mod size;
 pub mod state;
-pub mod store;
 
 pub use age::Age;
 pub use booted::Booted;
 pub use cmdline::{BootOverrides, CmdlineProblem};
 pub use error::{Location, NameProblem, PlanError};
-pub use name::check_name;
+pub use name::{check_name, printable};
 pub use plan::{
     BootSettings, Layer, LayerState, MenuMode, OnRollback, Plan, Policy, UpperMode, UpperSettings,
 };
 pub use resolve::{LeftOut, Note, Reason, Resolution, resolve};
 pub use size::ByteSize;
-pub use state::{ArchivedUpper, BootState, Checkpoint, LastBoot, OneShot};
+pub use state::{ArchivedUpper, BootState, Checkpoint, LastBoot, OneShot, StoreRecord};
 pub use toml::value::Datetime;

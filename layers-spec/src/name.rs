@@ -94,3 +94,40 @@ mod tests {
         );
     }
 }
+
+/// `text` as it may reach a terminal: control characters (escape sequences, carriage returns,
+/// bidirectional overrides) written as `\u{..}` escapes, so a title cannot move the cursor,
+/// retitle the window or hide what follows it.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char =
+        |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars()
+        .map(|c| {
+            if unsafe_char(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+#[cfg(test)]
+mod printable_tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(printable("Security fixes"), "Security fixes");
+        assert_eq!(
+            printable("X\u{1b}]0;pwned\u{7}\u{1b}[2J"),
+            "X\\u{1b}]0;pwned\\u{7}\\u{1b}[2J"
+        );
+        assert_eq!(printable("a\u{202e}b\r\n"), "a\\u{202e}b\\u{d}\\u{a}");
+        assert_eq!(printable("Überarbeitung ✓"), "Überarbeitung ✓");
+    }
+}

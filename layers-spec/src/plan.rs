@@ -204,9 +204,10 @@ impl Layer {
         self.state = state;
     }
 
-    /// The title, or the name when the layer has none.
-    pub fn display_title(&self) -> &str {
-        self.title.as_deref().unwrap_or(&self.name)
+    /// The title, or the name when the layer has none, safe to print (see
+    /// [`crate::name::printable`]).
+    pub fn display_title(&self) -> std::borrow::Cow<'_, str> {
+        crate::name::printable(self.title.as_deref().unwrap_or(&self.name))
     }
 }
 

@@ -50,6 +50,36 @@ pub struct BootState {
     /// Uppers a rollback set aside (`[upper] on_rollback = "fresh"`), oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub archived_uppers: Vec<ArchivedUpper>,
+    /// Layers a change is putting into `layers/` before the plan names them. Recorded before
+    /// the layer's directory is made, dropped once the plan names it; a claim the plan never
+    /// came to name was cut short, and its directory is deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claimed: Vec<StoreRecord>,
+    /// Layers a command let go (`remove`, a compaction's replaced layers, the policy).
+    /// Recorded before the plan stops naming them; each is deleted once nothing needs it (the
+    /// running boot, the last good stack, a one-shot selection). Nothing else in `layers/` is
+    /// ever deleted: a directory nobody recorded is kept and shown as not in the plan.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released: Vec<StoreRecord>,
+}
+
+/// A layer named in the store's journal ([`BootState::claimed`], [`BootState::released`]),
+/// and the command that did it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreRecord {
+    #[serde(deserialize_with = "crate::name::de_layer_name")]
+    pub layer: String,
+    pub by: String,
+}
+
+impl StoreRecord {
+    pub fn new(layer: impl Into<String>, by: impl Into<String>) -> Self {
+        Self {
+            layer: layer.into(),
+            by: by.into(),
+        }
+    }
 }
 
 /// A persistent upper a rollback set aside: kept with the stack it was last used over, so
@@ -119,6 +149,8 @@ impl Default for BootState {
             last_boot: None,
             checkpoint: None,
             archived_uppers: Vec::new(),
+            claimed: Vec::new(),
+            released: Vec::new(),
         }
     }
 }
@@ -171,6 +203,21 @@ impl BootState {
         Ok(text)
     }
 
+    /// Whether the journal records `name` as claimed or released.
+    pub fn journals(&self, name: &str) -> bool {
+        self.claimed
+            .iter()
+            .chain(&self.released)
+            .any(|r| r.layer == name)
+    }
+
+    /// Records that `by` lets the layer `name` go (once: a second record is not added).
+    pub fn release(&mut self, name: &str, by: &str) {
+        if !self.released.iter().any(|r| r.layer == name) {
+            self.released.push(StoreRecord::new(name, by));
+        }
+    }
+
     /// Boots tried so far by a trial layer.
     pub fn tries(&self, layer: &str) -> u32 {
         self.trial_tries.get(layer).copied().unwrap_or(0)
@@ -208,6 +255,8 @@ mod tests {
                 id: "2".into(),
                 layers: vec!["b".into(), "base".into()],
             }],
+            claimed: vec![StoreRecord::new("new-1", "add-layer")],
+            released: vec![StoreRecord::new("old-1", "remove")],
         }
     }
 

@@ -14,7 +14,7 @@ use crate::engine::delta::Compare;
 use crate::engine::{Layer, Manifest, XattrNs};
 use crate::ops::{self, NewLayer};
 use crate::status::next_boot;
-use crate::store::{Store, StoreLock, remove_path};
+use crate::store::{Store, StoreLock};
 use crate::{
     AddLayerOpts, BundleCommand, CheckOpts, CheckpointOpts, CompactOpts, DiffOpts,
     ImportLegacyOpts, InitOpts, KeysCommand, KnownGoodOpts, MenuLockOpts, PolicyOpts, RemoveOpts,
@@ -38,7 +38,7 @@ fn open_for_change(root: &Path) -> Result<Change> {
     if let Some(why) = loaded.fell_back {
         bail!(
             "the plan cannot be read ({why}); nothing was changed. Repair {} or copy overlayplan.toml.prev over it",
-            store.root.join(layers_spec::store::PLAN_FILE).display()
+            store.root.join(layers_store::layout::PLAN_FILE).display()
         );
     }
     let mut plan = loaded.value;
@@ -300,15 +300,15 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
                 ),
                 None => None,
             };
-            let from_store = from.join(layers_spec::store::PLAN_FILE).is_file();
+            let from_store = from.join(layers_store::layout::PLAN_FILE).is_file();
             ensure!(
                 from_store || from_layer.is_none(),
                 "--from-layer needs --from to be a store (a directory with {}); {} is a tree",
-                layers_spec::store::PLAN_FILE,
+                layers_store::layout::PLAN_FILE,
                 from.display()
             );
             ensure!(
-                !to.join(layers_spec::store::PLAN_FILE).is_file(),
+                !to.join(layers_store::layout::PLAN_FILE).is_file(),
                 "{} is a Strata store; --to takes the new system as a plain tree",
                 to.display()
             );
@@ -730,6 +730,15 @@ pub fn remove(root: &Path, opts: &RemoveOpts, json: bool, out: &mut dyn Write) -
         }
         (None, None) => bail!("name a layer to remove, or --upper ID"),
     };
+    if change.plan.layer(&layer).is_none()
+        && change
+            .store
+            .unaccounted_layers(&change.plan, &change.state)
+            .iter()
+            .any(|(n, _)| n == &layer)
+    {
+        return remove_unaccounted(&mut change, &layer, json, out);
+    }
     let i = layer_index(&change.plan, &layer)?;
     if change.store.in_use(&layer)? {
         bail!(
@@ -741,6 +750,17 @@ pub fn remove(root: &Path, opts: &RemoveOpts, json: bool, out: &mut dyn Write) -
         bail!(
             "{} is the only layer of the plan; a plan needs at least one",
             layer
+        );
+    }
+    if change.plan.layers[i].known_good
+        && !change
+            .plan
+            .layers
+            .iter()
+            .any(|l| l.known_good && l.name != layer)
+    {
+        bail!(
+            "{layer} is the plan's only known-good layer, the fallback a boot reaches when everything else fails; it is never removed, --force or not. Mark another layer known-good first (`overlayctl known-good NAME`)"
         );
     }
     let built_on: Vec<String> = change.plan.layers[..i]
@@ -778,8 +798,9 @@ pub fn remove(root: &Path, opts: &RemoveOpts, json: bool, out: &mut dyn Write) -
     change.plan.layers.remove(i);
     change.state.last_good.retain(|name| name != &layer);
     change.state.trial_tries.remove(&layer);
+    // Let go in the journal before the plan stops naming it; deleted once nothing needs it.
+    change.state.release(&layer, "remove");
     change.store.save_state(&change.state)?;
-    // The plan stops naming the layer first; only then does its directory go.
     finish(
         &change,
         std::slice::from_ref(&layer),
@@ -787,8 +808,34 @@ pub fn remove(root: &Path, opts: &RemoveOpts, json: bool, out: &mut dyn Write) -
         json,
         out,
     )?;
-    remove_path(&change.store.layer_dir(&layer))?;
-    remove_path(&change.store.manifest_path(&layer))
+    change.store.sweep(&change.plan, &mut change.state)
+}
+
+/// `remove NAME` of a directory in `layers/` that the plan does not name and nobody recorded
+/// (a layer renamed in the plan by hand, or left out by an import): the explicit command that
+/// deletes it.
+fn remove_unaccounted(
+    change: &mut Change,
+    name: &str,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
+    if change.store.in_use(name)? {
+        bail!("{name} is in a mounted stack; unmount it (or reboot without it) first");
+    }
+    let path = change.store.layer_dir(name);
+    change.state.release(name, "remove");
+    change.store.save_state(&change.state)?;
+    change.store.sweep(&change.plan, &mut change.state)?;
+    if json {
+        return write_json(out, &serde_json::json!({ "removed_unplanned": name }));
+    }
+    writeln!(
+        out,
+        "removed {}, which the plan did not name",
+        path.display()
+    )?;
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -823,6 +870,16 @@ pub fn verify(root: &Path, only: Option<&str>, json: bool, out: &mut dyn Write) 
                 Some(problem) => writeln!(out, "{}: {problem}", r.layer)?,
             }
         }
+        if only.is_none() {
+            let (state, _) = store.state_for_report();
+            for (name, what) in store.unaccounted_layers(&plan, &state) {
+                let what = what.map(|w| format!(" ({w})")).unwrap_or_default();
+                writeln!(
+                    out,
+                    "{name}: not in the plan{what}; kept (`overlayctl remove {name}` deletes it)"
+                )?;
+            }
+        }
     }
     let bad: Vec<&str> = results
         .iter()
@@ -843,8 +900,14 @@ pub fn verify(root: &Path, only: Option<&str>, json: bool, out: &mut dyn Write) 
 /// `None` when the layer matches its recorded digest.
 fn verify_layer(store: &Store, layer: &layers_spec::Layer) -> Result<Option<String>> {
     let dir = store.layer_dir(&layer.name);
-    if !dir.is_dir() {
-        return Ok(Some(format!("missing: {} does not exist", dir.display())));
+    if !store.layer_present(&layer.name) {
+        let layers = store.folder(crate::store::Folder::Layers)?;
+        return Ok(Some(match layers.sub(&layer.name) {
+            Err(e) if layers.kind(&layer.name)?.is_some() => {
+                format!("{e}; the boot does not mount it")
+            }
+            _ => format!("missing: {} does not exist", dir.display()),
+        }));
     }
     let Some(recorded) = &layer.digest else {
         return Ok(Some(
@@ -877,7 +940,7 @@ pub fn check(root: &Path, opts: &CheckOpts, json: bool, out: &mut dyn Write) -> 
     let path = opts
         .file
         .clone()
-        .unwrap_or_else(|| layers_spec::store::plan_path(root));
+        .unwrap_or_else(|| root.join(layers_store::layout::PLAN_FILE));
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let plan = Plan::parse(&text, &path.display().to_string())?;
     if json {
@@ -906,7 +969,7 @@ pub fn import_legacy(
     let plan = legacy::import(&text, &opts.file.display().to_string())?;
     let store = Store::open(root)?;
     let _lock = store.lock()?;
-    let target = layers_spec::store::plan_path(root);
+    let target = root.join(layers_store::layout::PLAN_FILE);
     if target.exists() && !opts.force {
         bail!(
             "{} already exists; pass --force to replace it (the old plan is kept as .prev)",
@@ -1118,9 +1181,10 @@ pub fn diff(root: &Path, opts: &DiffOpts, json: bool, out: &mut dyn Write) -> Re
         )?;
         return Ok(());
     }
-    let known = ops::known_hashes(&store, &a_names, &a_layers)
+    let plan = store.plan()?.value;
+    let known = ops::known_hashes(&store, &plan, &a_names, &a_layers)
         .into_iter()
-        .chain(ops::known_hashes(&store, &b_names, &b_layers))
+        .chain(ops::known_hashes(&store, &plan, &b_names, &b_layers))
         .collect();
     let changes = crate::diff::files(&a, &b, &known)?;
     if json {

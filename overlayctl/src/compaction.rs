@@ -160,7 +160,7 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     let below = Below::open(below_dirs, XattrNs::Trusted).context("opening the layers below")?;
     let made = compact(&run_layers, &below);
 
-    let staged = store.staging_path(&name);
+    let staged = store.staging_path(&name)?;
     let copy = link_layer(
         &made.tree,
         &|rel| run_layers[made.sources[rel]].root.join(rel),
@@ -170,7 +170,7 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     .with_context(|| format!("writing the compacted layer into {}", staged.display()))?;
     layers_spec::fault::point("compact-staged");
     // The manifest from the run's manifests: the files are the run's, so their hashes are known.
-    let known = crate::ops::known_hashes(store, &replaced, &run_layers);
+    let known = crate::ops::known_hashes(store, &plan, &replaced, &run_layers);
     // The manifest of the tree just written (links keep the run's files as they were, and
     // directories, whiteouts and copies got the tree's metadata), not of a second walk of it.
     let written = Layer {
@@ -190,6 +190,12 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     .with_context(|| format!("hashing {}", staged.display()))?;
     let staged_manifest = staged.with_extension("manifest");
     write_synced(&staged_manifest, manifest.text.as_bytes())?;
+    // The journal first: the new layer claimed (deleted if the plan never comes to name it),
+    // the run let go (deleted once the plan no longer names it and nothing needs it).
+    for old in &replaced {
+        state.release(old, "compact");
+    }
+    store.claim(&mut state, &name, "compact")?;
     install(store, &staged, &staged_manifest, &name)?;
     layers_spec::fault::point("compact-installed");
 
@@ -225,7 +231,9 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     // The boot state: a stack that named the whole run names the new layer instead (until
     // then, the plan's `replaces` lets the hook read the old names). A last good stack with
     // part of the run keeps those layers until the next good boot replaces it.
-    let mut state_changed = replace_run(&mut state.last_good, &replaced, &name) == Named::Whole;
+    state.claimed.retain(|r| r.layer != name);
+    let mut state_changed = true;
+    state_changed |= replace_run(&mut state.last_good, &replaced, &name) == Named::Whole;
     if let Some(once) = &mut state.once {
         state_changed |= replace_run(&mut once.layers, &replaced, &name) == Named::Whole;
     }
@@ -241,11 +249,10 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     }
     layers_spec::fault::point("compact-state");
 
-    // The old layers go by the store's one rule for layers the plan no longer names (which
-    // also refreshes the previous plan, the fallback, first): unless a mounted stack, the last
-    // good stack or a one-shot selection has them; then the next command or boot that finds
-    // them unused deletes them.
-    store.clean_orphans(&plan, &state)?;
+    // The old layers go by the journal (which also refreshes the previous plan, the fallback,
+    // first): unless a mounted stack, the last good stack or a one-shot selection has them;
+    // then the next command or boot that finds them unused deletes them.
+    store.sweep(&plan, &mut state)?;
     let (pending, deleted): (Vec<String>, Vec<String>) = replaced
         .iter()
         .cloned()

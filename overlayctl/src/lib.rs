@@ -119,7 +119,7 @@ pub struct RunOpts {
     /// The layer's name [default: run- and the time].
     #[arg(long)]
     pub name: Option<String>,
-    #[arg(long)]
+    #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
     /// Keep what a failed command changed (its upper) and say where, instead of discarding it.
     #[arg(long)]
@@ -134,7 +134,7 @@ pub struct CheckpointOpts {
     /// The layer's name [default: checkpoint- and the time].
     #[arg(long)]
     pub name: Option<String>,
-    #[arg(long)]
+    #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
 }
 
@@ -181,7 +181,7 @@ pub struct CompactOpts {
     #[arg(long)]
     pub name: Option<String>,
     /// [default: the top layer's title]
-    #[arg(long)]
+    #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
 }
 
@@ -193,7 +193,7 @@ pub struct InitOpts {
     /// The base layer's name.
     #[arg(long, default_value = "base")]
     pub name: String,
-    #[arg(long)]
+    #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
     /// Rename DIR into the store instead of copying it (same filesystem only).
     #[arg(long = "move")]
@@ -217,7 +217,7 @@ pub struct AddLayerOpts {
     /// The layer's name [default: DIR's file name]
     #[arg(long)]
     pub name: Option<String>,
-    #[arg(long)]
+    #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
     /// The layer it was built on [default: the current top layer]
     #[arg(long)]
@@ -246,7 +246,7 @@ pub struct SyncOpts {
     /// The layer's name [default: TARGET's file name]
     #[arg(long)]
     pub name: Option<String>,
-    #[arg(long)]
+    #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
     /// Compare file contents by hash, not by size and modification time alone.
     #[arg(long)]
@@ -453,6 +453,18 @@ pub(crate) fn name_from_path(path: &Path) -> Option<String> {
     layers_spec::check_name(name)
         .is_ok()
         .then(|| name.to_owned())
+}
+
+/// A layer title from the command line: printable text only (no escape sequences or other
+/// control characters, which would reach every terminal `status` and the boot menu draw on).
+fn parse_title(text: &str) -> Result<String, String> {
+    match text.chars().find(|c| c.is_control()) {
+        Some(c) => Err(format!(
+            "the title has the control character {:?}; a title is one line of printable text",
+            c
+        )),
+        None => Ok(text.to_owned()),
+    }
 }
 
 #[cfg(test)]

@@ -7,10 +7,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use layers_spec::mount::{
+use layers_spec::{BootOverrides, check_name, resolve};
+use layers_store::mount::{
     MountApi, OverlaySpec, SOURCE_PREFIX, mount_overlay, strata_mount_at, unmount,
 };
-use layers_spec::{BootOverrides, check_name, resolve};
 use rustix::mount::MountFlags;
 
 use crate::store::{Store, UPPERS, booted_record_path};

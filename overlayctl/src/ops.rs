@@ -12,7 +12,7 @@ use layers_spec::{BootState, Layer as PlanLayer, LayerState, Plan, check_name};
 use crate::engine::copy::{CopyStats, copy_layer, link_layer};
 use crate::engine::delta::{Compare, DeltaStats, delta};
 use crate::engine::{Kind, Layer, Manifest, MergedView, Node, XattrNs};
-use crate::store::{self, Store, remove_path};
+use crate::store::{self, Store};
 
 /// What a new layer is called and how the plan takes it.
 #[derive(Debug, Clone)]
@@ -89,7 +89,7 @@ fn stage_and_install(
     name: &str,
     files: Files,
 ) -> Result<(String, CopyStats)> {
-    let staged = store.staging_path(name);
+    let staged = store.staging_path(name)?;
     let staging = staged.parent().expect("staging paths have a parent");
     let staged_name = staged.file_name().expect("staging paths have a name");
     let stats = match files {
@@ -176,13 +176,13 @@ pub(crate) fn finish_pending(store: &Store, plan: &mut Plan, state: &mut BootSta
         store.save_state(state)?;
     }
     crate::run::clean_stale_runs(store)?;
-    store.clean_orphans(plan, state)
+    store.sweep(plan, state)
 }
 
 /// Writes the manifest of a layer already in `layers/`; returns its digest.
 fn seal(store: &Store, name: &str) -> Result<String> {
     let (digest, text) = manifest_of(&store.layer_dir(name))?;
-    let staged = store.staging_path(name).with_extension("manifest");
+    let staged = store.staging_path(&format!("{name}.manifest"))?;
     write_synced(&staged, text.as_bytes())?;
     install_manifest(store, &staged, name)?;
     Ok(digest)
@@ -203,15 +203,19 @@ pub fn init(root: &Path, base: &Path, layer: &NewLayer, move_base: bool) -> Resu
         if move_base && moved.exists() && !base.exists() {
             let _ = fs::rename(&moved, base);
         }
-        let cleared = if existed {
-            fs::read_dir(root)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .try_for_each(|e| remove_path(&e.path()))
-        } else {
-            remove_path(root)
-        };
+        // The directory was new or empty: everything in it is this command's.
+        let top = store.handle().root();
+        let cleared = top
+            .names()
+            .and_then(|names| names.iter().try_for_each(|n| top.remove(n).map(drop)))
+            .map_err(anyhow::Error::from)
+            .and_then(|()| {
+                if existed {
+                    Ok(())
+                } else {
+                    fs::remove_dir(root).with_context(|| format!("removing {}", root.display()))
+                }
+            });
         if let Err(e) = cleared {
             log::warn!("could not clear the unfinished store: {e:#}");
         }
@@ -238,7 +242,7 @@ fn init_store(
         })?;
         Store::sync_dir(&store.root.join(store::LAYERS))?;
         let (digest, text) = manifest_of(&target)?;
-        let staged_manifest = store.staging_path(&layer.name).with_extension("manifest");
+        let staged_manifest = store.staging_path(&format!("{}.manifest", layer.name))?;
         write_synced(&staged_manifest, text.as_bytes())?;
         fs::rename(&staged_manifest, store.manifest_path(&layer.name))
             .context("moving the manifest into place")?;
@@ -304,6 +308,12 @@ pub fn add_built_layer(
             layer.name
         );
     }
+    // Said before anything is read or copied.
+    ensure!(
+        plan.layers.len() < layers_spec::plan::MAX_STACK as usize,
+        "the plan has {} layers, the most a stack can have; compact some (`overlayctl compact`) or remove some first; nothing was added",
+        plan.layers.len()
+    );
     if state
         .checkpoint
         .as_ref()
@@ -328,21 +338,23 @@ pub fn add_built_layer(
         Some(_) => {}
         None => layer.parent = plan.layers.first().map(|l| l.name.clone()),
     }
+    let target = store.layer_dir(&layer.name);
+    if fs::symlink_metadata(&target).is_ok() {
+        bail!(
+            "{} exists (a layer let go but still needed, or a directory the plan does not name); choose another --name",
+            target.display()
+        );
+    }
     let source = build(&plan, &state, &mut layer)?;
     if files == Files::Copy {
         // Linked files are written already (their builder checked the room first).
         check_room(store, &plan, source.tree.content_bytes())?;
     }
-    let target = store.layer_dir(&layer.name);
-    if fs::symlink_metadata(&target).is_ok() {
-        bail!(
-            "{} exists and is kept (it is in the last good stack); choose another --name",
-            target.display()
-        );
-    }
+    store.claim(&mut state, &layer.name, "add-layer")?;
     let (digest, stats) = stage_and_install(store, &source, &layer.name, files)?;
     plan.layers.insert(0, plan_layer(&layer, &digest));
     store.save_plan(&plan)?;
+    store.commit_claim(&mut state, &layer.name)?;
     Ok(Added {
         name: layer.name.clone(),
         digest,
@@ -414,12 +426,13 @@ pub fn read_stack_at(store: &Store, top: Option<&str>) -> Result<(Vec<String>, V
 /// files whose size still matches (any other is hashed by reading, as without a manifest).
 pub fn known_hashes(
     store: &Store,
+    plan: &Plan,
     stack: &[String],
     layers: &[Layer],
 ) -> std::collections::HashMap<std::path::PathBuf, String> {
     let mut known = std::collections::HashMap::new();
     for (name, layer) in stack.iter().zip(layers) {
-        let Ok(text) = fs::read_to_string(store.manifest_path(name)) else {
+        let Some(text) = store.checked_manifest(plan, name) else {
             continue;
         };
         for (rel, (size, hash)) in (Manifest { text }).file_hashes() {
@@ -534,14 +547,14 @@ pub fn add_bundle(
             trusted.len()
         );
     }
-    let scratch = store.staging_path("bundle");
+    let scratch = store.staging_path("bundle")?;
     let result = add_built_layer(store, layer, Files::Link, &mut |plan, state, layer| {
         let (stack, layers) = read_next_stack(store, plan, state)?;
         let view = MergedView::new(&layers);
         // The stack's files hash as their layers' manifests say (recorded when each layer came
         // in; `verify` checks them), so the base digest reads no file; a file a delta or patch
         // is applied to is checked against its own hash when read.
-        let mut known = known_hashes(store, &stack, &layers);
+        let mut known = known_hashes(store, plan, &stack, &layers);
         let base = crate::bundle::tree_digest(&view, &mut |rel, node| {
             crate::bundle::hash_by_reading(&view, &mut known, rel, node)
         })?;
@@ -584,7 +597,9 @@ pub fn add_bundle(
         );
         Ok(with.swap_remove(0))
     });
-    let _ = remove_path(&scratch);
+    if let Err(e) = store.remove_staged(&scratch) {
+        log::warn!("{e:#}");
+    }
     Ok(FromBundle {
         added: result?,
         signers,

@@ -15,18 +15,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail, ensure};
-use layers_spec::mount::{OverlaySpec, SOURCE_PREFIX, mount_overlay};
 use layers_spec::{LayerState, check_name};
+use layers_store::mount::{OverlaySpec, SOURCE_PREFIX, mount_overlay};
 use rustix::fd::OwnedFd;
 use rustix::fs::{FlockOperation, Mode, OFlags, flock};
 
 use crate::engine::{Kind, Node};
 use crate::ops::{self, Added, Files, NewLayer};
-use crate::store::{Store, remove_path};
-
-/// Where runs keep their upper while the command runs (not `staging/`, which any command that
-/// takes the store's lock clears).
-pub const RUNS: &str = "runs";
+use crate::store::Store;
 
 /// What a run did.
 #[derive(Debug)]
@@ -83,7 +79,8 @@ pub fn run(
         plan.policy.min_free
     );
 
-    let scratch = store.root.join(RUNS).join(&layer.name);
+    let runs = store.folder(crate::store::Folder::Runs)?;
+    let scratch = runs.child_path(&layer.name);
     // Under the store's lock, so no other command takes the new run for a stale one.
     let store_lock = store.lock()?;
     clean_stale_runs(store)?;
@@ -97,10 +94,12 @@ pub fn run(
         scratch.join("work"),
         scratch.join("root"),
     );
+    // The lock file first: it marks the directory as a run's (see `clean_stale_runs`).
+    fs::create_dir(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let _alive = lock_run(&scratch)?;
     for dir in [&upper, &work, &root] {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let _alive = lock_run(&scratch)?;
     drop(store_lock);
     // The parent outlives Ctrl-C (the terminal sends it to the command too) to clean up.
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -144,12 +143,12 @@ pub fn run(
                 kept: Some(upper),
             });
         }
-        remove_path(&scratch)?;
+        runs.remove(&layer.name)?;
         return Ok(Outcome::Failed { why, kept: None });
     }
 
     let result = add_upper(store, layer, &stack, &upper);
-    remove_path(&scratch)?;
+    runs.remove(&layer.name)?;
     result
 }
 
@@ -177,17 +176,26 @@ fn lock_run(scratch: &Path) -> Result<OwnedFd> {
 }
 
 /// Removes what runs whose processes are all gone (killed, or a power cut) left in `runs/`;
-/// runs kept with `--keep-on-failure` stay.
+/// runs kept with `--keep-on-failure` stay, and so does anything without a run's lock file
+/// (not made by a run).
 pub(crate) fn clean_stale_runs(store: &Store) -> Result<()> {
-    let runs = store.root.join(RUNS);
-    let Ok(entries) = fs::read_dir(&runs) else {
+    let Some(runs) = store.handle().existing_folder(crate::store::Folder::Runs)? else {
         return Ok(());
     };
-    for entry in entries {
-        let dir = entry
-            .with_context(|| format!("reading {}", runs.display()))?
-            .path();
-        if dir.join(KEPT).exists() {
+    for name in runs.names()? {
+        let dir = runs.child_path(&name);
+        let Ok(run) = runs.sub(&name) else {
+            log::warn!("{} is not a run's directory; it is kept", dir.display());
+            continue;
+        };
+        if run.kind(KEPT)?.is_some() {
+            continue;
+        }
+        if run.kind(LIVE_LOCK)? != Some(rustix::fs::FileType::RegularFile) {
+            log::warn!(
+                "{} was not made by `overlayctl run`; it is kept",
+                dir.display()
+            );
             continue;
         }
         let alive = rustix::fs::open(
@@ -199,7 +207,7 @@ pub(crate) fn clean_stale_runs(store: &Store) -> Result<()> {
         if !alive {
             log::info!("removing {}, left by a run that was stopped", dir.display());
             // Never in the way of the change that called this.
-            if let Err(e) = remove_path(&dir) {
+            if let Err(e) = runs.remove(&name) {
                 log::warn!("{e:#}");
             }
         }

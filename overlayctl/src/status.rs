@@ -84,16 +84,13 @@ fn package_changes(store: &Store, plan: &Plan) -> BTreeMap<String, String> {
 
 /// Layer directories the plan no longer names (compacted or removed while in use, or left by
 /// an interrupted change): deleted by the next command or boot that finds them unused.
-pub fn pending_deletion(store: &Store, plan: &Plan) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(store.root.join(crate::store::LAYERS))
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|name| plan.layer(name).is_none())
-                .collect()
-        })
-        .unwrap_or_default();
+pub fn pending_deletion(store: &Store, plan: &Plan, state: &BootState) -> Vec<String> {
+    let mut names: Vec<String> = state
+        .released
+        .iter()
+        .map(|r| r.layer.clone())
+        .filter(|name| plan.layer(name).is_none() && store.layer_present(name))
+        .collect();
     names.sort();
     names
 }
@@ -118,6 +115,10 @@ struct StatusJson<'a> {
     layers: Vec<LayerJson<'a>>,
     /// Layers no longer in the plan, waiting until unused to be deleted.
     pending_deletion: Vec<PendingJson<'a>>,
+    /// Directories in `layers/` that the plan does not name and nobody recorded: kept.
+    not_in_plan: Vec<&'a str>,
+    /// What could not be read (a damaged boot state or boot record), in words.
+    problems: &'a [String],
     next_boot: &'a [String],
     current_boot: Option<&'a [String]>,
     notes: Vec<String>,
@@ -167,10 +168,15 @@ pub fn status(root: &Path, json: bool, verbose: bool, out: &mut dyn Write) -> Re
     let store = Store::open(root)?;
     let loaded = store.plan()?;
     let plan = &loaded.value;
-    let state = store.state()?;
-    let booted = store.booted()?;
+    let (state, state_problem) = store.state_for_report();
+    let (booted, booted_problem) = match store.booted() {
+        Ok(booted) => (booted, None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
     let next = next_boot(&store, plan, &state);
-    let pending = pending_deletion(&store, plan);
+    let pending = pending_deletion(&store, plan, &state);
+    let unaccounted = store.unaccounted_layers(plan, &state);
+    let problems: Vec<String> = state_problem.into_iter().chain(booted_problem).collect();
     let spaces = spaces(&store, plan, &pending);
     if json {
         let report = StatusJson {
@@ -189,10 +195,11 @@ pub fn status(root: &Path, json: bool, verbose: bool, out: &mut dyn Write) -> Re
                     parent: l.parent.as_deref(),
                     created: l.created.map(|c| c.to_string()),
                     digest: l.digest.as_deref(),
-                    size: spaces
-                        .get(&l.name)
-                        .map(|s| s.size)
-                        .or_else(|| layers_spec::store::layer_content_size(root, &l.name)),
+                    size: spaces.get(&l.name).map(|s| s.size).or_else(|| {
+                        layers_store::Store::open(root)
+                            .ok()
+                            .and_then(|s| s.layer_content_size(&l.name))
+                    }),
                     frees: spaces.get(&l.name).map(|s| s.frees),
                     next_boot: next.stack.contains(&l.name),
                     current_boot: booted.as_ref().is_some_and(|b| b.stack.contains(&l.name)),
@@ -221,6 +228,8 @@ pub fn status(root: &Path, json: bool, verbose: bool, out: &mut dyn Write) -> Re
                 })
                 .collect(),
             checkpoint: state.checkpoint.as_ref(),
+            not_in_plan: unaccounted.iter().map(|(n, _)| n.as_str()).collect(),
+            problems: &problems,
         };
         return write_json(out, &report);
     }
@@ -233,7 +242,17 @@ pub fn status(root: &Path, json: bool, verbose: bool, out: &mut dyn Write) -> Re
         spaces: &spaces,
         packages: &packages,
     };
+    for problem in &problems {
+        writeln!(out, "warning: {problem}")?;
+    }
     write_table(root, plan, &state, &next, booted.as_ref(), &extra, out)?;
+    for (name, what) in &unaccounted {
+        let what = what.map(|w| format!(" ({w})")).unwrap_or_default();
+        writeln!(
+            out,
+            "Not in the plan: layers/{name}{what}, kept (`overlayctl remove {name}` deletes it)"
+        )?;
+    }
     if !pending.is_empty() {
         let shown: Vec<String> = pending
             .iter()
@@ -354,7 +373,9 @@ fn write_table(
         let (size, frees) = match space {
             Some(s) => (human(s.size), human(s.frees)),
             None => (
-                layers_spec::store::layer_content_size(store_root, &layer.name)
+                layers_store::Store::open(store_root)
+                    .ok()
+                    .and_then(|s| s.layer_content_size(&layer.name))
                     .map_or_else(|| "-".into(), human),
                 "-".into(),
             ),
@@ -370,7 +391,8 @@ fn write_table(
             frees,
             created,
         );
-        let title = layer.title.as_deref().unwrap_or("");
+        let title = layers_spec::printable(layer.title.as_deref().unwrap_or(""));
+        let title = title.as_ref();
         let changes = packages.get(&layer.name);
         if title_inline {
             writeln!(

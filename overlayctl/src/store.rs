@@ -1,165 +1,131 @@
-//! The store on disk: its directories, the lock that makes changes one at a time, the plan and
-//! boot state, manifests, and what the running boot is using.
+//! The store as `overlayctl` uses it: `layers-store`'s handle with the context a command's
+//! errors need, the running boot's record, and what is mounted from it.
 //!
 //! Every change is a transaction (DESIGN): new content is written under `staging/`, flushed,
-//! renamed into place, and only then does the plan name it. Anything found in `staging/` by the
-//! next command that holds the lock is a leftover of an interrupted one and is deleted, as is a
-//! layer directory the plan does not name.
+//! renamed into place, and only then does the plan name it. Layers leave the store only through
+//! the journal in the boot state ([`Store::sweep`]); a directory nobody recorded is kept.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
-use layers_spec::store::{self as spec_store, Loaded};
+use anyhow::{Context, Result, anyhow};
 use layers_spec::{BootState, Booted, Datetime, Plan};
-use rustix::fs::{FlockOperation, flock};
+pub use layers_store::Folder;
+use layers_store::Loaded;
+use layers_store::layout::{self, BOOTED_FILE, RUN_DIR, STATE_FILE};
 
-/// The directories a store has.
+/// The directories a store has, by name (for messages and paths).
 pub const LAYERS: &str = "layers";
 pub const STAGING: &str = "staging";
 pub const UPPERS: &str = "uppers";
-pub const MANIFESTS: &str = layers_spec::store::MANIFESTS_DIR;
+pub const MANIFESTS: &str = "manifests";
 pub const KEYS: &str = "keys";
-const LOCK_FILE: &str = ".lock";
 
 /// Where the hook leaves its record of the running boot; `STRATA_RUN_DIR` overrides it (tests).
 pub fn booted_record_path() -> PathBuf {
     std::env::var_os("STRATA_RUN_DIR")
-        .map(|d| PathBuf::from(d).join("booted.toml"))
-        .unwrap_or_else(|| PathBuf::from(layers_spec::booted::BOOTED_RECORD))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(RUN_DIR))
+        .join(BOOTED_FILE)
 }
 
 #[derive(Debug)]
 pub struct Store {
+    /// The store's path, as given (for messages and for the engine's paths).
     pub root: PathBuf,
+    inner: layers_store::Store,
 }
 
-/// Held while a command changes the store; released when dropped.
-#[derive(Debug)]
-pub struct StoreLock {
-    _file: File,
-}
+pub use layers_store::StoreLock;
 
 impl Store {
-    /// A store that exists: a directory with a plan (or its `.prev`).
+    /// A store that exists.
     pub fn open(root: &Path) -> Result<Self> {
-        if !root.is_dir() {
-            bail!(
-                "there is no store at {}; create one with `overlayctl init --base DIR`, or name another with --store",
-                root.display()
-            );
-        }
         Ok(Self {
             root: root.to_owned(),
+            inner: layers_store::Store::open(root)?,
         })
     }
 
     /// Creates the directories of a new store at `root`, which must not exist or be empty.
     pub fn create(root: &Path) -> Result<Self> {
-        if root.exists() {
-            let empty = fs::read_dir(root)
-                .with_context(|| format!("reading {}", root.display()))?
-                .next()
-                .is_none();
-            if !empty {
-                bail!(
-                    "{} exists and is not empty; a new store needs an empty or new directory",
-                    root.display()
-                );
-            }
-        }
-        for dir in [
-            "",
-            LAYERS,
-            STAGING,
-            UPPERS,
-            MANIFESTS,
-            KEYS,
-            spec_store::STATE_DIR,
-        ] {
-            let path = root.join(dir);
-            fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        }
         Ok(Self {
             root: root.to_owned(),
+            inner: layers_store::Store::create(root)?,
         })
     }
 
-    /// Takes the store's lock, or says who holds it; then clears what an interrupted command
-    /// left in `staging/`.
-    pub fn lock(&self) -> Result<StoreLock> {
-        let path = self.root.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening the lock {}", path.display()))?;
-        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => bail!(
-                "another overlayctl is changing the store {} (it holds {}); try again when it is done",
-                self.root.display(),
-                path.display()
-            ),
-            Err(e) => {
-                return Err(io::Error::from(e))
-                    .with_context(|| format!("locking {}", path.display()));
-            }
-        }
-        self.clear_staging()?;
-        Ok(StoreLock { _file: file })
+    /// The handle underneath.
+    pub fn handle(&self) -> &layers_store::Store {
+        &self.inner
     }
 
-    fn clear_staging(&self) -> Result<()> {
-        let staging = self.root.join(STAGING);
-        let entries = match fs::read_dir(&staging) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir_all(&staging)
-                    .with_context(|| format!("creating {}", staging.display()))?;
-                return Ok(());
-            }
-            Err(e) => return Err(e).with_context(|| format!("reading {}", staging.display())),
-        };
-        for entry in entries {
-            let path = entry
-                .with_context(|| format!("reading {}", staging.display()))?
-                .path();
-            log::info!(
-                "removing {}, left by an interrupted command",
+    /// A folder of the store (made when missing), refused when it is not a real directory.
+    pub fn folder(&self, folder: Folder) -> Result<layers_store::Dir> {
+        Ok(self.inner.folder(folder)?)
+    }
+
+    /// Takes the store's lock, or says who holds it; then clears what an interrupted command
+    /// left (only what Strata named: anything else in `staging/` is kept and said).
+    pub fn lock(&self) -> Result<StoreLock> {
+        let lock = self.inner.lock()?;
+        let (removed, kept) = self.inner.clear_leftovers()?;
+        for path in removed {
+            log::info!("removed {}, left by an interrupted command", path.display());
+        }
+        for path in kept {
+            log::warn!(
+                "{} was not made by Strata; it is kept (staging/ is Strata's own folder: move it elsewhere)",
                 path.display()
             );
-            remove_path(&path)?;
         }
-        Ok(())
+        Ok(lock)
     }
 
     pub fn layer_dir(&self, name: &str) -> PathBuf {
-        self.root.join(LAYERS).join(name)
+        self.inner.layer_path(name)
+    }
+
+    /// Whether the layer's directory is there, a real directory in the store.
+    pub fn layer_present(&self, name: &str) -> bool {
+        self.inner.layer_present(name)
     }
 
     pub fn manifest_path(&self, name: &str) -> PathBuf {
-        self.root.join(MANIFESTS).join(name)
+        self.inner.path_of(Folder::Manifests, name)
     }
 
-    /// A fresh path under `staging/` for work in progress.
-    pub fn staging_path(&self, what: &str) -> PathBuf {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        self.root
-            .join(STAGING)
-            .join(format!("{what}.{}.{nanos}", std::process::id()))
+    /// The manifest of a layer of `plan`, only when it matches the digest the plan records:
+    /// a manifest edited, damaged or left from another layer of that name is never trusted.
+    pub fn checked_manifest(&self, plan: &Plan, name: &str) -> Option<String> {
+        let digest = plan.layer(name)?.digest.as_deref()?;
+        let text = self.inner.manifest_text(name)?;
+        let manifest = crate::engine::Manifest { text };
+        if manifest.digest() == digest {
+            Some(manifest.text)
+        } else {
+            log::warn!(
+                "the manifest of {name} does not match the plan's digest; it is not used (`overlayctl verify` checks the layer)"
+            );
+            None
+        }
+    }
+
+    /// A fresh path under `staging/` for work in progress (`staging/` checked to be a real
+    /// directory of the store).
+    pub fn staging_path(&self, what: &str) -> Result<PathBuf> {
+        let staging = self.folder(Folder::Staging)?;
+        Ok(staging.child_path(layout::scratch_name(what)))
     }
 
     pub fn plan(&self) -> Result<Loaded<Plan>> {
-        let loaded = spec_store::load_plan(&self.root)
+        let loaded = self
+            .inner
+            .load_plan()
             .with_context(|| format!("loading the plan of the store at {}", self.root.display()))?;
         if let Some(why) = &loaded.fell_back {
             log::warn!("using {} because {why}", loaded.path.display());
@@ -168,18 +134,34 @@ impl Store {
     }
 
     pub fn save_plan(&self, plan: &Plan) -> Result<()> {
-        spec_store::save_plan(&self.root, plan)
+        self.inner
+            .save_plan(plan)
             .with_context(|| format!("writing the plan of {}", self.root.display()))
     }
 
+    /// The boot state; one that cannot be read (nor its `.prev`) stops a change, saying how
+    /// to get out.
     pub fn state(&self) -> Result<BootState> {
-        Ok(spec_store::load_state(&self.root)
-            .with_context(|| format!("loading the boot state of {}", self.root.display()))?
-            .value)
+        self.inner.load_state().map(|l| l.value).map_err(|e| {
+            let path = self.inner.path_of(Folder::State, STATE_FILE);
+            anyhow!(
+                "the boot state cannot be read: {e}; nothing was changed. To start a fresh state, move it aside (mv {0} {0}.damaged; mv {0}.prev {0}.prev.damaged): trial counts, the last good stack, the pending checkpoint and the record of uppers and released layers are then forgotten (the next boot starts them again)",
+                path.display()
+            )
+        })
+    }
+
+    /// The boot state for reports: a damaged one reads as the default, with a warning.
+    pub fn state_for_report(&self) -> (BootState, Option<String>) {
+        match self.state() {
+            Ok(state) => (state, None),
+            Err(e) => (BootState::default(), Some(format!("{e:#}"))),
+        }
     }
 
     pub fn save_state(&self, state: &BootState) -> Result<()> {
-        spec_store::save_state(&self.root, state)
+        self.inner
+            .save_state(state)
             .with_context(|| format!("writing the boot state of {}", self.root.display()))
     }
 
@@ -191,7 +173,12 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let booted = Booted::parse(&text, &path.display().to_string())?;
+        let booted = Booted::parse(&text, &path.display().to_string()).map_err(|e| {
+            anyhow!(
+                "{e}: the record of the running boot is damaged, so which layers are in use is unknown and nothing was changed. Reboot (the boot writes it again), or when no Strata stack is running from this store, remove {}",
+                path.display()
+            )
+        })?;
         // The same directory, by whichever path (the hook's bind mount, or the real root
         // mounted somewhere).
         let same = match (fs::metadata(&booted.store), fs::metadata(&self.root)) {
@@ -204,31 +191,8 @@ impl Store {
     /// Layers in use: in the stack the running system booted from this store, or a lower layer
     /// of an overlay mounted from it (`overlayctl mount`).
     pub fn layers_in_use(&self) -> Result<BTreeSet<String>> {
-        let mut used: BTreeSet<String> = self
-            .booted()?
-            .map(|b| b.stack.into_iter().collect())
-            .unwrap_or_default();
-        let mountinfo =
-            fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-        let root = fs::canonicalize(&self.root).unwrap_or_else(|_| self.root.clone());
-        let ours = |source: &str| {
-            source
-                .strip_prefix(layers_spec::mount::SOURCE_PREFIX)
-                .and_then(|s| s.strip_prefix(':'))
-                .is_some_and(|path| fs::canonicalize(path).is_ok_and(|p| p == root))
-        };
-        for mount in layers_spec::mount::parse_mountinfo(&mountinfo) {
-            if mount.fstype == "overlay" && ours(&mount.source) {
-                used.extend(
-                    mount
-                        .lowers()
-                        .iter()
-                        .filter_map(|l| Path::new(l).file_name())
-                        .map(|n| n.to_string_lossy().into_owned()),
-                );
-            }
-        }
-        Ok(used)
+        let booted = self.booted()?.map(|b| b.stack).unwrap_or_default();
+        Ok(self.inner.mounted_layers(&booted))
     }
 
     /// Whether a layer is in use (see [`Self::layers_in_use`]).
@@ -236,45 +200,54 @@ impl Store {
         Ok(self.layers_in_use()?.contains(name))
     }
 
-    /// Deletes layer directories and manifests the plan does not name: what an add killed after
-    /// its rename and before its plan write left, or what compaction replaced. Layers in use, in
-    /// the last good stack or a one-shot selection are kept whatever the plan says; a previous
-    /// plan that names others is replaced by a copy of this one first. Call only with a plan read from its own file.
-    pub fn clean_orphans(&self, plan: &Plan, state: &BootState) -> Result<()> {
+    /// Deletes the layers the journal lets go that nothing needs any more (see
+    /// `layers_store::sweep`). Call only with a plan read from its own file.
+    pub fn sweep(&self, plan: &Plan, state: &mut BootState) -> Result<()> {
         let in_use = self.layers_in_use()?;
-        // The previous plan (the fallback when the plan cannot be read) must not name what goes:
-        // it becomes a copy of this one, which was just read whole.
-        if spec_store::prev_plan_layers(&self.root)
-            .iter()
-            .any(|name| plan.layer(name).is_none())
-        {
-            self.save_plan(plan)?;
+        let swept = self.inner.sweep(plan, state, &in_use)?;
+        for (name, by) in &swept.deleted {
+            log::info!("deleted layer {name} (let go by {by})");
         }
-        let once: &[String] = state.once.as_ref().map_or(&[], |o| o.layers.as_slice());
-        for dir in [LAYERS, MANIFESTS] {
-            let path = self.root.join(dir);
-            let Ok(entries) = fs::read_dir(&path) else {
-                continue;
-            };
-            for entry in entries {
-                let entry = entry.with_context(|| format!("reading {}", path.display()))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if plan.layer(&name).is_none()
-                    && !in_use.contains(&name)
-                    && !state.last_good.contains(&name)
-                    && !once.contains(&name)
-                    && state.checkpoint.as_ref().is_none_or(|c| c.layer != name)
-                {
-                    log::info!(
-                        "removing {}, which the plan no longer names",
-                        entry.path().display()
-                    );
-                    remove_path(&entry.path())?;
-                    layers_spec::fault::point("orphan-deleted");
-                }
-            }
+        for (name, why) in &swept.waiting {
+            log::info!("layer {name} is let go and kept until {why} no longer needs it");
         }
         Ok(())
+    }
+
+    /// Deletes `path`, an entry of `staging/` (work of this command), through the folder's
+    /// handle.
+    pub fn remove_staged(&self, path: &Path) -> Result<()> {
+        let staging = self.folder(Folder::Staging)?;
+        let name = path
+            .file_name()
+            .filter(|_| path.parent() == Some(staging.path()))
+            .ok_or_else(|| anyhow!("{} is not in {}", path.display(), staging.path().display()))?;
+        staging.remove(name)?;
+        Ok(())
+    }
+
+    /// Records in the journal that `by` is putting the layer `name` into `layers/` (before its
+    /// directory is there): should the change stop before the plan names it, the next one
+    /// deletes what it left.
+    pub fn claim(&self, state: &mut BootState, name: &str, by: &str) -> Result<()> {
+        state.claimed.retain(|r| r.layer != name);
+        state.claimed.push(layers_spec::StoreRecord::new(name, by));
+        self.save_state(state)
+    }
+
+    /// The plan names a claimed layer now: the claim is dropped.
+    pub fn commit_claim(&self, state: &mut BootState, name: &str) -> Result<()> {
+        state.claimed.retain(|r| r.layer != name);
+        self.save_state(state)
+    }
+
+    /// Layer directories the plan does not name and nobody recorded: kept; `remove` deletes one.
+    pub fn unaccounted_layers(
+        &self,
+        plan: &Plan,
+        state: &BootState,
+    ) -> Vec<(String, Option<&'static str>)> {
+        self.inner.unaccounted_layers(plan, state)
     }
 
     /// Makes a path renamed into the store durable: fsync its parent directory.
@@ -283,17 +256,6 @@ impl Store {
             .and_then(|d| d.sync_all())
             .with_context(|| format!("syncing {}", path.display()))
     }
-}
-
-/// Deletes a file or a whole tree, whatever its permissions.
-pub fn remove_path(path: &Path) -> Result<()> {
-    let result = match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    };
-    result.with_context(|| format!("removing {}", path.display()))
 }
 
 /// The current time as a TOML date-time in UTC, to the second.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use layers_spec::BootState;
 
-use crate::store::{Store, UPPERS, remove_path};
+use crate::store::{Folder, Store, UPPERS};
 
 /// Bytes of file content in `uppers/<id>/data`.
 pub fn size(store: &Store, id: &str) -> Option<u64> {
@@ -42,18 +42,22 @@ pub fn remove(store: &Store, state: &mut BootState, id: &str) -> Result<()> {
             }
         );
     }
-    let dir = store.root.join(UPPERS).join(id);
+    let uppers = store.folder(Folder::Uppers)?;
+    let dir = uppers.child_path(id);
     if mounted(&dir.join("data"))? {
         bail!("upper {id} is mounted (by `overlayctl mount --upper {id}`?); unmount it first");
     }
-    let staged = store.staging_path(&format!("upper-{id}"));
-    if dir.exists() {
-        fs::rename(&dir, &staged)
-            .with_context(|| format!("moving {} out of the store", dir.display()))?;
+    // Let go in one rename into `staging/`, whose Strata-named entries the next change removes.
+    let staging = store.folder(Folder::Staging)?;
+    let staged = layers_store::layout::scratch_name(&format!("upper-{id}"));
+    if uppers.kind(id)?.is_some() {
+        uppers.rename_to(id, &staging, &staged)?;
+        staging.sync()?;
     }
     state.archived_uppers.retain(|a| a.id != id);
     store.save_state(state)?;
-    remove_path(&staged)
+    staging.remove(&staged)?;
+    Ok(())
 }
 
 /// Whether an overlay mounted now has `data` as its upper directory.
@@ -63,7 +67,7 @@ fn mounted(data: &Path) -> Result<bool> {
     };
     let mountinfo =
         fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    Ok(layers_spec::mount::parse_mountinfo(&mountinfo)
+    Ok(layers_store::mount::parse_mountinfo(&mountinfo)
         .iter()
         .filter(|m| m.fstype == "overlay")
         .flat_map(|m| m.options.split(',').map(str::to_owned).collect::<Vec<_>>())

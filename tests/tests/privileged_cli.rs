@@ -660,29 +660,33 @@ fn privileged_bad_input_changes_nothing() {
     fs::write(&state_file, "version = 1\ngarbage").unwrap();
     let plan_before = fs::read(env.store().join("overlayplan.toml")).unwrap();
     let err = env.fails(&["known-good", "--unset", "base"]);
-    assert!(err.contains("loading the boot state"), "{err}");
+    assert!(err.contains("the boot state cannot be read"), "{err}");
+    assert!(err.contains("move it aside"), "{err}");
     assert_eq!(
         fs::read(env.store().join("overlayplan.toml")).unwrap(),
         plan_before
     );
     fs::remove_file(&state_file).unwrap();
 
-    // Layer directories the plan does not name are leftovers, removed by the next change,
-    // unless they are in the last good stack.
+    // Layer directories the plan does not name and nobody recorded (a hand edit, an import)
+    // are kept: shown as not in the plan, deleted only by an explicit `remove NAME`.
     write(&env.store().join("layers/orphan/x"), "x");
     write(&env.store().join("manifests/orphan"), ". dir\n");
-    write(&env.store().join("layers/kept/x"), "x");
-    fs::write(
-        &state_file,
-        "version = 1\nlast_good = [\"kept\", \"base\"]\n",
-    )
-    .unwrap();
     env.ok(&["known-good", "base"]);
     assert!(
-        !env.store().join("layers/orphan").exists()
-            && !env.store().join("manifests/orphan").exists()
+        env.store().join("layers/orphan/x").exists()
+            && env.store().join("manifests/orphan").exists()
     );
-    assert!(env.store().join("layers/kept").exists());
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("Not in the plan: layers/orphan, kept"),
+        "{status}"
+    );
+    let verify = env.ok(&["verify"]);
+    assert!(verify.contains("orphan: not in the plan"), "{verify}");
+    let removed = env.ok(&["remove", "orphan"]);
+    assert!(removed.contains("which the plan did not name"), "{removed}");
+    assert!(!env.store().join("layers/orphan").exists());
 
     // A plan that cannot be read: changes are refused rather than written over it, even when
     // its previous copy could stand in for reading.

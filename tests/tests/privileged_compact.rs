@@ -417,7 +417,7 @@ fn privileged_compact_crash_at_every_step_leaves_a_bootable_store() {
         "compact-installed",
         "compact-planned",
         "compact-state",
-        "orphan-deleted",
+        "sweep-moved",
     ] {
         let device = Device::new();
         let out = device.ctl(&["compact"], Some(point));

@@ -198,7 +198,10 @@ fn make_store(root: &Path, count: usize) {
     }
     let mut plan = layers_spec::Plan::new(layers);
     plan.layers.last_mut().unwrap().known_good = true;
-    layers_spec::store::save_plan(&store, &plan).unwrap();
+    layers_store::Store::open(&store)
+        .unwrap()
+        .save_plan(&plan)
+        .unwrap();
 }
 
 /// The hook's boot flow (as the `boot` command: plan, state, resolve, mount, record, bind the
@@ -693,7 +696,9 @@ fn bench_checkpoint(
     copy_tree(&template, &plain);
     copy_tree(&template, &pending);
     let state_of = |machine: &Path| machine.join("sysroot/strata");
-    let mut state = layers_spec::store::load_state(&state_of(&pending))
+    let mut state = layers_store::Store::open(&state_of(&pending))
+        .unwrap()
+        .load_state()
         .unwrap()
         .value;
     state.checkpoint = Some(layers_spec::Checkpoint {
@@ -703,7 +708,10 @@ fn bench_checkpoint(
         parent: None,
         frozen: false,
     });
-    layers_spec::store::save_state(&state_of(&pending), &state).unwrap();
+    layers_store::Store::open(&state_of(&pending))
+        .unwrap()
+        .save_state(&state)
+        .unwrap();
 
     let work = root.join("machine");
     let timed_boot = |from: &Path| {

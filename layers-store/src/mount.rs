@@ -1,5 +1,4 @@
-//! Mounting an overlay stack, shared by the boot hook and `overlayctl mount` (the hook does not
-//! link the engine, so this lives beside the plan). The new mount API adds one lower layer per
+//! Mounting an overlay stack, shared by the boot hook and `overlayctl mount`. The new mount API adds one lower layer per
 //! `fsconfig("lowerdir+")` call, so stacks of hundreds of layers fit; kernels before 6.8 accept
 //! `lowerdir+` and then fail at create with EINVAL, and take the classic option string instead,
 //! with short paths relative to the layers directory so 200 layers fit in its one page.

@@ -3,11 +3,16 @@
 use std::fs;
 use std::path::Path;
 
-use layers_spec::store::{self, PLAN_FILE};
 use layers_spec::{BootState, Layer, LayerState, OneShot, Plan, PlanError};
+use layers_store::Store;
+use layers_store::layout::PLAN_FILE;
 
 fn plan(names: &[&str]) -> Plan {
     Plan::new(names.iter().map(|n| Layer::new(*n)).collect())
+}
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir).unwrap()
 }
 
 fn files(dir: &Path) -> Vec<String> {
@@ -22,16 +27,20 @@ fn files(dir: &Path) -> Vec<String> {
 #[test]
 fn save_then_load_is_the_identity() {
     let dir = tempfile::tempdir().unwrap();
-    let mut p = Plan::parse(include_str!("fixtures/design.toml"), "design.toml").unwrap();
-    store::save_plan(dir.path(), &p).unwrap();
-    let loaded = store::load_plan(dir.path()).unwrap();
+    let mut p = Plan::parse(
+        include_str!("../../layers-spec/tests/fixtures/design.toml"),
+        "design.toml",
+    )
+    .unwrap();
+    open(dir.path()).save_plan(&p).unwrap();
+    let loaded = open(dir.path()).load_plan().unwrap();
     assert_eq!(loaded.value, p);
     assert!(loaded.fell_back.is_none());
     assert_eq!(loaded.path, dir.path().join(PLAN_FILE));
 
     p.layers[0].state = LayerState::Active;
-    store::save_plan(dir.path(), &p).unwrap();
-    assert_eq!(store::load_plan(dir.path()).unwrap().value, p);
+    open(dir.path()).save_plan(&p).unwrap();
+    assert_eq!(open(dir.path()).load_plan().unwrap().value, p);
     // Only the plan and the copy it replaced: no temporary files left behind.
     assert_eq!(
         files(dir.path()),
@@ -42,12 +51,12 @@ fn save_then_load_is_the_identity() {
 #[test]
 fn the_previous_plan_is_kept_and_used_when_the_plan_is_broken() {
     let dir = tempfile::tempdir().unwrap();
-    store::save_plan(dir.path(), &plan(&["one"])).unwrap();
+    open(dir.path()).save_plan(&plan(&["one"])).unwrap();
     assert!(
         !dir.path().join("overlayplan.toml.prev").exists(),
         "nothing to keep on the first save"
     );
-    store::save_plan(dir.path(), &plan(&["two", "one"])).unwrap();
+    open(dir.path()).save_plan(&plan(&["two", "one"])).unwrap();
     let prev = fs::read_to_string(dir.path().join("overlayplan.toml.prev")).unwrap();
     assert_eq!(Plan::parse(&prev, "prev").unwrap(), plan(&["one"]));
 
@@ -56,7 +65,7 @@ fn the_previous_plan_is_kept_and_used_when_the_plan_is_broken() {
         "version = 1\n[[layer]]\nnme = \"x\"\n",
     )
     .unwrap();
-    let loaded = store::load_plan(dir.path()).unwrap();
+    let loaded = open(dir.path()).load_plan().unwrap();
     assert_eq!(loaded.value, plan(&["one"]));
     assert_eq!(loaded.path, dir.path().join("overlayplan.toml.prev"));
     let why = loaded
@@ -69,7 +78,9 @@ fn the_previous_plan_is_kept_and_used_when_the_plan_is_broken() {
     );
 
     // Saving over a broken plan does not push the good previous copy out.
-    store::save_plan(dir.path(), &plan(&["three", "one"])).unwrap();
+    open(dir.path())
+        .save_plan(&plan(&["three", "one"]))
+        .unwrap();
     let prev = fs::read_to_string(dir.path().join("overlayplan.toml.prev")).unwrap();
     assert_eq!(Plan::parse(&prev, "prev").unwrap(), plan(&["one"]));
 }
@@ -77,10 +88,10 @@ fn the_previous_plan_is_kept_and_used_when_the_plan_is_broken() {
 #[test]
 fn a_missing_plan_falls_back_too() {
     let dir = tempfile::tempdir().unwrap();
-    store::save_plan(dir.path(), &plan(&["one"])).unwrap();
-    store::save_plan(dir.path(), &plan(&["two", "one"])).unwrap();
+    open(dir.path()).save_plan(&plan(&["one"])).unwrap();
+    open(dir.path()).save_plan(&plan(&["two", "one"])).unwrap();
     fs::remove_file(dir.path().join(PLAN_FILE)).unwrap();
-    let loaded = store::load_plan(dir.path()).unwrap();
+    let loaded = open(dir.path()).load_plan().unwrap();
     assert_eq!(loaded.value, plan(&["one"]));
     assert!(matches!(loaded.fell_back, Some(PlanError::Io { .. })));
 }
@@ -88,7 +99,7 @@ fn a_missing_plan_falls_back_too() {
 #[test]
 fn no_usable_plan_names_both_files() {
     let dir = tempfile::tempdir().unwrap();
-    let err = store::load_plan(dir.path()).unwrap_err().to_string();
+    let err = open(dir.path()).load_plan().unwrap_err().to_string();
     assert!(
         err.contains("overlayplan.toml: reading: No such file"),
         "{err}"
@@ -100,7 +111,7 @@ fn no_usable_plan_names_both_files() {
 
     fs::write(dir.path().join(PLAN_FILE), "version = 7\n").unwrap();
     fs::write(dir.path().join("overlayplan.toml.prev"), "garbage =\n").unwrap();
-    let err = store::load_plan(dir.path()).unwrap_err().to_string();
+    let err = open(dir.path()).load_plan().unwrap_err().to_string();
     assert!(
         err.contains("overlayplan.toml:1:11: version 7 is not supported"),
         "{err}"
@@ -115,26 +126,44 @@ fn no_usable_plan_names_both_files() {
 #[test]
 fn an_invalid_plan_is_not_written() {
     let dir = tempfile::tempdir().unwrap();
-    store::save_plan(dir.path(), &plan(&["one"])).unwrap();
+    open(dir.path()).save_plan(&plan(&["one"])).unwrap();
     let before = fs::read(dir.path().join(PLAN_FILE)).unwrap();
-    let err = store::save_plan(dir.path(), &plan(&["one", "one"])).unwrap_err();
+    let err = open(dir.path())
+        .save_plan(&plan(&["one", "one"]))
+        .unwrap_err();
     assert!(err.to_string().contains("listed twice"), "{err}");
     assert_eq!(fs::read(dir.path().join(PLAN_FILE)).unwrap(), before);
     assert_eq!(files(dir.path()), ["overlayplan.toml"]);
 }
 
 #[test]
-fn a_store_that_cannot_be_written_reports_where() {
+fn a_missing_store_is_said_and_not_made() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-store");
-    let err = store::save_plan(&missing, &plan(&["one"]))
+    let err = Store::open(&missing).unwrap_err().to_string();
+    assert!(err.contains("there is no store at"), "{err}");
+    assert!(err.contains("no-such-store"), "{err}");
+    assert!(!missing.exists());
+}
+
+#[test]
+fn a_symlinked_plan_or_state_folder_is_not_read_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    let store = dir.path().join("store");
+    fs::create_dir(&store).unwrap();
+    open(&elsewhere).save_plan(&plan(&["one"])).unwrap();
+    std::os::unix::fs::symlink(elsewhere.join(PLAN_FILE), store.join(PLAN_FILE)).unwrap();
+    let err = open(&store).load_plan().unwrap_err().to_string();
+    assert!(err.contains("it is a symlink"), "{err}");
+    std::os::unix::fs::symlink(&elsewhere, store.join("state")).unwrap();
+    let err = open(&store)
+        .save_state(&BootState::default())
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("no-such-store/.overlayplan.toml.new."),
-        "{err}"
-    );
-    assert!(err.contains("writing the new copy"), "{err}");
+    assert!(err.contains("state: opening: it is a symlink"), "{err}");
+    assert_eq!(files(&elsewhere), [PLAN_FILE]);
 }
 
 #[test]
@@ -144,24 +173,15 @@ fn bad_boot_state_is_not_written_and_no_store_is_made_up() {
         last_good: vec!["../etc".into()],
         ..BootState::default()
     };
-    let err = store::save_state(dir.path(), &state)
-        .unwrap_err()
-        .to_string();
+    let err = open(dir.path()).save_state(&state).unwrap_err().to_string();
     assert!(err.contains("layer name \"../etc\" is not valid"), "{err}");
     assert!(files(dir.path()).is_empty());
-
-    let missing = dir.path().join("no-such-store");
-    let err = store::save_state(&missing, &BootState::default())
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("creating the state directory"), "{err}");
-    assert!(!missing.exists());
 }
 
 #[test]
 fn boot_state_is_default_until_saved_and_then_round_trips() {
     let dir = tempfile::tempdir().unwrap();
-    let loaded = store::load_state(dir.path()).unwrap();
+    let loaded = open(dir.path()).load_state().unwrap();
     assert_eq!(loaded.value, BootState::default());
 
     let mut state = BootState::default();
@@ -170,13 +190,13 @@ fn boot_state_is_default_until_saved_and_then_round_trips() {
         layers: vec!["base".into()],
         upper: None,
     });
-    store::save_state(dir.path(), &state).unwrap();
+    open(dir.path()).save_state(&state).unwrap();
     state.trial_tries.insert("upgrade-1".into(), 2);
-    store::save_state(dir.path(), &state).unwrap();
-    assert_eq!(store::load_state(dir.path()).unwrap().value, state);
+    open(dir.path()).save_state(&state).unwrap();
+    assert_eq!(open(dir.path()).load_state().unwrap().value, state);
 
-    fs::write(store::state_path(dir.path()), "version = 1\nbroken").unwrap();
-    let loaded = store::load_state(dir.path()).unwrap();
+    fs::write(dir.path().join("state/boot.toml"), "version = 1\nbroken").unwrap();
+    let loaded = open(dir.path()).load_state().unwrap();
     assert_eq!(
         loaded.value.tries("upgrade-1"),
         1,
