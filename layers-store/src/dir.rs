@@ -19,11 +19,11 @@ pub enum DirError {
         "{path} is {found}, not a real directory inside the store; Strata never works through it. Put the directory back (or remove what is there) and try again"
     )]
     NotARealDirectory { path: PathBuf, found: String },
-    #[error("{path}: {action}: {source}")]
+    #[error("{path}: {action}: {error}")]
     Io {
         path: PathBuf,
         action: &'static str,
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -36,14 +36,14 @@ impl DirError {
         Self::Io {
             path: path.into(),
             action,
-            source: e.into(),
+            error: e.into(),
         }
     }
 
     /// The error the system call gave, if this is one.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Self::Io { source, .. } => source.raw_os_error(),
+            Self::Io { error, .. } => error.raw_os_error(),
             Self::NotARealDirectory { .. } => None,
         }
     }

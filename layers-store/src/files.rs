@@ -28,8 +28,8 @@ fn to_plan_error(e: DirError) -> PlanError {
         DirError::Io {
             path,
             action,
-            source,
-        } => PlanError::io(path, action, source),
+            error,
+        } => PlanError::io(path, action, error),
         DirError::NotARealDirectory { path, found } => PlanError::io(
             path,
             "opening",

@@ -71,11 +71,7 @@ impl Store {
 
     /// Makes a new store at `path`, which must not exist or be empty, with all its folders.
     pub fn create(path: &Path) -> Result<Self, StoreError> {
-        match std::fs::create_dir(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(DirError::io(path, "creating the store", e).into()),
-        }
+        std::fs::create_dir_all(path).map_err(|e| DirError::io(path, "creating the store", e))?;
         let store = Self::open(path)?;
         if !store.root.names()?.is_empty() {
             return Err(StoreError::NotEmpty(path.to_owned()));
@@ -307,8 +303,8 @@ fn dir_to_plan(e: DirError) -> PlanError {
         DirError::Io {
             path,
             action,
-            source,
-        } => PlanError::io(path, action, source),
+            error,
+        } => PlanError::io(path, action, error),
         DirError::NotARealDirectory { path, found } => PlanError::io(
             path,
             "opening",

@@ -652,18 +652,20 @@ fn read_password() -> Result<String> {
         return Ok(password);
     }
     let ask = |prompt: &str| -> Result<String> {
-        eprint!("{prompt}");
         let mut input = stdin.lock();
         let saved =
             rustix::termios::tcgetattr(&input).context("reading the terminal's settings")?;
         let mut quiet = saved.clone();
         quiet.local_modes.remove(rustix::termios::LocalModes::ECHO);
-        rustix::termios::tcsetattr(&input, rustix::termios::OptionalActions::Flush, &quiet)
+        // Echo goes off before the prompt shows, so nothing typed after it is echoed, and
+        // nothing typed is thrown away (no flush).
+        rustix::termios::tcsetattr(&input, rustix::termios::OptionalActions::Now, &quiet)
             .context("turning the terminal's echo off")?;
+        eprint!("{prompt}");
         let mut line = String::new();
         let read = input.read_line(&mut line);
         // Echo comes back however the read went.
-        let _ = rustix::termios::tcsetattr(&input, rustix::termios::OptionalActions::Flush, &saved);
+        let _ = rustix::termios::tcsetattr(&input, rustix::termios::OptionalActions::Now, &saved);
         eprintln!();
         read.context("reading the password")?;
         Ok(line.trim_end_matches(['\r', '\n']).to_owned())
