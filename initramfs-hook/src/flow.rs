@@ -1,18 +1,19 @@
-//! The boot flow on a mounted root (DESIGN, steps 1 and 3 to 6): options, plan and state, the
+//! The boot flow on a mounted root (docs/design.md, "Boot flow"): options, plan and state, the
 //! stack, the overlay with its fallback chain, the record of what was done, trial counting, and
 //! the store made visible to the new root. The standalone `/init` and the dracut and
 //! initramfs-tools glue all call [`boot`]; so do the tests, on a plain directory.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use boot_ui::Action;
 use layers_spec::{
-    BootOverrides, BootState, Booted, LastBoot, LayerState, MenuMode, OnRollback, Plan, UpperMode,
-    resolve,
+    BootOverrides, BootState, Booted, LastBoot, LayerState, MenuMode, OnRollback, Plan, Resolution,
+    UpperMode, resolve,
 };
-use layers_store::layout::{FIRST_UPPER, Folder, UPPER_DATA, UPPER_WORK};
+use layers_store::layout::{
+    BOOTED_FILE, FIRST_UPPER, Folder, RUN_SUBDIR, STORE_BIND, TMPFS_UPPER, UPPER_DATA, UPPER_WORK,
+};
 use layers_store::mount::{OverlaySpec, SOURCE_PREFIX, mount_overlay};
 use layers_store::{Store, StoreError};
 use rustix::mount::{MountFlags, MountPropagationFlags};
@@ -33,32 +34,7 @@ pub struct BootEnv {
     pub cmdline: String,
 }
 
-/// Where log lines go: the kernel log (when open) and the console, with a `strata:` prefix.
-#[derive(Debug, Default)]
-pub struct Log {
-    pub kmsg: Option<fs::File>,
-    pub debug: bool,
-    /// Every line, for the record and for tests.
-    pub lines: Vec<String>,
-}
-
-impl Log {
-    pub fn say(&mut self, line: impl AsRef<str>) {
-        let line = line.as_ref();
-        eprintln!("strata: {line}");
-        if let Some(kmsg) = &mut self.kmsg {
-            // <5> is KERN_NOTICE: shown by default, not an alarm.
-            let _ = writeln!(kmsg, "<5>strata: {line}");
-        }
-        self.lines.push(line.to_owned());
-    }
-
-    pub fn debug(&mut self, line: impl AsRef<str>) {
-        if self.debug {
-            self.say(line);
-        }
-    }
-}
+pub use crate::log::Log;
 
 /// How the boot went, when the overlay is mounted.
 #[derive(Debug)]
@@ -81,9 +57,51 @@ pub enum BootError {
     NothingMounts(String),
 }
 
-/// Runs the boot flow: mounts the overlay at `env.newroot` and returns what it did.
+/// Runs the boot flow: mounts the overlay at `env.newroot` and returns what it did. Its stages:
+/// [`load`], [`recover`], [`choose`] (the menu), [`retire_exhausted`] and [`record_tries`],
+/// [`candidates`] (pure, beside `resolve`), [`mount`], [`record`].
 pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<Outcome, BootError> {
-    let (mut overrides, problems) = BootOverrides::parse(&env.cmdline);
+    let mut boot = load(env, log)?;
+    recover(&mut boot, log);
+    let (mut resolution, showed_menu) = choose(&mut boot, console, log);
+    retire_exhausted(&mut boot, &resolution, log);
+    record_tries(&mut boot, &mut resolution, log);
+    let upper = prepare_upper(env, &boot.store, &mut boot.state, resolution.upper, log);
+    let present = |name: &str| boot.store.layer_present(name);
+    let (candidates, missing) = candidates(&boot.plan, &boot.state, &resolution, &present);
+    if let Some(why) = &missing {
+        log.say(why);
+    }
+    let mounted = mount(env, &mut boot, &candidates, &upper, resolution.upper, log)?;
+    Ok(record(
+        env,
+        boot,
+        mounted,
+        &upper,
+        &resolution,
+        showed_menu,
+        log,
+    ))
+}
+
+/// What a boot works with: the command line's options, the store, its plan and state.
+struct Boot {
+    overrides: BootOverrides,
+    /// The store as the command line names it (the overlay's source names it so).
+    store_rel: String,
+    store: Store,
+    plan: Plan,
+    /// Why the plan came from its `.prev` copy; then nothing is written to it.
+    plan_fallback: Option<String>,
+    state: BootState,
+    /// As read: an ordinary boot that changes nothing writes nothing.
+    state_before: BootState,
+}
+
+/// Reads the options, opens the store inside the root, loads the plan (or its `.prev`) and the
+/// boot state (a damaged one starts afresh).
+fn load(env: &BootEnv, log: &mut Log) -> Result<Boot, BootError> {
+    let (overrides, problems) = BootOverrides::parse(&env.cmdline);
     log.debug |= overrides.debug;
     for problem in &problems {
         log.say(format!("ignoring {problem}"));
@@ -92,27 +110,22 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
         .store
         .clone()
         .unwrap_or_else(|| DEFAULT_STORE.to_owned());
-    let handle = match Store::open_in_root(&env.sysroot, Path::new(&store_rel)) {
-        Ok(handle) => handle,
+    // Symlinks on the way are resolved inside the root, as they will be once it is `/`.
+    let store = match Store::open_in_root(&env.sysroot, Path::new(&store_rel)) {
+        Ok(store) => store,
         Err(StoreError::NoStore(path)) => return Err(BootError::NoStore(path)),
         Err(e) => return Err(BootError::BadStore(e.to_string())),
     };
-    // Symlinks on the way were resolved inside the root: the store's real place in it.
-    let store_dir = handle.path().to_owned();
-    let store = &handle;
-
     let loaded = store.load_plan().map_err(|e| BootError::NoPlan {
-        store: store_dir.clone(),
+        store: store.path().to_owned(),
         reason: e.to_string(),
     })?;
-    let mut plan_fallback = None;
-    if let Some(why) = &loaded.fell_back {
+    let plan_fallback = loaded.fell_back.as_ref().map(|why| {
         let note = format!("the plan is unusable ({why}); booting from its previous copy");
         log.say(&note);
-        plan_fallback = Some(note);
-    }
-    let mut plan = loaded.value;
-    let mut state = match store.load_state() {
+        note
+    });
+    let state = match store.load_state() {
         Ok(state) => {
             if let Some(why) = &state.fell_back {
                 log.say(format!(
@@ -126,26 +139,48 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
             BootState::default()
         }
     };
-    let state_before = state.clone();
-    clear_leftovers(store, log);
-    if loaded.fell_back.is_none() {
-        crate::freeze::freeze_checkpoint(store, &mut plan, &mut state, log);
-        sweep(store, &plan, &mut state, log);
+    Ok(Boot {
+        overrides,
+        store_rel,
+        store,
+        plan: loaded.value,
+        plan_fallback,
+        state_before: state.clone(),
+        state,
+    })
+}
+
+/// Finishes what interrupted changes left, freezes a pending checkpoint and carries out the
+/// journal; with a plan from `.prev`, only puts a half-done freeze back.
+fn recover(boot: &mut Boot, log: &mut Log) {
+    clear_leftovers(&boot.store, log);
+    if boot.plan_fallback.is_none() {
+        crate::freeze::freeze_checkpoint(&boot.store, &mut boot.plan, &mut boot.state, log);
+        sweep(&boot.store, &boot.plan, &mut boot.state, log);
     } else {
         // No plan to write the layer into: a freeze cut short goes back into its upper.
-        crate::freeze::undo_half_done(store, &state, log);
+        crate::freeze::undo_half_done(&boot.store, &boot.state, log);
     }
+}
 
-    let layers_dir = store_dir.join(Folder::Layers.name());
+/// Resolves the stack, and shows the menu when it is asked for: the person's choice replaces
+/// the command line's. Returns the resolution and whether the menu was asked for.
+fn choose(boot: &mut Boot, console: &mut dyn Console, log: &mut Log) -> (Resolution, bool) {
+    let Boot {
+        overrides,
+        store,
+        plan,
+        state,
+        ..
+    } = boot;
     let present = |name: &str| store.layer_present(name);
-    let resolution = resolve(&plan, &state, &overrides, Some(&present));
+    let mut resolution = resolve(plan, state, overrides, Some(&present));
     for note in &resolution.notes {
         log.say(note.to_string());
     }
     for left in &resolution.left_out {
         log.debug(format!("{} left out: {}", left.name, left.reason));
     }
-
     let exhausted_now = resolution
         .left_out
         .iter()
@@ -163,10 +198,9 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
             && plan.boot.timeout_s > 0
             && console.interactive()
             && console.wait_for_key(plan.boot.timeout_s));
-    let mut resolution = resolution;
     if showed_menu && !console.interactive() {
         log.say("no terminal for the boot menu; booting the default");
-        for line in boot_ui::describe(&plan, &resolution).lines() {
+        for line in boot_ui::describe(plan, &resolution).lines() {
             log.say(line.trim_start_matches("strata: "));
         }
     } else if showed_menu {
@@ -175,70 +209,98 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
             (!overrides.menu && plan.boot.menu != MenuMode::OnKey).then_some(plan.boot.timeout_s);
         let choice = MenuChoice {
             store,
-            plan_damaged: loaded.fell_back.is_some(),
+            plan_damaged: boot.plan_fallback.is_some(),
             countdown,
         };
-        if choice.run(console, &mut plan, &mut state, &resolution, log) {
-            // The person's choice replaces the command line's.
+        if choice.run(console, plan, state, &resolution, log) {
             overrides.top = None;
             overrides.disable.clear();
-            resolution = resolve(&plan, &state, &overrides, Some(&present));
+            resolution = resolve(plan, state, overrides, Some(&present));
         }
     }
+    (resolution, showed_menu)
+}
 
-    // Trial layers whose tries ran out are disabled in the plan for good (DESIGN).
-    let exhausted: Vec<String> = resolution
+/// Trial layers whose tries ran out are disabled in the plan for good (docs/design.md).
+fn retire_exhausted(boot: &mut Boot, resolution: &Resolution, log: &mut Log) {
+    let exhausted: Vec<&str> = resolution
         .left_out
         .iter()
         .filter(|l| matches!(l.reason, layers_spec::Reason::TrialExhausted { .. }))
-        .map(|l| l.name.clone())
+        .map(|l| l.name.as_str())
         .collect();
-    if !exhausted.is_empty() && loaded.fell_back.is_none() {
-        for name in &exhausted {
-            if let Some(layer) = plan.layer_mut(name) {
-                // No date: an early-boot clock may be wrong; the policy job records it.
-                layer.set_state(LayerState::Disabled, None);
-            }
-            state.trial_tries.remove(name);
-            log.say(format!(
-                "trial layer {name} was never accepted; it is disabled now"
-            ));
-        }
-        if let Err(e) = store.save_plan(&plan) {
-            log.say(format!("could not save the plan: {e}"));
-        }
+    if exhausted.is_empty() || boot.plan_fallback.is_some() {
+        return;
     }
+    for name in exhausted {
+        if let Some(layer) = boot.plan.layer_mut(name) {
+            // No date: an early-boot clock may be wrong; the policy job records it.
+            layer.set_state(LayerState::Disabled, None);
+        }
+        boot.state.trial_tries.remove(name);
+        log.say(format!(
+            "trial layer {name} was never accepted; it is disabled now"
+        ));
+    }
+    if let Err(e) = boot.store.save_plan(&boot.plan) {
+        log.say(format!("could not save the plan: {e}"));
+    }
+}
 
-    // A trial layer's try is recorded before it is mounted: a boot that cannot record it (a
-    // full disk) leaves the layer out, so its tries still run out and the rollback comes.
+/// A trial layer's try is recorded before it is mounted: a boot that cannot record it (a full
+/// disk) leaves the layer out, so its tries still run out and the rollback comes.
+fn record_tries(boot: &mut Boot, resolution: &mut Resolution, log: &mut Log) {
+    let Boot {
+        overrides,
+        store,
+        plan,
+        state,
+        ..
+    } = boot;
     let trials: Vec<String> = resolution
         .stack
         .iter()
         .filter(|n| plan.layer(n).is_some_and(|l| l.state == LayerState::Trial))
         .cloned()
         .collect();
-    if !trials.is_empty() {
-        for name in &trials {
-            *state.trial_tries.entry(name.clone()).or_insert(0) += 1;
-        }
-        if let Err(e) = store.save_state(&state) {
-            log.say(format!(
-                "this boot's try of trial layer {} cannot be recorded ({e}); it is left out of this boot",
-                trials.join(", ")
-            ));
-            for name in &trials {
-                if let Some(tries) = state.trial_tries.get_mut(name) {
-                    *tries -= 1;
-                }
-            }
-            state.trial_tries.retain(|_, tries| *tries > 0);
-            overrides.disable.extend(trials.iter().cloned());
-            overrides.top = None;
-            resolution = resolve(&plan, &state, &overrides, Some(&present));
+    if trials.is_empty() {
+        return;
+    }
+    for name in &trials {
+        *state.trial_tries.entry(name.clone()).or_insert(0) += 1;
+    }
+    let Err(e) = store.save_state(state) else {
+        return;
+    };
+    log.say(format!(
+        "this boot's try of trial layer {} cannot be recorded ({e}); it is left out of this boot",
+        trials.join(", ")
+    ));
+    for name in &trials {
+        if let Some(tries) = state.trial_tries.get_mut(name) {
+            *tries -= 1;
         }
     }
+    state.trial_tries.retain(|_, tries| *tries > 0);
+    overrides.disable.extend(trials);
+    overrides.top = None;
+    let present = |name: &str| store.layer_present(name);
+    *resolution = resolve(plan, state, overrides, Some(&present));
+}
 
-    let upper = prepare_upper(env, store, &mut state, resolution.upper, log);
+/// A stack to try, and why it is not the one resolved (None for the resolved stack).
+type Candidate = (Vec<String>, Option<String>);
+
+/// The stacks to try, in order, each with why it is not the one resolved (see
+/// [`fallback_chain`]); and, when a layer the resolved stack needs is missing from the store,
+/// why the resolved stack is not among them. Pure.
+fn candidates(
+    plan: &Plan,
+    state: &BootState,
+    resolution: &Resolution,
+    present: &dyn Fn(&str) -> bool,
+) -> (Vec<Candidate>, Option<String>) {
+    let mut candidates = fallback_chain(plan, state, &resolution.stack, present);
     // A layer that should be in the stack but is missing means a damaged store: rather than
     // mount the rest without it, start from the fallbacks.
     let missing: Vec<&str> = resolution
@@ -247,29 +309,49 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
         .filter(|l| l.reason == layers_spec::Reason::MissingOnDisk)
         .map(|l| l.name.as_str())
         .collect();
-    let mut candidates = fallback_chain(&plan, &state, &resolution.stack, &present);
-    if !missing.is_empty() {
-        let why = format!("layer {} is missing from the store", missing.join(", "));
-        log.say(&why);
-        // The resolved stack is the one entry without a reason.
-        candidates.retain(|(_, reason)| reason.is_some());
-        for (_, reason) in &mut candidates {
-            if let Some(reason) = reason {
-                *reason = reason.replace("the resolved stack did not mount", &why);
-            }
+    if missing.is_empty() {
+        return (candidates, None);
+    }
+    let why = format!("layer {} is missing from the store", missing.join(", "));
+    // The resolved stack is the one entry without a reason.
+    candidates.retain(|(_, reason)| reason.is_some());
+    for (_, reason) in &mut candidates {
+        if let Some(reason) = reason {
+            *reason = reason.replace("the resolved stack did not mount", &why);
         }
     }
+    (candidates, Some(why))
+}
+
+/// What mounted: the stack, why it was not the resolved one, and the upper it got.
+struct Mounted {
+    stack: Vec<String>,
+    fallback: Option<String>,
+    upper: UpperMode,
+}
+
+/// Mounts the first candidate that mounts, with the persistent upper (a fresh one for a
+/// rollback with `on_rollback = "fresh"`), the very last with a tmpfs upper.
+fn mount(
+    env: &BootEnv,
+    boot: &mut Boot,
+    candidates: &[Candidate],
+    upper: &Result<(PathBuf, PathBuf), String>,
+    mode: UpperMode,
+    log: &mut Log,
+) -> Result<Mounted, BootError> {
+    let layers_dir = boot.store.path().join(Folder::Layers.name());
     let mut last_error = String::from("no layer to mount");
     let mut mounted = None;
-    let mut rollback = RollbackUpper::new(store, &plan, &state, resolution.upper);
+    let mut rollback = RollbackUpper::new(&boot.store, &boot.plan, &boot.state, mode);
     for (i, (stack, why)) in candidates.iter().enumerate() {
-        let (upper_dirs, upper_mode) = match (&upper, i + 1 == candidates.len()) {
+        let (upper_dirs, upper_mode) = match (upper, i + 1 == candidates.len()) {
             // The very last try trades a broken persistent upper for a tmpfs one.
             (Ok(dirs), false) => (
                 rollback
-                    .dirs_for(store, &plan, &state, stack, log)
+                    .dirs_for(&boot.store, &boot.plan, &boot.state, stack, log)
                     .unwrap_or_else(|| dirs.clone()),
-                resolution.upper,
+                mode,
             ),
             (Ok(_), true) | (Err(_), _) => match tmpfs_upper(env) {
                 Ok(dirs) => (dirs, UpperMode::Tmpfs),
@@ -287,7 +369,7 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
             upper: Some(upper_dirs),
             userxattr: false,
             read_only: false,
-            source: format!("{SOURCE_PREFIX}:{store_rel}"),
+            source: format!("{SOURCE_PREFIX}:{}", boot.store_rel),
         };
         match mount_overlay(&spec, &env.newroot) {
             Ok(api) => {
@@ -295,11 +377,15 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
                     "mounted {} layers with the {api:?} mount API",
                     stack.len()
                 ));
-                rollback.mounted(&plan, stack, upper_mode, &mut state, log);
+                rollback.mounted(&boot.plan, stack, upper_mode, &mut boot.state, log);
                 if upper_mode == UpperMode::Persistent {
-                    state.upper_stack.clone_from(stack);
+                    boot.state.upper_stack.clone_from(stack);
                 }
-                mounted = Some((stack.clone(), why.clone(), upper_mode));
+                mounted = Some(Mounted {
+                    stack: stack.clone(),
+                    fallback: why.clone(),
+                    upper: upper_mode,
+                });
                 break;
             }
             Err(e) => {
@@ -308,17 +394,33 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
             }
         }
     }
-    rollback.discard_unused(store, log);
+    rollback.discard_unused(&boot.store, log);
     layers_spec::fault::point("boot-mounted");
-    let Some((stack, fallback, upper_mode)) = mounted else {
-        return Err(BootError::NothingMounts(last_error));
-    };
+    mounted.ok_or(BootError::NothingMounts(last_error))
+}
+
+/// Records the boot: the state (only when it changed), `/run/strata/booted.toml`, and the
+/// store bound where the new root sees it.
+fn record(
+    env: &BootEnv,
+    mut boot: Boot,
+    mounted: Mounted,
+    upper: &Result<(PathBuf, PathBuf), String>,
+    resolution: &Resolution,
+    showed_menu: bool,
+    log: &mut Log,
+) -> Outcome {
+    let Mounted {
+        stack,
+        fallback,
+        upper: upper_mode,
+    } = mounted;
     let upper_fallback = upper
         .as_ref()
         .err()
         .filter(|_| upper_mode == UpperMode::Tmpfs)
         .map(|why| format!("{why}; booted with a tmpfs upper"));
-    let fallback = [plan_fallback, upper_fallback, fallback]
+    let fallback = [boot.plan_fallback.take(), upper_fallback, fallback]
         .into_iter()
         .flatten()
         .reduce(|a, b| format!("{a}; {b}"));
@@ -327,6 +429,7 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
     }
     log.say(format!("booting {}", summarize(&stack)));
 
+    let state = &mut boot.state;
     // The one-shot selection is used up.
     state.once = None;
     state.last_boot = Some(LastBoot {
@@ -336,12 +439,12 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
     });
     // An ordinary boot (no trial layer, no one-shot, the same stack as last time) writes nothing:
     // a faster boot, and no flash wear on devices that boot often.
-    if state != state_before
-        && let Err(e) = store.save_state(&state)
+    if *state != boot.state_before
+        && let Err(e) = boot.store.save_state(state)
     {
         log.say(format!("could not save the boot state: {e}"));
     }
-
+    let run_dir = env.run.join(RUN_SUBDIR);
     let booted = Booted {
         version: layers_spec::plan::PLAN_VERSION,
         stack,
@@ -350,18 +453,18 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
             .then(|| state.current_upper.clone())
             .flatten(),
         // Where `expose_store` binds it: /run/strata/store in the new root.
-        store: env.run.join("strata/store").display().to_string(),
+        store: run_dir.join(STORE_BIND).display().to_string(),
         one_shot: resolution.one_shot,
         fallback,
         notes: resolution.notes.iter().map(ToString::to_string).collect(),
         at: None,
     };
-    write_record(env, &booted, log);
-    expose_store(env, &store_dir, log);
-    Ok(Outcome {
+    write_record(&run_dir, &booted, log);
+    expose_store(&run_dir, boot.store.path(), log);
+    Outcome {
         booted,
         showed_menu,
-    })
+    }
 }
 
 /// The boot menu and what its choice does to the plan and the boot state.
@@ -485,7 +588,7 @@ fn fallback_chain(
     state: &BootState,
     resolved: &[String],
     present: &dyn Fn(&str) -> bool,
-) -> Vec<(Vec<String>, Option<String>)> {
+) -> Vec<Candidate> {
     let in_plan_order = |names: &dyn Fn(&str) -> bool| -> Vec<String> {
         plan.layers
             .iter()
@@ -567,7 +670,7 @@ pub(crate) fn upper_dirs(store: &Store, id: &str) -> Result<(PathBuf, PathBuf), 
         upper.sub_or_create(UPPER_DATA)?,
         upper.sub_or_create(UPPER_WORK)?,
     );
-    // Left by a mount with `volatile`, it would refuse every later mount (FACTS).
+    // Left by a mount with `volatile`, it would refuse every later mount (docs/overlayfs.md).
     work.remove("incompat")?;
     Ok((data.path().to_owned(), work.path().to_owned()))
 }
@@ -702,7 +805,7 @@ impl RollbackUpper {
 }
 
 fn tmpfs_upper(env: &BootEnv) -> Result<(PathBuf, PathBuf), String> {
-    let dir = env.run.join("strata/upper");
+    let dir = env.run.join(RUN_SUBDIR).join(TMPFS_UPPER);
     fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let mounted = fs::read_to_string("/proc/self/mountinfo")
         .map(|m| {
@@ -721,7 +824,7 @@ fn tmpfs_upper(env: &BootEnv) -> Result<(PathBuf, PathBuf), String> {
         )
         .map_err(|e| format!("mounting a tmpfs upper at {}: {e}", dir.display()))?;
     }
-    let (data, work) = (dir.join("data"), dir.join("work"));
+    let (data, work) = (dir.join(UPPER_DATA), dir.join(UPPER_WORK));
     for path in [&data, &work] {
         fs::create_dir_all(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
     }
@@ -766,23 +869,22 @@ fn sweep(store: &Store, plan: &Plan, state: &mut BootState, log: &mut Log) {
     }
 }
 
-fn write_record(env: &BootEnv, booted: &Booted, log: &mut Log) {
-    let dir = env.run.join("strata");
-    let written = fs::create_dir_all(&dir).and_then(|()| {
+fn write_record(dir: &Path, booted: &Booted, log: &mut Log) {
+    let written = fs::create_dir_all(dir).and_then(|()| {
         let text = booted.to_toml().map_err(std::io::Error::other)?;
-        fs::write(dir.join("booted.toml"), text)
+        fs::write(dir.join(BOOTED_FILE), text)
     });
     if let Err(e) = written {
         log.say(format!(
             "could not write {}: {e}",
-            dir.join("booted.toml").display()
+            dir.join(BOOTED_FILE).display()
         ));
     }
 }
 
 /// Bind-mounts the store at `<run>/strata/store`, so the new root sees it at /run/strata/store.
-fn expose_store(env: &BootEnv, store: &Path, log: &mut Log) {
-    let target = env.run.join("strata/store");
+fn expose_store(run_dir: &Path, store: &Path, log: &mut Log) {
+    let target = run_dir.join(STORE_BIND);
     let done = fs::create_dir_all(&target)
         .map_err(|e| e.to_string())
         .and_then(|()| {

@@ -14,7 +14,7 @@ use layers_store::Store;
 use layers_store::layout::{Folder, UPPER_DATA};
 use rustix::fs::{CWD, FileType, Mode};
 
-use crate::flow::Log;
+use crate::log::Log;
 
 /// The overlay xattrs a lower layer uses; every other `trusted.overlay.*` in an upper is the
 /// kernel's bookkeeping for that upper (origin, impure, uuid, …) and means nothing below it.
@@ -23,7 +23,7 @@ const OVERLAY_PREFIX: &str = "trusted.overlay.";
 /// What a whiteout is rewritten through: made beside it, then renamed over it, so a crash
 /// never leaves the path without its whiteout. One left by a crash is removed by the next pass.
 const WHITEOUT_TEMP: &str = ".strata-freeze-whiteout";
-/// An upper mounted with these is not a plain layer and cannot be one (FACTS): it says so.
+/// An upper mounted with these is not a plain layer and cannot be one (docs/overlayfs.md): it says so.
 const UNUSABLE_XATTRS: &[&str] = &["redirect", "metacopy"];
 
 /// What cleaning an upper changed.
@@ -262,7 +262,7 @@ pub fn first_free_upper(store: &Store, state: &BootState) -> String {
         .expect("some number is free")
 }
 
-/// Makes a frozen upper a plain lower layer, in place (FACTS): each whiteout its own 0/0
+/// Makes a frozen upper a plain lower layer, in place (docs/overlayfs.md): each whiteout its own 0/0
 /// device (overlayfs links them all to one inode in `work/`), and no overlay xattrs but
 /// `opaque` and `whiteout`. Never follows a symlink; running it again changes nothing more.
 pub fn clean_upper(root: &Path) -> io::Result<Cleaned> {

@@ -7,6 +7,7 @@
 pub mod console;
 pub mod flow;
 pub mod freeze;
+pub mod log;
 pub mod mkinitramfs;
 pub mod standalone;
 

@@ -4,6 +4,8 @@ use std::fmt;
 use std::ops::Range;
 use std::path::PathBuf;
 
+pub use crate::name::NameProblem;
+
 /// A place in a text file, 1-based, columns counted in characters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
@@ -119,8 +121,12 @@ pub enum PlanError {
     #[error("the {what} cannot be written: {message}")]
     Unwritable { what: &'static str, message: String },
 
-    #[error("{at}: the plan lists {count} layers; at most {max} fit in one overlay stack", max = crate::plan::MAX_STACK)]
-    TooManyLayers { at: Location, count: usize },
+    #[error("{at}: the plan lists {count} layers; at most {max} fit in one overlay stack")]
+    TooManyLayers {
+        at: Location,
+        count: usize,
+        max: u32,
+    },
 
     #[error("{path}: {action}: {source}")]
     Io {
@@ -215,25 +221,6 @@ fn plain_toml_message(message: &str, found: Option<&str>) -> String {
         message = message.replace(&format!("expected struct {table}"), "expected a table");
     }
     message
-}
-
-/// Why a layer name is refused (DESIGN: 1 to 128 of `[A-Za-z0-9._+-]`, no leading dot).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NameProblem {
-    #[error("it is empty")]
-    Empty,
-    #[error("it is {0} bytes long; the limit is {max}", max = crate::name::MAX_NAME_LEN)]
-    TooLong(usize),
-    #[error("it starts with `.`")]
-    LeadingDot,
-    #[error("it contains `..`")]
-    DotDot,
-    #[error("it contains `/`, which would name a path outside the store")]
-    Slash,
-    #[error("it contains a NUL byte")]
-    Nul,
-    #[error("it contains {0:?}; names use only letters, digits, `.`, `_`, `+` and `-`")]
-    BadChar(char),
 }
 
 #[cfg(test)]

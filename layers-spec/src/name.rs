@@ -1,11 +1,28 @@
 //! The layer-name rule: a name is one path component inside the store, never a way out of it.
 
-use crate::error::NameProblem;
+/// Why a layer name is refused (docs/design.md: 1 to 128 of `[A-Za-z0-9._+-]`, no leading dot).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameProblem {
+    #[error("it is empty")]
+    Empty,
+    #[error("it is {0} bytes long; the limit is {max}", max = MAX_NAME_LEN)]
+    TooLong(usize),
+    #[error("it starts with `.`")]
+    LeadingDot,
+    #[error("it contains `..`")]
+    DotDot,
+    #[error("it contains `/`, which would name a path outside the store")]
+    Slash,
+    #[error("it contains a NUL byte")]
+    Nul,
+    #[error("it contains {0:?}; names use only letters, digits, `.`, `_`, `+` and `-`")]
+    BadChar(char),
+}
 
 /// The longest layer name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
 
-/// Checks `name` against DESIGN's rule: 1 to 128 of `[A-Za-z0-9._+-]`, not starting with `.`,
+/// Checks `name` against the rule in docs/design.md: 1 to 128 of `[A-Za-z0-9._+-]`, not starting with `.`,
 /// and (so that no reader mistakes it for a path step) no `..` anywhere.
 ///
 /// The problems are checked from the most specific to the most general, so a name with a `/`

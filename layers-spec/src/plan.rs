@@ -420,6 +420,7 @@ impl Plan {
             return Err(PlanError::TooManyLayers {
                 at: at.layer_table(MAX_STACK as usize),
                 count: self.layers.len(),
+                max: MAX_STACK,
             });
         }
         let mut first_seen: HashMap<&str, usize> = HashMap::new();

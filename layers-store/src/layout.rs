@@ -8,6 +8,8 @@ pub const DEFAULT_STORE: &str = "/strata";
 pub const BOOTED_STORE: &str = "/run/strata/store";
 /// What the hook leaves for the running system, in its `/run`.
 pub const RUN_DIR: &str = "/run/strata";
+/// [`RUN_DIR`] under any `/run` (the initramfs's, before the switch).
+pub const RUN_SUBDIR: &str = "strata";
 /// Under [`RUN_DIR`]: the record of the running boot.
 pub const BOOTED_FILE: &str = "booted.toml";
 /// Under [`RUN_DIR`]: the store's bind mount.
@@ -30,6 +32,11 @@ pub const FIRST_UPPER: &str = "1";
 /// In an upper's directory (`uppers/<id>/`): the files, and overlayfs's work directory.
 pub const UPPER_DATA: &str = "data";
 pub const UPPER_WORK: &str = "work";
+
+/// In a run's directory (`runs/<name>/`): locked while any process of the run lives (and the
+/// mark of a directory a run made), and the mark of a run kept by `--keep-on-failure`.
+pub const RUN_LOCK: &str = "lock";
+pub const RUN_KEPT: &str = "kept";
 
 /// The folders of a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +68,7 @@ impl Folder {
         Folder::State,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Folder::Layers => "layers",
             Folder::Manifests => "manifests",

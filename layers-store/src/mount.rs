@@ -236,7 +236,7 @@ fn mount_new_api(spec: &OverlaySpec, target: &Path) -> Result<(), NewApiError> {
     }
     if let Err(e) = fsconfig_create(&fs) {
         let messages = context_messages(&fs);
-        // 6.1 to 6.7 accept `lowerdir+` as a key and fail here, finding no lower layer (FACTS);
+        // 6.1 to 6.7 accept `lowerdir+` as a key and fail here, finding no lower layer (docs/overlayfs.md);
         // any other complaint is the real reason and is reported as it is.
         if e == Errno::INVAL
             && (messages.is_empty() || messages.iter().any(|m| m.contains("lowerdir")))

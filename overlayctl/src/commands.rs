@@ -7,60 +7,20 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use layers_spec::{BootState, LayerState, Plan, legacy};
+use layers_spec::{LayerState, Plan, legacy};
 use serde::Serialize;
 
 use crate::engine::delta::Compare;
 use crate::engine::{Layer, Manifest, XattrNs};
 use crate::ops::{self, NewLayer};
 use crate::status::next_boot;
-use crate::store::{Store, StoreLock};
+use crate::store::Store;
+use crate::transaction::{Transaction, layer_index};
 use crate::{
     AddLayerOpts, BundleCommand, CheckOpts, CheckpointOpts, CompactOpts, DiffOpts,
     ImportLegacyOpts, InitOpts, KeysCommand, KnownGoodOpts, MenuLockOpts, PolicyOpts, RemoveOpts,
     RunOpts, SyncOpts, name_from_path, write_json,
 };
-
-/// What a change works on: the store, locked, its plan (read from its own file: a change is
-/// never written over a plan that could not be read, which would silently drop it) and its boot
-/// state, all read before anything is written.
-struct Change {
-    store: Store,
-    _lock: StoreLock,
-    plan: Plan,
-    state: BootState,
-}
-
-fn open_for_change(root: &Path) -> Result<Change> {
-    let store = Store::open(root)?;
-    let lock = store.lock()?;
-    let loaded = store.plan()?;
-    if let Some(why) = loaded.fell_back {
-        bail!(
-            "the plan cannot be read ({why}); nothing was changed. Repair {} or copy overlayplan.toml.prev over it",
-            store.root.join(layers_store::layout::PLAN_FILE).display()
-        );
-    }
-    let mut plan = loaded.value;
-    let mut state = store.state()?;
-    crate::ops::finish_pending(&store, &mut plan, &mut state)?;
-    Ok(Change {
-        store,
-        _lock: lock,
-        plan,
-        state,
-    })
-}
-
-pub(crate) fn layer_index(plan: &Plan, name: &str) -> Result<usize> {
-    plan.position(name).ok_or_else(|| {
-        let names: Vec<&str> = plan.layers.iter().map(|l| l.name.as_str()).collect();
-        anyhow!(
-            "there is no layer {name:?} in the plan; its layers are: {}",
-            names.join(", ")
-        )
-    })
-}
 
 #[derive(Serialize)]
 struct ChangeReport<'a> {
@@ -69,16 +29,17 @@ struct ChangeReport<'a> {
     notes: Vec<String>,
 }
 
-/// Saves the plan and says what changed and what the next boot will mount.
+/// Commits the change and says what changed and what the next boot will mount.
 fn finish(
-    change: &Change,
+    change: Transaction<'_>,
     changed: &[String],
     summary: &str,
     json: bool,
     out: &mut dyn Write,
 ) -> Result<()> {
-    change.store.save_plan(&change.plan)?;
-    let next = next_boot(&change.store, &change.plan, &change.state);
+    let store = change.store;
+    let done = change.commit()?;
+    let next = next_boot(store, &done.plan, &done.state);
     let notes: Vec<String> = next.notes.iter().map(ToString::to_string).collect();
     if json {
         return write_json(
@@ -98,18 +59,13 @@ fn finish(
     Ok(())
 }
 
-/// Forgets the trial counters of `names` (saved before the plan: a failure then leaves only
-/// reset counters behind).
-fn clear_tries(change: &mut Change, names: &[String]) -> Result<()> {
-    let before = change.state.trial_tries.len();
+/// Forgets the trial counters of `names` (the state is saved before the plan: a failure then
+/// leaves only reset counters behind).
+fn clear_tries(change: &mut Transaction<'_>, names: &[String]) {
     change
         .state
         .trial_tries
         .retain(|name, _| !names.contains(name));
-    if change.state.trial_tries.len() != before {
-        change.store.save_state(&change.state)?;
-    }
-    Ok(())
 }
 
 pub fn init(root: &Path, opts: &InitOpts, json: bool, out: &mut dyn Write) -> Result<()> {
@@ -514,7 +470,8 @@ fn set_state(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let mut change = open_for_change(root)?;
+    let store = Store::open(root)?;
+    let mut change = Transaction::begin(&store)?;
     for name in names {
         layer_index(&change.plan, name)?;
     }
@@ -525,9 +482,9 @@ fn set_state(
             .expect("checked above")
             .set_state(state, Some(crate::store::now()));
     }
-    clear_tries(&mut change, names)?;
+    clear_tries(&mut change, names);
     finish(
-        &change,
+        change,
         names,
         &format!("{verb}: {}", names.join(", ")),
         json,
@@ -544,7 +501,8 @@ pub fn disable(root: &Path, names: &[String], json: bool, out: &mut dyn Write) -
 }
 
 pub fn accept(root: &Path, names: &[String], json: bool, out: &mut dyn Write) -> Result<()> {
-    let mut change = open_for_change(root)?;
+    let store = Store::open(root)?;
+    let mut change = Transaction::begin(&store)?;
     let chosen: Vec<String> = if names.is_empty() {
         let booted = change.store.booted()?.ok_or_else(|| {
             anyhow!(
@@ -586,13 +544,12 @@ pub fn accept(root: &Path, names: &[String], json: bool, out: &mut dyn Write) ->
         .state
         .trial_tries
         .retain(|name, _| !chosen.contains(name));
-    change.store.save_state(&change.state)?;
     let summary = if chosen.is_empty() {
         "no trial layers to accept".to_owned()
     } else {
         format!("accepted: {}", chosen.join(", "))
     };
-    finish(&change, &chosen, &summary, json, out)
+    finish(change, &chosen, &summary, json, out)
 }
 
 pub fn known_good(
@@ -601,7 +558,8 @@ pub fn known_good(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let mut change = open_for_change(root)?;
+    let store = Store::open(root)?;
+    let mut change = Transaction::begin(&store)?;
     let i = layer_index(&change.plan, &opts.layer)?;
     change.plan.layers[i].known_good = !opts.unset;
     let summary = format!(
@@ -610,7 +568,7 @@ pub fn known_good(
         if opts.unset { "no longer " } else { "" }
     );
     finish(
-        &change,
+        change,
         std::slice::from_ref(&opts.layer),
         &summary,
         json,
@@ -626,13 +584,14 @@ pub fn menu_lock(root: &Path, opts: &MenuLockOpts, json: bool, out: &mut dyn Wri
         let password = read_password()?;
         Some(layers_spec::lock::hash_password(&password).map_err(anyhow::Error::msg)?)
     };
-    let mut change = open_for_change(root)?;
+    let store = Store::open(root)?;
+    let mut change = Transaction::begin(&store)?;
     let summary = match &hash {
         Some(_) => "the boot menu now asks for the password before any change",
         None => "the boot menu is no longer locked",
     };
     change.plan.boot.menu_lock = hash;
-    finish(&change, &[], summary, json, out)
+    finish(change, &[], summary, json, out)
 }
 
 /// A password from the terminal (asked twice, echo off) or the first line of standard input.
@@ -681,7 +640,8 @@ fn read_password() -> Result<String> {
 }
 
 pub fn rollback(root: &Path, to: Option<&str>, json: bool, out: &mut dyn Write) -> Result<()> {
-    let mut change = open_for_change(root)?;
+    let store = Store::open(root)?;
+    let mut change = Transaction::begin(&store)?;
     let plan = &mut change.plan;
     let target = match to {
         Some(name) => layer_index(plan, name)?,
@@ -710,16 +670,17 @@ pub fn rollback(root: &Path, to: Option<&str>, json: bool, out: &mut dyn Write) 
             changed.join(", ")
         }
     );
-    finish(&change, &changed, &summary, json, out)
+    finish(change, &changed, &summary, json, out)
 }
 
 pub fn remove(root: &Path, opts: &RemoveOpts, json: bool, out: &mut dyn Write) -> Result<()> {
-    let mut change = open_for_change(root)?;
+    let store = Store::open(root)?;
+    let mut change = Transaction::begin(&store)?;
     let layer = match (&opts.layer, &opts.upper) {
         (Some(layer), None) => layer.clone(),
         (_, Some(id)) => {
-            let size = crate::uppers::size(&change.store, id);
-            crate::uppers::remove(&change.store, &mut change.state, id)?;
+            let size = crate::uppers::size(change.store, id);
+            crate::uppers::remove(change.store, &mut change.state, id)?;
             if json {
                 return write_json(
                     out,
@@ -739,85 +700,23 @@ pub fn remove(root: &Path, opts: &RemoveOpts, json: bool, out: &mut dyn Write) -
             .iter()
             .any(|(n, _)| n == &layer)
     {
-        return remove_unaccounted(&mut change, &layer, json, out);
+        return remove_unaccounted(change, &layer, json, out);
     }
-    let i = layer_index(&change.plan, &layer)?;
-    if change.store.in_use(&layer)? {
-        bail!(
-            "can not remove a layer the running system is using: {} is in a mounted stack (the running boot's, or an `overlayctl mount`); disable it and reboot, or unmount it, then remove it",
-            layer
-        );
-    }
-    if change.plan.layers.len() == 1 {
-        bail!(
-            "{} is the only layer of the plan; a plan needs at least one",
-            layer
-        );
-    }
-    if change.plan.layers[i].known_good
-        && !change
-            .plan
-            .layers
-            .iter()
-            .any(|l| l.known_good && l.name != layer)
-    {
-        bail!(
-            "{layer} is the plan's only known-good layer, the fallback a boot reaches when everything else fails; it is never removed, --force or not. Mark another layer known-good first (`overlayctl known-good NAME`)"
-        );
-    }
-    let built_on: Vec<String> = change.plan.layers[..i]
-        .iter()
-        .filter(|l| l.parent.as_deref() == Some(layer.as_str()))
-        .filter(|l| l.state != LayerState::Disabled)
-        .map(|l| l.name.clone())
-        .collect();
-    let keeping: Vec<&str> = change
-        .state
-        .archived_uppers
-        .iter()
-        .filter(|a| change.plan.current_names(&a.layers).contains(&layer))
-        .map(|a| a.id.as_str())
-        .collect();
-    if !keeping.is_empty() && !opts.force {
-        bail!(
-            "archived upper {} was used over {layer} and is shown over it; remove it first (`overlayctl remove --upper ID`), or pass --force",
-            keeping.join(", ")
-        );
-    }
-    if !built_on.is_empty() && !opts.force {
-        bail!(
-            "enabled layers were built on {}: {}; remove or disable them first, or pass --force",
-            layer,
-            built_on.join(", ")
-        );
-    }
-    // Layers that named it as their parent now stand on their own.
-    for above in &mut change.plan.layers {
-        if above.parent.as_deref() == Some(layer.as_str()) {
-            above.parent = None;
-        }
-    }
-    change.plan.layers.remove(i);
-    change.state.last_good.retain(|name| name != &layer);
-    change.state.trial_tries.remove(&layer);
-    // Let go in the journal before the plan stops naming it; deleted once nothing needs it.
-    change.state.release(&layer, "remove");
-    change.store.save_state(&change.state)?;
+    crate::ops::remove_layer(&mut change, &layer, opts.force, "remove")?;
     finish(
-        &change,
+        change,
         std::slice::from_ref(&layer),
-        &format!("removed {}", layer),
+        &format!("removed {layer}"),
         json,
         out,
-    )?;
-    change.store.sweep(&change.plan, &mut change.state)
+    )
 }
 
 /// `remove NAME` of a directory in `layers/` that the plan does not name and nobody recorded
 /// (a layer renamed in the plan by hand, or left out by an import): the explicit command that
 /// deletes it.
 fn remove_unaccounted(
-    change: &mut Change,
+    mut change: Transaction<'_>,
     name: &str,
     json: bool,
     out: &mut dyn Write,
@@ -826,9 +725,8 @@ fn remove_unaccounted(
         bail!("{name} is in a mounted stack; unmount it (or reboot without it) first");
     }
     let path = change.store.layer_dir(name);
-    change.state.release(name, "remove");
-    change.store.save_state(&change.state)?;
-    change.store.sweep(&change.plan, &mut change.state)?;
+    change.release(name, "remove");
+    change.commit()?;
     if json {
         return write_json(out, &serde_json::json!({ "removed_unplanned": name }));
     }
@@ -1077,7 +975,7 @@ pub fn policy(root: &Path, opts: &PolicyOpts, json: bool, out: &mut dyn Write) -
         for action in &decision.actions {
             match action {
                 Action::Date { layers } => {
-                    let mut change = open_for_change(root)?;
+                    let mut change = Transaction::begin(&store)?;
                     for name in layers {
                         if let Some(layer) = change.plan.layer_mut(name)
                             && layer.state == LayerState::Disabled
@@ -1086,22 +984,17 @@ pub fn policy(root: &Path, opts: &PolicyOpts, json: bool, out: &mut dyn Write) -
                             layer.disabled_at = Some(crate::store::now());
                         }
                     }
-                    change.store.save_plan(&change.plan)?;
+                    change.commit()?;
                 }
-                Action::Remove { layer, .. } => remove(
-                    root,
-                    &RemoveOpts {
-                        layer: Some(layer.clone()),
-                        upper: None,
-                        force: true,
-                    },
-                    false,
-                    &mut std::io::sink(),
-                )
-                .with_context(|| format!("policy: {action}"))?,
+                Action::Remove { layer, .. } => {
+                    let mut change = Transaction::begin(&store)?;
+                    ops::remove_layer(&mut change, layer, true, "policy")
+                        .and_then(|()| change.commit().map(drop))
+                        .with_context(|| format!("policy: {action}"))?;
+                }
                 Action::RemoveUpper { id, .. } => {
-                    let mut change = open_for_change(root)?;
-                    crate::uppers::remove(&change.store, &mut change.state, id)
+                    let mut change = Transaction::begin(&store)?;
+                    crate::uppers::remove(change.store, &mut change.state, id)
                         .with_context(|| format!("policy: {action}"))?;
                 }
                 Action::Compact { from, to, .. } => {
@@ -1286,7 +1179,8 @@ pub fn checkpoint(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let mut change = open_for_change(root)?;
+    let store = Store::open(root)?;
+    let mut change = Transaction::begin(&store)?;
     let booted = change.store.booted()?.ok_or_else(|| {
         anyhow!(
             "this system was not booted from {}: there is no running upper to freeze",
@@ -1306,13 +1200,10 @@ pub fn checkpoint(
         .name
         .clone()
         .unwrap_or_else(|| crate::store::stamped_name("checkpoint"));
-    layers_spec::check_name(&name).map_err(|p| anyhow!("layer name {name:?} is not valid: {p}"))?;
-    ensure!(
-        change.plan.layer(&name).is_none() && !change.store.layer_dir(&name).exists(),
-        "a layer named {name:?} exists; choose another --name"
-    );
     // finish_pending sealed a frozen one; one still pending is replaced, with the same upper.
     let replaced = change.state.checkpoint.take().map(|c| c.layer);
+    change.check_name_free(&name)?;
+    change.check_room_for_one()?;
     change.state.checkpoint = Some(layers_spec::Checkpoint {
         layer: name.clone(),
         title: opts.title.clone(),
@@ -1320,7 +1211,7 @@ pub fn checkpoint(
         parent: booted.stack.first().cloned(),
         frozen: false,
     });
-    change.store.save_state(&change.state)?;
+    change.commit()?;
     if json {
         return write_json(out, &serde_json::json!({ "layer": name, "upper": upper }));
     }

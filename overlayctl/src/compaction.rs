@@ -15,8 +15,9 @@ use crate::engine::compact::{Below, CompactStats, compact};
 use crate::engine::copy::link_layer;
 use crate::engine::manifest::hash_file;
 use crate::engine::{Layer, Manifest, XattrNs};
-use crate::ops::{install, write_synced};
+use crate::install::{install, write_synced};
 use crate::store::Store;
+use crate::transaction::Transaction;
 
 /// What to compact and what to call the result.
 #[derive(Debug, Clone, Default)]
@@ -50,7 +51,7 @@ pub struct Compacted {
 
 /// The run `request` names in `plan`, as plan indices (top, bottom), checked.
 pub fn resolve_run(plan: &Plan, request: &Request) -> Result<(usize, usize)> {
-    let index = |name: &str| crate::commands::layer_index(plan, name);
+    let index = |name: &str| crate::transaction::layer_index(plan, name);
     let mergeable = |i: usize| {
         let l = &plan.layers[i];
         l.state == LayerState::Active && !l.known_good
@@ -117,23 +118,20 @@ pub fn resolve_run(plan: &Plan, request: &Request) -> Result<(usize, usize)> {
 
 /// Compacts the run `request` names, in one transaction under the store's lock.
 pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
-    let _lock = store.lock()?;
-    let loaded = store.plan()?;
-    if let Some(why) = loaded.fell_back {
-        bail!("the plan cannot be read ({why}); nothing was changed");
-    }
-    let mut plan = loaded.value;
-    let mut state = store.state()?;
-    crate::ops::finish_pending(store, &mut plan, &mut state)?;
-    let (top, bottom) = resolve_run(&plan, request)?;
-    let replaced: Vec<String> = plan.layers[top..=bottom]
+    let mut change = Transaction::begin(store)?;
+    let (top, bottom) = resolve_run(&change.plan, request)?;
+    let replaced: Vec<String> = change.plan.layers[top..=bottom]
         .iter()
         .map(|l| l.name.clone())
         .collect();
     let taken = |name: &str| {
-        plan.layer(name).is_some()
+        change.plan.layer(name).is_some()
             || store.layer_dir(name).exists()
-            || state.checkpoint.as_ref().is_some_and(|c| c.layer == name)
+            || change
+                .state
+                .checkpoint
+                .as_ref()
+                .is_some_and(|c| c.layer == name)
     };
     let name = match &request.name {
         Some(name) => {
@@ -151,7 +149,7 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
 
     // The run, read whole, and everything below it, looked up where needed (disabled layers
     // too: whiteouts they need must stay).
-    let dirs: Vec<PathBuf> = plan.layers[top..]
+    let dirs: Vec<PathBuf> = change.plan.layers[top..]
         .iter()
         .map(|l| store.layer_dir(&l.name))
         .collect();
@@ -170,7 +168,7 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     .with_context(|| format!("writing the compacted layer into {}", staged.display()))?;
     layers_spec::fault::point("compact-staged");
     // The manifest from the run's manifests: the files are the run's, so their hashes are known.
-    let known = crate::ops::known_hashes(store, &plan, &replaced, &run_layers);
+    let known = crate::ops::known_hashes(store, &change.plan, &replaced, &run_layers);
     // The manifest of the tree just written (links keep the run's files as they were, and
     // directories, whiteouts and copies got the tree's metadata), not of a second walk of it.
     let written = Layer {
@@ -193,25 +191,25 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     // The journal first: the new layer claimed (deleted if the plan never comes to name it),
     // the run let go (deleted once the plan no longer names it and nothing needs it).
     for old in &replaced {
-        state.release(old, "compact");
+        change.state.release(old, "compact");
     }
-    store.claim(&mut state, &name, "compact")?;
+    change.claim(&name, "compact")?;
     install(store, &staged, &staged_manifest, &name)?;
     layers_spec::fault::point("compact-installed");
 
     // A one-shot selection of part of the run cannot be said with the new layer: dropped
     // before the plan changes (else a crash between the two could boot the rest of it).
-    if let Some(once) = &state.once
+    if let Some(once) = &change.state.once
         && replace_run(&mut once.layers.clone(), &replaced, &name) == Named::Part
     {
         log::warn!("the one-shot selection for the next boot named part of the run; it is dropped");
-        state.once = None;
-        store.save_state(&state)?;
+        change.state.once = None;
+        change.save_state()?;
     }
 
     // The plan: the new layer in the run's place, on the run's parent; layers built on one of
     // the run are built on it.
-    let (top_layer, bottom_layer) = (&plan.layers[top], &plan.layers[bottom]);
+    let (top_layer, bottom_layer) = (&change.plan.layers[top], &change.plan.layers[bottom]);
     let mut layer = layers_spec::Layer::new(name.clone());
     layer.title = request.title.clone().or_else(|| top_layer.title.clone());
     layer.notes = top_layer.notes.clone();
@@ -219,40 +217,34 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     layer.created = Some(crate::store::now());
     layer.digest = Some(manifest.digest());
     layer.replaces = replaced.clone();
-    plan.layers.splice(top..=bottom, [layer]);
-    for l in &mut plan.layers {
+    change.plan.layers.splice(top..=bottom, [layer]);
+    for l in &mut change.plan.layers {
         if l.parent.as_ref().is_some_and(|p| replaced.contains(p)) {
             l.parent = Some(name.clone());
         }
     }
-    store.save_plan(&plan)?;
+    change.save_plan()?;
     layers_spec::fault::point("compact-planned");
 
     // The boot state: a stack that named the whole run names the new layer instead (until
     // then, the plan's `replaces` lets the hook read the old names). A last good stack with
     // part of the run keeps those layers until the next good boot replaces it.
-    state.claimed.retain(|r| r.layer != name);
-    let mut state_changed = true;
-    state_changed |= replace_run(&mut state.last_good, &replaced, &name) == Named::Whole;
-    if let Some(once) = &mut state.once {
-        state_changed |= replace_run(&mut once.layers, &replaced, &name) == Named::Whole;
+    // The plan names the new layer: its claim is done.
+    change.state.claimed.retain(|r| r.layer != name);
+    replace_run(&mut change.state.last_good, &replaced, &name);
+    if let Some(once) = &mut change.state.once {
+        replace_run(&mut once.layers, &replaced, &name);
     }
     // The stack the upper was used over (what a rollback is judged by) names the new layer
     // for any of the run it has: merging is never a rollback, however many times it happens.
-    let upper_stack = rename_run(&state.upper_stack, &replaced, &name);
-    if upper_stack != state.upper_stack {
-        state.upper_stack = upper_stack;
-        state_changed = true;
-    }
-    if state_changed {
-        store.save_state(&state)?;
-    }
+    change.state.upper_stack = rename_run(&change.state.upper_stack, &replaced, &name);
+    change.save_state()?;
     layers_spec::fault::point("compact-state");
 
-    // The old layers go by the journal (which also refreshes the previous plan, the fallback,
+    // The old layers go by the journal (which also refreshes the previous change.plan, the fallback,
     // first): unless a mounted stack, the last good stack or a one-shot selection has them;
     // then the next command or boot that finds them unused deletes them.
-    store.sweep(&plan, &mut state)?;
+    change.commit()?;
     let (pending, deleted): (Vec<String>, Vec<String>) = replaced
         .iter()
         .cloned()

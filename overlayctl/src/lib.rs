@@ -7,13 +7,16 @@ pub mod compaction;
 pub mod diff;
 pub mod engine;
 pub mod fetch;
+pub mod install;
 pub mod mount;
 pub mod ops;
 pub mod policy;
+pub mod recover;
 pub mod run;
 pub mod space;
 pub mod status;
 pub mod store;
+pub mod transaction;
 pub mod uppers;
 
 use std::io::Write;
@@ -23,9 +26,9 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 /// Where the hook leaves the store of the running system.
-pub const BOOTED_STORE: &str = "/run/strata/store";
+pub const BOOTED_STORE: &str = layers_store::layout::BOOTED_STORE;
 /// The store on an unbooted root filesystem.
-pub const DEFAULT_STORE: &str = "/strata";
+pub const DEFAULT_STORE: &str = layers_store::layout::DEFAULT_STORE;
 
 /// Manage the layered root filesystem of this device: which layers the next boot mounts, new
 /// upgrade layers, rollback, and inspection.

@@ -15,6 +15,7 @@ use rustix::mount::MountFlags;
 
 use crate::store::{Store, UPPERS, booted_record_path};
 use crate::{MountOpts, write_json};
+use layers_store::layout::{UPPER_DATA, UPPER_WORK};
 
 /// A small tmpfs for a throw-away upper or an empty bottom layer. Once the overlay holds its
 /// directories it is detached: it lives as long as the overlay and needs no cleaning up.
@@ -27,7 +28,7 @@ impl Scratch {
         let run = booted_record_path()
             .parent()
             .map(Path::to_owned)
-            .unwrap_or_else(|| "/run/strata".into());
+            .unwrap_or_else(|| layers_store::layout::RUN_DIR.into());
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -144,7 +145,7 @@ pub fn mount_command(root: &Path, opts: &MountOpts, json: bool, out: &mut dyn Wr
             bail!("upper {id} is the running system's upper; mounting it twice would corrupt it");
         }
         let dir = store.root.join(UPPERS).join(id);
-        let (data, work) = (dir.join("data"), dir.join("work"));
+        let (data, work) = (dir.join(UPPER_DATA), dir.join(UPPER_WORK));
         if !data.is_dir() || !work.is_dir() {
             bail!(
                 "there is no upper {id}: {} needs data/ and work/",

@@ -9,10 +9,12 @@ use std::path::Path;
 use anyhow::{Context, Result, bail, ensure};
 use layers_spec::{BootState, Layer as PlanLayer, LayerState, Plan, check_name};
 
-use crate::engine::copy::{CopyStats, copy_layer, link_layer};
+use crate::engine::copy::CopyStats;
 use crate::engine::delta::{Compare, DeltaStats, delta};
 use crate::engine::{Kind, Layer, Manifest, MergedView, Node, XattrNs};
+use crate::install::{Files, manifest_of, stage_and_install, write_synced};
 use crate::store::{self, Store};
+use crate::transaction::{Transaction, layer_index};
 
 /// What a new layer is called and how the plan takes it.
 #[derive(Debug, Clone)]
@@ -69,123 +71,6 @@ fn check_room(store: &Store, plan: &Plan, needed: u64) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// How a built layer's files reach the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Files {
-    /// Copied from the layer's root (a tree outside the store).
-    Copy,
-    /// Hard-linked from the layer's root: work of ours under `staging/` whose files already
-    /// carry their metadata (a rebuilt bundle), so nothing is written twice.
-    Link,
-}
-
-/// Copies (or links) `layer` into `staging/`, writes its manifest beside it, and renames both
-/// into place. Returns the digest.
-fn stage_and_install(
-    store: &Store,
-    layer: &Layer,
-    name: &str,
-    files: Files,
-) -> Result<(String, CopyStats)> {
-    let staged = store.staging_path(name)?;
-    let staging = staged.parent().expect("staging paths have a parent");
-    let staged_name = staged.file_name().expect("staging paths have a name");
-    let stats = match files {
-        Files::Copy => copy_layer(layer, staging, staged_name),
-        Files::Link => link_layer(
-            &layer.tree,
-            &|rel| layer.root.join(rel),
-            staging,
-            staged_name,
-        ),
-    }
-    .with_context(|| format!("copying {} into the store", layer.root.display()))?;
-    let (digest, manifest_text) = manifest_of(&staged)?;
-    let staged_manifest = staged.with_extension("manifest");
-    write_synced(&staged_manifest, manifest_text.as_bytes())?;
-    install(store, &staged, &staged_manifest, name)?;
-    Ok((digest, stats))
-}
-
-fn manifest_of(dir: &Path) -> Result<(String, String)> {
-    let copy = Layer::read(dir, XattrNs::Trusted)
-        .with_context(|| format!("reading back {}", dir.display()))?;
-    let manifest =
-        Manifest::of_layer(&copy).with_context(|| format!("hashing {}", dir.display()))?;
-    Ok((manifest.digest(), manifest.text))
-}
-
-pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut file =
-        fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-/// Renames a staged layer and its manifest into `layers/` and `manifests/`, durably.
-pub(crate) fn install(
-    store: &Store,
-    staged: &Path,
-    staged_manifest: &Path,
-    name: &str,
-) -> Result<()> {
-    install_manifest(store, staged_manifest, name)?;
-    let target = store.layer_dir(name);
-    fs::rename(staged, &target)
-        .with_context(|| format!("moving the layer to {}", target.display()))?;
-    Store::sync_dir(&store.root.join(store::LAYERS))
-}
-
-/// Renames a staged manifest into `manifests/`, durably.
-fn install_manifest(store: &Store, staged_manifest: &Path, name: &str) -> Result<()> {
-    let manifest = store.manifest_path(name);
-    fs::create_dir_all(manifest.parent().expect("manifests have a parent"))
-        .with_context(|| format!("creating {}", store.root.join(store::MANIFESTS).display()))?;
-    fs::rename(staged_manifest, &manifest)
-        .with_context(|| format!("moving the manifest to {}", manifest.display()))?;
-    Store::sync_dir(&store.root.join(store::MANIFESTS))
-}
-
-/// What the boot left for the next command that holds the lock, what a stopped `run` left,
-/// then the layers the plan no longer names (Store::clean_orphans). A checkpoint the hook
-/// froze gets its manifest and digest here, read from the layer (the hook hashes nothing); a
-/// layer that cannot be read is left without one, with a warning, rather than blocking every
-/// change.
-pub(crate) fn finish_pending(store: &Store, plan: &mut Plan, state: &mut BootState) -> Result<()> {
-    if let Some(checkpoint) = state.checkpoint.clone().filter(|c| c.frozen) {
-        let name = &checkpoint.layer;
-        if plan.layer(name).is_some_and(|l| l.digest.is_none()) {
-            match seal(store, name) {
-                Ok(digest) => {
-                    if let Some(layer) = plan.layer_mut(name) {
-                        layer.digest = Some(digest);
-                    }
-                    store.save_plan(plan)?;
-                }
-                Err(e) => log::warn!("checkpoint {name} gets no manifest: {e:#}"),
-            }
-        }
-        state.checkpoint = None;
-        store.save_state(state)?;
-    }
-    if crate::uppers::forget_missing(store, state) {
-        store.save_state(state)?;
-    }
-    crate::run::clean_stale_runs(store)?;
-    store.sweep(plan, state)
-}
-
-/// Writes the manifest of a layer already in `layers/`; returns its digest.
-fn seal(store: &Store, name: &str) -> Result<String> {
-    let (digest, text) = manifest_of(&store.layer_dir(name))?;
-    let staged = store.staging_path(&format!("{name}.manifest"))?;
-    write_synced(&staged, text.as_bytes())?;
-    install_manifest(store, &staged, name)?;
-    Ok(digest)
 }
 
 /// Creates a store at `root` whose bottom layer is a copy of `base` (or `base` itself, renamed
@@ -277,7 +162,7 @@ fn plan_layer(layer: &NewLayer, digest: &str) -> PlanLayer {
 
 /// Adds a copy of `source` on top of the stack.
 pub fn add_layer(store: &Store, source: &Path, ns: XattrNs, layer: &NewLayer) -> Result<Added> {
-    add_built_layer(store, layer, Files::Copy, &mut |_, _, _| {
+    add_built_layer(store, layer, Files::Copy, "add-layer", &mut |_, _, _| {
         read_clean(source, ns)
     })
 }
@@ -288,73 +173,30 @@ pub fn add_built_layer(
     store: &Store,
     layer: &NewLayer,
     files: Files,
+    by: &str,
     build: &mut dyn FnMut(&Plan, &BootState, &mut NewLayer) -> Result<Layer>,
 ) -> Result<Added> {
-    check_name(&layer.name)
-        .map_err(|p| anyhow::anyhow!("layer name {:?} is not valid: {p}", layer.name))?;
-    let _lock = store.lock()?;
-    let loaded = store.plan()?;
-    if let Some(why) = loaded.fell_back {
-        bail!(
-            "the plan cannot be read ({why}); nothing was added. Repair it or copy overlayplan.toml.prev over it"
-        );
-    }
-    let mut plan = loaded.value;
-    let mut state = store.state()?;
-    finish_pending(store, &mut plan, &mut state)?;
-    if plan.layer(&layer.name).is_some() {
-        bail!(
-            "the plan already has a layer named {:?}; choose another --name",
-            layer.name
-        );
-    }
+    let mut change = Transaction::begin(store)?;
     // Said before anything is read or copied.
-    ensure!(
-        plan.layers.len() < layers_spec::plan::MAX_STACK as usize,
-        "the plan has {} layers, the most a stack can have; compact some (`overlayctl compact`) or remove some first; nothing was added",
-        plan.layers.len()
-    );
-    if state
-        .checkpoint
-        .as_ref()
-        .is_some_and(|c| c.layer == layer.name)
-    {
-        bail!(
-            "{:?} is the name of the pending checkpoint; choose another --name",
-            layer.name
-        );
-    }
-    if store.in_use(&layer.name)? {
-        bail!(
-            "a layer named {:?} is in use (mounted) though the plan no longer names it; choose another --name",
-            layer.name
-        );
-    }
+    change.check_name_free(&layer.name)?;
+    change.check_room_for_one()?;
     let mut layer = layer.clone();
     match &layer.parent {
-        Some(parent) if plan.layer(parent).is_none() => {
+        Some(parent) if change.plan.layer(parent).is_none() => {
             bail!("--parent {parent:?} is not a layer of the plan")
         }
         Some(_) => {}
-        None => layer.parent = plan.layers.first().map(|l| l.name.clone()),
+        None => layer.parent = change.plan.layers.first().map(|l| l.name.clone()),
     }
-    let target = store.layer_dir(&layer.name);
-    if fs::symlink_metadata(&target).is_ok() {
-        bail!(
-            "{} exists (a layer let go but still needed, or a directory the plan does not name); choose another --name",
-            target.display()
-        );
-    }
-    let source = build(&plan, &state, &mut layer)?;
+    let source = build(&change.plan, &change.state, &mut layer)?;
     if files == Files::Copy {
         // Linked files are written already (their builder checked the room first).
-        check_room(store, &plan, source.tree.content_bytes())?;
+        check_room(store, &change.plan, source.tree.content_bytes())?;
     }
-    store.claim(&mut state, &layer.name, "add-layer")?;
+    change.claim(&layer.name, by)?;
     let (digest, stats) = stage_and_install(store, &source, &layer.name, files)?;
-    plan.layers.insert(0, plan_layer(&layer, &digest));
-    store.save_plan(&plan)?;
-    store.commit_claim(&mut state, &layer.name)?;
+    change.plan.layers.insert(0, plan_layer(&layer, &digest));
+    change.commit()?;
     Ok(Added {
         name: layer.name.clone(),
         digest,
@@ -469,24 +311,30 @@ pub fn sync(
     dry_run: bool,
 ) -> Result<Synced> {
     let mut found: Option<(Vec<String>, DeltaStats)> = None;
-    let result = add_built_layer(store, layer, Files::Copy, &mut |plan, state, layer| {
-        // The stack and the target are read at once: on a cold cache the disk serves both.
-        let (stack, target_tree) = std::thread::scope(|scope| {
-            let target = scope.spawn(|| read_clean(target, XattrNs::Trusted));
-            let stack = read_next_stack(store, plan, state);
-            (stack, target.join().expect("the target reader panicked"))
-        });
-        let ((stack, layers), target_tree) = (stack?, target_tree?);
-        let view = MergedView::new(&layers);
-        let (delta, stats) = delta(&view, &target_tree, compare)
-            .with_context(|| format!("comparing {} with the stack", target.display()))?;
-        layer.parent = stack.first().cloned();
-        found = Some((stack, stats));
-        if stats.is_empty() || dry_run {
-            bail!(NotAdded);
-        }
-        Ok(delta)
-    });
+    let result = add_built_layer(
+        store,
+        layer,
+        Files::Copy,
+        "sync",
+        &mut |plan, state, layer| {
+            // The stack and the target are read at once: on a cold cache the disk serves both.
+            let (stack, target_tree) = std::thread::scope(|scope| {
+                let target = scope.spawn(|| read_clean(target, XattrNs::Trusted));
+                let stack = read_next_stack(store, plan, state);
+                (stack, target.join().expect("the target reader panicked"))
+            });
+            let ((stack, layers), target_tree) = (stack?, target_tree?);
+            let view = MergedView::new(&layers);
+            let (delta, stats) = delta(&view, &target_tree, compare)
+                .with_context(|| format!("comparing {} with the stack", target.display()))?;
+            layer.parent = stack.first().cloned();
+            found = Some((stack, stats));
+            if stats.is_empty() || dry_run {
+                bail!(NotAdded);
+            }
+            Ok(delta)
+        },
+    );
     let (stack, delta) = found.clone().unwrap_or_default();
     match result {
         Ok(added) => Ok(Synced {
@@ -548,55 +396,62 @@ pub fn add_bundle(
         );
     }
     let scratch = store.staging_path("bundle")?;
-    let result = add_built_layer(store, layer, Files::Link, &mut |plan, state, layer| {
-        let (stack, layers) = read_next_stack(store, plan, state)?;
-        let view = MergedView::new(&layers);
-        // The stack's files hash as their layers' manifests say (recorded when each layer came
-        // in; `verify` checks them), so the base digest reads no file; a file a delta or patch
-        // is applied to is checked against its own hash when read.
-        let mut known = known_hashes(store, plan, &stack, &layers);
-        let base = crate::bundle::tree_digest(&view, &mut |rel, node| {
-            crate::bundle::hash_by_reading(&view, &mut known, rel, node)
-        })?;
-        ensure!(
-            base == bundle.manifest.base,
-            "{} applies to the tree {}, but the next boot's stack ({}) is {}; nothing was added",
-            file.display(),
-            bundle.manifest.base,
-            stack.join(", "),
-            base
-        );
-        layer.parent = stack.first().cloned();
-        // Check the room before writing anything, not after (the rebuilt files are then linked
-        // into the layer, not copied).
-        let content: u64 = bundle
-            .manifest
-            .entries
-            .iter()
-            .filter(|e| e.data.is_some())
-            .filter_map(|e| e.size)
-            .fold(0, u64::saturating_add);
-        check_room(store, plan, content)?;
-        fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
-        let rebuilt = bundle
-            .rebuild(&view, &scratch)
-            .with_context(|| format!("rebuilding {}", file.display()))?;
-        // The whole result, metadata included, must be the tree the bundle promises.
-        let mut with = vec![rebuilt];
-        with.extend(layers);
-        let result = MergedView::new(&with);
-        // The stack's files were hashed for the base digest: only the rebuilt ones are read.
-        let target = crate::bundle::tree_digest(&result, &mut |rel, node| {
-            crate::bundle::hash_by_reading(&result, &mut known, rel, node)
-        })?;
-        ensure!(
-            target == bundle.manifest.target,
-            "{} rebuilt a tree ({target}) other than the one it promises ({}); nothing was added",
-            file.display(),
-            bundle.manifest.target
-        );
-        Ok(with.swap_remove(0))
-    });
+    let result = add_built_layer(
+        store,
+        layer,
+        Files::Link,
+        "bundle",
+        &mut |plan, state, layer| {
+            let (stack, layers) = read_next_stack(store, plan, state)?;
+            let view = MergedView::new(&layers);
+            // The stack's files hash as their layers' manifests say (recorded when each layer came
+            // in; `verify` checks them), so the base digest reads no file; a file a delta or patch
+            // is applied to is checked against its own hash when read.
+            let mut known = known_hashes(store, plan, &stack, &layers);
+            let base = crate::bundle::tree_digest(&view, &mut |rel, node| {
+                crate::bundle::hash_by_reading(&view, &mut known, rel, node)
+            })?;
+            ensure!(
+                base == bundle.manifest.base,
+                "{} applies to the tree {}, but the next boot's stack ({}) is {}; nothing was added",
+                file.display(),
+                bundle.manifest.base,
+                stack.join(", "),
+                base
+            );
+            layer.parent = stack.first().cloned();
+            // Check the room before writing anything, not after (the rebuilt files are then linked
+            // into the layer, not copied).
+            let content: u64 = bundle
+                .manifest
+                .entries
+                .iter()
+                .filter(|e| e.data.is_some())
+                .filter_map(|e| e.size)
+                .fold(0, u64::saturating_add);
+            check_room(store, plan, content)?;
+            fs::create_dir_all(&scratch)
+                .with_context(|| format!("creating {}", scratch.display()))?;
+            let rebuilt = bundle
+                .rebuild(&view, &scratch)
+                .with_context(|| format!("rebuilding {}", file.display()))?;
+            // The whole result, metadata included, must be the tree the bundle promises.
+            let mut with = vec![rebuilt];
+            with.extend(layers);
+            let result = MergedView::new(&with);
+            // The stack's files were hashed for the base digest: only the rebuilt ones are read.
+            let target = crate::bundle::tree_digest(&result, &mut |rel, node| {
+                crate::bundle::hash_by_reading(&result, &mut known, rel, node)
+            })?;
+            ensure!(
+                target == bundle.manifest.target,
+                "{} rebuilt a tree ({target}) other than the one it promises ({}); nothing was added",
+                file.display(),
+                bundle.manifest.target
+            );
+            Ok(with.swap_remove(0))
+        },
+    );
     if let Err(e) = store.remove_staged(&scratch) {
         log::warn!("{e:#}");
     }
@@ -604,4 +459,83 @@ pub fn add_bundle(
         added: result?,
         signers,
     })
+}
+
+/// Takes `layer` out of the plan and lets it go (deleted when the change commits and nothing
+/// needs it). Never a layer in use, the plan's only layer or its last known-good one; layers
+/// built on it, or an archived upper shown over it, stop it unless `force`.
+pub fn remove_layer(
+    change: &mut Transaction<'_>,
+    layer: &str,
+    force: bool,
+    by: &str,
+) -> Result<()> {
+    let i = layer_index(&change.plan, layer)?;
+    if change.store.in_use(layer)? {
+        bail!(
+            "can not remove a layer the running system is using: {} is in a mounted stack (the running boot's, or an `overlayctl mount`); disable it and reboot, or unmount it, then remove it",
+            layer
+        );
+    }
+    if change.plan.layers.len() == 1 {
+        bail!(
+            "{} is the only layer of the plan; a plan needs at least one",
+            layer
+        );
+    }
+    if change.plan.layers[i].known_good
+        && !change
+            .plan
+            .layers
+            .iter()
+            .any(|l| l.known_good && l.name != layer)
+    {
+        bail!(
+            "{layer} is the plan's only known-good layer, the fallback a boot reaches when everything else fails; it is never removed, --force or not. Mark another layer known-good first (`overlayctl known-good NAME`)"
+        );
+    }
+    let built_on: Vec<String> = change.plan.layers[..i]
+        .iter()
+        .filter(|l| l.parent.as_deref() == Some(layer))
+        .filter(|l| l.state != LayerState::Disabled)
+        .map(|l| l.name.clone())
+        .collect();
+    let keeping: Vec<&str> = change
+        .state
+        .archived_uppers
+        .iter()
+        .filter(|a| {
+            change
+                .plan
+                .current_names(&a.layers)
+                .iter()
+                .any(|n| n == layer)
+        })
+        .map(|a| a.id.as_str())
+        .collect();
+    if !keeping.is_empty() && !force {
+        bail!(
+            "archived upper {} was used over {layer} and is shown over it; remove it first (`overlayctl remove --upper ID`), or pass --force",
+            keeping.join(", ")
+        );
+    }
+    if !built_on.is_empty() && !force {
+        bail!(
+            "enabled layers were built on {}: {}; remove or disable them first, or pass --force",
+            layer,
+            built_on.join(", ")
+        );
+    }
+    // Layers that named it as their parent now stand on their own.
+    for above in &mut change.plan.layers {
+        if above.parent.as_deref() == Some(layer) {
+            above.parent = None;
+        }
+    }
+    change.plan.layers.remove(i);
+    change.state.last_good.retain(|name| name != layer);
+    change.state.trial_tries.remove(layer);
+    // Let go in the journal before the plan stops naming it; deleted once nothing needs it.
+    change.release(layer, by);
+    Ok(())
 }

@@ -21,8 +21,10 @@ use rustix::fd::OwnedFd;
 use rustix::fs::{FlockOperation, Mode, OFlags, flock};
 
 use crate::engine::{Kind, Node};
-use crate::ops::{self, Added, Files, NewLayer};
+use crate::install::Files;
+use crate::ops::{self, Added, NewLayer};
 use crate::store::Store;
+use crate::transaction::Transaction;
 
 /// What a run did.
 #[derive(Debug)]
@@ -51,24 +53,18 @@ pub fn run(
     ensure!(!command.is_empty(), "no command to run: give it after --");
     check_name(&layer.name)
         .map_err(|p| anyhow::anyhow!("layer name {:?} is not valid: {p}", layer.name))?;
+    // The next boot's stack, and the checks a new layer passes, read under the lock (and after
+    // recovery); nothing is written until the run is done.
     let (stack, plan) = {
-        let _lock = store.lock()?;
-        let loaded = store.plan()?;
-        if let Some(why) = loaded.fell_back {
-            bail!("the plan cannot be read ({why}); nothing was run");
-        }
-        let state = store.state()?;
-        let stack = crate::status::next_boot(store, &loaded.value, &state).stack;
-        (stack, loaded.value)
+        let change = Transaction::begin(store)?;
+        change.check_name_free(&layer.name)?;
+        change.check_room_for_one()?;
+        let stack = crate::status::next_boot(store, &change.plan, &change.state).stack;
+        (stack, change.plan)
     };
     ensure!(
         !stack.is_empty(),
         "the next boot's stack is empty, so there is nothing to run in"
-    );
-    ensure!(
-        plan.layer(&layer.name).is_none() && !store.layer_dir(&layer.name).exists(),
-        "a layer named {:?} exists; choose another --name",
-        layer.name
     );
     let free = ops::free_bytes(store)?;
     ensure!(
@@ -83,7 +79,7 @@ pub fn run(
     let scratch = runs.child_path(&layer.name);
     // Under the store's lock, so no other command takes the new run for a stale one.
     let store_lock = store.lock()?;
-    clean_stale_runs(store)?;
+    crate::recover::clean_stale_runs(store)?;
     ensure!(
         !scratch.exists(),
         "{} exists (another run of that name, or one kept with --keep-on-failure); choose another --name",
@@ -152,10 +148,7 @@ pub fn run(
     result
 }
 
-/// In a run's directory: locked while any process of the run lives.
-const LIVE_LOCK: &str = "lock";
-/// In a run's directory: kept by `--keep-on-failure`, for the user to look at and remove.
-const KEPT: &str = "kept";
+use layers_store::layout::{RUN_KEPT as KEPT, RUN_LOCK as LIVE_LOCK};
 
 /// Locks the run at `scratch` for as long as any process of it lives: the lock's file is
 /// inherited by the child and the command (no close-on-exec), so a run whose `overlayctl` was
@@ -175,46 +168,6 @@ fn lock_run(scratch: &Path) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Removes what runs whose processes are all gone (killed, or a power cut) left in `runs/`;
-/// runs kept with `--keep-on-failure` stay, and so does anything without a run's lock file
-/// (not made by a run).
-pub(crate) fn clean_stale_runs(store: &Store) -> Result<()> {
-    let Some(runs) = store.handle().existing_folder(crate::store::Folder::Runs)? else {
-        return Ok(());
-    };
-    for name in runs.names()? {
-        let dir = runs.child_path(&name);
-        let Ok(run) = runs.sub(&name) else {
-            log::warn!("{} is not a run's directory; it is kept", dir.display());
-            continue;
-        };
-        if run.kind(KEPT)?.is_some() {
-            continue;
-        }
-        if run.kind(LIVE_LOCK)? != Some(rustix::fs::FileType::RegularFile) {
-            log::warn!(
-                "{} was not made by `overlayctl run`; it is kept",
-                dir.display()
-            );
-            continue;
-        }
-        let alive = rustix::fs::open(
-            dir.join(LIVE_LOCK),
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .is_ok_and(|fd| flock(&fd, FlockOperation::NonBlockingLockShared).is_err());
-        if !alive {
-            log::info!("removing {}, left by a run that was stopped", dir.display());
-            // Never in the way of the change that called this.
-            if let Err(e) = runs.remove(&name) {
-                log::warn!("{e:#}");
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Adds the upper a successful run left as a trial layer on the stack it ran in.
 fn add_upper(store: &Store, layer: &NewLayer, stack: &[String], upper: &Path) -> Result<Outcome> {
     let tree = ops::read_clean(upper, crate::engine::XattrNs::Trusted)
@@ -229,7 +182,7 @@ fn add_upper(store: &Store, layer: &NewLayer, stack: &[String], upper: &Path) ->
     count(&tree.tree, &mut entries, &mut deletions);
     let bytes = tree.tree.content_bytes();
     let mut tree = Some(tree);
-    let added = ops::add_built_layer(store, layer, Files::Link, &mut |plan, state, new| {
+    let added = ops::add_built_layer(store, layer, Files::Link, "run", &mut |plan, state, new| {
         let now = crate::status::next_boot(store, plan, state).stack;
         ensure!(
             now == stack,

@@ -1,7 +1,7 @@
 //! The store as `overlayctl` uses it: `layers-store`'s handle with the context a command's
 //! errors need, the running boot's record, and what is mounted from it.
 //!
-//! Every change is a transaction (DESIGN): new content is written under `staging/`, flushed,
+//! Every change is a transaction (docs/design.md): new content is written under `staging/`, flushed,
 //! renamed into place, and only then does the plan name it. Layers leave the store only through
 //! the journal in the boot state ([`Store::sweep`]); a directory nobody recorded is kept.
 
@@ -19,11 +19,11 @@ use layers_store::Loaded;
 use layers_store::layout::{self, BOOTED_FILE, RUN_DIR, STATE_FILE};
 
 /// The directories a store has, by name (for messages and paths).
-pub const LAYERS: &str = "layers";
-pub const STAGING: &str = "staging";
-pub const UPPERS: &str = "uppers";
-pub const MANIFESTS: &str = "manifests";
-pub const KEYS: &str = "keys";
+pub const LAYERS: &str = Folder::Layers.name();
+pub const STAGING: &str = Folder::Staging.name();
+pub const UPPERS: &str = Folder::Uppers.name();
+pub const MANIFESTS: &str = Folder::Manifests.name();
+pub const KEYS: &str = Folder::Keys.name();
 
 /// Where the hook leaves its record of the running boot; `STRATA_RUN_DIR` overrides it (tests).
 pub fn booted_record_path() -> PathBuf {
@@ -224,21 +224,6 @@ impl Store {
             .ok_or_else(|| anyhow!("{} is not in {}", path.display(), staging.path().display()))?;
         staging.remove(name)?;
         Ok(())
-    }
-
-    /// Records in the journal that `by` is putting the layer `name` into `layers/` (before its
-    /// directory is there): should the change stop before the plan names it, the next one
-    /// deletes what it left.
-    pub fn claim(&self, state: &mut BootState, name: &str, by: &str) -> Result<()> {
-        state.claimed.retain(|r| r.layer != name);
-        state.claimed.push(layers_spec::StoreRecord::new(name, by));
-        self.save_state(state)
-    }
-
-    /// The plan names a claimed layer now: the claim is dropped.
-    pub fn commit_claim(&self, state: &mut BootState, name: &str) -> Result<()> {
-        state.claimed.retain(|r| r.layer != name);
-        self.save_state(state)
     }
 
     /// Layer directories the plan does not name and nobody recorded: kept; `remove` deletes one.

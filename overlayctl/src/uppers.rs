@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use layers_spec::BootState;
 
 use crate::store::{Folder, Store, UPPERS};
+use layers_store::layout::UPPER_DATA;
 
 /// Bytes of file content in `uppers/<id>/data`.
 pub fn size(store: &Store, id: &str) -> Option<u64> {
@@ -44,7 +45,7 @@ pub fn remove(store: &Store, state: &mut BootState, id: &str) -> Result<()> {
     }
     let uppers = store.folder(Folder::Uppers)?;
     let dir = uppers.child_path(id);
-    if mounted(&dir.join("data"))? {
+    if mounted(&dir.join(UPPER_DATA))? {
         bail!("upper {id} is mounted (by `overlayctl mount --upper {id}`?); unmount it first");
     }
     // Let go in one rename into `staging/`, whose Strata-named entries the next change removes.
@@ -79,8 +80,13 @@ fn mounted(data: &Path) -> Result<bool> {
 /// removal cut short after its rename). True when it dropped any.
 pub fn forget_missing(store: &Store, state: &mut BootState) -> bool {
     let before = state.archived_uppers.len();
-    state
-        .archived_uppers
-        .retain(|a| store.root.join(UPPERS).join(&a.id).join("data").is_dir());
+    state.archived_uppers.retain(|a| {
+        store
+            .root
+            .join(UPPERS)
+            .join(&a.id)
+            .join(UPPER_DATA)
+            .is_dir()
+    });
     state.archived_uppers.len() != before
 }

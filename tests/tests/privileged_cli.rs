@@ -689,8 +689,9 @@ fn privileged_bad_input_changes_nothing() {
     assert!(!env.store().join("layers/orphan").exists());
 
     // A plan that cannot be read: changes are refused rather than written over it, even when
-    // its previous copy could stand in for reading.
-    env.ok(&["known-good", "base"]);
+    // its previous copy could stand in for reading (two changes: one that changes nothing
+    // writes nothing, so it leaves no previous copy).
+    env.ok(&["known-good", "base", "--unset"]);
     env.ok(&["known-good", "base"]);
     let plan = env.store().join("overlayplan.toml");
     fs::write(&plan, "version = 1\n[[layer]]\nnaem = \"x\"\n").unwrap();

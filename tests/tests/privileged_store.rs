@@ -406,3 +406,45 @@ fn privileged_store_a_trial_whose_try_cannot_be_recorded_is_left_out() {
     let _ = nix::mount::umount2(&run.join("strata/store"), nix::mount::MntFlags::MNT_DETACH);
     nix::mount::umount2(&sysroot, nix::mount::MntFlags::MNT_DETACH).unwrap();
 }
+
+#[test]
+fn privileged_store_paths_past_path_max_are_layers_too() {
+    let Some(env) = Env::new("privileged_store_paths_past_path_max_are_layers_too") else {
+        return;
+    };
+    use rustix::fs::{Mode, OFlags};
+    // 20 levels of 250-byte names (5,000 bytes), made one directory at a time.
+    let tree = env.path("deep");
+    fs::create_dir(&tree).unwrap();
+    let mut fd = rustix::fs::open(&tree, OFlags::DIRECTORY, Mode::empty()).unwrap();
+    let part = "d".repeat(250);
+    for _ in 0..20 {
+        rustix::fs::mkdirat(&fd, part.as_str(), Mode::from_raw_mode(0o755)).unwrap();
+        fd = rustix::fs::openat(&fd, part.as_str(), OFlags::DIRECTORY, Mode::empty()).unwrap();
+    }
+    let file = rustix::fs::openat(
+        &fd,
+        "deep",
+        OFlags::CREATE | OFlags::WRONLY,
+        Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
+    rustix::io::write(&file, b"deep\n").unwrap();
+    rustix::fs::symlinkat("deep", &fd, "link").unwrap();
+    env.ok(&["add-layer", tree.to_str().unwrap(), "--name", "deep"]);
+    let verify = env.ok(&["verify"]);
+    assert!(verify.contains("deep: ok"), "{verify}");
+    env.ok(&["accept", "up1", "up2", "deep"]);
+    env.ok(&[
+        "compact", "--from", "up2", "--to", "deep", "--name", "merged",
+    ]);
+    let verify = env.ok(&["verify"]);
+    assert!(verify.contains("merged: ok"), "{verify}");
+    let manifest = fs::read_to_string(env.store().join("manifests/merged")).unwrap();
+    assert!(
+        manifest
+            .lines()
+            .any(|l| l.len() > 5000 && l.contains("/deep file")),
+        "the deep file is in the merged layer"
+    );
+}

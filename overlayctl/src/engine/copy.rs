@@ -139,9 +139,11 @@ impl Copier<'_> {
                 if *nlink > 1 {
                     if let Some(first) = self.links.get(inode) {
                         let root = self.dest_root.clone();
+                        let first = super::longpath::short(&root.join(first))
+                            .map_err(io_at(&dest, "making a hard link"))?;
                         linkat(
                             rustix::fs::CWD,
-                            root.join(first),
+                            &*first,
                             dir,
                             name.as_os_str(),
                             AtFlags::empty(),
@@ -213,7 +215,8 @@ impl Copier<'_> {
             Source::Root(root) => root.join(rel),
             Source::Linked(source) => {
                 let source = source(rel);
-                match linkat(rustix::fs::CWD, &source, dir, name, AtFlags::empty()) {
+                let short = super::longpath::short(&source).map_err(io_at(&source, "opening"))?;
+                match linkat(rustix::fs::CWD, &*short, dir, name, AtFlags::empty()) {
                     Ok(()) => {
                         self.stats.linked += 1;
                         return Ok(());
@@ -223,10 +226,11 @@ impl Copier<'_> {
                 }
             }
         };
+        let short = super::longpath::short(&source).map_err(io_at(&source, "opening"))?;
         let src = File::from(
             openat(
                 rustix::fs::CWD,
-                &source,
+                &*short,
                 OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )

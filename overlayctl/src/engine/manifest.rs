@@ -152,7 +152,7 @@ pub fn unescape(text: &str) -> Vec<u8> {
 /// The blake3 hash of a file's content, in hex.
 pub fn hash_file(path: &Path) -> io::Result<String> {
     let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(File::open(path)?)?;
+    hasher.update_reader(File::open(&*super::longpath::short(path)?)?)?;
     Ok(hasher.finalize().to_hex().to_string())
 }
 

@@ -6,6 +6,7 @@
 pub mod compact;
 pub mod copy;
 pub mod delta;
+pub(crate) mod longpath;
 pub mod manifest;
 pub mod merge;
 pub mod tree;

@@ -293,7 +293,8 @@ fn read_xattrs(
 ) -> Result<(Xattrs, BTreeMap<String, Vec<u8>>), LayerError> {
     let mut plain = BTreeMap::new();
     let mut private = BTreeMap::new();
-    let names = match with_buffer(|buf| rustix::fs::llistxattr(path, buf)) {
+    let short = super::longpath::short(path).map_err(io_at(path, "reaching the entry"))?;
+    let names = match with_buffer(|buf| rustix::fs::llistxattr(&*short, buf)) {
         Ok(names) => names,
         // Filesystems without xattrs have none to give.
         Err(Errno::NOTSUP) => return Ok((plain, private)),
@@ -301,7 +302,7 @@ fn read_xattrs(
     };
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let name = OsStr::from_bytes(name);
-        let value = match with_buffer(|buf| rustix::fs::lgetxattr(path, name, buf)) {
+        let value = match with_buffer(|buf| rustix::fs::lgetxattr(&*short, name, buf)) {
             Ok(value) => value,
             // Removed between list and get: simply gone.
             Err(Errno::NODATA) => continue,
@@ -425,7 +426,8 @@ impl Reader {
                 nlink: st.st_nlink,
             },
             FileType::Symlink => Kind::Symlink {
-                target: fs::read_link(path)
+                target: super::longpath::short(path)
+                    .and_then(|short| fs::read_link(&*short))
                     .map_err(io_at(path, "reading the link"))?
                     .into_os_string(),
             },
