@@ -10,10 +10,10 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use layers_spec::{LayerState, Plan, legacy};
 use serde::Serialize;
 
+use crate::changes::{self, Changed};
 use crate::engine::delta::Compare;
 use crate::engine::{Layer, Manifest, XattrNs};
 use crate::ops::{self, NewLayer};
-use crate::status::next_boot;
 use crate::store::Store;
 use crate::transaction::{Transaction, layer_index};
 use crate::{
@@ -22,50 +22,17 @@ use crate::{
     RunOpts, SyncOpts, name_from_path, write_json,
 };
 
-#[derive(Serialize)]
-struct ChangeReport<'a> {
-    changed: &'a [String],
-    next_boot: Vec<String>,
-    notes: Vec<String>,
-}
-
-/// Commits the change and says what changed and what the next boot will mount.
-fn finish(
-    change: Transaction<'_>,
-    changed: &[String],
-    summary: &str,
-    json: bool,
-    out: &mut dyn Write,
-) -> Result<()> {
-    let store = change.store;
-    let done = change.commit()?;
-    let next = next_boot(store, &done.plan, &done.state);
-    let notes: Vec<String> = next.notes.iter().map(ToString::to_string).collect();
+/// Prints what a change did and what the next boot will mount.
+fn print_changed(changed: &Changed, json: bool, out: &mut dyn Write) -> Result<()> {
     if json {
-        return write_json(
-            out,
-            &ChangeReport {
-                changed,
-                next_boot: next.stack,
-                notes,
-            },
-        );
+        return write_json(out, changed);
     }
-    writeln!(out, "{summary}")?;
-    writeln!(out, "next boot: {}", next.stack.join(", "))?;
-    for note in notes {
+    writeln!(out, "{}", changed.summary)?;
+    writeln!(out, "next boot: {}", changed.next_boot.join(", "))?;
+    for note in &changed.notes {
         writeln!(out, "warning: {note}")?;
     }
     Ok(())
-}
-
-/// Forgets the trial counters of `names` (the state is saved before the plan: a failure then
-/// leaves only reset counters behind).
-fn clear_tries(change: &mut Transaction<'_>, names: &[String]) {
-    change
-        .state
-        .trial_tries
-        .retain(|name, _| !names.contains(name));
 }
 
 pub fn init(root: &Path, opts: &InitOpts, json: bool, out: &mut dyn Write) -> Result<()> {
@@ -462,94 +429,19 @@ pub fn keys(root: &Path, command: &KeysCommand, json: bool, out: &mut dyn Write)
 }
 
 /// Sets layers' state; trial counters of the layers go, since the choice is now explicit.
-fn set_state(
-    root: &Path,
-    names: &[String],
-    state: LayerState,
-    verb: &str,
-    json: bool,
-    out: &mut dyn Write,
-) -> Result<()> {
-    let store = Store::open(root)?;
-    let mut change = Transaction::begin(&store)?;
-    for name in names {
-        layer_index(&change.plan, name)?;
-    }
-    for name in names {
-        change
-            .plan
-            .layer_mut(name)
-            .expect("checked above")
-            .set_state(state, Some(crate::store::now()));
-    }
-    clear_tries(&mut change, names);
-    finish(
-        change,
-        names,
-        &format!("{verb}: {}", names.join(", ")),
-        json,
-        out,
-    )
-}
-
 pub fn enable(root: &Path, names: &[String], json: bool, out: &mut dyn Write) -> Result<()> {
-    set_state(root, names, LayerState::Active, "enabled", json, out)
+    let changed = changes::set_state(&Store::open(root)?, names, LayerState::Active)?;
+    print_changed(&changed, json, out)
 }
 
 pub fn disable(root: &Path, names: &[String], json: bool, out: &mut dyn Write) -> Result<()> {
-    set_state(root, names, LayerState::Disabled, "disabled", json, out)
+    let changed = changes::set_state(&Store::open(root)?, names, LayerState::Disabled)?;
+    print_changed(&changed, json, out)
 }
 
 pub fn accept(root: &Path, names: &[String], json: bool, out: &mut dyn Write) -> Result<()> {
-    let store = Store::open(root)?;
-    let mut change = Transaction::begin(&store)?;
-    let chosen: Vec<String> = if names.is_empty() {
-        let booted = change.store.booted()?.ok_or_else(|| {
-            anyhow!(
-                "this system was not booted from {}; name the layers to accept",
-                change.store.root.display()
-            )
-        })?;
-        // The running stack booted well enough to accept: it is the new last good stack.
-        // In the plan's terms: a compaction since the boot replaced some of its layers.
-        change.state.last_good = change.plan.current_names(&booted.stack);
-        booted
-            .stack
-            .iter()
-            .filter(|n| {
-                change
-                    .plan
-                    .layer(n)
-                    .is_some_and(|l| l.state == LayerState::Trial)
-            })
-            .cloned()
-            .collect()
-    } else {
-        for name in names {
-            let i = layer_index(&change.plan, name)?;
-            if change.plan.layers[i].state == LayerState::Disabled {
-                bail!("layer {name:?} is disabled; enable it, boot it, then accept it");
-            }
-        }
-        names.to_vec()
-    };
-    for name in &chosen {
-        change
-            .plan
-            .layer_mut(name)
-            .expect("names were checked")
-            .set_state(LayerState::Active, None);
-    }
-    change
-        .state
-        .trial_tries
-        .retain(|name, _| !chosen.contains(name));
-    let summary = if chosen.is_empty() {
-        "no trial layers to accept".to_owned()
-    } else {
-        format!("accepted: {}", chosen.join(", "))
-    };
-    finish(change, &chosen, &summary, json, out)
+    let changed = changes::accept(&Store::open(root)?, names)?;
+    print_changed(&changed, json, out)
 }
 
 pub fn known_good(
@@ -558,22 +450,8 @@ pub fn known_good(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let store = Store::open(root)?;
-    let mut change = Transaction::begin(&store)?;
-    let i = layer_index(&change.plan, &opts.layer)?;
-    change.plan.layers[i].known_good = !opts.unset;
-    let summary = format!(
-        "{} is {}known-good",
-        opts.layer,
-        if opts.unset { "no longer " } else { "" }
-    );
-    finish(
-        change,
-        std::slice::from_ref(&opts.layer),
-        &summary,
-        json,
-        out,
-    )
+    let changed = changes::known_good(&Store::open(root)?, &opts.layer, opts.unset)?;
+    print_changed(&changed, json, out)
 }
 
 pub fn menu_lock(root: &Path, opts: &MenuLockOpts, json: bool, out: &mut dyn Write) -> Result<()> {
@@ -584,14 +462,8 @@ pub fn menu_lock(root: &Path, opts: &MenuLockOpts, json: bool, out: &mut dyn Wri
         let password = read_password()?;
         Some(layers_spec::lock::hash_password(&password).map_err(anyhow::Error::msg)?)
     };
-    let store = Store::open(root)?;
-    let mut change = Transaction::begin(&store)?;
-    let summary = match &hash {
-        Some(_) => "the boot menu now asks for the password before any change",
-        None => "the boot menu is no longer locked",
-    };
-    change.plan.boot.menu_lock = hash;
-    finish(change, &[], summary, json, out)
+    let changed = changes::menu_lock(&Store::open(root)?, hash)?;
+    print_changed(&changed, json, out)
 }
 
 /// A password from the terminal (asked twice, echo off) or the first line of standard input.
@@ -640,47 +512,18 @@ fn read_password() -> Result<String> {
 }
 
 pub fn rollback(root: &Path, to: Option<&str>, json: bool, out: &mut dyn Write) -> Result<()> {
-    let store = Store::open(root)?;
-    let mut change = Transaction::begin(&store)?;
-    let plan = &mut change.plan;
-    let target = match to {
-        Some(name) => layer_index(plan, name)?,
-        None => plan.layers.iter().position(|l| l.known_good).ok_or_else(|| {
-            anyhow!("no layer is known-good, so there is nothing to roll back to; name one with --to")
-        })?,
-    };
-    let mut changed = Vec::new();
-    for layer in &mut plan.layers[..target] {
-        if layer.state != LayerState::Disabled {
-            layer.set_state(LayerState::Disabled, Some(crate::store::now()));
-            changed.push(layer.name.clone());
-        }
-    }
-    let top = &mut plan.layers[target];
-    if top.state == LayerState::Disabled {
-        top.set_state(LayerState::Active, None);
-        changed.push(top.name.clone());
-    }
-    let summary = format!(
-        "rolled back to {}; disabled: {}",
-        plan.layers[target].name,
-        if changed.is_empty() {
-            "nothing".into()
-        } else {
-            changed.join(", ")
-        }
-    );
-    finish(change, &changed, &summary, json, out)
+    let changed = changes::rollback(&Store::open(root)?, to)?;
+    print_changed(&changed, json, out)
 }
 
 pub fn remove(root: &Path, opts: &RemoveOpts, json: bool, out: &mut dyn Write) -> Result<()> {
     let store = Store::open(root)?;
-    let mut change = Transaction::begin(&store)?;
     let layer = match (&opts.layer, &opts.upper) {
-        (Some(layer), None) => layer.clone(),
+        (Some(layer), None) => layer,
         (_, Some(id)) => {
-            let size = crate::uppers::size(change.store, id);
-            crate::uppers::remove(change.store, &mut change.state, id)?;
+            let mut change = Transaction::begin(&store)?;
+            let size = crate::uppers::size(&store, id);
+            crate::uppers::remove(&store, &mut change.state, id)?;
             if json {
                 return write_json(
                     out,
@@ -693,49 +536,18 @@ pub fn remove(root: &Path, opts: &RemoveOpts, json: bool, out: &mut dyn Write) -
         }
         (None, None) => bail!("name a layer to remove, or --upper ID"),
     };
-    if change.plan.layer(&layer).is_none()
-        && change
-            .store
-            .unaccounted_layers(&change.plan, &change.state)
-            .iter()
-            .any(|(n, _)| n == &layer)
-    {
-        return remove_unaccounted(change, &layer, json, out);
+    match changes::remove(&store, layer, opts.force)? {
+        changes::Removed::Layer(changed) => print_changed(&changed, json, out),
+        removed if json => write_json(out, &removed),
+        changes::Removed::Unplanned { path, .. } => {
+            writeln!(
+                out,
+                "removed {}, which the plan did not name",
+                path.display()
+            )?;
+            Ok(())
+        }
     }
-    crate::ops::remove_layer(&mut change, &layer, opts.force, "remove")?;
-    finish(
-        change,
-        std::slice::from_ref(&layer),
-        &format!("removed {layer}"),
-        json,
-        out,
-    )
-}
-
-/// `remove NAME` of a directory in `layers/` that the plan does not name and nobody recorded
-/// (a layer renamed in the plan by hand, or left out by an import): the explicit command that
-/// deletes it.
-fn remove_unaccounted(
-    mut change: Transaction<'_>,
-    name: &str,
-    json: bool,
-    out: &mut dyn Write,
-) -> Result<()> {
-    if change.store.in_use(name)? {
-        bail!("{name} is in a mounted stack; unmount it (or reboot without it) first");
-    }
-    let path = change.store.layer_dir(name);
-    change.release(name, "remove");
-    change.commit()?;
-    if json {
-        return write_json(out, &serde_json::json!({ "removed_unplanned": name }));
-    }
-    writeln!(
-        out,
-        "removed {}, which the plan did not name",
-        path.display()
-    )?;
-    Ok(())
 }
 
 #[derive(Serialize)]
@@ -1179,48 +991,21 @@ pub fn checkpoint(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let store = Store::open(root)?;
-    let mut change = Transaction::begin(&store)?;
-    let booted = change.store.booted()?.ok_or_else(|| {
-        anyhow!(
-            "this system was not booted from {}: there is no running upper to freeze",
-            change.store.root.display()
-        )
-    })?;
-    let Some(upper) = booted
-        .upper_id
-        .clone()
-        .filter(|_| booted.upper == layers_spec::UpperMode::Persistent)
-    else {
-        bail!(
-            "the running system's upper is a tmpfs: it is gone at the next boot, so there is nothing to freeze"
-        );
-    };
-    let name = opts
-        .name
-        .clone()
-        .unwrap_or_else(|| crate::store::stamped_name("checkpoint"));
-    // finish_pending sealed a frozen one; one still pending is replaced, with the same upper.
-    let replaced = change.state.checkpoint.take().map(|c| c.layer);
-    change.check_name_free(&name)?;
-    change.check_room_for_one()?;
-    change.state.checkpoint = Some(layers_spec::Checkpoint {
-        layer: name.clone(),
-        title: opts.title.clone(),
-        upper: upper.clone(),
-        parent: booted.stack.first().cloned(),
-        frozen: false,
-    });
-    change.commit()?;
+    let done = changes::checkpoint(
+        &Store::open(root)?,
+        opts.name.as_deref(),
+        opts.title.as_deref(),
+    )?;
     if json {
-        return write_json(out, &serde_json::json!({ "layer": name, "upper": upper }));
+        return write_json(out, &done);
     }
-    if let Some(replaced) = replaced {
+    if let Some(replaced) = &done.replaced {
         writeln!(out, "(this replaces the pending checkpoint {replaced})")?;
     }
     writeln!(
         out,
-        "at the next boot, upper {upper} becomes the read-only layer {name} on top, and a fresh upper starts"
+        "at the next boot, upper {} becomes the read-only layer {} on top, and a fresh upper starts",
+        done.upper, done.layer
     )?;
     Ok(())
 }

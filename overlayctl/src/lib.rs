@@ -2,6 +2,7 @@
 //! calls one function per command (in [`commands`], [`status`], [`mount`]), and those call the
 //! operations ([`ops`], [`compaction`], [`run`]) through one [`transaction::Transaction`].
 pub mod bundle;
+pub mod changes;
 pub mod cli;
 pub mod commands;
 pub mod compaction;
