@@ -835,18 +835,15 @@ fn tmpfs_upper(env: &BootEnv) -> Result<(PathBuf, PathBuf), String> {
 /// read-only, then nothing is removed).
 fn clear_leftovers(store: &Store, log: &mut Log) {
     match store.clear_leftovers() {
-        Ok((removed, kept)) => {
-            for path in removed {
+        Ok(left) => {
+            for path in left.removed {
                 log.debug(format!(
                     "removed {}, left by an interrupted change",
                     path.display()
                 ));
             }
-            for path in kept {
-                log.debug(format!(
-                    "{} was not made by Strata; it is kept",
-                    path.display()
-                ));
+            for (path, why) in left.kept {
+                log.debug(format!("{} is kept: {why}", path.display()));
             }
         }
         Err(e) => log.debug(format!(
@@ -862,7 +859,11 @@ fn sweep(store: &Store, plan: &Plan, state: &mut BootState, log: &mut Log) {
     match store.sweep(plan, state, &Default::default()) {
         Ok(swept) => {
             for (name, by) in swept.deleted {
+                let by = layers_spec::printable(&by);
                 log.say(format!("deleted layer {name}, which {by} let go"));
+            }
+            for (name, why) in swept.failed {
+                log.say(format!("layer {name} cannot be deleted now: {why}"));
             }
         }
         Err(e) => log.say(format!("could not delete the layers let go: {e}")),

@@ -6,13 +6,14 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use layers_spec::{BootState, Checkpoint, Layer, LayerState, Plan};
 use layers_store::Store;
 use layers_store::layout::{Folder, UPPER_DATA};
-use rustix::fs::{CWD, FileType, Mode};
+use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags, mknodat, renameat, statat, unlinkat};
 
 use crate::log::Log;
 
@@ -59,6 +60,14 @@ pub fn freeze_checkpoint(store: &Store, plan: &mut Plan, state: &mut BootState, 
     let data = uppers.child_path(&checkpoint.upper).join(UPPER_DATA);
     let data_there = upper.as_ref().is_some_and(|u| u.has_dir(UPPER_DATA));
     let layer_there = layers.kind(name).ok().flatten().is_some();
+    if layer_there && !layers.has_dir(name) {
+        // Not what a freeze makes (a symlink, a file, a mount): never worked through.
+        log.say(format!(
+            "the checkpoint {name} waits: {} is not a real directory of the store; move it aside",
+            layer_dir.display()
+        ));
+        return;
+    }
     if data_there && plan.layer(name).is_some() {
         // Only a hand edit can put that name in the plan meanwhile: the upper is left alone.
         log.say(format!(
@@ -262,18 +271,40 @@ pub fn first_free_upper(store: &Store, state: &BootState) -> String {
         .expect("some number is free")
 }
 
-/// Makes a frozen upper a plain lower layer, in place (docs/overlayfs.md): each whiteout its own 0/0
-/// device (overlayfs links them all to one inode in `work/`), and no overlay xattrs but
-/// `opaque` and `whiteout`. Never follows a symlink; running it again changes nothing more.
+/// Makes a frozen upper a plain lower layer, in place (docs/overlayfs.md): each whiteout its
+/// own 0/0 device (overlayfs links them all to one inode in `work/`), and no overlay xattrs but
+/// `opaque` and `whiteout`. Walks through directory handles (paths of any length), never
+/// following a symlink; running it again changes nothing more.
 pub fn clean_upper(root: &Path) -> io::Result<Cleaned> {
+    let fd = rustix::fs::openat(CWD, root, DIR_FLAGS, Mode::empty())?;
     let mut cleaner = Cleaner {
         root,
         // The largest list the kernel returns (XATTR_LIST_MAX), allocated once.
         names: vec![0u8; 65536],
         cleaned: Cleaned::default(),
     };
-    cleaner.dir(root)?;
+    cleaner.dir(&fd, root)?;
     Ok(cleaner.cleaned)
+}
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+/// An entry named through its directory's handle: a short path whatever the real one's length
+/// (the last component is not followed by the `l*xattr` calls).
+fn via(dir: &OwnedFd, name: &OsStr) -> PathBuf {
+    Path::new("/proc/self/fd")
+        .join(dir.as_raw_fd().to_string())
+        .join(name)
+}
+
+/// What xattrs are read from: a directory by its own handle, any other entry by [`via`].
+#[derive(Clone, Copy)]
+enum At<'a> {
+    Dir(&'a OwnedFd),
+    Entry(&'a Path),
 }
 
 struct Cleaner<'a> {
@@ -284,46 +315,61 @@ struct Cleaner<'a> {
 
 impl Cleaner<'_> {
     /// A directory and everything in it. Entry types come from the directory listing; only
-    /// character devices (whiteouts or not) are stat'ed.
-    fn dir(&mut self, path: &Path) -> io::Result<()> {
-        self.strip_xattrs(path)?;
-        let temp = path.join(WHITEOUT_TEMP);
-        if fs::symlink_metadata(&temp).is_ok_and(|m| is_whiteout(&m)) {
-            fs::remove_file(&temp)?;
+    /// character devices (whiteouts or not) are stat'ed. `path` names it in messages.
+    fn dir(&mut self, fd: &OwnedFd, path: &Path) -> io::Result<()> {
+        self.strip_xattrs(At::Dir(fd), path)?;
+        if statat(fd, WHITEOUT_TEMP, AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| is_whiteout(st.st_mode, st.st_rdev))
+        {
+            unlinkat(fd, WHITEOUT_TEMP, AtFlags::empty())?;
         }
-        for entry in fs::read_dir(path)? {
+        for entry in rustix::fs::Dir::read_from(fd)? {
             let entry = entry?;
-            let child = entry.path();
-            let file_type = entry.file_type()?;
-            if file_type.is_dir() {
-                self.dir(&child)?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_owned();
+            if name == "." || name == ".." {
                 continue;
             }
-            if std::os::unix::fs::FileTypeExt::is_char_device(&file_type) {
-                let meta = fs::symlink_metadata(&child)?;
-                if is_whiteout(&meta) {
-                    if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
-                        rustix::fs::mknodat(
-                            CWD,
-                            &temp,
+            let child = path.join(&name);
+            let mut kind = entry.file_type();
+            if kind == FileType::Unknown {
+                kind =
+                    FileType::from_raw_mode(statat(fd, &name, AtFlags::SYMLINK_NOFOLLOW)?.st_mode);
+            }
+            if kind == FileType::Directory {
+                let sub = rustix::fs::openat(fd, &name, DIR_FLAGS, Mode::empty())?;
+                self.dir(&sub, &child)?;
+                continue;
+            }
+            if kind == FileType::CharacterDevice {
+                let st = statat(fd, &name, AtFlags::SYMLINK_NOFOLLOW)?;
+                if is_whiteout(st.st_mode, st.st_rdev) {
+                    if st.st_nlink > 1 {
+                        mknodat(
+                            fd,
+                            WHITEOUT_TEMP,
                             FileType::CharacterDevice,
                             Mode::empty(),
                             0,
                         )?;
                         layers_spec::fault::point("checkpoint-whiteout");
-                        fs::rename(&temp, &child)?;
+                        renameat(fd, WHITEOUT_TEMP, fd, &name)?;
                         self.cleaned.whiteouts += 1;
                     }
                     continue;
                 }
             }
-            self.strip_xattrs(&child)?;
+            self.strip_xattrs(At::Entry(&via(fd, &name)), &child)?;
         }
         Ok(())
     }
 
-    fn strip_xattrs(&mut self, path: &Path) -> io::Result<()> {
-        let len = match rustix::fs::llistxattr(path, &mut self.names[..]) {
+    /// `at` reaches the entry; `path` names it.
+    fn strip_xattrs(&mut self, at: At<'_>, path: &Path) -> io::Result<()> {
+        let listed = match at {
+            At::Dir(fd) => rustix::fs::flistxattr(fd, &mut self.names[..]),
+            At::Entry(entry) => rustix::fs::llistxattr(entry, &mut self.names[..]),
+        };
+        let len = match listed {
             Ok(len) => len,
             Err(rustix::io::Errno::NOTSUP) => return Ok(()),
             Err(e) => return Err(e.into()),
@@ -344,14 +390,17 @@ impl Cleaner<'_> {
                 self.cleaned.unusable.push(format!("/{}", rel.display()));
                 continue;
             }
-            rustix::fs::lremovexattr(path, OsStr::from_bytes(name))?;
+            let name = OsStr::from_bytes(name);
+            match at {
+                At::Dir(fd) => rustix::fs::fremovexattr(fd, name)?,
+                At::Entry(entry) => rustix::fs::lremovexattr(entry, name)?,
+            }
             self.cleaned.xattrs += 1;
         }
         Ok(())
     }
 }
 
-fn is_whiteout(meta: &fs::Metadata) -> bool {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    meta.file_type().is_char_device() && meta.rdev() == 0
+fn is_whiteout(mode: u32, rdev: u64) -> bool {
+    FileType::from_raw_mode(mode) == FileType::CharacterDevice && rdev == 0
 }

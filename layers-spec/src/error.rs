@@ -128,11 +128,12 @@ pub enum PlanError {
         max: u32,
     },
 
-    #[error("{path}: {action}: {source}")]
+    // Not `source`: the error is said once, in this message, not again by a cause chain.
+    #[error("{path}: {action}: {error}")]
     Io {
         path: PathBuf,
         action: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("{primary}; the previous copy could not be used either: {prev}")]
@@ -163,11 +164,11 @@ impl PlanError {
         }
     }
 
-    pub fn io(path: impl Into<PathBuf>, action: &'static str, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, action: &'static str, error: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
             action,
-            source,
+            error,
         }
     }
 

@@ -5,7 +5,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -95,7 +95,7 @@ impl Dir {
     /// resolved inside it, never against this machine's `/` (a root filesystem mounted for a
     /// boot, or inspected from another system).
     pub fn open_in_root(root: &Dir, rel: &Path) -> Result<Self, DirError> {
-        let path = root.path.join(rel.strip_prefix("/").unwrap_or(rel));
+        let joined = root.path.join(rel.strip_prefix("/").unwrap_or(rel));
         let fd = rustix::fs::openat2(
             &root.fd,
             rel,
@@ -105,11 +105,17 @@ impl Dir {
         )
         .map_err(|e| match e {
             Errno::NOTDIR => DirError::NotARealDirectory {
-                path: path.clone(),
+                path: joined.clone(),
                 found: "not a directory".into(),
             },
-            e => DirError::io(&path, "opening the directory", e),
+            e => DirError::io(&joined, "opening the directory", e),
         })?;
+        // Its real place, as this process sees it: the path the mount call and everything
+        // else given a path must use (a symlink on the way resolved inside `root`, not here).
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .ok()
+            .filter(|p| p.is_absolute())
+            .unwrap_or(joined);
         Ok(Self { fd, path })
     }
 
@@ -253,15 +259,12 @@ impl Dir {
         .map_err(Into::into)
     }
 
-    /// The contents of the file `name` (not through a symlink); None when there is none.
+    /// The contents of the regular file `name` (not through a symlink, never blocking on a
+    /// fifo); None when there is none.
     pub fn read(&self, name: impl AsRef<OsStr>) -> Result<Option<Vec<u8>>, DirError> {
         let name = name.as_ref();
-        let fd = match rustix::fs::openat(
-            &self.fd,
-            name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let fd = match rustix::fs::openat(&self.fd, name, flags, Mode::empty()) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => return Ok(None),
             Err(Errno::LOOP) => {
@@ -273,6 +276,26 @@ impl Dir {
             }
             Err(e) => return Err(DirError::io(self.child_path(name), "reading", e)),
         };
+        let kind = rustix::fs::fstat(&fd)
+            .map(|st| FileType::from_raw_mode(st.st_mode))
+            .map_err(|e| DirError::io(self.child_path(name), "reading", e))?;
+        if kind != FileType::RegularFile {
+            return Err(DirError::io(
+                self.child_path(name),
+                "reading",
+                io::Error::other(format!("it is {}, not a file", kind_name(kind))),
+            ));
+        }
+        let kind = rustix::fs::fstat(&fd)
+            .map(|st| FileType::from_raw_mode(st.st_mode))
+            .map_err(|e| DirError::io(self.child_path(name), "reading", e))?;
+        if kind != FileType::RegularFile {
+            return Err(DirError::io(
+                self.child_path(name),
+                "reading",
+                io::Error::other(format!("it is {}, not a file", kind_name(kind))),
+            ));
+        }
         let mut bytes = Vec::new();
         std::fs::File::from(fd)
             .read_to_end(&mut bytes)

@@ -14,5 +14,5 @@ pub mod sweep;
 pub use dir::{Dir, DirError};
 pub use files::Loaded;
 pub use layout::Folder;
-pub use store::{Store, StoreError, StoreLock};
+pub use store::{Leftovers, Store, StoreError, StoreLock};
 pub use sweep::{Decision, Swept, decide};

@@ -34,6 +34,14 @@ pub enum StoreError {
     Plan(#[from] PlanError),
 }
 
+/// What [`Store::clear_leftovers`] did.
+#[derive(Debug, Default)]
+pub struct Leftovers {
+    pub removed: Vec<PathBuf>,
+    /// Kept, and why.
+    pub kept: Vec<(PathBuf, String)>,
+}
+
 /// An open store.
 #[derive(Debug)]
 pub struct Store {
@@ -204,33 +212,37 @@ impl Store {
     }
 
     /// Deletes what interrupted changes left: entries of `staging/` that Strata named (work in
-    /// progress, layers let go), and temporary copies of the plan and state. Anything else
-    /// there is kept, and returned. Returns (removed, kept), as paths.
-    pub fn clear_leftovers(&self) -> Result<(Vec<PathBuf>, Vec<PathBuf>), StoreError> {
-        let (mut removed, mut kept) = (Vec::new(), Vec::new());
+    /// progress, layers let go), and temporary copies of the plan and state. Anything else there
+    /// is kept, and so is what cannot be deleted now (a mount inside it, say): neither stops
+    /// the change that asked. Returns (removed, kept with why), as paths.
+    pub fn clear_leftovers(&self) -> Result<Leftovers, StoreError> {
+        let mut left = Leftovers::default();
+        let clear = |left: &mut Leftovers, dir: &Dir, name: &std::ffi::OsStr| match dir.remove(name)
+        {
+            Ok(_) => left.removed.push(dir.child_path(name)),
+            Err(e) => left.kept.push((dir.child_path(name), e.to_string())),
+        };
         if let Some(staging) = self.existing_folder(Folder::Staging)? {
             for name in staging.names()? {
-                let path = staging.child_path(&name);
                 if name.to_str().is_some_and(layout::is_scratch_name) {
-                    staging.remove(&name)?;
-                    removed.push(path);
+                    clear(&mut left, &staging, &name);
                 } else {
-                    kept.push(path);
+                    let why =
+                        "not made by Strata (staging/ is Strata's own folder: move it elsewhere)";
+                    left.kept.push((staging.child_path(&name), why.to_owned()));
                 }
             }
         }
-        let temps = [(Some(&self.root), PLAN_FILE)];
         let state = self.existing_folder(Folder::State).ok().flatten();
-        for (dir, file) in temps.into_iter().chain([(state.as_ref(), STATE_FILE)]) {
+        for (dir, file) in [(Some(&self.root), PLAN_FILE), (state.as_ref(), STATE_FILE)] {
             let Some(dir) = dir else { continue };
             for name in dir.names()? {
                 if name.to_str().is_some_and(|n| layout::is_temp_of(n, file)) {
-                    dir.remove(&name)?;
-                    removed.push(dir.child_path(&name));
+                    clear(&mut left, dir, &name);
                 }
             }
         }
-        Ok((removed, kept))
+        Ok(left)
     }
 
     /// Entries of `layers/` that neither the plan nor the journal accounts for: kept, never
@@ -264,6 +276,20 @@ impl Store {
             .collect()
     }
 
+    /// Mount points at or below `folder/name` (which deleting it would have to cross).
+    pub fn mounts_under(&self, folder: Folder, name: &str) -> Vec<PathBuf> {
+        let path = self.path_of(folder, name);
+        let path = std::fs::canonicalize(&path).unwrap_or(path);
+        let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+            return Vec::new();
+        };
+        crate::mount::parse_mountinfo(&mountinfo)
+            .into_iter()
+            .map(|m| m.target)
+            .filter(|t| t.starts_with(&path))
+            .collect()
+    }
+
     /// Layers in use by overlays mounted from this store in this mount namespace (the
     /// `mountinfo` source names the store; their lowers are in its `layers/`), plus `booted`.
     pub fn mounted_layers(&self, booted: &[String]) -> BTreeSet<String> {
@@ -274,7 +300,8 @@ impl Store {
         let root = std::fs::canonicalize(self.path()).unwrap_or_else(|_| self.path().to_owned());
         let layers = root.join(Folder::Layers.name());
         for mount in crate::mount::parse_mountinfo(&mountinfo) {
-            if mount.fstype != "overlay" || !mount.source.starts_with(crate::mount::SOURCE_PREFIX) {
+            // Any overlay: one mounted by hand over the store's layers uses them too.
+            if mount.fstype != "overlay" {
                 continue;
             }
             let ours = mount
@@ -337,9 +364,10 @@ mod tests {
             "x",
         )
         .unwrap();
-        let (removed, kept) = store.clear_leftovers().unwrap();
-        assert_eq!(removed.len(), 2, "{removed:?}");
-        assert_eq!(kept, [staging.child_path("mine")]);
+        let left = store.clear_leftovers().unwrap();
+        assert_eq!(left.removed.len(), 2, "{left:?}");
+        assert_eq!(left.kept.len(), 1, "{left:?}");
+        assert_eq!(left.kept[0].0, staging.child_path("mine"));
         assert!(staging.has_dir("mine"));
     }
 

@@ -80,6 +80,9 @@ pub struct Swept {
     pub deleted: Vec<(String, String)>,
     /// Released layers kept for now, and why.
     pub waiting: Vec<(String, &'static str)>,
+    /// Layers that could not be moved out now (a mount on one, say), and why: their records
+    /// stay, and the next change or boot tries again.
+    pub failed: Vec<(String, String)>,
     /// Whether the boot state changed (and was saved).
     pub state_changed: bool,
 }
@@ -109,17 +112,32 @@ impl Store {
             decision = decide(plan, &self.prev_plan_layers(), state, in_use);
         }
         let staging = self.folder(Folder::Staging)?;
-        for (name, _) in &decision.delete {
+        let mut failed = Vec::new();
+        let move_out = |name: &str| -> Result<(), StoreError> {
             for folder in [Folder::Layers, Folder::Manifests] {
                 let Some(dir) = self.existing_folder(folder)? else {
                     continue;
                 };
-                if dir.kind(name)?.is_some() {
+                let ours = match (folder, dir.kind(name)?) {
+                    (_, None) => false,
+                    // A directory there is not a manifest Strata wrote: kept.
+                    (Folder::Manifests, Some(kind)) => kind != rustix::fs::FileType::Directory,
+                    (_, Some(_)) => true,
+                };
+                if ours {
                     dir.rename_to(name, &staging, scratch_name(&format!("released-{name}")))?;
                     layers_spec::fault::point("sweep-moved");
                 }
             }
-        }
+            Ok(())
+        };
+        decision.delete.retain(|(name, _)| match move_out(name) {
+            Ok(()) => true,
+            Err(e) => {
+                failed.push((name.clone(), e.to_string()));
+                false
+            }
+        });
         staging.sync()?;
         let gone = |name: &String| {
             decision.delete.iter().any(|(n, _)| n == name) || decision.forget.contains(name)
@@ -135,6 +153,7 @@ impl Store {
         Ok(Swept {
             deleted: decision.delete,
             waiting: decision.waiting,
+            failed,
             state_changed,
         })
     }

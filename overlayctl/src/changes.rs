@@ -203,6 +203,7 @@ pub fn remove(store: &Store, name: &str, force: bool) -> Result<Removed> {
         if store.in_use(name)? {
             bail!("{name} is in a mounted stack; unmount it (or reboot without it) first");
         }
+        store.check_unmounted(name)?;
         change.release(name, "remove");
         change.commit()?;
         return Ok(Removed::Unplanned {

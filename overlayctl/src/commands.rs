@@ -874,7 +874,13 @@ pub fn diff(root: &Path, opts: &DiffOpts, json: bool, out: &mut dyn Write) -> Re
                 (Some(x), None) | (None, Some(x)) => x.clone(),
                 (None, None) => String::new(),
             };
-            writeln!(out, "{:<10} {}:{} {versions}", c.how, c.package, c.arch)?;
+            // Package fields come from a dpkg database in a layer: printed as text only.
+            let (package, arch) = (
+                layers_spec::printable(&c.package),
+                layers_spec::printable(&c.arch),
+            );
+            let versions = layers_spec::printable(&versions);
+            writeln!(out, "{:<10} {package}:{arch} {versions}", c.how)?;
         }
         let count = |how: &str| changes.iter().filter(|c| c.how == how).count();
         writeln!(
@@ -914,7 +920,12 @@ pub fn diff(root: &Path, opts: &DiffOpts, json: bool, out: &mut dyn Write) -> Re
             (How::Removed, ..) => ('-', String::new()),
             (How::Changed, ..) => ('~', String::new()),
         };
-        writeln!(out, "{mark} {} {size}", c.path)?;
+        // A file name in a layer may hold escape sequences: printed as text only.
+        writeln!(
+            out,
+            "{mark} {} {size}",
+            layers_spec::printable(&c.path.to_string())
+        )?;
     }
     let count = |how: How| changes.iter().filter(|c| c.how == how).count();
     let bytes = |side: fn(&crate::diff::FileChange) -> Option<u64>| -> u64 {

@@ -124,9 +124,10 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
         .iter()
         .map(|l| l.name.clone())
         .collect();
+    let layers = store.folder(crate::store::Folder::Layers)?;
     let taken = |name: &str| {
         change.plan.layer(name).is_some()
-            || store.layer_dir(name).exists()
+            || layers.kind(name).map_or(true, |k| k.is_some())
             || change
                 .state
                 .checkpoint

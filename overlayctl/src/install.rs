@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 
 use crate::engine::copy::{CopyStats, copy_layer, link_layer};
 use crate::engine::{Layer, Manifest, XattrNs};
-use crate::store::{self, Store};
+use crate::store::{Folder, Store};
 
 /// How a built layer's files reach the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,18 +73,32 @@ pub(crate) fn install(
     name: &str,
 ) -> Result<()> {
     install_manifest(store, staged_manifest, name)?;
-    let target = store.layer_dir(name);
-    fs::rename(staged, &target)
-        .with_context(|| format!("moving the layer to {}", target.display()))?;
-    Store::sync_dir(&store.root.join(store::LAYERS))
+    move_in(store, staged, Folder::Layers, name)
+}
+
+/// Renames `staged` (an entry of `staging/`) to `name` in `folder`, through both folders'
+/// handles (each a real directory of the store), never over something there; flushed.
+fn move_in(store: &Store, staged: &Path, folder: Folder, name: &str) -> Result<()> {
+    let staging = store.folder(Folder::Staging)?;
+    let to = store.folder(folder)?;
+    let staged_name = staged
+        .file_name()
+        .filter(|_| staged.parent() == Some(staging.path()))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is not in {}",
+                staged.display(),
+                staging.path().display()
+            )
+        })?;
+    staging
+        .rename_to(staged_name, &to, name)
+        .with_context(|| format!("moving it to {}", to.child_path(name).display()))?;
+    to.sync()?;
+    Ok(())
 }
 
 /// Renames a staged manifest into `manifests/`, durably.
 pub(crate) fn install_manifest(store: &Store, staged_manifest: &Path, name: &str) -> Result<()> {
-    let manifest = store.manifest_path(name);
-    fs::create_dir_all(manifest.parent().expect("manifests have a parent"))
-        .with_context(|| format!("creating {}", store.root.join(store::MANIFESTS).display()))?;
-    fs::rename(staged_manifest, &manifest)
-        .with_context(|| format!("moving the manifest to {}", manifest.display()))?;
-    Store::sync_dir(&store.root.join(store::MANIFESTS))
+    move_in(store, staged_manifest, Folder::Manifests, name)
 }

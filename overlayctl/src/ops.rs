@@ -471,6 +471,7 @@ pub fn remove_layer(
     by: &str,
 ) -> Result<()> {
     let i = layer_index(&change.plan, layer)?;
+    change.store.check_unmounted(layer)?;
     if change.store.in_use(layer)? {
         bail!(
             "can not remove a layer the running system is using: {} is in a mounted stack (the running boot's, or an `overlayctl mount`); disable it and reboot, or unmount it, then remove it",

@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use layers_spec::{BootState, Booted, Datetime, Plan};
 pub use layers_store::Folder;
 use layers_store::Loaded;
@@ -73,15 +73,12 @@ impl Store {
     /// left (only what Strata named: anything else in `staging/` is kept and said).
     pub fn lock(&self) -> Result<StoreLock> {
         let lock = self.inner.lock()?;
-        let (removed, kept) = self.inner.clear_leftovers()?;
-        for path in removed {
+        let left = self.inner.clear_leftovers()?;
+        for path in left.removed {
             log::info!("removed {}, left by an interrupted command", path.display());
         }
-        for path in kept {
-            log::warn!(
-                "{} was not made by Strata; it is kept (staging/ is Strata's own folder: move it elsewhere)",
-                path.display()
-            );
+        for (path, why) in left.kept {
+            log::warn!("{} is kept: {why}", path.display());
         }
         Ok(lock)
     }
@@ -142,7 +139,21 @@ impl Store {
     /// The boot state; one that cannot be read (nor its `.prev`) stops a change, saying how
     /// to get out.
     pub fn state(&self) -> Result<BootState> {
-        self.inner.load_state().map(|l| l.value).map_err(|e| {
+        let loaded = self.inner.load_state();
+        // A change written over a damaged state from its `.prev` would silently drop what the
+        // damaged one said (trial tries, the journal): refused, as for the plan.
+        if let Ok(Loaded {
+            fell_back: Some(why),
+            ..
+        }) = &loaded
+        {
+            let path = self.inner.path_of(Folder::State, STATE_FILE);
+            bail!(
+                "the boot state cannot be read ({why}); nothing was changed. Repair {0}, or copy {0}.prev over it",
+                path.display()
+            );
+        }
+        loaded.map(|l| l.value).map_err(|e| {
             let path = self.inner.path_of(Folder::State, STATE_FILE);
             anyhow!(
                 "the boot state cannot be read: {e}; nothing was changed. To start a fresh state, move it aside (mv {0} {0}.damaged; mv {0}.prev {0}.prev.damaged): trial counts, the last good stack, the pending checkpoint and the record of uppers and released layers are then forgotten (the next boot starts them again)",
@@ -153,9 +164,21 @@ impl Store {
 
     /// The boot state for reports: a damaged one reads as the default, with a warning.
     pub fn state_for_report(&self) -> (BootState, Option<String>) {
-        match self.state() {
-            Ok(state) => (state, None),
-            Err(e) => (BootState::default(), Some(format!("{e:#}"))),
+        match self.inner.load_state() {
+            Ok(Loaded {
+                value,
+                fell_back: None,
+                ..
+            }) => (value, None),
+            Ok(Loaded {
+                value,
+                fell_back: Some(_),
+                ..
+            }) => (value, self.state().err().map(|e| format!("{e:#}"))),
+            Err(_) => (
+                BootState::default(),
+                self.state().err().map(|e| format!("{e:#}")),
+            ),
         }
     }
 
@@ -202,14 +225,45 @@ impl Store {
 
     /// Deletes the layers the journal lets go that nothing needs any more (see
     /// `layers_store::sweep`). Call only with a plan read from its own file.
+    /// What cannot be deleted now stays recorded, and is said: it never fails the change that
+    /// asked (the change committed before).
     pub fn sweep(&self, plan: &Plan, state: &mut BootState) -> Result<()> {
         let in_use = self.layers_in_use()?;
-        let swept = self.inner.sweep(plan, state, &in_use)?;
+        let swept = match self.inner.sweep(plan, state, &in_use) {
+            Ok(swept) => swept,
+            Err(e) => {
+                log::warn!(
+                    "the layers let go are not deleted yet: {e}; the next change tries again"
+                );
+                return Ok(());
+            }
+        };
         for (name, by) in &swept.deleted {
-            log::info!("deleted layer {name} (let go by {by})");
+            log::info!(
+                "deleted layer {name} (let go by {})",
+                layers_spec::printable(by)
+            );
         }
         for (name, why) in &swept.waiting {
             log::info!("layer {name} is let go and kept until {why} no longer needs it");
+        }
+        for (name, why) in &swept.failed {
+            log::warn!(
+                "layer {name} is let go but cannot be deleted now ({why}); the next change tries again"
+            );
+        }
+        Ok(())
+    }
+
+    /// Refuses to let `name` go while something is mounted on its directory or inside it:
+    /// deleting it would have to cross that mount.
+    pub fn check_unmounted(&self, name: &str) -> Result<()> {
+        let mounts = self.inner.mounts_under(Folder::Layers, name);
+        if let Some(first) = mounts.first() {
+            bail!(
+                "{} is mounted on, inside layer {name}; unmount it first (nothing was changed)",
+                first.display()
+            );
         }
         Ok(())
     }

@@ -25,6 +25,15 @@ pub struct Transaction<'s> {
 impl<'s> Transaction<'s> {
     /// Opens a change of `store`.
     pub fn begin(store: &'s Store) -> Result<Self> {
+        // No lock file is made in a directory that is not a store.
+        let plan = layers_store::layout::PLAN_FILE;
+        let top = store.handle().root();
+        if top.kind(plan)?.is_none() && top.kind(format!("{plan}.prev"))?.is_none() {
+            bail!(
+                "there is no store at {} (it has no {plan}); create one with `overlayctl init --base DIR`, or name another with --store",
+                store.root.display()
+            );
+        }
         let lock = store.lock()?;
         let loaded = store.plan()?;
         if let Some(why) = loaded.fell_back {
@@ -74,12 +83,14 @@ impl<'s> Transaction<'s> {
             !self.store.in_use(name)?,
             "a layer named {name:?} is in use (mounted) though the plan no longer names it; choose another --name"
         );
-        let target = self.store.layer_dir(name);
+        let layers = self.store.folder(crate::store::Folder::Layers)?;
         ensure!(
-            std::fs::symlink_metadata(&target).is_err(),
+            layers.kind(name)?.is_none(),
             "{} exists (a layer let go but still needed, or a directory the plan does not name); choose another --name",
-            target.display()
+            layers.child_path(name).display()
         );
+        // The manifests' folder too must be a real one before anything is copied.
+        self.store.folder(crate::store::Folder::Manifests)?;
         Ok(())
     }
 

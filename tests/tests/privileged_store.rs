@@ -448,3 +448,137 @@ fn privileged_store_paths_past_path_max_are_layers_too() {
         "the deep file is in the merged layer"
     );
 }
+
+/// Runs `initramfs-hook boot` on `sysroot`; returns (success, stdout, log).
+fn hook_boot(env: &Env, sysroot: &Path) -> (bool, String, String) {
+    let (newroot, run) = (env.path("newroot"), env.path("bootrun"));
+    fs::create_dir_all(&newroot).unwrap();
+    fs::create_dir_all(&run).unwrap();
+    let out = Command::cargo_bin("initramfs-hook")
+        .unwrap()
+        .args(["boot", "--cmdline", "quiet", "--sysroot"])
+        .arg(sysroot)
+        .arg("--newroot")
+        .arg(&newroot)
+        .arg("--run")
+        .arg(&run)
+        .timeout(std::time::Duration::from_secs(60))
+        .output()
+        .unwrap();
+    let _ = nix::mount::umount2(&newroot, nix::mount::MntFlags::MNT_DETACH);
+    let _ = nix::mount::umount2(&run.join("strata/store"), nix::mount::MntFlags::MNT_DETACH);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn privileged_store_boots_through_an_absolute_store_link() {
+    let Some(env) = Env::new("privileged_store_boots_through_an_absolute_store_link") else {
+        return;
+    };
+    env.ok(&["accept", "up1", "up2"]);
+    let sysroot = env.path("sysroot");
+    fs::create_dir_all(sysroot.join("data")).unwrap();
+    fs::rename(env.store(), sysroot.join("data/strata")).unwrap();
+    symlink("/data/strata", sysroot.join("strata")).unwrap();
+    let (ok, booted, log) = hook_boot(&env, &sysroot);
+    assert!(ok, "{log}");
+    assert!(
+        booted.contains("up2") && booted.contains("base"),
+        "{booted}"
+    );
+    assert!(!log.contains("fell back"), "{log}");
+    assert!(sysroot.join("data/strata/uppers/1/data").is_dir(), "{log}");
+}
+
+#[test]
+fn privileged_store_fifos_and_symlinked_folders_never_hang_or_leak() {
+    let Some(env) = Env::new("privileged_store_fifos_and_symlinked_folders_never_hang_or_leak")
+    else {
+        return;
+    };
+    // A fifo where the boot state is: every reader says so at once.
+    let state = env.store().join("state/boot.toml");
+    fs::rename(&state, env.path("boot.toml.saved")).unwrap();
+    nix::unistd::mkfifo(&state, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let out = Command::cargo_bin("overlayctl")
+        .unwrap()
+        .env("STRATA_RUN_DIR", env.path("run"))
+        .arg("--store")
+        .arg(env.store())
+        .arg("disable")
+        .arg("up2")
+        .timeout(std::time::Duration::from_secs(20))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("it is a fifo"),
+        "{err}"
+    );
+    fs::remove_file(&state).unwrap();
+    fs::rename(env.path("boot.toml.saved"), &state).unwrap();
+
+    // A symlinked layers/ is refused before anything is copied: nothing lands outside.
+    let outside = env.path("outside");
+    fs::rename(env.store().join("layers"), &outside).unwrap();
+    symlink(&outside, env.store().join("layers")).unwrap();
+    let before = contents(&outside);
+    let tree = env.path("t1");
+    let text = env.fails(&["add-layer", tree.to_str().unwrap(), "--name", "up3"]);
+    assert!(text.contains("layers is a symlink"), "{text}");
+    assert_eq!(contents(&outside), before);
+    fs::remove_file(env.store().join("layers")).unwrap();
+    fs::rename(&outside, env.store().join("layers")).unwrap();
+
+    // A damaged state whose previous copy is good: read with a warning, never written over.
+    env.ok(&["disable", "up2"]);
+    env.ok(&["enable", "up2"]);
+    assert!(env.store().join("state/boot.toml.prev").exists());
+    fs::write(&state, "garbage = [").unwrap();
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("warning: the boot state cannot be read"),
+        "{status}"
+    );
+    let text = env.fails(&["disable", "up2"]);
+    assert!(
+        text.contains("copy") && text.contains("boot.toml.prev over it"),
+        "{text}"
+    );
+    assert_eq!(fs::read_to_string(&state).unwrap(), "garbage = [");
+}
+
+#[test]
+fn privileged_store_a_mount_inside_a_layer_stops_its_removal_cleanly() {
+    let Some(env) = Env::new("privileged_store_a_mount_inside_a_layer_stops_its_removal_cleanly")
+    else {
+        return;
+    };
+    let elsewhere = env.path("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    fs::write(elsewhere.join("precious"), "keep").unwrap();
+    let inside = env.store().join("layers/up2/usr");
+    nix::mount::mount(
+        Some(&elsewhere),
+        &inside,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let before = env.plan_text();
+    let text = env.fails(&["remove", "up2", "--force"]);
+    assert!(text.contains("is mounted on, inside layer up2"), "{text}");
+    assert_eq!(env.plan_text(), before);
+    nix::mount::umount(&inside).unwrap();
+    assert_eq!(
+        fs::read_to_string(elsewhere.join("precious")).unwrap(),
+        "keep"
+    );
+    env.ok(&["remove", "up2", "--force"]);
+    assert!(!env.store().join("layers/up2").exists());
+}
