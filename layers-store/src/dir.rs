@@ -286,16 +286,6 @@ impl Dir {
                 io::Error::other(format!("it is {}, not a file", kind_name(kind))),
             ));
         }
-        let kind = rustix::fs::fstat(&fd)
-            .map(|st| FileType::from_raw_mode(st.st_mode))
-            .map_err(|e| DirError::io(self.child_path(name), "reading", e))?;
-        if kind != FileType::RegularFile {
-            return Err(DirError::io(
-                self.child_path(name),
-                "reading",
-                io::Error::other(format!("it is {}, not a file", kind_name(kind))),
-            ));
-        }
         let mut bytes = Vec::new();
         std::fs::File::from(fd)
             .read_to_end(&mut bytes)

@@ -23,7 +23,8 @@ pub(crate) fn prev_name(name: &str) -> String {
     format!("{name}{PREV_SUFFIX}")
 }
 
-fn to_plan_error(e: DirError) -> PlanError {
+/// A directory error as a plan or state file's error.
+pub(crate) fn to_plan_error(e: DirError) -> PlanError {
     match e {
         DirError::Io {
             path,

@@ -172,7 +172,10 @@ impl Store {
         };
         let dir = match self.root.kind(Folder::State.name()) {
             Ok(None) => return Ok(default()),
-            _ => self.root.sub(Folder::State.name()).map_err(dir_to_plan)?,
+            _ => self
+                .root
+                .sub(Folder::State.name())
+                .map_err(files::to_plan_error)?,
         };
         let prev = files::prev_name(STATE_FILE);
         if dir.kind(STATE_FILE).ok().flatten().is_none() && dir.kind(&prev).ok().flatten().is_none()
@@ -187,7 +190,7 @@ impl Store {
         // Nothing is made for a state that would not be written.
         state.check()?;
         let dir = self.folder(Folder::State).map_err(|e| match e {
-            StoreError::Dir(e) => dir_to_plan(e),
+            StoreError::Dir(e) => files::to_plan_error(e),
             StoreError::Plan(e) => e,
             other => PlanError::io(
                 self.path(),
@@ -322,23 +325,6 @@ impl Store {
             }
         }
         used
-    }
-}
-
-fn dir_to_plan(e: DirError) -> PlanError {
-    match e {
-        DirError::Io {
-            path,
-            action,
-            error,
-        } => PlanError::io(path, action, error),
-        DirError::NotARealDirectory { path, found } => PlanError::io(
-            path,
-            "opening",
-            io::Error::other(format!(
-                "it is {found}, not a real directory inside the store; Strata never works through it"
-            )),
-        ),
     }
 }
 

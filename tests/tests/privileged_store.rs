@@ -247,13 +247,7 @@ fn privileged_store_symlinked_layers_are_not_layers() {
     let sysroot = env.path("sysroot");
     fs::create_dir(&sysroot).unwrap();
     fs::rename(env.store(), sysroot.join("strata")).unwrap();
-    let out = Command::cargo_bin("initramfs-hook")
-        .unwrap()
-        .args(["resolve", "--cmdline", "quiet", "--sysroot"])
-        .arg(&sysroot)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (_, text) = hook_resolve(&sysroot);
     assert!(text.contains("stack (top first): up1:base"), "{text}");
 }
 
@@ -268,15 +262,8 @@ fn privileged_store_absolute_store_links_resolve_inside_the_sysroot() {
     fs::rename(env.store(), sysroot.join("data/strata")).unwrap();
     // Absolute, as it would be on the device: /strata -> /data/strata.
     symlink("/data/strata", sysroot.join("strata")).unwrap();
-    let out = Command::cargo_bin("initramfs-hook")
-        .unwrap()
-        .args(["resolve", "--cmdline", "quiet", "--sysroot"])
-        .arg(&sysroot)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
+    let (ok, text) = hook_resolve(&sysroot);
+    assert!(ok, "{text}");
     assert!(text.contains("stack (top first): up2:up1:base"), "{text}");
 }
 
@@ -381,29 +368,13 @@ fn privileged_store_a_trial_whose_try_cannot_be_recorded_is_left_out() {
         .output()
         .unwrap();
     assert!(!fill.status.success(), "the disk filled");
-    let (newroot, run) = (env.path("newroot"), env.path("bootrun"));
-    fs::create_dir_all(&newroot).unwrap();
-    fs::create_dir_all(&run).unwrap();
-    let out = Command::cargo_bin("initramfs-hook")
-        .unwrap()
-        .args(["boot", "--cmdline", "quiet", "--sysroot"])
-        .arg(&sysroot)
-        .arg("--newroot")
-        .arg(&newroot)
-        .arg("--run")
-        .arg(&run)
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{log}");
+    let (ok, booted, log) = hook_boot(&env, &sysroot);
+    assert!(ok, "{log}");
     assert!(log.contains("trial layer up2 cannot be recorded"), "{log}");
-    let booted = String::from_utf8_lossy(&out.stdout);
     assert!(
         booted.contains("stack = [\"up1\", \"base\"]") || booted.contains("\"up1\",\n    \"base\""),
         "{booted}"
     );
-    let _ = nix::mount::umount2(&newroot, nix::mount::MntFlags::MNT_DETACH);
-    let _ = nix::mount::umount2(&run.join("strata/store"), nix::mount::MntFlags::MNT_DETACH);
     nix::mount::umount2(&sysroot, nix::mount::MntFlags::MNT_DETACH).unwrap();
 }
 
@@ -447,6 +418,19 @@ fn privileged_store_paths_past_path_max_are_layers_too() {
             .any(|l| l.len() > 5000 && l.contains("/deep file")),
         "the deep file is in the merged layer"
     );
+}
+
+/// Runs `initramfs-hook resolve` on `sysroot`; returns (success, stdout and stderr).
+fn hook_resolve(sysroot: &Path) -> (bool, String) {
+    let out = Command::cargo_bin("initramfs-hook")
+        .unwrap()
+        .args(["resolve", "--cmdline", "quiet", "--sysroot"])
+        .arg(sysroot)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
 }
 
 /// Runs `initramfs-hook boot` on `sysroot`; returns (success, stdout, log).
