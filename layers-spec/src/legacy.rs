@@ -3,7 +3,7 @@
 
 use crate::error::{Location, PlanError};
 use crate::name::check_name;
-use crate::plan::{Layer, LayerState, Plan};
+use crate::plan::{Layer, LayerState, MAX_STACK, Plan};
 
 /// Reads a legacy plan into a version-1 plan with default settings. Layers keep their order and
 /// titles; `ro` becomes `active`, no flag `trial`. `file` names the file in errors.
@@ -60,6 +60,16 @@ pub fn import(text: &str, file: &str) -> Result<Plan, PlanError> {
                 indent + 1,
                 format!(
                     "layer {:?} is listed twice (first at line {first})",
+                    layer.name
+                ),
+            ));
+        }
+        // Refused here, at its line: the plan check below would name the plan it writes.
+        if layers.len() == MAX_STACK as usize {
+            return Err(err(
+                indent + 1,
+                format!(
+                    "layer {:?} is one more than the {MAX_STACK} that fit in one overlay stack",
                     layer.name
                 ),
             ));

@@ -540,23 +540,44 @@ pub struct Bundle {
     payload_start: u64,
 }
 
-impl Bundle {
-    /// Reads and checks everything but the payload: the header, the manifest (every path
-    /// relative, without `..`, under a directory the bundle itself creates), the signatures, and
-    /// that the payload is all there.
+/// What comes before a bundle's payload, read from the start of the file: the header, the
+/// signatures and the manifest, not yet checked against the rest of the file
+/// ([`BundleHead::check`] does that and gives the [`Bundle`]). It reads nothing but the bytes it
+/// is given, so the fuzzer (`tests/src/fuzz_checks.rs`) runs on bytes in memory exactly the code
+/// [`Bundle::open`] runs on a file.
+#[derive(Debug, Clone)]
+pub struct BundleHead {
+    pub manifest: BundleManifest,
+    /// The manifest as stored (compressed): what the signatures sign.
+    pub manifest_bytes: Vec<u8>,
+    pub signatures: Vec<(VerifyingKey, Signature)>,
+    /// Where the payload starts in the file.
+    pub payload_start: u64,
+}
+
+fn unusable(path: &Path, what: String) -> anyhow::Error {
+    anyhow!("{} is not a usable bundle: {what}", path.display())
+}
+
+impl BundleHead {
+    /// Reads the header, the signatures and the manifest from `from`, the start of the bundle
+    /// file `path` (only named in errors), which is `len` bytes long.
     /// With `gate`, the manifest must be signed by one of those keys before it is even parsed.
-    pub fn open(path: &Path, gate: Option<&[(String, VerifyingKey)]>) -> Result<Self> {
-        let bad = |what: String| anyhow!("{} is not a usable bundle: {what}", path.display());
-        let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let len = file.metadata()?.len();
+    pub fn read(
+        path: &Path,
+        mut from: impl Read,
+        len: u64,
+        gate: Option<&[(String, VerifyingKey)]>,
+    ) -> Result<Self> {
+        let bad = |what: String| unusable(path, what);
         let mut magic = [0u8; 8];
-        file.read_exact(&mut magic)
+        from.read_exact(&mut magic)
             .map_err(|_| bad("it is shorter than a bundle header".into()))?;
         if &magic != MAGIC {
             return Err(bad("it does not start with a Strata bundle header".into()));
         }
         let mut word = [0u8; 8];
-        file.read_exact(&mut word)
+        from.read_exact(&mut word)
             .map_err(|_| bad("it ends inside its header".into()))?;
         let manifest_len = u64::from_le_bytes(word);
         if manifest_len > MAX_MANIFEST || manifest_len > len {
@@ -565,10 +586,10 @@ impl Bundle {
             )));
         }
         let mut manifest_bytes = vec![0u8; manifest_len as usize];
-        file.read_exact(&mut manifest_bytes)
+        from.read_exact(&mut manifest_bytes)
             .map_err(|_| bad("it ends inside its manifest (truncated)".into()))?;
         let mut count = [0u8; 4];
-        file.read_exact(&mut count)
+        from.read_exact(&mut count)
             .map_err(|_| bad("it ends before its signatures (truncated)".into()))?;
         let count = u32::from_le_bytes(count);
         if count > MAX_SIGNATURES {
@@ -578,8 +599,8 @@ impl Bundle {
         for _ in 0..count {
             let mut key = [0u8; 32];
             let mut sig = [0u8; 64];
-            file.read_exact(&mut key)
-                .and_then(|()| file.read_exact(&mut sig))
+            from.read_exact(&mut key)
+                .and_then(|()| from.read_exact(&mut sig))
                 .map_err(|_| bad("it ends inside its signatures (truncated)".into()))?;
             let key = VerifyingKey::from_bytes(&key)
                 .map_err(|_| bad("a signature names an invalid public key".into()))?;
@@ -627,22 +648,47 @@ impl Bundle {
                 manifest.version
             )));
         }
-        let payload_start = file.stream_position()?;
-        if len != payload_start.saturating_add(manifest.payload) {
-            return Err(bad(format!(
-                "its payload should be {} bytes but {} are there (truncated or extended)",
-                manifest.payload,
-                len.saturating_sub(payload_start)
-            )));
-        }
-        check_entries(&manifest).map_err(|e| bad(e.to_string()))?;
+        // Read so far: magic, length, manifest, count, and a key and a signature each.
+        let payload_start = 8 + 8 + manifest_len + 4 + u64::from(count) * (32 + 64);
         Ok(Self {
-            path: path.to_owned(),
             manifest,
             manifest_bytes,
             signatures,
             payload_start,
         })
+    }
+
+    /// Checks the head against the whole file (`len` bytes): the payload is all there, and every
+    /// path is relative, without `..`, under a directory the bundle itself creates.
+    pub fn check(self, path: &Path, len: u64) -> Result<Bundle> {
+        let bad = |what: String| unusable(path, what);
+        if len != self.payload_start.saturating_add(self.manifest.payload) {
+            return Err(bad(format!(
+                "its payload should be {} bytes but {} are there (truncated or extended)",
+                self.manifest.payload,
+                len.saturating_sub(self.payload_start)
+            )));
+        }
+        check_entries(&self.manifest).map_err(|e| bad(e.to_string()))?;
+        Ok(Bundle {
+            path: path.to_owned(),
+            manifest: self.manifest,
+            manifest_bytes: self.manifest_bytes,
+            signatures: self.signatures,
+            payload_start: self.payload_start,
+        })
+    }
+}
+
+impl Bundle {
+    /// Reads and checks everything but the payload: the header, the manifest (every path
+    /// relative, without `..`, under a directory the bundle itself creates), the signatures, and
+    /// that the payload is all there.
+    /// With `gate`, the manifest must be signed by one of those keys before it is even parsed.
+    pub fn open(path: &Path, gate: Option<&[(String, VerifyingKey)]>) -> Result<Self> {
+        let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let len = file.metadata()?.len();
+        BundleHead::read(path, &mut file, len, gate)?.check(path, len)
     }
 
     /// The keys among `trusted` that signed this bundle's manifest validly.

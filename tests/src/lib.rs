@@ -3,6 +3,7 @@
 //!
 //! With `CI=true` no test may skip itself: a privileged test that cannot run fails.
 
+pub mod fuzz_checks;
 pub mod layergen;
 pub mod views;
 pub mod vm;
@@ -36,7 +37,7 @@ pub fn private_mount_namespace() {
     overlayctl::run::private_mount_namespace().expect("a private mount namespace");
 }
 
-/// The options that keep an upper a clean, portable future layer (see shared FACTS).
+/// The options that keep an upper a clean, portable future layer (see docs/overlayfs.md).
 /// `redirect_dir=nofollow` rather than `off`: `off` still follows redirects found in lowers,
 /// and the kernel refuses it together with `userxattr` ("conflicting options").
 pub const CLEAN_UPPER_OPTIONS: &str = "redirect_dir=nofollow,index=off,metacopy=off,xino=off";
