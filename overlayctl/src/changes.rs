@@ -249,6 +249,10 @@ pub fn checkpoint(store: &Store, name: Option<&str>, title: Option<&str>) -> Res
     let replaced = change.state.checkpoint.take().map(|c| c.layer);
     change.check_name_free(&name)?;
     change.check_room_for_one()?;
+    // What the system wrote so far reaches the disk before the checkpoint is recorded: the
+    // upper is on the store's filesystem, and a power cut must not freeze files whose data
+    // was still only in memory (ext4's delayed allocation leaves them empty).
+    store.handle().root().sync_filesystem()?;
     change.state.checkpoint = Some(layers_spec::Checkpoint {
         layer: name.clone(),
         title: title.map(str::to_owned),

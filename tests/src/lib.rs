@@ -5,6 +5,7 @@
 
 pub mod fuzz_checks;
 pub mod layergen;
+pub mod powercut;
 pub mod views;
 pub mod vm;
 
