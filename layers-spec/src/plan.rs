@@ -623,11 +623,11 @@ fn judge_version(
 mod tests {
     use super::*;
 
-    const DESIGN: &str = include_str!("../tests/fixtures/design.toml");
+    const FULL_PLAN: &str = include_str!("../tests/fixtures/full-plan.toml");
 
     #[test]
     fn the_design_example_parses() {
-        let plan = Plan::parse(DESIGN, "design.toml").unwrap();
+        let plan = Plan::parse(FULL_PLAN, "full-plan.toml").unwrap();
         assert_eq!(plan.layers.len(), 3);
         let top = &plan.layers[0];
         assert_eq!(top.name, "upgrade-2007-05-20-finallyfixed");
@@ -649,7 +649,7 @@ mod tests {
 
     #[test]
     fn written_toml_is_stable_and_reads_back() {
-        let plan = Plan::parse(DESIGN, "design.toml").unwrap();
+        let plan = Plan::parse(FULL_PLAN, "full-plan.toml").unwrap();
         let text = plan.to_toml().unwrap();
         let again = Plan::parse(&text, "written").unwrap();
         assert_eq!(again, plan);

@@ -28,8 +28,8 @@ fn files(dir: &Path) -> Vec<String> {
 fn save_then_load_is_the_identity() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Plan::parse(
-        include_str!("../../layers-spec/tests/fixtures/design.toml"),
-        "design.toml",
+        include_str!("../../layers-spec/tests/fixtures/full-plan.toml"),
+        "full-plan.toml",
     )
     .unwrap();
     open(dir.path()).save_plan(&p).unwrap();

@@ -419,9 +419,14 @@ pub fn keys(root: &Path, command: &KeysCommand, json: bool, out: &mut dyn Write)
                 .map_err(|p| anyhow!("key name {name:?} is not valid: {p}"))?;
             let store = Store::open(root)?;
             let _lock = store.lock()?;
-            let path = keys_dir.join(format!("{name}.pub"));
-            ensure!(path.exists(), "no trusted key is named {name}");
-            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            // Through the folder's handle: a symlinked keys/ is refused, never deleted through.
+            let keys = store.folder(crate::store::Folder::Keys)?;
+            let file = format!("{name}.pub");
+            ensure!(
+                keys.kind(&file)?.is_some(),
+                "no trusted key is named {name}"
+            );
+            keys.remove(&file)?;
             writeln!(out, "no longer trusting {name}")?;
             Ok(())
         }
