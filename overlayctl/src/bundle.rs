@@ -1138,31 +1138,6 @@ fn check_entries(manifest: &BundleManifest) -> Result<()> {
     Ok(())
 }
 
-/// Reads `keys/*.pub` of a store: (name, key).
-pub fn trusted_keys(keys_dir: &Path) -> Result<Vec<(String, VerifyingKey)>> {
-    let mut keys = Vec::new();
-    let entries = match fs::read_dir(keys_dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(keys),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", keys_dir.display())),
-    };
-    for entry in entries {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "pub") {
-            let text =
-                fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            let key = parse_public(&text).with_context(|| format!("reading {}", path.display()))?;
-            let name = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            keys.push((name, key));
-        }
-    }
-    keys.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(keys)
-}
-
 const PUBLIC_TAG: &str = "strata-ed25519-public";
 const SECRET_TAG: &str = "strata-ed25519-secret";
 

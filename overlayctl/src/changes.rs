@@ -122,6 +122,16 @@ pub fn accept(store: &Store, names: &[String]) -> Result<Changed> {
 pub fn known_good(store: &Store, layer: &str, unset: bool) -> Result<Changed> {
     let mut change = Transaction::begin(store)?;
     let i = layer_index(&change.plan, layer)?;
+    let others = change
+        .plan
+        .layers
+        .iter()
+        .filter(|l| l.known_good && l.name != layer);
+    if unset && change.plan.layers[i].known_good && others.count() == 0 {
+        bail!(
+            "{layer} is the plan's only known-good layer, the fallback a boot reaches when everything else fails; mark another layer known-good first (`overlayctl known-good NAME`)"
+        );
+    }
     change.plan.layers[i].known_good = !unset;
     let summary = format!(
         "{layer} is {}known-good",

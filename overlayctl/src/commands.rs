@@ -6,16 +6,15 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
-use layers_spec::{LayerState, Plan, legacy};
-use serde::Serialize;
+use anyhow::{Context, Result, anyhow, bail};
+use layers_spec::{LayerState, Plan, legacy, printable};
 
 use crate::changes::{self, Changed};
+use crate::engine::XattrNs;
 use crate::engine::delta::Compare;
-use crate::engine::{Layer, Manifest, XattrNs};
 use crate::ops::{self, NewLayer};
 use crate::store::Store;
-use crate::transaction::{Transaction, layer_index};
+use crate::transaction::Transaction;
 use crate::{
     AddLayerOpts, BundleCommand, CheckOpts, CheckpointOpts, CompactOpts, DiffOpts,
     ImportLegacyOpts, InitOpts, KeysCommand, KnownGoodOpts, MenuLockOpts, PolicyOpts, RemoveOpts,
@@ -204,7 +203,6 @@ pub fn sync(root: &Path, opts: &SyncOpts, json: bool, out: &mut dyn Write) -> Re
 }
 
 pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Write) -> Result<()> {
-    use crate::bundle::{Bundle, create, parse_secret, trusted_keys};
     match command {
         BundleCommand::Create {
             from,
@@ -213,224 +211,98 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
             output,
             sign,
         } => {
-            let key = match sign {
-                Some(path) => Some(
-                    parse_secret(
-                        &fs::read_to_string(path)
-                            .with_context(|| format!("reading {}", path.display()))?,
-                    )
-                    .with_context(|| format!("reading {}", path.display()))?,
-                ),
-                None => None,
-            };
-            let from_store = from.join(layers_store::layout::PLAN_FILE).is_file();
-            ensure!(
-                from_store || from_layer.is_none(),
-                "--from-layer needs --from to be a store (a directory with {}); {} is a tree",
-                layers_store::layout::PLAN_FILE,
-                from.display()
-            );
-            ensure!(
-                !to.join(layers_store::layout::PLAN_FILE).is_file(),
-                "{} is a Strata store; --to takes the new system as a plain tree",
-                to.display()
-            );
-            // The two trees are read at once.
-            let (old, new) = std::thread::scope(|scope| {
-                let new = scope.spawn(|| ops::read_clean(to, XattrNs::Trusted));
-                let old = if from_store {
-                    Store::open(from)
-                        .and_then(|store| ops::read_stack_at(&store, from_layer.as_deref()))
-                        .map(|(_, layers)| layers)
-                } else {
-                    ops::read_clean(from, XattrNs::Trusted).map(|layer| vec![layer])
-                };
-                (old, new.join().expect("a tree reader panicked"))
-            });
-            let (old, new) = (old?, new?);
-            let view = crate::engine::MergedView::new(&old);
-            let made = create(&view, &new, output, key.as_ref())?;
-            let d = &made.delta;
+            let made = ops::make_bundle(from, from_layer.as_deref(), to, output, sign.as_deref())?;
             if json {
-                return write_json(
-                    out,
-                    &serde_json::json!({
-                        "bundle": output, "bytes": made.size, "whole": made.whole,
-                        "deltas": made.deltas, "patches": made.patches, "unchanged": made.unchanged,
-                        "added": d.added, "changed": d.changed,
-                        "metadata": d.metadata, "deleted": d.deleted, "signed": key.is_some(),
-                    }),
-                );
+                return write_json(out, &made);
             }
             writeln!(
                 out,
-                "wrote {} ({}): {} added, {} changed, {} with new metadata, {} deleted; {} files whole, {} as deltas, {} as patches, {} from the base unchanged{}",
-                output.display(),
-                layers_spec::size::human(made.size),
-                d.added,
-                d.changed,
-                d.metadata,
-                d.deleted,
+                "wrote {} ({}): {} added, {} changed, {} with new metadata, {} deleted; {} files whole, {} as deltas, {} as patches, {} from the base unchanged; {}",
+                made.bundle.display(),
+                layers_spec::size::human(made.bytes),
+                made.added,
+                made.changed,
+                made.metadata,
+                made.deleted,
                 made.whole,
                 made.deltas,
                 made.patches,
                 made.unchanged,
-                if key.is_some() {
-                    "; signed"
-                } else {
-                    "; unsigned"
-                }
+                if made.signed { "signed" } else { "unsigned" }
             )?;
-            Ok(())
         }
         BundleCommand::Verify { file } | BundleCommand::Info { file } => {
-            let bundle = Bundle::open(file, None)?;
-            let trusted = trusted_keys(&root.join(crate::store::KEYS)).unwrap_or_default();
-            let signers = bundle.signed_by(&trusted);
-            ensure!(
-                bundle.signatures_valid(),
-                "{}: a signature does not match the manifest (changed after signing)",
-                file.display()
-            );
-            if matches!(command, BundleCommand::Verify { .. }) {
-                bundle.check_whole_files()?;
-            }
-            let m = &bundle.manifest;
-            let files = m.entries.iter().filter(|e| e.data.is_some()).count();
-            let encoded = |how: &str| {
-                m.entries
-                    .iter()
-                    .filter(|e| e.data.as_ref().is_some_and(|d| d.encoding == how))
-                    .count()
-            };
-            let (deltas, patches, unchanged) =
-                (encoded("delta"), encoded("patch"), encoded("basis"));
-            let size = fs::metadata(file)?.len();
+            let whole = matches!(command, BundleCommand::Verify { .. });
+            let info = ops::describe_bundle(root, file, whole)?;
             if json {
-                return write_json(
-                    out,
-                    &serde_json::json!({
-                        "bundle": file, "bytes": size, "base": m.base, "target": m.target,
-                        "entries": m.entries.len(), "files": files, "deltas": deltas, "patches": patches,
-                        "unchanged": unchanged,
-                        "signatures": bundle.signatures.len(), "trusted_signers": signers,
-                    }),
-                );
+                return write_json(out, &info);
             }
-            if matches!(command, BundleCommand::Verify { .. }) {
+            if whole {
                 writeln!(out, "{}: intact", file.display())?;
             }
-            writeln!(out, "base   {}", m.base)?;
-            writeln!(out, "target {}", m.target)?;
+            writeln!(out, "base   {}", info.base)?;
+            writeln!(out, "target {}", info.target)?;
             writeln!(
                 out,
                 "size   {} ({} entries; {} files: {} deltas, {} patches, {} unchanged from the base)",
-                layers_spec::size::human(size),
-                m.entries.len(),
-                files,
-                deltas,
-                patches,
-                unchanged
+                layers_spec::size::human(info.bytes),
+                info.entries,
+                info.files,
+                info.deltas,
+                info.patches,
+                info.unchanged
             )?;
-            let signed = match (bundle.signatures.len(), signers.as_slice()) {
+            let signed = match (info.signatures, info.trusted_signers.as_slice()) {
                 (0, _) => "unsigned".to_owned(),
                 (n, []) => format!("{n} signature(s), none by a key in keys/"),
                 (_, names) => format!("signed by {}", names.join(", ")),
             };
             writeln!(out, "signer {signed}")?;
-            Ok(())
         }
     }
+    Ok(())
 }
 
 pub fn keys(root: &Path, command: &KeysCommand, json: bool, out: &mut dyn Write) -> Result<()> {
-    use crate::bundle::{format_public, format_secret, generate_key, parse_public, trusted_keys};
-    let keys_dir = root.join(crate::store::KEYS);
+    use crate::keys;
     match command {
         KeysCommand::Generate { output } => {
-            let key = generate_key()?;
-            let public = std::path::PathBuf::from(format!("{}.pub", output.display()));
-            ensure!(
-                !output.exists() && !public.exists(),
-                "{} or {} exists; nothing was written",
-                output.display(),
-                public.display()
-            );
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut secret = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(output)
-                .with_context(|| format!("creating {}", output.display()))?;
-            secret.write_all(format_secret(&key).as_bytes())?;
-            fs::write(&public, format_public(&key.verifying_key()))
-                .with_context(|| format!("writing {}", public.display()))?;
+            let written = keys::generate(output)?;
+            if json {
+                return write_json(out, &written);
+            }
             writeln!(
                 out,
                 "wrote {} (secret: keep it on the build server) and {}",
-                output.display(),
-                public.display()
+                written.secret.display(),
+                written.public.display()
             )?;
-            Ok(())
         }
         KeysCommand::Add { file, name } => {
-            let store = Store::open(root)?;
-            let _lock = store.lock()?;
-            let text =
-                fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-            let key = parse_public(&text).with_context(|| format!("reading {}", file.display()))?;
-            let name = match name {
-                Some(n) => n.clone(),
-                None => file
-                    .file_name()
-                    .map(|n| n.to_string_lossy().trim_end_matches(".pub").to_owned())
-                    .unwrap_or_default(),
-            };
-            layers_spec::check_name(&name)
-                .map_err(|p| anyhow!("key name {name:?} is not valid: {p}"))?;
-            fs::create_dir_all(&keys_dir)?;
-            let path = keys_dir.join(format!("{name}.pub"));
-            ensure!(!path.exists(), "a key named {name} is already trusted");
-            fs::write(&path, format_public(&key))
-                .with_context(|| format!("writing {}", path.display()))?;
-            Store::sync_dir(&keys_dir)?;
+            let name = keys::add(&Store::open(root)?, file, name.as_deref())?;
+            if json {
+                return write_json(out, &serde_json::json!({ "trusted": name }));
+            }
             writeln!(out, "trusting {name} for bundles")?;
-            Ok(())
         }
         KeysCommand::List => {
-            let keys = trusted_keys(&keys_dir)?;
+            let list = keys::list(&Store::open(root)?)?;
             if json {
-                let list: Vec<_> = keys
-                    .iter()
-                    .map(
-                        |(n, k)| serde_json::json!({"name": n, "key": format_public(k).trim_end()}),
-                    )
-                    .collect();
                 return write_json(out, &list);
             }
-            for (name, key) in &keys {
-                write!(out, "{name} {}", format_public(key))?;
+            for key in &list {
+                writeln!(out, "{} {}", key.name, key.key)?;
             }
-            Ok(())
         }
         KeysCommand::Remove { name } => {
-            layers_spec::check_name(name)
-                .map_err(|p| anyhow!("key name {name:?} is not valid: {p}"))?;
-            let store = Store::open(root)?;
-            let _lock = store.lock()?;
-            // Through the folder's handle: a symlinked keys/ is refused, never deleted through.
-            let keys = store.folder(crate::store::Folder::Keys)?;
-            let file = format!("{name}.pub");
-            ensure!(
-                keys.kind(&file)?.is_some(),
-                "no trusted key is named {name}"
-            );
-            keys.remove(&file)?;
+            keys::remove(&Store::open(root)?, name)?;
+            if json {
+                return write_json(out, &serde_json::json!({ "removed": name }));
+            }
             writeln!(out, "no longer trusting {name}")?;
-            Ok(())
         }
     }
+    Ok(())
 }
 
 /// Sets layers' state; trial counters of the layers go, since the choice is now explicit.
@@ -555,54 +427,29 @@ pub fn remove(root: &Path, opts: &RemoveOpts, json: bool, out: &mut dyn Write) -
     }
 }
 
-#[derive(Serialize)]
-struct Verified {
-    layer: String,
-    ok: bool,
-    problem: Option<String>,
-}
-
 pub fn verify(root: &Path, only: Option<&str>, json: bool, out: &mut dyn Write) -> Result<()> {
-    let store = Store::open(root)?;
-    let plan = store.plan()?.value;
-    let layers: Vec<&layers_spec::Layer> = match only {
-        Some(name) => vec![&plan.layers[layer_index(&plan, name)?]],
-        None => plan.layers.iter().collect(),
-    };
-    let mut results = Vec::new();
-    for layer in layers {
-        let problem = verify_layer(&store, layer)?;
-        results.push(Verified {
-            layer: layer.name.clone(),
-            ok: problem.is_none(),
-            problem,
-        });
-    }
+    let found = crate::verify::verify(&Store::open(root)?, only)?;
     if json {
-        write_json(out, &results)?;
+        write_json(out, &found)?;
     } else {
-        for r in &results {
+        // Problems name paths inside layers and names from the store's folders: text only.
+        for r in &found.layers {
             match &r.problem {
                 None => writeln!(out, "{}: ok", r.layer)?,
-                Some(problem) => writeln!(out, "{}: {problem}", r.layer)?,
+                Some(problem) => writeln!(out, "{}: {}", r.layer, printable(problem))?,
             }
         }
-        if only.is_none() {
-            let (state, _) = store.state_for_report();
-            for (name, what) in store.unaccounted_layers(&plan, &state) {
-                let what = what.map(|w| format!(" ({w})")).unwrap_or_default();
-                writeln!(
-                    out,
-                    "{name}: not in the plan{what}; kept (`overlayctl remove {name}` deletes it)"
-                )?;
-            }
+        for n in &found.not_in_plan {
+            let what = n.what.map(|w| format!(" ({w})")).unwrap_or_default();
+            let how = crate::status::removal(&n.name);
+            writeln!(
+                out,
+                "{}: not in the plan{what}; kept ({how})",
+                printable(&n.name)
+            )?;
         }
     }
-    let bad: Vec<&str> = results
-        .iter()
-        .filter(|r| !r.ok)
-        .map(|r| r.layer.as_str())
-        .collect();
+    let bad = found.failed();
     if !bad.is_empty() {
         bail!(
             "{} layer{} failed verification: {}",
@@ -612,45 +459,6 @@ pub fn verify(root: &Path, only: Option<&str>, json: bool, out: &mut dyn Write) 
         );
     }
     Ok(())
-}
-
-/// `None` when the layer matches its recorded digest.
-fn verify_layer(store: &Store, layer: &layers_spec::Layer) -> Result<Option<String>> {
-    let dir = store.layer_dir(&layer.name);
-    if !store.layer_present(&layer.name) {
-        let layers = store.folder(crate::store::Folder::Layers)?;
-        return Ok(Some(match layers.sub(&layer.name) {
-            Err(e) if layers.kind(&layer.name)?.is_some() => {
-                format!("{e}; the boot does not mount it")
-            }
-            _ => format!("missing: {} does not exist", dir.display()),
-        }));
-    }
-    let Some(recorded) = &layer.digest else {
-        return Ok(Some(
-            "the plan records no digest for it, so it cannot be verified".into(),
-        ));
-    };
-    let read = Layer::read(&dir, XattrNs::Trusted)
-        .with_context(|| format!("reading {}", dir.display()))?;
-    let manifest =
-        Manifest::of_layer(&read).with_context(|| format!("hashing {}", dir.display()))?;
-    if &manifest.digest() == recorded {
-        return Ok(None);
-    }
-    let stored = fs::read_to_string(store.manifest_path(&layer.name))
-        .ok()
-        .map(|text| Manifest { text });
-    Ok(Some(match stored.filter(|m| &m.digest() == recorded) {
-        Some(stored) => match stored.first_difference(&manifest) {
-            Some(path) => format!("differs from its recorded manifest, first at {path}"),
-            None => "differs from its recorded digest".into(),
-        },
-        None => format!(
-            "digest {} differs from the recorded {recorded}",
-            manifest.digest()
-        ),
-    }))
 }
 
 pub fn check(root: &Path, opts: &CheckOpts, json: bool, out: &mut dyn Write) -> Result<()> {
@@ -756,159 +564,33 @@ pub fn compact(root: &Path, opts: &CompactOpts, json: bool, out: &mut dyn Write)
 }
 
 pub fn policy(root: &Path, opts: &PolicyOpts, json: bool, out: &mut dyn Write) -> Result<()> {
-    use crate::policy::{Action, Facts, decide};
-    let store = Store::open(root)?;
-    let loaded = store.plan()?;
-    if let Some(why) = loaded.fell_back {
-        bail!("the plan cannot be read ({why}); the policy does nothing");
-    }
-    let plan = loaded.value;
-    let spaces = crate::status::spaces(&store, &plan, &[]);
-    let in_use = store.layers_in_use()?;
-    let archived: Vec<crate::policy::Archived> = store
-        .state()?
-        .archived_uppers
-        .iter()
-        .map(|a| crate::policy::Archived {
-            id: a.id.clone(),
-            bytes: crate::uppers::size(&store, &a.id).unwrap_or(0),
-            layers: plan.current_names(&a.layers),
-        })
-        .collect();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let decision = decide(
-        &plan,
-        &Facts {
-            now,
-            free: ops::free_bytes(&store)?,
-            in_use: &in_use,
-            frees: &|name| spaces.get(name).map_or(0, |s| s.frees),
-            archived_uppers: &archived,
-        },
-    );
-    if !opts.dry_run {
-        for action in &decision.actions {
-            match action {
-                Action::Date { layers } => {
-                    let mut change = Transaction::begin(&store)?;
-                    for name in layers {
-                        if let Some(layer) = change.plan.layer_mut(name)
-                            && layer.state == LayerState::Disabled
-                            && layer.disabled_at.is_none()
-                        {
-                            layer.disabled_at = Some(crate::store::now());
-                        }
-                    }
-                    change.commit()?;
-                }
-                Action::Remove { layer, .. } => {
-                    let mut change = Transaction::begin(&store)?;
-                    ops::remove_layer(&mut change, layer, true, "policy")
-                        .and_then(|()| change.commit().map(drop))
-                        .with_context(|| format!("policy: {action}"))?;
-                }
-                Action::RemoveUpper { id, .. } => {
-                    let mut change = Transaction::begin(&store)?;
-                    crate::uppers::remove(change.store, &mut change.state, id)
-                        .with_context(|| format!("policy: {action}"))?;
-                }
-                Action::Compact { from, to, .. } => {
-                    let request = crate::compaction::Request {
-                        from: Some(from.clone()),
-                        to: Some(to.clone()),
-                        ..Default::default()
-                    };
-                    crate::compaction::run(&store, &request)
-                        .with_context(|| format!("policy: {action}"))?;
-                }
-            }
-            if !json {
-                writeln!(out, "done: {action}")?;
-            }
-        }
-    }
+    let applied = crate::policy::apply(&Store::open(root)?, opts.dry_run)?;
     if json {
-        return write_json(
-            out,
-            &serde_json::json!({
-                "dry_run": opts.dry_run, "actions": decision.actions, "notes": decision.notes,
-            }),
-        );
+        return write_json(out, &applied);
     }
-    if opts.dry_run {
-        for action in &decision.actions {
-            writeln!(out, "would {action}")?;
-        }
+    let verb = if applied.dry_run { "would" } else { "done:" };
+    for action in &applied.actions {
+        writeln!(out, "{verb} {action}")?;
     }
-    if decision.actions.is_empty() {
+    if applied.actions.is_empty() {
         writeln!(out, "nothing to do: the store is within its policy")?;
     }
-    for note in &decision.notes {
+    for note in &applied.notes {
         writeln!(out, "note: {note}")?;
     }
     Ok(())
 }
 
 pub fn diff(root: &Path, opts: &DiffOpts, json: bool, out: &mut dyn Write) -> Result<()> {
-    use crate::engine::MergedView;
-    let store = Store::open(root)?;
-    let (a_names, a_layers) = ops::read_stack_at(&store, Some(&opts.from))?;
-    let (b_names, b_layers) = ops::read_stack_at(&store, Some(&opts.to))?;
-    let (a, b) = (MergedView::new(&a_layers), MergedView::new(&b_layers));
-    if opts.packages {
-        let status = |view: &MergedView<'_>, names: &[String]| -> Result<String> {
-            let rel = Path::new("var/lib/dpkg/status");
-            let node = view.get(rel).ok_or_else(|| {
-                anyhow!(
-                    "the stack {} has no var/lib/dpkg/status (not a Debian system)",
-                    names.join(", ")
-                )
-            })?;
-            let path = view.source_path(rel, node);
-            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
-        };
-        let changes = crate::diff::packages(&status(&a, &a_names)?, &status(&b, &b_names)?);
-        if json {
-            return write_json(out, &serde_json::json!({ "packages": changes }));
-        }
-        for c in &changes {
-            let versions = match (&c.before, &c.after) {
-                (Some(x), Some(y)) => format!("{x} -> {y}"),
-                (Some(x), None) | (None, Some(x)) => x.clone(),
-                (None, None) => String::new(),
-            };
-            // Package fields come from a dpkg database in a layer: printed as text only.
-            let (package, arch) = (
-                layers_spec::printable(&c.package),
-                layers_spec::printable(&c.arch),
-            );
-            let versions = layers_spec::printable(&versions);
-            writeln!(out, "{:<10} {package}:{arch} {versions}", c.how)?;
-        }
-        let count = |how: &str| changes.iter().filter(|c| c.how == how).count();
-        writeln!(
-            out,
-            "packages: {} upgraded, {} downgraded, {} added, {} removed, {} changed",
-            count("upgraded"),
-            count("downgraded"),
-            count("added"),
-            count("removed"),
-            count("changed")
-        )?;
-        return Ok(());
-    }
-    let plan = store.plan()?.value;
-    let known = ops::known_hashes(&store, &plan, &a_names, &a_layers)
-        .into_iter()
-        .chain(ops::known_hashes(&store, &plan, &b_names, &b_layers))
-        .collect();
-    let changes = crate::diff::files(&a, &b, &known)?;
+    use crate::diff::{Diff, How};
+    let found = crate::diff::between(&Store::open(root)?, &opts.from, &opts.to, opts.packages)?;
     if json {
-        return write_json(out, &serde_json::json!({ "files": changes }));
+        return write_json(out, &found);
     }
-    use crate::diff::How;
+    let changes = match found {
+        Diff::Packages(changes) => return write_packages(&changes, out),
+        Diff::Files(changes) => changes,
+    };
     for c in &changes {
         let (mark, size) = match (c.how, c.before, c.after) {
             (How::Added, _, Some(n)) => ('+', layers_spec::size::human(n)),
@@ -926,11 +608,7 @@ pub fn diff(root: &Path, opts: &DiffOpts, json: bool, out: &mut dyn Write) -> Re
             (How::Changed, ..) => ('~', String::new()),
         };
         // A file name in a layer may hold escape sequences: printed as text only.
-        writeln!(
-            out,
-            "{mark} {} {size}",
-            layers_spec::printable(&c.path.to_string())
-        )?;
+        writeln!(out, "{mark} {} {size}", printable(&c.path))?;
     }
     let count = |how: How| changes.iter().filter(|c| c.how == how).count();
     let bytes = |side: fn(&crate::diff::FileChange) -> Option<u64>| -> u64 {
@@ -944,6 +622,31 @@ pub fn diff(root: &Path, opts: &DiffOpts, json: bool, out: &mut dyn Write) -> Re
         count(How::Changed),
         layers_spec::size::human(bytes(|c| c.before)),
         layers_spec::size::human(bytes(|c| c.after)),
+    )?;
+    Ok(())
+}
+
+fn write_packages(changes: &[crate::diff::PackageChange], out: &mut dyn Write) -> Result<()> {
+    for c in changes {
+        let versions = match (&c.before, &c.after) {
+            (Some(x), Some(y)) => format!("{x} -> {y}"),
+            (Some(x), None) | (None, Some(x)) => x.clone(),
+            (None, None) => String::new(),
+        };
+        // Package fields come from a dpkg database in a layer: printed as text only.
+        let (package, arch) = (printable(&c.package), printable(&c.arch));
+        let versions = printable(&versions);
+        writeln!(out, "{:<10} {package}:{arch} {versions}", c.how)?;
+    }
+    let count = |how: &str| changes.iter().filter(|c| c.how == how).count();
+    writeln!(
+        out,
+        "packages: {} upgraded, {} downgraded, {} added, {} removed, {} changed",
+        count("upgraded"),
+        count("downgraded"),
+        count("added"),
+        count("removed"),
+        count("changed")
     )?;
     Ok(())
 }

@@ -13,6 +13,46 @@ use serde::Serialize;
 
 use crate::engine::manifest::hash_file;
 use crate::engine::{Kind, MergedNode, MergedView, Node};
+use crate::store::Store;
+
+/// What changes from one stack to another: files, or (asked for) packages.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Diff {
+    Files(Vec<FileChange>),
+    Packages(Vec<PackageChange>),
+}
+
+/// Compares the stack topped by `from` with the one topped by `to`.
+pub fn between(store: &Store, from: &str, to: &str, packages: bool) -> Result<Diff> {
+    let (a_names, a_layers) = crate::ops::read_stack_at(store, Some(from))?;
+    let (b_names, b_layers) = crate::ops::read_stack_at(store, Some(to))?;
+    let (a, b) = (MergedView::new(&a_layers), MergedView::new(&b_layers));
+    if packages {
+        let status = |view: &MergedView<'_>, names: &[String]| -> Result<String> {
+            let rel = Path::new("var/lib/dpkg/status");
+            let node = view.get(rel).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the stack {} has no var/lib/dpkg/status (not a Debian system)",
+                    names.join(", ")
+                )
+            })?;
+            let path = view.source_path(rel, node);
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        let before = status(&a, &a_names)?;
+        return Ok(Diff::Packages(self::packages(
+            &before,
+            &status(&b, &b_names)?,
+        )));
+    }
+    let plan = store.plan()?.value;
+    let known = crate::ops::known_hashes(store, &plan, &a_names, &a_layers)
+        .into_iter()
+        .chain(crate::ops::known_hashes(store, &plan, &b_names, &b_layers))
+        .collect();
+    files(&a, &b, &known).map(Diff::Files)
+}
 
 /// How one path differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

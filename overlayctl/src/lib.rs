@@ -1,6 +1,9 @@
 //! `overlayctl`: the command line over a Strata store. The clap types are in [`cli`]; `run`
-//! calls one function per command (in [`commands`], [`status`], [`mount`]), and those call the
-//! operations ([`ops`], [`compaction`], [`run`]) through one [`transaction::Transaction`].
+//! calls one function per command (in [`commands`], [`status`], [`mount`]), which prints as text
+//! or JSON what an operation returns. The operations take plain inputs and return typed reports:
+//! changes go through one [`transaction::Transaction`] ([`ops`], [`changes`], [`compaction`],
+//! [`run`], [`policy::apply`]); reports only read ([`status::gather`], [`verify`], [`diff`],
+//! [`keys`]).
 pub mod bundle;
 pub mod changes;
 pub mod cli;
@@ -10,6 +13,7 @@ pub mod diff;
 pub mod engine;
 pub mod fetch;
 pub mod install;
+pub mod keys;
 pub mod mount;
 pub mod ops;
 pub mod policy;
@@ -20,6 +24,7 @@ pub mod status;
 pub mod store;
 pub mod transaction;
 pub mod uppers;
+pub mod verify;
 
 pub use cli::*;
 

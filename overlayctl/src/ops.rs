@@ -374,7 +374,7 @@ pub fn add_bundle(
     allow_unsigned: bool,
     layer: &NewLayer,
 ) -> Result<FromBundle> {
-    let trusted = crate::bundle::trusted_keys(&store.root.join(store::KEYS))?;
+    let trusted = crate::keys::trusted(store)?;
     let gate = (!trusted.is_empty() && !allow_unsigned).then_some(trusted.as_slice());
     let bundle = crate::bundle::Bundle::open(file, gate)?;
     ensure!(
@@ -539,4 +539,143 @@ pub fn remove_layer(
     // Let go in the journal before the plan stops naming it; deleted once nothing needs it.
     change.release(layer, by);
     Ok(())
+}
+
+/// What `bundle create` made.
+#[derive(Debug, serde::Serialize)]
+pub struct BundleMade {
+    pub bundle: std::path::PathBuf,
+    pub bytes: u64,
+    pub whole: u64,
+    pub deltas: u64,
+    pub patches: u64,
+    pub unchanged: u64,
+    pub added: u64,
+    pub changed: u64,
+    pub metadata: u64,
+    pub deleted: u64,
+    pub signed: bool,
+}
+
+/// Writes to `output` the bundle that turns `from` (a tree, or a store's stack topped by
+/// `from_layer`) into the tree `to`, signed with the secret key in the file `sign`.
+pub fn make_bundle(
+    from: &Path,
+    from_layer: Option<&str>,
+    to: &Path,
+    output: &Path,
+    sign: Option<&Path>,
+) -> Result<BundleMade> {
+    let key = match sign {
+        Some(path) => {
+            let text =
+                fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(
+                crate::bundle::parse_secret(&text)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let plan_file = layers_store::layout::PLAN_FILE;
+    let from_store = from.join(plan_file).is_file();
+    ensure!(
+        from_store || from_layer.is_none(),
+        "--from-layer needs --from to be a store (a directory with {plan_file}); {} is a tree",
+        from.display()
+    );
+    ensure!(
+        !to.join(plan_file).is_file(),
+        "{} is a Strata store; --to takes the new system as a plain tree",
+        to.display()
+    );
+    // The two trees are read at once.
+    let (old, new) = std::thread::scope(|scope| {
+        let new = scope.spawn(|| read_clean(to, XattrNs::Trusted));
+        let old = if from_store {
+            Store::open(from)
+                .and_then(|store| read_stack_at(&store, from_layer))
+                .map(|(_, layers)| layers)
+        } else {
+            read_clean(from, XattrNs::Trusted).map(|layer| vec![layer])
+        };
+        (old, new.join().expect("a tree reader panicked"))
+    });
+    let (old, new) = (old?, new?);
+    let made = crate::bundle::create(&MergedView::new(&old), &new, output, key.as_ref())?;
+    let d = made.delta;
+    Ok(BundleMade {
+        bundle: output.to_owned(),
+        bytes: made.size,
+        whole: made.whole,
+        deltas: made.deltas,
+        patches: made.patches,
+        unchanged: made.unchanged,
+        added: d.added,
+        changed: d.changed,
+        metadata: d.metadata,
+        deleted: d.deleted,
+        signed: key.is_some(),
+    })
+}
+
+/// What `bundle info` and `bundle verify` show.
+#[derive(Debug, serde::Serialize)]
+pub struct BundleInfo {
+    pub bundle: std::path::PathBuf,
+    pub bytes: u64,
+    pub base: String,
+    pub target: String,
+    pub entries: usize,
+    pub files: usize,
+    pub deltas: usize,
+    pub patches: usize,
+    pub unchanged: usize,
+    pub signatures: usize,
+    /// The store's trusted keys that signed it.
+    pub trusted_signers: Vec<String>,
+}
+
+/// Reads a bundle's head and checks its signatures against the store at `root` (when it is
+/// one); with `whole`, every whole file's hash too.
+pub fn describe_bundle(root: &Path, file: &Path, whole: bool) -> Result<BundleInfo> {
+    let bundle = crate::bundle::Bundle::open(file, None)?;
+    // Bundles are described on any machine; the signers are named when a store trusts them.
+    let trusted = Store::open(root)
+        .and_then(|store| crate::keys::trusted(&store))
+        .unwrap_or_default();
+    ensure!(
+        bundle.signatures_valid(),
+        "{}: a signature does not match the manifest (changed after signing)",
+        file.display()
+    );
+    if whole {
+        bundle.check_whole_files()?;
+    }
+    let m = &bundle.manifest;
+    let encoded = |how: &str| {
+        m.entries
+            .iter()
+            .filter(|e| e.data.as_ref().is_some_and(|d| d.encoding == how))
+            .count()
+    };
+    Ok(BundleInfo {
+        bundle: file.to_owned(),
+        bytes: fs::metadata(file)
+            .with_context(|| format!("reading {}", file.display()))?
+            .len(),
+        base: m.base.clone(),
+        target: m.target.clone(),
+        entries: m.entries.len(),
+        files: m.entries.iter().filter(|e| e.data.is_some()).count(),
+        deltas: encoded("delta"),
+        patches: encoded("patch"),
+        unchanged: encoded("basis"),
+        signatures: bundle.signatures.len(),
+        trusted_signers: bundle
+            .signed_by(&trusted)
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+    })
 }

@@ -1,5 +1,6 @@
 //! `overlayctl policy`: the plan's `[policy]` applied, as a list of actions decided from the
-//! plan alone (a pure function, table-tested) and then carried out one transaction at a time.
+//! plan alone (a pure function, table-tested) and then carried out one transaction at a time
+//! (`apply`), through the same operations as the commands.
 //!
 //! In order: disabled layers older than `drop_disabled_after` are removed; while free space is
 //! below `min_free`, the other disabled layers are removed, oldest first, then the uppers
@@ -12,8 +13,12 @@
 
 use std::collections::BTreeSet;
 
+use anyhow::{Context, Result, bail};
 use layers_spec::{LayerState, Plan, size::human};
 use serde::Serialize;
+
+use crate::store::Store;
+use crate::transaction::Transaction;
 
 /// One step the policy takes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -487,5 +492,103 @@ mod tests {
         // The lowest run (a2, a1) first, then (a5, a4); a3 is a run of one.
         assert_eq!(compacted(&d), [("a1", "a2", 2), ("a4", "a5", 2)]);
         assert!(d.notes[0].starts_with("6 layers stay"), "{:?}", d.notes);
+    }
+}
+
+/// What `policy` did (or, dry, would do).
+#[derive(Debug, Serialize)]
+pub struct Applied {
+    pub dry_run: bool,
+    /// The actions decided, in order; all carried out unless `dry_run`.
+    pub actions: Vec<Action>,
+    pub notes: Vec<String>,
+}
+
+/// Decides from the store's plan and facts, and (unless `dry_run`) carries the actions out, one
+/// transaction each. When one fails, the error names it and the ones done before it.
+pub fn apply(store: &Store, dry_run: bool) -> Result<Applied> {
+    let loaded = store.plan()?;
+    if let Some(why) = loaded.fell_back {
+        bail!("the plan cannot be read ({why}); the policy does nothing");
+    }
+    let plan = loaded.value;
+    let spaces = crate::status::spaces(store, &plan, &[]);
+    let in_use = store.layers_in_use()?;
+    let archived: Vec<Archived> = store
+        .state()?
+        .archived_uppers
+        .iter()
+        .map(|a| Archived {
+            id: a.id.clone(),
+            bytes: crate::uppers::size(store, &a.id).unwrap_or(0),
+            layers: plan.current_names(&a.layers),
+        })
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let decision = decide(
+        &plan,
+        &Facts {
+            now,
+            free: crate::ops::free_bytes(store)?,
+            in_use: &in_use,
+            frees: &|name| spaces.get(name).map_or(0, |s| s.frees),
+            archived_uppers: &archived,
+        },
+    );
+    if !dry_run {
+        for (i, action) in decision.actions.iter().enumerate() {
+            carry_out(store, action).with_context(|| {
+                let done: Vec<String> = decision.actions[..i]
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                match done.is_empty() {
+                    true => format!("policy: {action}"),
+                    false => format!("policy: {action} (done before it: {})", done.join("; ")),
+                }
+            })?;
+        }
+    }
+    Ok(Applied {
+        dry_run,
+        actions: decision.actions,
+        notes: decision.notes,
+    })
+}
+
+/// One action, as one transaction, through the same operations as the commands.
+fn carry_out(store: &Store, action: &Action) -> Result<()> {
+    match action {
+        Action::Date { layers } => {
+            let mut change = Transaction::begin(store)?;
+            for name in layers {
+                if let Some(layer) = change.plan.layer_mut(name)
+                    && layer.state == LayerState::Disabled
+                    && layer.disabled_at.is_none()
+                {
+                    layer.disabled_at = Some(crate::store::now());
+                }
+            }
+            change.commit().map(drop)
+        }
+        Action::Remove { layer, .. } => {
+            let mut change = Transaction::begin(store)?;
+            crate::ops::remove_layer(&mut change, layer, true, "policy")?;
+            change.commit().map(drop)
+        }
+        Action::RemoveUpper { id, .. } => {
+            let mut change = Transaction::begin(store)?;
+            crate::uppers::remove(change.store, &mut change.state, id)
+        }
+        Action::Compact { from, to, .. } => {
+            let request = crate::compaction::Request {
+                from: Some(from.clone()),
+                to: Some(to.clone()),
+                ..Default::default()
+            };
+            crate::compaction::run(store, &request).map(drop)
+        }
     }
 }

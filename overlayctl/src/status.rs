@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use layers_spec::size::human;
@@ -111,7 +111,7 @@ pub(crate) fn spaces(store: &Store, plan: &Plan, pending: &[String]) -> BTreeMap
 struct StatusJson<'a> {
     store: &'a Path,
     plan: &'a Path,
-    plan_fell_back: Option<String>,
+    plan_fell_back: Option<&'a str>,
     layers: Vec<LayerJson<'a>>,
     /// Layers no longer in the plan, waiting until unused to be deleted.
     pending_deletion: Vec<PendingJson<'a>>,
@@ -162,27 +162,103 @@ struct LayerJson<'a> {
     left_out: Option<String>,
 }
 
-/// With `verbose`, each layer's row is followed by the package changes it brings (its stack's
-/// dpkg database against the one of the stack below it).
-pub fn status(root: &Path, json: bool, verbose: bool, out: &mut dyn Write) -> Result<()> {
+/// Everything `status` shows, gathered once; printed as text or JSON.
+#[derive(Debug)]
+pub struct Status {
+    pub store: PathBuf,
+    pub plan_path: PathBuf,
+    /// Why the plan was read from its previous copy, when it was.
+    pub plan_fell_back: Option<String>,
+    pub plan: Plan,
+    pub state: BootState,
+    /// The stack mounted now, when the running system was booted from this store.
+    pub booted: Option<Booted>,
+    pub next: Resolution,
+    /// Released layers still present, waiting until unused.
+    pub pending: Vec<String>,
+    /// Directories in `layers/` nobody accounts for, with what each is when not a directory.
+    pub not_in_plan: Vec<(String, Option<&'static str>)>,
+    /// What could not be read (a damaged boot state or boot record), in words.
+    pub problems: Vec<String>,
+    /// Each walked layer's space.
+    pub spaces: BTreeMap<String, Space>,
+    /// Content sizes from the manifests, for layers that could not be walked.
+    pub manifest_sizes: BTreeMap<String, u64>,
+    /// Each archived upper's content size.
+    pub archived_sizes: BTreeMap<String, Option<u64>>,
+    /// With `verbose`: each layer's package changes, in words.
+    pub packages: BTreeMap<String, String>,
+}
+
+/// Reads the store for `status`. With `verbose`, each layer's package changes too (its
+/// stack's dpkg database against the one of the stack below it).
+pub fn gather(root: &Path, verbose: bool) -> Result<Status> {
     let store = Store::open(root)?;
     let loaded = store.plan()?;
-    let plan = &loaded.value;
+    let plan = loaded.value;
     let (state, state_problem) = store.state_for_report();
     let (booted, booted_problem) = match store.booted() {
         Ok(booted) => (booted, None),
         Err(e) => (None, Some(format!("{e:#}"))),
     };
-    let next = next_boot(&store, plan, &state);
-    let pending = pending_deletion(&store, plan, &state);
-    let unaccounted = store.unaccounted_layers(plan, &state);
-    let problems: Vec<String> = state_problem.into_iter().chain(booted_problem).collect();
-    let spaces = spaces(&store, plan, &pending);
-    if json {
-        let report = StatusJson {
-            store: root,
-            plan: &loaded.path,
-            plan_fell_back: loaded.fell_back.as_ref().map(ToString::to_string),
+    let next = next_boot(&store, &plan, &state);
+    let pending = pending_deletion(&store, &plan, &state);
+    let spaces = spaces(&store, &plan, &pending);
+    let manifest_sizes = plan
+        .layers
+        .iter()
+        .filter(|l| !spaces.contains_key(&l.name))
+        .filter_map(|l| Some((l.name.clone(), store.handle().layer_content_size(&l.name)?)))
+        .collect();
+    let archived_sizes = state
+        .archived_uppers
+        .iter()
+        .map(|a| (a.id.clone(), crate::uppers::size(&store, &a.id)))
+        .collect();
+    Ok(Status {
+        store: root.to_owned(),
+        plan_path: loaded.path,
+        plan_fell_back: loaded.fell_back.as_ref().map(ToString::to_string),
+        not_in_plan: store.unaccounted_layers(&plan, &state),
+        problems: state_problem.into_iter().chain(booted_problem).collect(),
+        packages: match verbose {
+            true => package_changes(&store, &plan),
+            false => BTreeMap::new(),
+        },
+        plan,
+        state,
+        booted,
+        next,
+        pending,
+        spaces,
+        manifest_sizes,
+        archived_sizes,
+    })
+}
+
+pub fn status(root: &Path, json: bool, verbose: bool, out: &mut dyn Write) -> Result<()> {
+    let status = gather(root, verbose)?;
+    match json {
+        true => write_json(out, &status.json()),
+        false => status.write_text(out),
+    }
+}
+
+impl Status {
+    /// A layer's content size: walked, or from its manifest.
+    fn size(&self, name: &str) -> Option<u64> {
+        self.spaces
+            .get(name)
+            .map(|s| s.size)
+            .or_else(|| self.manifest_sizes.get(name).copied())
+    }
+
+    fn json(&self) -> StatusJson<'_> {
+        let (plan, state) = (&self.plan, &self.state);
+        StatusJson {
+            store: &self.store,
+            plan: &self.plan_path,
+            plan_fell_back: self.plan_fell_back.as_deref(),
             layers: plan
                 .layers
                 .iter()
@@ -190,33 +266,33 @@ pub fn status(root: &Path, json: bool, verbose: bool, out: &mut dyn Write) -> Re
                     name: &l.name,
                     title: l.title.as_deref(),
                     state: l.state,
-                    trial_tries_left: tries_left(plan, &state, &l.name),
+                    trial_tries_left: tries_left(plan, state, &l.name),
                     known_good: l.known_good,
                     parent: l.parent.as_deref(),
                     created: l.created.map(|c| c.to_string()),
                     digest: l.digest.as_deref(),
-                    size: spaces.get(&l.name).map(|s| s.size).or_else(|| {
-                        layers_store::Store::open(root)
-                            .ok()
-                            .and_then(|s| s.layer_content_size(&l.name))
-                    }),
-                    frees: spaces.get(&l.name).map(|s| s.frees),
-                    next_boot: next.stack.contains(&l.name),
-                    current_boot: booted.as_ref().is_some_and(|b| b.stack.contains(&l.name)),
-                    left_out: next.reason(&l.name).map(ToString::to_string),
+                    size: self.size(&l.name),
+                    frees: self.spaces.get(&l.name).map(|s| s.frees),
+                    next_boot: self.next.stack.contains(&l.name),
+                    current_boot: self
+                        .booted
+                        .as_ref()
+                        .is_some_and(|b| b.stack.contains(&l.name)),
+                    left_out: self.next.reason(&l.name).map(ToString::to_string),
                 })
                 .collect(),
-            pending_deletion: pending
+            pending_deletion: self
+                .pending
                 .iter()
                 .map(|name| PendingJson {
                     name,
-                    size: spaces.get(name).map(|s| s.size),
-                    frees: spaces.get(name).map(|s| s.frees),
+                    size: self.spaces.get(name).map(|s| s.size),
+                    frees: self.spaces.get(name).map(|s| s.frees),
                 })
                 .collect(),
-            next_boot: &next.stack,
-            current_boot: booted.as_ref().map(|b| b.stack.as_slice()),
-            notes: next.notes.iter().map(ToString::to_string).collect(),
+            next_boot: &self.next.stack,
+            current_boot: self.booted.as_ref().map(|b| b.stack.as_slice()),
+            notes: self.next.notes.iter().map(ToString::to_string).collect(),
             current_upper: state.current_upper.as_deref(),
             archived_uppers: state
                 .archived_uppers
@@ -224,205 +300,197 @@ pub fn status(root: &Path, json: bool, verbose: bool, out: &mut dyn Write) -> Re
                 .map(|a| ArchivedJson {
                     id: &a.id,
                     layers: &a.layers,
-                    size: crate::uppers::size(&store, &a.id),
+                    size: self.archived_sizes.get(&a.id).copied().flatten(),
                 })
                 .collect(),
             checkpoint: state.checkpoint.as_ref(),
-            not_in_plan: unaccounted.iter().map(|(n, _)| n.as_str()).collect(),
-            problems: &problems,
-        };
-        return write_json(out, &report);
-    }
-    let packages = if verbose {
-        package_changes(&store, plan)
-    } else {
-        BTreeMap::new()
-    };
-    let extra = Extra {
-        spaces: &spaces,
-        packages: &packages,
-    };
-    for problem in &problems {
-        writeln!(out, "warning: {problem}")?;
-    }
-    write_table(root, plan, &state, &next, booted.as_ref(), &extra, out)?;
-    for (name, what) in &unaccounted {
-        let what = what.map(|w| format!(" ({w})")).unwrap_or_default();
-        writeln!(
-            out,
-            "Not in the plan: layers/{name}{what}, kept (`overlayctl remove {name}` deletes it)"
-        )?;
-    }
-    if !pending.is_empty() {
-        let shown: Vec<String> = pending
-            .iter()
-            .map(|n| match spaces.get(n) {
-                Some(space) => format!("{n} (frees {})", human(space.frees)),
-                None => n.clone(),
-            })
-            .collect();
-        writeln!(
-            out,
-            "Pending deletion once unused (no longer in the plan): {}",
-            shown.join(", ")
-        )?;
-    }
-    write_uppers(&store, &state, out)
-}
-
-/// Archived uppers and a pending checkpoint, when there are any.
-fn write_uppers(store: &Store, state: &BootState, out: &mut dyn Write) -> Result<()> {
-    if !state.archived_uppers.is_empty() {
-        writeln!(
-            out,
-            "Archived uppers (see one with `overlayctl mount DIR --upper ID`):"
-        )?;
-        for archived in &state.archived_uppers {
-            let size = crate::uppers::size(store, &archived.id).map_or("?".into(), human);
-            writeln!(
-                out,
-                "  {}: {size}, used over {}",
-                archived.id,
-                archived.layers.first().map_or("nothing", String::as_str)
-            )?;
+            not_in_plan: self.not_in_plan.iter().map(|(n, _)| n.as_str()).collect(),
+            problems: &self.problems,
         }
     }
-    match &state.checkpoint {
-        Some(c) if c.frozen => writeln!(
-            out,
-            "Checkpoint: layer {} was frozen from upper {}; the next change writes its manifest",
-            c.layer, c.upper
-        )?,
-        Some(c) => writeln!(
-            out,
-            "Checkpoint: at the next boot upper {} becomes layer {}",
-            c.upper, c.layer
-        )?,
-        None => {}
+
+    /// The table, then what is not in the plan, pending deletion, archived uppers and a
+    /// pending checkpoint. Names read from the store's folders are printed escaped.
+    pub fn write_text(&self, out: &mut dyn Write) -> Result<()> {
+        for problem in &self.problems {
+            writeln!(out, "warning: {problem}")?;
+        }
+        self.write_table(out)?;
+        for (name, what) in &self.not_in_plan {
+            let what = what.map(|w| format!(" ({w})")).unwrap_or_default();
+            let (shown, how) = (layers_spec::printable(name), removal(name));
+            writeln!(out, "Not in the plan: layers/{shown}{what}, kept ({how})")?;
+        }
+        if !self.pending.is_empty() {
+            let shown: Vec<String> = self
+                .pending
+                .iter()
+                .map(|n| match self.spaces.get(n) {
+                    Some(space) => format!("{n} (frees {})", human(space.frees)),
+                    None => n.clone(),
+                })
+                .collect();
+            writeln!(
+                out,
+                "Pending deletion once unused (no longer in the plan): {}",
+                shown.join(", ")
+            )?;
+        }
+        self.write_uppers(out)
     }
-    Ok(())
+
+    /// Archived uppers and a pending checkpoint, when there are any.
+    fn write_uppers(&self, out: &mut dyn Write) -> Result<()> {
+        let state = &self.state;
+        if !state.archived_uppers.is_empty() {
+            writeln!(
+                out,
+                "Archived uppers (see one with `overlayctl mount DIR --upper ID`):"
+            )?;
+            for archived in &state.archived_uppers {
+                let size = self.archived_sizes.get(&archived.id).copied().flatten();
+                let size = size.map_or("?".into(), human);
+                writeln!(
+                    out,
+                    "  {}: {size}, used over {}",
+                    archived.id,
+                    archived.layers.first().map_or("nothing", String::as_str)
+                )?;
+            }
+        }
+        match &state.checkpoint {
+            Some(c) if c.frozen => writeln!(
+                out,
+                "Checkpoint: layer {} was frozen from upper {}; the next change writes its manifest",
+                c.layer, c.upper
+            )?,
+            Some(c) => writeln!(
+                out,
+                "Checkpoint: at the next boot upper {} becomes layer {}",
+                c.upper, c.layer
+            )?,
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// The table. Names are never cut (they are what people type); the title takes what is left of
+    /// 80 columns, or a line of its own when too little is left.
+    fn write_table(&self, out: &mut dyn Write) -> Result<()> {
+        let (plan, state, next) = (&self.plan, &self.state, &self.next);
+        let (spaces, packages, booted) = (&self.spaces, &self.packages, self.booted.as_ref());
+        const WIDTH: usize = 80;
+        const MIN_TITLE: usize = 16;
+        let name_width = plan
+            .layers
+            .iter()
+            .map(|l| l.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(4);
+        let shown_state = |name: &str, layer_state: LayerState| match tries_left(plan, state, name)
+        {
+            Some(left) => format!("trial {left}/{}", plan.boot.trial_boots),
+            None => format!("{layer_state:?}").to_lowercase(),
+        };
+        let state_width = plan
+            .layers
+            .iter()
+            .map(|l| shown_state(&l.name, l.state).len())
+            .max()
+            .unwrap_or(0)
+            .max(5);
+        // "A C K " + name + " " + state + " " + size(6) + " " + frees(6) + " " + created(10) + " "
+        let fixed = 6 + name_width + 1 + state_width + 1 + 6 + 1 + 6 + 1 + 10 + 1;
+        let title_inline = WIDTH.saturating_sub(fixed) >= MIN_TITLE;
+        let header = format!(
+            "A C K {:<name_width$} {:<state_width$} {:>6} {:>6} {:<10}",
+            "NAME", "STATE", "SIZE", "FREES", "CREATED"
+        );
+        let header = if title_inline {
+            format!("{header} TITLE")
+        } else {
+            header.trim_end().to_owned()
+        };
+        writeln!(out, "{header}")?;
+        for layer in &plan.layers {
+            let mark = |on: bool, c: char| if on { c } else { ' ' };
+            let shown_state = shown_state(&layer.name, layer.state);
+            let created = layer
+                .created
+                .and_then(|c| c.date)
+                .map(|d| d.to_string())
+                .unwrap_or_default();
+            let space = spaces.get(&layer.name);
+            // Without a walk (a layer this user may not read), the manifest's size and no frees.
+            let (size, frees) = match space {
+                Some(s) => (human(s.size), human(s.frees)),
+                None => (
+                    self.manifest_sizes
+                        .get(&layer.name)
+                        .map_or_else(|| "-".into(), |&n| human(n)),
+                    "-".into(),
+                ),
+            };
+            let row = format!(
+                "{} {} {} {:<name_width$} {:<state_width$} {:>6} {:>6} {:<10}",
+                mark(next.stack.contains(&layer.name), 'A'),
+                mark(booted.is_some_and(|b| b.stack.contains(&layer.name)), 'C'),
+                mark(layer.known_good, 'K'),
+                layer.name,
+                shown_state,
+                size,
+                frees,
+                created,
+            );
+            let title = layers_spec::printable(layer.title.as_deref().unwrap_or(""));
+            let title = title.as_ref();
+            let changes = packages.get(&layer.name);
+            if title_inline {
+                writeln!(
+                    out,
+                    "{}",
+                    format!("{row} {}", ellipsize(title, WIDTH - fixed)).trim_end()
+                )?;
+            } else {
+                writeln!(out, "{}", row.trim_end())?;
+                if !title.is_empty() {
+                    writeln!(out, "      {}", ellipsize(title, WIDTH - 6))?;
+                }
+            }
+            if let Some(changes) = changes {
+                writeln!(out, "      {changes}")?;
+            }
+        }
+        if !next.left_out.is_empty() {
+            writeln!(out, "Left out of the next boot:")?;
+        }
+        for left in &next.left_out {
+            writeln!(out, "  {}: {}", left.name, left.reason)?;
+        }
+        for note in &next.notes {
+            writeln!(out, "note: {note}")?;
+        }
+        if let Some(fallback) = booted.and_then(|b| b.fallback.as_deref()) {
+            writeln!(out, "note: the running boot fell back: {fallback}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How an entry of `layers/` nobody accounts for can go: by `remove` when it has a layer's
+/// name; else Strata never touches it.
+pub fn removal(name: &str) -> String {
+    match layers_spec::check_name(name) {
+        Ok(()) => format!("`overlayctl remove {name}` deletes it"),
+        Err(_) => "not a layer name, so only a hand deletes it".into(),
+    }
 }
 
 pub fn tries_left(plan: &Plan, state: &BootState, name: &str) -> Option<u32> {
     let layer = plan.layer(name)?;
     (layer.state == LayerState::Trial)
         .then(|| plan.boot.trial_boots.saturating_sub(state.tries(name)))
-}
-
-/// What the table shows beside the plan: each layer's space, and (verbose) package changes.
-struct Extra<'a> {
-    spaces: &'a BTreeMap<String, Space>,
-    packages: &'a BTreeMap<String, String>,
-}
-
-/// The table. Names are never cut (they are what people type); the title takes what is left of
-/// 80 columns, or a line of its own when too little is left.
-fn write_table(
-    store_root: &Path,
-    plan: &Plan,
-    state: &BootState,
-    next: &Resolution,
-    booted: Option<&Booted>,
-    extra: &Extra<'_>,
-    out: &mut dyn Write,
-) -> Result<()> {
-    let (spaces, packages) = (extra.spaces, extra.packages);
-    const WIDTH: usize = 80;
-    const MIN_TITLE: usize = 16;
-    let name_width = plan
-        .layers
-        .iter()
-        .map(|l| l.name.len())
-        .max()
-        .unwrap_or(0)
-        .max(4);
-    let shown_state = |name: &str, layer_state: LayerState| match tries_left(plan, state, name) {
-        Some(left) => format!("trial {left}/{}", plan.boot.trial_boots),
-        None => format!("{layer_state:?}").to_lowercase(),
-    };
-    let state_width = plan
-        .layers
-        .iter()
-        .map(|l| shown_state(&l.name, l.state).len())
-        .max()
-        .unwrap_or(0)
-        .max(5);
-    // "A C K " + name + " " + state + " " + size(6) + " " + frees(6) + " " + created(10) + " "
-    let fixed = 6 + name_width + 1 + state_width + 1 + 6 + 1 + 6 + 1 + 10 + 1;
-    let title_inline = WIDTH.saturating_sub(fixed) >= MIN_TITLE;
-    let header = format!(
-        "A C K {:<name_width$} {:<state_width$} {:>6} {:>6} {:<10}",
-        "NAME", "STATE", "SIZE", "FREES", "CREATED"
-    );
-    let header = if title_inline {
-        format!("{header} TITLE")
-    } else {
-        header.trim_end().to_owned()
-    };
-    writeln!(out, "{header}")?;
-    for layer in &plan.layers {
-        let mark = |on: bool, c: char| if on { c } else { ' ' };
-        let shown_state = shown_state(&layer.name, layer.state);
-        let created = layer
-            .created
-            .and_then(|c| c.date)
-            .map(|d| d.to_string())
-            .unwrap_or_default();
-        let space = spaces.get(&layer.name);
-        // Without a walk (a layer this user may not read), the manifest's size and no frees.
-        let (size, frees) = match space {
-            Some(s) => (human(s.size), human(s.frees)),
-            None => (
-                layers_store::Store::open(store_root)
-                    .ok()
-                    .and_then(|s| s.layer_content_size(&layer.name))
-                    .map_or_else(|| "-".into(), human),
-                "-".into(),
-            ),
-        };
-        let row = format!(
-            "{} {} {} {:<name_width$} {:<state_width$} {:>6} {:>6} {:<10}",
-            mark(next.stack.contains(&layer.name), 'A'),
-            mark(booted.is_some_and(|b| b.stack.contains(&layer.name)), 'C'),
-            mark(layer.known_good, 'K'),
-            layer.name,
-            shown_state,
-            size,
-            frees,
-            created,
-        );
-        let title = layers_spec::printable(layer.title.as_deref().unwrap_or(""));
-        let title = title.as_ref();
-        let changes = packages.get(&layer.name);
-        if title_inline {
-            writeln!(
-                out,
-                "{}",
-                format!("{row} {}", ellipsize(title, WIDTH - fixed)).trim_end()
-            )?;
-        } else {
-            writeln!(out, "{}", row.trim_end())?;
-            if !title.is_empty() {
-                writeln!(out, "      {}", ellipsize(title, WIDTH - 6))?;
-            }
-        }
-        if let Some(changes) = changes {
-            writeln!(out, "      {changes}")?;
-        }
-    }
-    if !next.left_out.is_empty() {
-        writeln!(out, "Left out of the next boot:")?;
-    }
-    for left in &next.left_out {
-        writeln!(out, "  {}: {}", left.name, left.reason)?;
-    }
-    for note in &next.notes {
-        writeln!(out, "note: {note}")?;
-    }
-    if let Some(fallback) = booted.and_then(|b| b.fallback.as_deref()) {
-        writeln!(out, "note: the running boot fell back: {fallback}")?;
-    }
-    Ok(())
 }
 
 pub fn ellipsize(text: &str, width: usize) -> String {

@@ -691,8 +691,10 @@ fn privileged_bad_input_changes_nothing() {
     // A plan that cannot be read: changes are refused rather than written over it, even when
     // its previous copy could stand in for reading (two changes: one that changes nothing
     // writes nothing, so it leaves no previous copy).
-    env.ok(&["known-good", "base", "--unset"]);
-    env.ok(&["known-good", "base"]);
+    let err = env.fails(&["known-good", "base", "--unset"]);
+    assert!(err.contains("the plan's only known-good layer"), "{err}");
+    env.ok(&["add-layer", &p("fine"), "--name", "fine-0"]);
+    env.ok(&["remove", "fine-0"]);
     let plan = env.store().join("overlayplan.toml");
     fs::write(&plan, "version = 1\n[[layer]]\nnaem = \"x\"\n").unwrap();
     let err = env.fails(&["add-layer", &p("fine")]);

@@ -147,6 +147,25 @@ fn privileged_store_never_deletes_through_a_symlinked_folder() {
     ] {
         assert!(env.store().join(kept).exists(), "{kept}");
     }
+    fs::remove_file(env.store().join("staging")).unwrap();
+
+    // keys/ as a symlink: no key is trusted, written or removed through it.
+    fs::write(victim.join("signer.pub"), "precious").unwrap();
+    let before = contents(&victim);
+    let _ = fs::remove_dir_all(env.store().join("keys"));
+    symlink(&victim, env.store().join("keys")).unwrap();
+    let generated = env.path("k");
+    env.ok(&["keys", "generate", "--output", generated.to_str().unwrap()]);
+    let public = env.path("k.pub");
+    for args in [
+        &["keys", "add", public.to_str().unwrap()][..],
+        &["keys", "remove", "signer"],
+        &["keys", "list"],
+    ] {
+        let text = env.fails(args);
+        assert!(text.contains("keys is a symlink"), "{args:?}: {text}");
+        assert_eq!(contents(&victim), before, "{args:?}");
+    }
 }
 
 #[test]
@@ -165,6 +184,35 @@ fn privileged_store_keeps_what_nobody_recorded() {
         status.contains("Not in the plan: layers/up1, kept"),
         "{status}"
     );
+    // `verify --json` lists it too, and a name made of escape sequences is shown escaped.
+    // (up1x, which the plan names, is missing: verify fails, and says so in JSON too.)
+    let text = env.fails(&["verify", "--json"]);
+    let verify: serde_json::Value = serde_json::Deserializer::from_str(&text)
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(verify["not_in_plan"][0]["name"], "up1", "{verify}");
+    let up1x = verify["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["layer"] == "up1x");
+    assert_eq!(up1x.unwrap()["ok"], false, "{verify}");
+    let evil = "evil\u{1b}]0;pwned\u{7}";
+    fs::create_dir(env.store().join("layers").join(evil)).unwrap();
+    for args in [&["status"][..], &["verify"]] {
+        let (_, text) = env.run(args);
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text:?}"
+        );
+        assert!(text.contains("evil\\u{1b}]0;pwned"), "{text}");
+        assert!(
+            text.contains("not a layer name, so only a hand deletes it"),
+            "{text}"
+        );
+    }
     // Removing a layer the plan names lets it go through the journal.
     env.ok(&["remove", "up2", "--force"]);
     assert!(!env.store().join("layers/up2").exists());
@@ -198,8 +246,14 @@ fn privileged_store_keeps_the_last_known_good_layer() {
     let before = env.plan_text();
     let text = env.fails(&["remove", "base", "--force"]);
     assert!(text.contains("only known-good layer"), "{text}");
+    // Nor can it be unmarked first, to remove it then.
+    let text = env.fails(&["known-good", "--unset", "base"]);
+    assert!(text.contains("only known-good layer"), "{text}");
     assert_eq!(env.plan_text(), before);
     assert!(env.store().join("layers/base/etc/os").exists());
+    // With another known-good layer, it may be.
+    env.ok(&["known-good", "up1"]);
+    env.ok(&["known-good", "--unset", "base"]);
 }
 
 #[test]
