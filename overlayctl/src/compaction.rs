@@ -2,9 +2,10 @@
 //! The new layer is built in `staging/` with its files hard-linked from the run (so the cost
 //! grows with entries, not bytes), its manifest written from the run's manifests, then renamed
 //! into `layers/`; the plan then names it in the run's place (recording what it replaced), the
-//! boot state follows, and only then are the old layers deleted: those a mounted stack uses
-//! (the running boot's) stay, no longer named by the plan, until the next command or boot after
-//! they are unused deletes them ([`Store::clean_orphans`], the one rule for that).
+//! boot state follows with the replaced layers released in its journal, and only then are they
+//! deleted: those a mounted stack uses (the running boot's) stay, no longer named by the plan,
+//! until the next command or boot after they are unused deletes them (`layers_store`'s sweep,
+//! the one rule for that).
 
 use std::path::{Path, PathBuf};
 

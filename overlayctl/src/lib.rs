@@ -2,7 +2,7 @@
 //! calls one function per command (in [`commands`], [`status`], [`mount`]), which prints as text
 //! or JSON what an operation returns. The operations take plain inputs and return typed reports:
 //! changes go through one [`transaction::Transaction`] ([`ops`], [`changes`], [`compaction`],
-//! [`run`], [`policy::apply`]); reports only read ([`status::gather`], [`verify`], [`diff`],
+//! [`mod@run`], [`policy::apply`]); reports only read ([`status::gather`], [`verify`], [`diff`],
 //! [`keys`]).
 pub mod bundle;
 pub mod changes;
