@@ -9,9 +9,47 @@ pub mod powercut;
 pub mod views;
 pub mod vm;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::mount::{MsFlags, mount};
+
+/// A privileged test's scratch directory: a temporary directory holding `run/` (where
+/// `overlayctl` looks for the boot record), in a private mount namespace.
+#[derive(Debug)]
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    /// `None` when the test cannot run (no root, outside CI).
+    pub fn new(test: &str) -> Option<Self> {
+        if !have_root(test) {
+            return None;
+        }
+        private_mount_namespace();
+        let scratch = Self {
+            dir: tempfile::tempdir().expect("a temporary directory"),
+        };
+        std::fs::create_dir(scratch.path("run")).expect("creating run/");
+        Some(scratch)
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `overlayctl --store STORE ARGS`, with this scratch's run directory and no store from
+    /// the environment.
+    pub fn overlayctl(&self, store: &Path, args: &[&str]) -> assert_cmd::Command {
+        let mut cmd = assert_cmd::Command::cargo_bin("overlayctl").expect("overlayctl is built");
+        cmd.env("STRATA_RUN_DIR", self.path("run"))
+            .env_remove("STRATA_STORE")
+            .arg("--store")
+            .arg(store)
+            .args(args);
+        cmd
+    }
+}
 
 /// True when running under CI, where skipping is forbidden.
 pub fn in_ci() -> bool {

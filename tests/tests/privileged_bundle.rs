@@ -10,39 +10,32 @@ use std::path::{Path, PathBuf};
 use std::process::Command as StdCommand;
 
 use assert_cmd::Command;
-use tempfile::TempDir;
-use tests::{have_root, private_mount_namespace};
+use tests::Scratch;
 
 struct Env {
-    dir: TempDir,
+    scratch: Scratch,
+}
+
+impl std::ops::Deref for Env {
+    type Target = Scratch;
+
+    fn deref(&self) -> &Scratch {
+        &self.scratch
+    }
 }
 
 impl Env {
     fn new(test: &str) -> Option<Self> {
-        if !have_root(test) {
-            return None;
-        }
-        private_mount_namespace();
         let env = Self {
-            dir: tempfile::tempdir().unwrap(),
+            scratch: Scratch::new(test)?,
         };
-        fs::create_dir(env.path("run")).unwrap();
         old_tree(&env.path("old"));
         new_tree(&env.path("old"), &env.path("new"));
         Some(env)
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
     fn cmd(&self, store: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::cargo_bin("overlayctl").unwrap();
-        cmd.env("STRATA_RUN_DIR", self.path("run"))
-            .arg("--store")
-            .arg(self.path(store))
-            .args(args);
-        cmd
+        self.overlayctl(&self.path(store), args)
     }
 
     fn ok(&self, store: &str, args: &[&str]) -> String {

@@ -10,28 +10,27 @@ use std::time::Duration;
 use assert_cmd::Command;
 use layers_spec::{Layer, LayerState, Plan};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
-use tempfile::TempDir;
-use tests::{have_root, private_mount_namespace};
+use tests::Scratch;
 
 /// A scratch directory holding a store, a run directory (for `booted.toml`) and source trees.
 struct Env {
-    dir: TempDir,
+    scratch: Scratch,
+}
+
+impl std::ops::Deref for Env {
+    type Target = Scratch;
+
+    fn deref(&self) -> &Scratch {
+        &self.scratch
+    }
 }
 
 impl Env {
     /// `None` when the test cannot run (no root, outside CI).
     fn new(test: &str) -> Option<Self> {
-        if !have_root(test) {
-            return None;
-        }
-        private_mount_namespace();
-        let dir = tempfile::tempdir().unwrap();
-        fs::create_dir(dir.path().join("run")).unwrap();
-        Some(Self { dir })
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
+        Some(Self {
+            scratch: Scratch::new(test)?,
+        })
     }
 
     fn store(&self) -> PathBuf {
@@ -39,13 +38,7 @@ impl Env {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::cargo_bin("overlayctl").unwrap();
-        cmd.env("STRATA_RUN_DIR", self.path("run"))
-            .env_remove("STRATA_STORE")
-            .arg("--store")
-            .arg(self.store())
-            .args(args);
-        cmd
+        self.overlayctl(&self.store(), args)
     }
 
     fn ok(&self, args: &[&str]) -> String {

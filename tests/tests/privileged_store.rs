@@ -8,24 +8,26 @@ use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
 use layers_spec::{Layer, Plan};
-use tempfile::TempDir;
-use tests::{have_root, private_mount_namespace};
+use tests::Scratch;
 
 /// A store with a base and two upgrades (`up1`, `up2`), made with `overlayctl`.
 struct Env {
-    dir: TempDir,
+    scratch: Scratch,
+}
+
+impl std::ops::Deref for Env {
+    type Target = Scratch;
+
+    fn deref(&self) -> &Scratch {
+        &self.scratch
+    }
 }
 
 impl Env {
     fn new(test: &str) -> Option<Self> {
-        if !have_root(test) {
-            return None;
-        }
-        private_mount_namespace();
         let env = Self {
-            dir: tempfile::tempdir().unwrap(),
+            scratch: Scratch::new(test)?,
         };
-        fs::create_dir(env.path("run")).unwrap();
         for (tree, file) in [("base", "etc/os"), ("t1", "usr/one"), ("t2", "usr/two")] {
             let path = env.path(tree).join(file);
             fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -40,24 +42,12 @@ impl Env {
         Some(env)
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
     fn store(&self) -> PathBuf {
         self.path("store")
     }
 
     fn run(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::cargo_bin("overlayctl")
-            .unwrap()
-            .env("STRATA_RUN_DIR", self.path("run"))
-            .env_remove("STRATA_STORE")
-            .arg("--store")
-            .arg(self.store())
-            .args(args)
-            .output()
-            .unwrap();
+        let out = self.overlayctl(&self.store(), args).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         (out.status.success(), text)
