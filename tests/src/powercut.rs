@@ -84,26 +84,6 @@ pub fn target_dir() -> PathBuf {
         .to_owned()
 }
 
-/// A workspace binary built static (release, without the tests' fault injection) into
-/// `<target>/static`, as `vm::static_overlayctl` builds it.
-pub fn static_binary(package: &str) -> PathBuf {
-    let dir = target_dir().join("static");
-    let out = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--locked", "-p", package])
-        .args(["--target", "x86_64-unknown-linux-gnu"])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_TARGET_DIR", &dir)
-        .current_dir(vm::workspace())
-        .output()
-        .expect("running cargo");
-    assert!(
-        out.status.success(),
-        "building {package} static failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir.join(format!("x86_64-unknown-linux-gnu/release/{package}"))
-}
-
 /// The guest's /sbin/init. It prints what the boot found (boot record, state, plan, the layer
 /// folders, staging/, `overlayctl verify`, the note a frozen checkpoint holds), accepts the
 /// boot as the accept unit would (the first change after a cut), prints what layers/ and

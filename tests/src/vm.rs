@@ -143,23 +143,30 @@ pub fn static_overlayctl() -> PathBuf {
     static_binary("overlayctl")
 }
 
-/// A workspace binary built static, in release mode, without the tests' fault injection.
-fn static_binary(package: &str) -> PathBuf {
+/// A workspace binary built static, in release mode, without the tests' fault injection, into
+/// `target/static`.
+pub fn static_binary(package: &str) -> PathBuf {
     let target_dir = workspace().join("target/static");
-    run(Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            package,
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
+    run(cargo()
+        .args(["build", "--release", "--locked", "-p", package])
+        .args(["--target", "x86_64-unknown-linux-gnu"])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .env("CARGO_TARGET_DIR", &target_dir)
         .current_dir(workspace()));
     target_dir.join(format!("x86_64-unknown-linux-gnu/release/{package}"))
+}
+
+/// The cargo this program was built with, made to use its own toolchain's `rustc`. Run by its
+/// full path, rustup's cargo calls `rustc` through the proxy, which would honour a dependency's
+/// own `rust-toolchain.toml` and ask for a toolchain that is not installed.
+pub fn cargo() -> Command {
+    let cargo = Path::new(env!("CARGO"));
+    let mut cmd = Command::new(cargo);
+    let rustc = cargo.with_file_name("rustc");
+    if rustc.is_file() {
+        cmd.env("RUSTC", rustc);
+    }
+    cmd
 }
 
 /// The modules a virtio disk with ext4 and overlay need (crc32c_generic: ext4's soft dependency).

@@ -71,9 +71,9 @@ fn machine() -> Machine {
     let dir = tempfile::tempdir_in(powercut::target_dir()).unwrap();
     let path = |rel: &str| dir.path().join(rel);
     let initrd = path("initrd.img");
-    vm::initramfs(&kernel, &powercut::static_binary("initramfs-hook"), &initrd);
+    vm::initramfs(&kernel, &vm::static_hook(), &initrd);
 
-    powercut::base_tree(&path("base"), &powercut::static_binary("overlayctl"));
+    powercut::base_tree(&path("base"), &vm::static_overlayctl());
     let data = path("disk/powercut");
     powercut::layer_tree(&data.join("layer"));
     powercut::sync_tree(&path("base"), &data.join("S"));
