@@ -2,7 +2,9 @@
 //! the overlay with its fallbacks, the record), the standalone `/init` ([`standalone`]), the
 //! initramfs it runs from ([`mkinitramfs`]), and the console the menu runs on ([`console`]).
 //! `initramfs-hook resolve` shows the decision a boot would make on any machine, and
-//! `initramfs-hook boot` runs the flow on a mounted root (the dracut and initramfs-tools glue).
+//! `initramfs-hook boot` runs the flow on a mounted root, and `initramfs-hook take-root` puts the
+//! stack in place of a root another initramfs mounted ([`takeover`]: the dracut and
+//! initramfs-tools glue).
 
 pub mod console;
 pub mod flow;
@@ -10,6 +12,7 @@ pub mod freeze;
 pub mod log;
 pub mod mkinitramfs;
 pub mod standalone;
+pub mod takeover;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -84,6 +87,39 @@ pub enum HookCommand {
         #[arg(long, value_name = "KEYS")]
         menu_keys: Option<String>,
     },
+    /// Put the layered root in place of the real root another initramfs mounted at ROOT (all
+    /// the initramfs-tools and dracut glue does): read the command line, move the real root to
+    /// RUN/strata/root, make it writable, and mount the stack at ROOT. Without a store, or when
+    /// no stack mounts, the real root stays (or goes back) at ROOT. Never fails the boot.
+    TakeRoot {
+        /// Where the next stage expects the root (initramfs-tools' ${rootmnt}, dracut's
+        /// $NEWROOT), with the real root mounted there.
+        #[arg(long)]
+        root: PathBuf,
+        /// Where the real root is mounted instead, when not at ROOT.
+        #[arg(long)]
+        real: Option<PathBuf>,
+        /// The directory that becomes the new root's /run.
+        #[arg(long, default_value = "/run")]
+        run: PathBuf,
+        /// The kernel command line [default: /proc/cmdline].
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// For tests: keys for the boot menu, by name (`down t enter`), instead of a terminal.
+        #[arg(long, value_name = "KEYS")]
+        menu_keys: Option<String>,
+    },
+}
+
+fn console_for(menu_keys: Option<&str>) -> Result<Box<dyn console::Console>> {
+    Ok(match menu_keys {
+        Some(keys) => Box::new(
+            console::Scripted::parse(keys)
+                .map_err(anyhow::Error::msg)
+                .context("--menu-keys")?,
+        ),
+        None => Box::new(console::Terminal::default()),
+    })
 }
 
 pub fn run(cli: &Cli) -> Result<String> {
@@ -131,14 +167,7 @@ pub fn run(cli: &Cli) -> Result<String> {
             cmdline: given,
             menu_keys,
         } => {
-            let mut console: Box<dyn console::Console> = match menu_keys {
-                Some(keys) => Box::new(
-                    console::Scripted::parse(keys)
-                        .map_err(anyhow::Error::msg)
-                        .context("--menu-keys")?,
-                ),
-                None => Box::new(console::Terminal::default()),
-            };
+            let mut console = console_for(menu_keys.as_deref())?;
             let env = flow::BootEnv {
                 sysroot: sysroot.clone(),
                 newroot: newroot.clone(),
@@ -148,6 +177,36 @@ pub fn run(cli: &Cli) -> Result<String> {
             let mut log = flow::Log::default();
             let outcome = flow::boot(&env, &mut log, console.as_mut())?;
             Ok(outcome.booted.to_toml()?)
+        }
+        HookCommand::TakeRoot {
+            root,
+            real,
+            run,
+            cmdline: given,
+            menu_keys,
+        } => {
+            let mut console = console_for(menu_keys.as_deref())?;
+            let places = takeover::Places {
+                root: root.clone(),
+                real: real.clone(),
+                run: run.clone(),
+                // Without the command line the defaults hold: the boot goes on.
+                cmdline: cmdline(given).unwrap_or_default(),
+            };
+            let mut log = flow::Log {
+                kmsg: takeover::kmsg(),
+                ..Default::default()
+            };
+            Ok(
+                match takeover::take_root(&places, &mut log, console.as_mut()) {
+                    takeover::TookRoot::Layered => "strata: the layered root is mounted\n".into(),
+                    takeover::TookRoot::Plain(why) => format!("strata: {why}\n"),
+                    takeover::TookRoot::Already(record) => format!(
+                        "strata: {} exists: this boot's root is already taken\n",
+                        record.display()
+                    ),
+                },
+            )
         }
     }
 }

@@ -143,6 +143,10 @@ pub struct PolicyOpts {
     /// Print the actions, in order, and change nothing.
     #[arg(long, short = 'n')]
     pub dry_run: bool,
+    /// Do nothing unless the store's filesystem has less than the policy's min_free left: a
+    /// check cheap enough to run every few minutes (strata-space.timer).
+    #[arg(long)]
+    pub if_space_low: bool,
 }
 
 #[derive(Debug, Args)]
@@ -339,6 +343,7 @@ pub enum BundleCommand {
         /// The new system's tree.
         #[arg(long, value_name = "NEW")]
         to: PathBuf,
+        /// The bundle file to write (never over an existing file).
         #[arg(short, long, value_name = "FILE")]
         output: PathBuf,
         /// Sign it with this secret key (from `overlayctl keys generate`).
@@ -355,6 +360,7 @@ pub enum BundleCommand {
 pub enum KeysCommand {
     /// Make a new signing key: FILE (secret, mode 0600, for the build server) and FILE.pub.
     Generate {
+        /// The secret key's file; the public key goes to FILE.pub.
         #[arg(short, long, value_name = "FILE")]
         output: PathBuf,
     },

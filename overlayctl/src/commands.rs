@@ -564,9 +564,16 @@ pub fn compact(root: &Path, opts: &CompactOpts, json: bool, out: &mut dyn Write)
 }
 
 pub fn policy(root: &Path, opts: &PolicyOpts, json: bool, out: &mut dyn Write) -> Result<()> {
-    let applied = crate::policy::apply(&Store::open(root)?, opts.dry_run)?;
+    let applied = crate::policy::apply(&Store::open(root)?, opts.dry_run, opts.if_space_low)?;
     if json {
         return write_json(out, &applied);
+    }
+    if applied.space_fine {
+        writeln!(
+            out,
+            "nothing to do: free space is above the policy's min_free"
+        )?;
+        return Ok(());
     }
     let verb = if applied.dry_run { "would" } else { "done:" };
     for action in &applied.actions {

@@ -499,19 +499,29 @@ mod tests {
 #[derive(Debug, Serialize)]
 pub struct Applied {
     pub dry_run: bool,
+    /// Asked to act only when space is low, and it was not: nothing was decided.
+    pub space_fine: bool,
     /// The actions decided, in order; all carried out unless `dry_run`.
     pub actions: Vec<Action>,
     pub notes: Vec<String>,
 }
 
 /// Decides from the store's plan and facts, and (unless `dry_run`) carries the actions out, one
-/// transaction each. When one fails, the error names it and the ones done before it.
-pub fn apply(store: &Store, dry_run: bool) -> Result<Applied> {
+/// transaction each; with `if_space_low`, only when free space is below `min_free`. When one fails, the error names it and the ones done before it.
+pub fn apply(store: &Store, dry_run: bool, if_space_low: bool) -> Result<Applied> {
     let loaded = store.plan()?;
     if let Some(why) = loaded.fell_back {
         bail!("the plan cannot be read ({why}); the policy does nothing");
     }
     let plan = loaded.value;
+    if if_space_low && crate::ops::free_bytes(store)? >= plan.policy.min_free.0 {
+        return Ok(Applied {
+            dry_run,
+            space_fine: true,
+            actions: Vec::new(),
+            notes: Vec::new(),
+        });
+    }
     let spaces = crate::status::spaces(store, &plan, &[]);
     let in_use = store.layers_in_use()?;
     let archived: Vec<Archived> = store
@@ -553,6 +563,7 @@ pub fn apply(store: &Store, dry_run: bool) -> Result<Applied> {
     }
     Ok(Applied {
         dry_run,
+        space_fine: false,
         actions: decision.actions,
         notes: decision.notes,
     })

@@ -202,8 +202,8 @@ fn mkinitramfs(kernel: &Kernel, hook: &Path, out: &Path) -> Command {
     cmd
 }
 
-/// An initramfs built by Debian's initramfs-tools with Strata's hook and local-bottom script,
-/// from a private copy of /etc/initramfs-tools (the host's configuration is not touched; its
+/// An initramfs built by Debian's initramfs-tools with Strata's hook and local-bottom script and
+/// no busybox, from a private copy of /etc/initramfs-tools (the host's configuration is not touched; its
 /// /lib/modules gets a link to the kernel's modules while the image is built, as mkinitramfs
 /// reads them from there only).
 pub fn initramfs_tools_image(kernel: &Kernel, hook: &Path, work: &Path) -> PathBuf {
@@ -222,7 +222,10 @@ pub fn initramfs_tools_image(kernel: &Kernel, hook: &Path, work: &Path) -> PathB
     .unwrap();
     let settings = fs::read_to_string(conf.join("initramfs.conf"))
         .unwrap()
-        .replace("MODULES=most", "MODULES=list");
+        .replace("MODULES=most", "MODULES=list")
+        // klibc's tools only, as on a system without busybox (a Recommends): the glue must
+        // need nothing but the hook.
+        .replace("BUSYBOX=auto", "BUSYBOX=n");
     fs::write(conf.join("initramfs.conf"), settings).unwrap();
     fs::write(conf.join("modules"), MODULES.join("\n") + "\n").unwrap();
 

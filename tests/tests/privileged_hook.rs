@@ -1027,3 +1027,101 @@ fn overlay_xattrs(root: &std::path::Path) -> Vec<(String, String)> {
     found.sort();
     found
 }
+
+/// `take-root`, the whole initramfs-tools and dracut glue: with a store on the real root
+/// (mounted read-only at ROOT, as initramfs-tools leaves it), it moves the real root aside,
+/// makes it writable and mounts the stack at ROOT; without a store, or when nothing mounts, the
+/// real root stays (or goes back) at ROOT.
+#[test]
+fn privileged_hook_take_root_puts_the_stack_where_the_root_was() {
+    use nix::mount::{MsFlags, mount, umount};
+    let Some(m) = Machine::new("privileged_hook_take_root_puts_the_stack_where_the_root_was")
+    else {
+        return;
+    };
+    let rootmnt = m.path("rootmnt");
+    // A real root of its own (a tmpfs) holding the machine's store, mounted read-only.
+    let real_root = |with_store: bool| {
+        fs::create_dir_all(&rootmnt).unwrap();
+        mount(
+            Some("tmpfs"),
+            &rootmnt,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        if with_store {
+            let copied = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(m.store())
+                .arg(rootmnt.join("strata"))
+                .status()
+                .unwrap();
+            assert!(copied.success());
+        }
+        fs::write(rootmnt.join("on-the-real-root"), "yes").unwrap();
+        let ro = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        mount(None::<&str>, &rootmnt, None::<&str>, ro, None::<&str>).unwrap();
+    };
+    let take_root = || {
+        let out = Command::cargo_bin("initramfs-hook")
+            .unwrap()
+            .args(["take-root", "--root"])
+            .arg(&rootmnt)
+            .arg("--run")
+            .arg(m.path("run"))
+            .args(["--cmdline", "root=/dev/vda ro"])
+            .assert()
+            .success()
+            .get_output()
+            .clone();
+        String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap()
+    };
+    let kept = m.path("run/strata/root");
+    let unmount_all = || {
+        for path in [&rootmnt, &m.path("run/strata/store"), &kept] {
+            while umount(path).is_ok() {}
+        }
+        let _ = fs::remove_dir_all(m.path("run/strata"));
+    };
+
+    real_root(true);
+    let said = take_root();
+    assert!(said.contains("the layered root is mounted"), "{said}");
+    assert_eq!(
+        fs::read_to_string(rootmnt.join("etc/version")).unwrap(),
+        "2\n"
+    );
+    assert!(!rootmnt.join("on-the-real-root").exists(), "{said}");
+    // The real root lives on under /run, writable: the boot state counted the trial's boot.
+    assert!(kept.join("on-the-real-root").exists());
+    let state = fs::read_to_string(kept.join("strata/state/boot.toml")).unwrap();
+    assert!(state.contains("upgrade-2"), "{state}");
+    fs::write(kept.join("writable"), "yes").unwrap();
+    // A second call (dracut's pre-pivot after its mount hook) leaves it alone.
+    let said = take_root();
+    assert!(said.contains("already taken"), "{said}");
+    assert!(rootmnt.join("etc/version").exists());
+    unmount_all();
+
+    // No store: the real root is left as it is.
+    real_root(false);
+    let said = take_root();
+    assert!(said.contains("no store at /strata"), "{said}");
+    assert!(rootmnt.join("on-the-real-root").exists());
+    assert!(!m.path("run/strata/booted.toml").exists());
+    unmount_all();
+
+    // A store whose layers are all gone: nothing mounts, and the real root goes back.
+    real_root(true);
+    let rw = MsFlags::MS_REMOUNT;
+    mount(None::<&str>, &rootmnt, None::<&str>, rw, None::<&str>).unwrap();
+    fs::remove_dir_all(rootmnt.join("strata/layers")).unwrap();
+    fs::create_dir(rootmnt.join("strata/layers")).unwrap();
+    let said = take_root();
+    assert!(said.contains("booting the real root as it is"), "{said}");
+    assert!(rootmnt.join("on-the-real-root").exists(), "{said}");
+    assert!(!kept.join("on-the-real-root").exists());
+    unmount_all();
+}

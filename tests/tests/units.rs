@@ -22,16 +22,16 @@ fn units_verify_with_systemd_analyze() {
         let path = entry.unwrap().path();
         let text = fs::read_to_string(&path).unwrap();
         assert!(
-            text.contains("ExecStart=/usr/bin/overlayctl")
+            text.contains("ExecStart=/usr/sbin/overlayctl")
                 || path.extension().is_some_and(|e| e == "timer")
         );
-        let text = text.replace("/usr/bin/overlayctl", overlayctl.to_str().unwrap());
+        let text = text.replace("/usr/sbin/overlayctl", overlayctl.to_str().unwrap());
         let name = path.file_name().unwrap();
         fs::write(dir.path().join(name), text).unwrap();
         names.push(dir.path().join(name));
     }
     names.sort();
-    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(names.len(), 5, "{names:?}");
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .args(&names)
@@ -51,7 +51,7 @@ fn accept_waits_for_boot_complete_and_policy_runs_on_a_timer() {
     for line in [
         "Requires=boot-complete.target",
         "After=boot-complete.target",
-        "ExecStart=/usr/bin/overlayctl accept",
+        "ExecStart=/usr/sbin/overlayctl accept",
         "WantedBy=multi-user.target",
     ] {
         assert!(
@@ -65,6 +65,14 @@ fn accept_waits_for_boot_complete_and_policy_runs_on_a_timer() {
     assert!(
         policy
             .lines()
-            .any(|l| l == "ExecStart=/usr/bin/overlayctl policy")
+            .any(|l| l == "ExecStart=/usr/sbin/overlayctl policy")
     );
+    let space = read("strata-space.service");
+    assert!(
+        space
+            .lines()
+            .any(|l| l == "ExecStart=/usr/sbin/overlayctl policy --if-space-low")
+    );
+    let timer = read("strata-space.timer");
+    assert!(timer.lines().any(|l| l == "OnUnitActiveSec=5min"));
 }
