@@ -265,6 +265,12 @@ pub fn initramfs_tools_image(kernel: &Kernel, hook: &Path, work: &Path) -> PathB
         "mkinitramfs failed:\n{}",
         String::from_utf8_lossy(&built.stderr)
     );
+    let listed = Command::new("lsinitramfs").arg(&image).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains("sbin/initramfs-hook") && !listed.contains("bin/busybox"),
+        "the image holds the hook and no busybox:\n{listed}"
+    );
     image
 }
 
