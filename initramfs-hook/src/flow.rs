@@ -32,6 +32,9 @@ pub struct BootEnv {
     /// The directory that becomes the new root's `/run` (the initramfs's `/run`).
     pub run: PathBuf,
     pub cmdline: String,
+    /// Whether the boot may restart into the chosen stack's own kernel (kexec): only in an
+    /// initramfs, never when the flow runs on a running system.
+    pub may_restart: bool,
 }
 
 pub use crate::log::Log;
@@ -59,7 +62,7 @@ pub enum BootError {
 
 /// Runs the boot flow: mounts the overlay at `env.newroot` and returns what it did. Its stages:
 /// [`load`], [`recover`], [`choose`] (the menu), [`retire_exhausted`] and [`record_tries`],
-/// [`candidates`] (pure, beside `resolve`), [`mount`], [`record`].
+/// [`candidates`] (pure, beside `resolve`), [`mount`], [`follow_kernel`], [`record`].
 pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<Outcome, BootError> {
     let mut boot = load(env, log)?;
     recover(&mut boot, log);
@@ -73,6 +76,9 @@ pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<O
         log.say(why);
     }
     let mounted = mount(env, &mut boot, &candidates, &upper, resolution.upper, log)?;
+    if env.may_restart && boot.overrides.stack.is_none() {
+        follow_kernel(env, &mut boot, &mounted, log);
+    }
     Ok(record(
         env,
         boot,
@@ -181,6 +187,10 @@ fn choose(boot: &mut Boot, console: &mut dyn Console, log: &mut Log) -> (Resolut
     for left in &resolution.left_out {
         log.debug(format!("{} left out: {}", left.name, left.reason));
     }
+    // The stack a restart into its kernel carried over was chosen already.
+    if overrides.stack.is_some() {
+        return (resolution, false);
+    }
     let exhausted_now = resolution
         .left_out
         .iter()
@@ -257,6 +267,10 @@ fn record_tries(boot: &mut Boot, resolution: &mut Resolution, log: &mut Log) {
         state,
         ..
     } = boot;
+    // A restart into the stack's kernel: the first pass counted this boot's tries.
+    if overrides.stack.is_some() {
+        return;
+    }
     let trials: Vec<String> = resolution
         .stack
         .iter()
@@ -397,6 +411,33 @@ fn mount(
     rollback.discard_unused(&boot.store, log);
     layers_spec::fault::point("boot-mounted");
     mounted.ok_or(BootError::NothingMounts(last_error))
+}
+
+/// When the mounted stack has a kernel other than the running one, restarts into it (kexec) with
+/// the stack carried on the command line (docs/kernels.md). Returns when it does not: the stack
+/// has no kernel, has the running one, or the restart failed (then it boots on this kernel).
+fn follow_kernel(env: &BootEnv, boot: &mut Boot, mounted: &Mounted, log: &mut Log) {
+    let Some(kernel) = crate::kexec::stack_kernel(&env.newroot) else {
+        return;
+    };
+    let running = crate::kexec::running_release();
+    if kernel.version == running {
+        return;
+    }
+    // What this pass decided holds: the one-shot selection is used up (the tries are counted).
+    boot.state.once = None;
+    if boot.state != boot.state_before
+        && let Err(e) = boot.store.save_state(&boot.state)
+    {
+        log.say(format!("could not save the boot state: {e}"));
+    }
+    let cmdline = crate::kexec::carried_cmdline(&env.cmdline, &mounted.stack);
+    let why = crate::kexec::restart_into(&kernel, &cmdline, log);
+    log.say(format!(
+        "booting {} on the running kernel {running}, not its own {}: {why}",
+        summarize(&mounted.stack),
+        kernel.version
+    ));
 }
 
 /// Records the boot: the state (only when it changed), `/run/strata/booted.toml`, and the

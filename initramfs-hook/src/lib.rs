@@ -9,6 +9,7 @@
 pub mod console;
 pub mod flow;
 pub mod freeze;
+pub mod kexec;
 pub mod log;
 pub mod mkinitramfs;
 pub mod standalone;
@@ -173,6 +174,7 @@ pub fn run(cli: &Cli) -> Result<String> {
                 newroot: newroot.clone(),
                 run: run.clone(),
                 cmdline: cmdline(given)?,
+                may_restart: false,
             };
             let mut log = flow::Log::default();
             let outcome = flow::boot(&env, &mut log, console.as_mut())?;

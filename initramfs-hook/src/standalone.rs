@@ -75,6 +75,7 @@ pub fn main() -> ! {
         newroot: NEWROOT.into(),
         run: "/run".into(),
         cmdline,
+        may_restart: true,
     };
     // A panic in process 1 would panic the kernel: catch it and take the emergency path.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -93,6 +93,7 @@ pub fn take_root(places: &Places, log: &mut Log, console: &mut dyn Console) -> T
         newroot: places.root.clone(),
         run: places.run.clone(),
         cmdline: places.cmdline.clone(),
+        may_restart: in_initramfs(),
     };
     let failed = match flow::boot(&env, log, console) {
         Ok(_) => return TookRoot::Layered,
@@ -151,6 +152,15 @@ fn make_writable(dir: &Path) -> Result<(), String> {
         .filter(|(on, _)| stat.f_flag.contains(*on))
         .fold(MountFlags::empty(), |all, (_, flag)| all | *flag);
     mount_remount(dir, flags, "").map_err(|e| e.to_string())
+}
+
+/// Whether this runs in an initramfs (`/` is the kernel's rootfs, a ramfs or tmpfs), the only
+/// place a restart into another kernel is the boot's to make.
+fn in_initramfs() -> bool {
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    rustix::fs::statfs("/").is_ok_and(|s| s.f_type == RAMFS_MAGIC || s.f_type == TMPFS_MAGIC)
+        && Path::new("/init").exists()
 }
 
 /// The kernel log for the glue's messages, when it can be opened.

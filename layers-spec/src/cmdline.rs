@@ -18,6 +18,10 @@ pub struct BootOverrides {
     pub store: Option<String>,
     /// `strata.debug`: log every step.
     pub debug: bool,
+    /// `strata.stack=a,b,c`: exactly these layers, top first, with no menu and no trial boot
+    /// counted: what the hook passes to the kernel it restarts into (kexec) for the stack it
+    /// chose.
+    pub stack: Option<Vec<String>>,
 }
 
 /// A `strata.*` parameter that was not understood. The boot goes on without it.
@@ -30,8 +34,7 @@ pub struct CmdlineProblem {
 }
 
 const PREFIX: &str = "strata.";
-const KNOWN: &str =
-    "strata.top, strata.disable, strata.menu, strata.upper, strata.store, strata.debug";
+const KNOWN: &str = "strata.top, strata.disable, strata.menu, strata.upper, strata.store, strata.debug, strata.stack";
 
 impl BootOverrides {
     /// Reads the `strata.*` parameters of a kernel command line such as `/proc/cmdline`.
@@ -81,6 +84,21 @@ impl BootOverrides {
                         self.disable.push(name);
                     }
                 }
+            }
+            "stack" => {
+                let list = required(value, "a comma-separated list of layer names, top first")?;
+                let mut names: Vec<String> = Vec::new();
+                for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    check_name(name).map_err(|p| format!("{name:?} is not a layer name: {p}"))?;
+                    if names.iter().any(|n| n == name) {
+                        return Err(format!("{name:?} is named twice"));
+                    }
+                    names.push(name.to_owned());
+                }
+                if names.is_empty() {
+                    return Err("needs at least one layer name".into());
+                }
+                self.stack = Some(names);
             }
             "menu" => self.menu = flag(value)?,
             "debug" => self.debug = flag(value)?,
@@ -180,8 +198,25 @@ mod tests {
                 upper: Some(UpperMode::Tmpfs),
                 store: Some("/data/strata".into()),
                 debug: true,
+                stack: None,
             }
         );
+    }
+
+    #[test]
+    fn a_given_stack() {
+        let (o, problems) = BootOverrides::parse("strata.stack=up-2,base quiet");
+        assert_eq!(problems, []);
+        assert_eq!(o.stack, Some(vec!["up-2".to_owned(), "base".to_owned()]));
+        for bad in [
+            "strata.stack=",
+            "strata.stack=a,a",
+            "strata.stack=a,../x",
+            "strata.stack=,",
+        ] {
+            let (o, problems) = BootOverrides::parse(bad);
+            assert_eq!((o.stack, problems.len()), (None, 1), "{bad}");
+        }
     }
 
     #[test]

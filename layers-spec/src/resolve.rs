@@ -36,6 +36,8 @@ pub enum Reason {
     DisabledOnCommandLine,
     /// A one-shot selection is in force and does not include it.
     NotInOneShot,
+    /// `strata.stack=` names the stack, without it.
+    NotInGivenStack,
     /// `state = "disabled"` in the plan.
     DisabledInPlan,
     /// A trial layer that used all its boots without being accepted.
@@ -50,6 +52,7 @@ impl fmt::Display for Reason {
             Self::AboveTop { top } => write!(f, "above the chosen top {top:?}"),
             Self::DisabledOnCommandLine => f.write_str("disabled on the kernel command line"),
             Self::NotInOneShot => f.write_str("not in the selection made for this boot"),
+            Self::NotInGivenStack => f.write_str("not in the stack strata.stack= names"),
             Self::DisabledInPlan => f.write_str("disabled in the plan"),
             Self::TrialExhausted { tries, limit } => {
                 write!(
@@ -140,7 +143,8 @@ impl Resolution {
 
 /// Resolves the stack for one boot.
 ///
-/// Precedence, strongest first: the command line (`strata.top`, `strata.disable`), then the
+/// Precedence, strongest first: the command line (`strata.stack`, which names the whole stack;
+/// `strata.top`, `strata.disable`), then the
 /// one-shot selection in the boot state, then the plan's layer states and trial counters. The
 /// layer named by `strata.top` is in the stack whatever its state: the person asked for it.
 /// `present` says whether a layer's directory exists; without it every layer is taken to exist.
@@ -181,7 +185,9 @@ pub fn resolve(
     for (i, layer) in plan.layers.iter().enumerate() {
         let name = &layer.name;
         let chosen_top = top == Some(i);
-        let reason = if let Some(t) = top.filter(|&t| i < t) {
+        let reason = if let Some(given) = &overrides.stack {
+            (!given.contains(name)).then_some(Reason::NotInGivenStack)
+        } else if let Some(t) = top.filter(|&t| i < t) {
             Some(Reason::AboveTop {
                 top: plan.layers[t].name.clone(),
             })
@@ -402,6 +408,22 @@ mod tests {
         let mut p = plan();
         p.layers[0].state = LayerState::Active;
         assert_eq!(run(&p, &state, "").stack, ["c", "b", "a"]);
+    }
+
+    #[test]
+    fn a_given_stack_is_the_stack_whatever_the_states() {
+        let mut p = plan();
+        p.layers[0].state = LayerState::Trial;
+        p.layers[1].state = LayerState::Disabled;
+        let mut state = BootState::default();
+        state.trial_tries.insert("c".into(), 99);
+        let r = run(&p, &state, "strata.stack=c,b strata.top=a strata.disable=b");
+        assert_eq!(
+            r.stack,
+            ["c", "b"],
+            "named by the kexec'd pass: nothing else counts"
+        );
+        assert_eq!(reasons(&r), [("a", Reason::NotInGivenStack)]);
     }
 
     #[test]

@@ -238,7 +238,7 @@ proptest! {
         if let Some(u) = upper { words.push(format!("strata.upper={}", if u == UpperMode::Tmpfs { "tmpfs" } else { "persistent" })); }
         let (parsed, problems) = BootOverrides::parse(&words.join(" "));
         prop_assert!(problems.is_empty(), "{:?}", problems);
-        prop_assert_eq!(parsed, BootOverrides { top, disable: unique, menu, upper, store: None, debug });
+        prop_assert_eq!(parsed, BootOverrides { top, disable: unique, menu, upper, store: None, debug, stack: None });
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! With `CI=true` no test may skip itself: a privileged test that cannot run fails.
 
+pub mod debian;
 pub mod fuzz_checks;
 pub mod layergen;
 pub mod powercut;

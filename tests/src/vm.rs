@@ -495,12 +495,19 @@ pub struct Session {
     serial: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
     reader: Option<std::thread::JoinHandle<()>>,
     start: Instant,
+    timeout: Duration,
 }
 
 impl Session {
     /// Starts the VM; the console is collected from the first byte.
     pub fn start(kernel: &Kernel, initrd: &Path, disk: &Path, extra_cmdline: &str) -> Self {
-        let mut child = qemu(kernel, initrd, disk, extra_cmdline)
+        Self::spawn(qemu(kernel, initrd, disk, extra_cmdline), BOOT_TIMEOUT)
+    }
+
+    /// Starts a QEMU command whose serial console is its standard input and output; the boot
+    /// may take `timeout`.
+    pub fn spawn(mut qemu: Command, timeout: Duration) -> Self {
+        let mut child = qemu
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -524,6 +531,7 @@ impl Session {
             serial,
             reader: Some(reader),
             start: Instant::now(),
+            timeout,
         }
     }
 
@@ -547,7 +555,7 @@ impl Session {
                 return seen;
             }
             let exited = self.child.try_wait().expect("waiting for qemu").is_some();
-            if exited || self.start.elapsed() > BOOT_TIMEOUT {
+            if exited || self.start.elapsed() > self.timeout {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -575,7 +583,7 @@ impl Session {
                 return Some(screen);
             }
             let exited = self.child.try_wait().expect("waiting for qemu").is_some();
-            if exited || self.start.elapsed() > BOOT_TIMEOUT {
+            if exited || self.start.elapsed() > self.timeout {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -599,7 +607,7 @@ impl Session {
             if self.child.try_wait().expect("waiting for qemu").is_some() {
                 break;
             }
-            if self.start.elapsed() > BOOT_TIMEOUT {
+            if self.start.elapsed() > self.timeout {
                 timed_out = true;
                 let _ = self.child.kill();
                 let _ = self.child.wait();

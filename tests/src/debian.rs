@@ -1,0 +1,480 @@
+//! A real Debian 12 for the VM tests: debootstrapped (minbase with systemd, udev, Debian's
+//! kernel, initramfs-tools and GRUB's BIOS files; no busybox), cached under the VM cache;
+//! Strata installed into it from its .deb; its store made with `overlayctl init --move`; and a
+//! partitioned disk (an MBR, GRUB in the gap before the partition, one ext4 partition) that
+//! QEMU's BIOS boots through GRUB, as a PC would.
+//!
+//! GRUB reads `/boot/grub/grub.cfg` on the real root, which boots `/boot/strata/vmlinuz` with
+//! `/boot/strata/initrd.img`; a test adds kernel arguments for one boot through
+//! `/boot/grub/strata-test.cfg`. A unit in the guest prints what the boot found as `@@ NAME
+//! VALUE` lines on the serial console and powers off.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::vm::{self, BootLog, Session, cache_dir, ensure_commands};
+
+/// Debian's mirror, as this machine's apt uses it.
+pub const MIRROR: &str = "http://deb.debian.org/debian";
+/// Where the partition starts on the disk: 1 MiB, the gap before it holding GRUB's core.
+const PARTITION_START: u64 = 1 << 20;
+/// The real root's filesystem label, which the kernel command line names.
+pub const ROOT_LABEL: &str = "strata-root";
+/// How long a systemd boot under TCG may take here (60 to 100 s measured).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The guest's apt sources: the release, its updates and security updates (where newer
+/// kernels come from).
+const SOURCES: &str = "deb http://deb.debian.org/debian bookworm main
+deb http://deb.debian.org/debian bookworm-updates main
+deb http://deb.debian.org/debian-security bookworm-security main
+";
+
+/// Prints what the boot found, then powers off (unless `test.stay` is on the command line).
+const REPORT: &str = r#"#!/bin/sh
+# Strata's VM tests: what this boot found, as "@@ NAME VALUE" lines on the serial console.
+exec >/dev/ttyS0 2>&1
+record=/run/strata/booted.toml
+echo "@@ uname $(uname -r)"
+echo "@@ stack $(tr -d '\n' <"$record" | sed -n 's/.*stack = \[\([^]]*\)\].*/\1/p' | tr -d '" ' | sed 's/,$//')"
+echo "@@ root-fs $(findmnt -no FSTYPE /)"
+echo "@@ modules-dir $(test -d "/lib/modules/$(uname -r)/kernel" && echo present || echo missing)"
+echo "@@ overlay-module $(grep -q '^overlay ' /proc/modules && echo loaded || echo builtin-or-missing)"
+echo "@@ busybox $(command -v busybox || echo none)"
+echo "@@ failed-units $(systemctl --failed --plain --no-legend | awk '{print $1}' | tr '\n' ' ')"
+for f in /etc/strata-test/*; do [ -f "$f" ] && echo "@@ file-$(basename "$f") $(cat "$f")"; done
+echo "@@ hello $(command -v hello || echo none)"
+echo "@@ status-begin"; overlayctl status; echo "@@ status-end"
+echo "@@ done"
+# (No D-Bus in minbase: systemctl says so, then asks systemd directly.)
+grep -qw test.stay /proc/cmdline || systemctl --no-block poweroff 2>/dev/null
+"#;
+
+const REPORT_UNIT: &str = "[Unit]
+Description=Strata VM test report
+After=multi-user.target strata-accept.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/strata-test-report
+
+[Install]
+WantedBy=multi-user.target
+";
+
+const GRUB_CFG: &str = r#"# Strata's VM tests: boot the kernel Strata put on the real root, over the serial console.
+serial --unit=0 --speed=115200
+terminal_input serial
+terminal_output serial
+set timeout=0
+set strata_extra=""
+if [ -f /boot/grub/strata-test.cfg ]; then source /boot/grub/strata-test.cfg; fi
+menuentry "Strata" {
+    linux /boot/strata/vmlinuz root=LABEL=strata-root ro console=ttyS0 panic=10 quiet $strata_extra
+    initrd /boot/strata/initrd.img
+}
+"#;
+
+/// GRUB's modules in its core image: enough to find the partition, read ext4, the serial
+/// console, and load the configuration and a Linux kernel.
+const GRUB_MODULES: &[&str] = &[
+    "biosdisk",
+    "part_msdos",
+    "ext2",
+    "normal",
+    "linux",
+    "serial",
+    "terminal",
+    "configfile",
+    "test",
+    "echo",
+    "search",
+];
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The cached Debian root, GRUB's boot images beside it. Built once (about two minutes);
+/// `complete` marks a finished build.
+#[derive(Debug, Clone)]
+pub struct Base {
+    pub dir: PathBuf,
+}
+
+impl Base {
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    /// The kernel version the base root boots (its only `/lib/modules` entry).
+    pub fn kernel_version(&self) -> String {
+        kernel_versions(&self.root())
+            .pop()
+            .expect("the base root has a kernel")
+    }
+}
+
+/// The kernel versions a root has modules for, oldest first.
+pub fn kernel_versions(root: &Path) -> Vec<String> {
+    let mut versions: Vec<String> = fs::read_dir(root.join("lib/modules"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort_by_key(|v| {
+        v.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse::<u64>().ok())
+            .collect::<Vec<_>>()
+    });
+    versions
+}
+
+/// The Debian root for the VM tests, built when the cache lacks it.
+pub fn base() -> Base {
+    let dir = cache_dir().join("debian-12");
+    let base = Base { dir: dir.clone() };
+    if dir.join("complete").exists() {
+        return base;
+    }
+    ensure_commands(&[("debootstrap", "debootstrap"), ("sfdisk", "fdisk")]);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let root = base.root();
+    run(Command::new("debootstrap")
+        .args(["--variant=minbase", "--include"])
+        .arg(
+            [
+                "systemd-sysv",
+                "udev",
+                "linux-image-amd64",
+                "initramfs-tools",
+                "grub-pc-bin",
+                "kmod",
+                "e2fsprogs",
+                "procps",
+            ]
+            .join(","),
+        )
+        .arg("bookworm")
+        .arg(&root)
+        .arg(MIRROR));
+    assert!(
+        !root.join("bin/busybox").exists() && !root.join("usr/bin/busybox").exists(),
+        "the base has no busybox"
+    );
+    fs::write(root.join("etc/apt/sources.list"), SOURCES).unwrap();
+    fs::write(root.join("etc/hostname"), "strata-debian\n").unwrap();
+    fs::write(
+        root.join("etc/fstab"),
+        "# The root is Strata's overlay, mounted by the initramfs.\n",
+    )
+    .unwrap();
+    // serial-getty hangs up ttyS0 and cuts off what the report unit writes there.
+    std::os::unix::fs::symlink(
+        "/dev/null",
+        root.join("etc/systemd/system/serial-getty@ttyS0.service"),
+    )
+    .unwrap();
+    // GRUB's core image and MBR code, made by the guest's own grub-mkimage.
+    run(Command::new("chroot")
+        .arg(&root)
+        .args(["grub-mkimage", "-O", "i386-pc", "-o", "/core.img", "-p"])
+        .arg("(hd0,msdos1)/boot/grub")
+        .args(GRUB_MODULES));
+    fs::rename(root.join("core.img"), dir.join("core.img")).unwrap();
+    fs::copy(
+        root.join("usr/lib/grub/i386-pc/boot.img"),
+        dir.join("boot.img"),
+    )
+    .unwrap();
+    fs::write(dir.join("complete"), "").unwrap();
+    base
+}
+
+/// Runs `argv` chrooted in `root` with /proc, /sys and /dev mounted (in the calling thread's
+/// private mount namespace; they are unmounted after).
+pub fn in_chroot(root: &Path, argv: &[&str]) -> String {
+    use nix::mount::{MsFlags, mount, umount};
+    let mut mounted = Vec::new();
+    for (what, fstype, flags) in [
+        ("proc", Some("proc"), MsFlags::empty()),
+        ("sys", Some("sysfs"), MsFlags::empty()),
+        ("dev", None, MsFlags::MS_BIND | MsFlags::MS_REC),
+    ] {
+        let target = root.join(what);
+        let source = if fstype.is_some() {
+            PathBuf::from(what)
+        } else {
+            PathBuf::from("/dev")
+        };
+        mount(Some(&source), &target, fstype, flags, None::<&str>)
+            .unwrap_or_else(|e| panic!("mounting {}: {e}", target.display()));
+        mounted.push(target);
+    }
+    let out = Command::new("chroot")
+        .arg(root)
+        .args(argv)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output();
+    for target in mounted.iter().rev() {
+        let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+        let _ = umount(target);
+    }
+    let out = out.unwrap_or_else(|e| panic!("running chroot: {e}"));
+    assert!(
+        out.status.success(),
+        "{argv:?} in {}:\n{}{}",
+        root.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A Debian machine for one test: its real root as a tree (the store at `strata/`, GRUB's
+/// files and the boot kernel under `boot/`) and the disk made from it.
+#[derive(Debug)]
+pub struct Machine {
+    pub dir: tempfile::TempDir,
+    pub base: Base,
+}
+
+impl Machine {
+    /// Copies the cached Debian root, installs Strata's package into it (its trigger builds
+    /// the initramfs with the hook), and makes the store around it. `None` when the test
+    /// cannot run.
+    pub fn new(test: &str) -> Option<Self> {
+        if !crate::have_root(test) {
+            return None;
+        }
+        crate::private_mount_namespace();
+        vm::ensure_packages();
+        let base = base();
+        let machine = Self {
+            dir: tempfile::tempdir_in(cache_dir()).unwrap(),
+            base,
+        };
+        let tree = machine.path("tree");
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(machine.base.root())
+            .arg(&tree));
+        let deb = package();
+        fs::copy(&deb, tree.join("tmp/strata.deb")).unwrap();
+        in_chroot(&tree, &["dpkg", "-i", "/tmp/strata.deb"]);
+        fs::remove_file(tree.join("tmp/strata.deb")).unwrap();
+        install_report(&tree);
+        let real = machine.real();
+        fs::create_dir_all(real.join("boot/grub/i386-pc")).unwrap();
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(tree.join("usr/lib/grub/i386-pc/."))
+            .arg(real.join("boot/grub/i386-pc")));
+        fs::write(real.join("boot/grub/grub.cfg"), GRUB_CFG).unwrap();
+        let store = machine.store();
+        machine.overlayctl(&["init", "--base", tree.to_str().unwrap(), "--move"]);
+        assert!(store.join("layers/base/usr/sbin/overlayctl").exists());
+        Some(machine)
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// The real root filesystem's tree.
+    pub fn real(&self) -> PathBuf {
+        self.path("real")
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.real().join("strata")
+    }
+
+    pub fn disk(&self) -> PathBuf {
+        self.path("disk.img")
+    }
+
+    /// This workspace's `overlayctl` on the machine's store (on the host, as an image builder
+    /// would run it).
+    pub fn overlayctl(&self, args: &[&str]) -> String {
+        run(Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
+            .env("STRATA_RUN_DIR", self.path("run"))
+            .env_remove("STRATA_STORE")
+            .arg("--store")
+            .arg(self.store())
+            .args(args))
+    }
+
+    /// Puts the kernel and initramfs of a layer's `/boot` where GRUB boots them.
+    pub fn boot_kernel_from(&self, layer: &str, version: &str) {
+        let boot = self.store().join("layers").join(layer).join("boot");
+        let target = self.real().join("boot/strata");
+        fs::create_dir_all(&target).unwrap();
+        for (from, to) in [("vmlinuz", "vmlinuz"), ("initrd.img", "initrd.img")] {
+            fs::copy(boot.join(format!("{from}-{version}")), target.join(to)).unwrap();
+        }
+    }
+
+    /// Makes the disk from the real root's tree: an MBR with one bootable ext4 partition at
+    /// 1 MiB, GRUB's boot code in the MBR and its core image in the gap.
+    pub fn make_disk(&self) {
+        let part = self.path("part.img");
+        vm::disk_image(&self.real(), &part, 4096);
+        let disk = self.disk();
+        let _ = fs::remove_file(&disk);
+        let part_len = fs::metadata(&part).unwrap().len();
+        let file = fs::File::create(&disk).unwrap();
+        file.set_len(PARTITION_START + part_len).unwrap();
+        drop(file);
+        let mut sfdisk = Command::new("sfdisk")
+            .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+            .arg(&disk)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let table = format!(
+                "label: dos\nstart={}, type=83, bootable\n",
+                PARTITION_START / 512
+            );
+            sfdisk
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(table.as_bytes())
+                .unwrap();
+        }
+        assert!(sfdisk.wait().unwrap().success(), "sfdisk");
+        let write_at = |source: &Path, offset: u64, len: Option<usize>| {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut bytes = fs::read(source).unwrap();
+            if let Some(len) = len {
+                bytes.truncate(len);
+            }
+            let mut out = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+            out.seek(SeekFrom::Start(offset)).unwrap();
+            out.write_all(&bytes).unwrap();
+        };
+        // The MBR's code only (446 bytes would reach the partition table; GRUB's is 440).
+        write_at(&self.base.dir.join("boot.img"), 0, Some(440));
+        let core = self.base.dir.join("core.img");
+        assert!(
+            fs::metadata(&core).unwrap().len() < PARTITION_START - 512,
+            "GRUB's core fits the gap"
+        );
+        write_at(&core, 512, None);
+        // The partition's blocks, sparse: copied with dd so holes stay holes.
+        run(Command::new("dd")
+            .arg(format!("if={}", part.display()))
+            .arg(format!("of={}", disk.display()))
+            .args(["bs=1M", "seek=1", "conv=notrunc,sparse", "status=none"]));
+        fs::remove_file(&part).unwrap();
+    }
+
+    /// The QEMU command that boots the disk through the BIOS and GRUB.
+    pub fn qemu(&self) -> Command {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-m",
+            "1024",
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio",
+            self.disk().display()
+        ));
+        cmd
+    }
+
+    /// Boots with `extra` added to the kernel command line (through GRUB) and waits for the
+    /// report.
+    pub fn boot(&self, extra: &str) -> BootLog {
+        self.session(extra).finish()
+    }
+
+    /// Starts a boot with `extra` on the kernel command line.
+    pub fn session(&self, extra: &str) -> Session {
+        self.with_real_root(|real| {
+            fs::write(
+                real.join("boot/grub/strata-test.cfg"),
+                format!("set strata_extra=\"{extra}\"\n"),
+            )
+            .unwrap();
+        });
+        Session::spawn(self.qemu(), BOOT_TIMEOUT)
+    }
+
+    /// Runs `f` on the disk's real root, mounted (a loop device at the partition's offset, in
+    /// this thread's private mount namespace).
+    pub fn with_real_root<T>(&self, f: impl FnOnce(&Path) -> T) -> T {
+        let mnt = self.path("mnt");
+        fs::create_dir_all(&mnt).unwrap();
+        run(Command::new("mount")
+            .arg("-o")
+            .arg(format!("loop,offset={PARTITION_START}"))
+            .arg(self.disk())
+            .arg(&mnt));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mnt)));
+        run(Command::new("umount").arg("-d").arg(&mnt));
+        match result {
+            Ok(value) => value,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+/// The unit that prints the boot's report and powers off.
+fn install_report(root: &Path) {
+    let report = root.join("usr/local/sbin/strata-test-report");
+    fs::create_dir_all(report.parent().unwrap()).unwrap();
+    fs::write(&report, REPORT).unwrap();
+    fs::set_permissions(&report, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    fs::write(
+        root.join("etc/systemd/system/strata-test-report.service"),
+        REPORT_UNIT,
+    )
+    .unwrap();
+    let wants = root.join("etc/systemd/system/multi-user.target.wants");
+    fs::create_dir_all(&wants).unwrap();
+    std::os::unix::fs::symlink(
+        "/etc/systemd/system/strata-test-report.service",
+        wants.join("strata-test-report.service"),
+    )
+    .unwrap();
+}
+
+/// The package, made by `scripts/package` (once per test process).
+pub fn package() -> PathBuf {
+    static DEB: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DEB.get_or_init(|| {
+        let workspace = vm::workspace();
+        let out = run(Command::new(workspace.join("scripts/package")).current_dir(&workspace));
+        workspace.join(out.trim())
+    })
+    .clone()
+}
