@@ -32,7 +32,7 @@ fn resolves_a_store_under_a_sysroot_with_command_line_overrides() {
     let out = String::from_utf8(out).unwrap();
     assert_eq!(
         out,
-        "strata: ignoring kernel command line `strata.colour=red`: unknown option; known options are strata.top, strata.disable, strata.menu, strata.upper, strata.store, strata.debug\n\
+        "strata: ignoring kernel command line `strata.colour=red`: unknown option; known options are strata.top, strata.disable, strata.menu, strata.upper, strata.store, strata.debug, strata.stack\n\
          strata: layers, top first (* = mounted this boot)\n\
          \x20   upgrade-2 \"upgrade-2\" [trial] - above the chosen top \"upgrade-1\"\n\
          \x20 * upgrade-1 \"upgrade-1\"\n\
