@@ -58,6 +58,10 @@ pub enum BootError {
     NoPlan { store: PathBuf, reason: String },
     #[error("every stack failed to mount; the last error: {0}")]
     NothingMounts(String),
+    #[error(
+        "the store was released (`overlayctl release`): the plain system boots, and the store is kept as {0}"
+    )]
+    Released(PathBuf),
 }
 
 /// Runs the boot flow: mounts the overlay at `env.newroot` and returns what it did. Its stages:
@@ -122,6 +126,10 @@ fn load(env: &BootEnv, log: &mut Log) -> Result<Boot, BootError> {
         Err(StoreError::NoStore(path)) => return Err(BootError::NoStore(path)),
         Err(e) => return Err(BootError::BadStore(e.to_string())),
     };
+    adopt(env, &store, log);
+    if let Some(aside) = release(env, &store, &store_rel, log) {
+        return Err(BootError::Released(aside));
+    }
     let loaded = store.load_plan().map_err(|e| BootError::NoPlan {
         store: store.path().to_owned(),
         reason: e.to_string(),
@@ -154,6 +162,53 @@ fn load(env: &BootEnv, log: &mut Log) -> Result<Boot, BootError> {
         state_before: state.clone(),
         state,
     })
+}
+
+/// An adoption `overlayctl adopt` asked for: the installed system's entries move into the base
+/// layer by rename, before the plan that names it is read (docs/design.md, "Adopt and release").
+fn adopt(env: &BootEnv, store: &Store, log: &mut Log) {
+    use layers_store::adopt::{Adoption, Phase};
+    match Adoption::read(store) {
+        Ok(Some(mut adoption)) if adoption.phase == Phase::Pending => {
+            match adoption.carry_out(&env.sysroot, store) {
+                Ok(()) => log.say(format!(
+                    "adopted the installed system: it is layer {} now",
+                    adoption.layer
+                )),
+                Err(e) => log.say(format!("adopting the installed system failed: {e}")),
+            }
+        }
+        Ok(_) => {}
+        Err(e) => log.say(format!("the adoption journal cannot be read: {e}")),
+    }
+}
+
+/// A release `overlayctl release` asked for: the stack and its upper become the plain root
+/// (docs/design.md, "Adopt and release"). The store's new path when it was done.
+fn release(env: &BootEnv, store: &Store, store_rel: &str, log: &mut Log) -> Option<PathBuf> {
+    use layers_store::release::{RELEASED_SUFFIX, Release};
+    let mut release = match Release::read(store) {
+        Ok(Some(release)) => release,
+        Ok(None) => return None,
+        Err(e) => {
+            log.say(format!("the release journal cannot be read: {e}"));
+            return None;
+        }
+    };
+    match release.carry_out(&env.sysroot, Path::new(store_rel), store) {
+        Ok(()) => {
+            let aside = format!("{store_rel}{RELEASED_SUFFIX}");
+            log.say(format!(
+                "released: {} is the plain root now; the store is kept as {aside}",
+                summarize(&release.stack)
+            ));
+            Some(PathBuf::from(aside))
+        }
+        Err(e) => {
+            log.say(format!("releasing the store failed: {e}"));
+            None
+        }
+    }
 }
 
 /// Finishes what interrupted changes left, freezes a pending checkpoint and carries out the

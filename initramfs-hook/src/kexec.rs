@@ -5,63 +5,27 @@
 use std::ffi::CString;
 use std::fs;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::log::Log;
 
-/// A stack's kernel: its version and its two files, inside the mounted stack.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StackKernel {
-    pub version: String,
-    pub vmlinuz: PathBuf,
-    pub initrd: PathBuf,
-}
+pub use layers_store::kernel::{StackKernel, running_release};
 
-/// The kernel of the stack mounted at `root`: the one `/vmlinuz` points at (Debian keeps it on
-/// the newest installed) when its initramfs is there too, else the highest version that has
-/// both files. None for a stack without a kernel.
+/// The kernel of the stack mounted at `root` (docs/kernels.md).
 pub fn stack_kernel(root: &Path) -> Option<StackKernel> {
-    let boot = root.join("boot");
-    let with_files = |version: &str| {
-        let vmlinuz = boot.join(format!("vmlinuz-{version}"));
-        let initrd = boot.join(format!("initrd.img-{version}"));
-        (vmlinuz.is_file() && initrd.is_file()).then(|| StackKernel {
-            version: version.to_owned(),
-            vmlinuz,
-            initrd,
+    let names = fs::read_dir(root.join("boot"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
         })
-    };
-    let linked = ["vmlinuz", "boot/vmlinuz"].iter().find_map(|link| {
-        let target = fs::read_link(root.join(link)).ok()?;
-        let name = target.file_name()?.to_str()?.to_owned();
-        with_files(name.strip_prefix("vmlinuz-")?)
-    });
-    if linked.is_some() {
-        return linked;
-    }
-    let mut versions: Vec<String> = fs::read_dir(&boot)
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|name| name.strip_prefix("vmlinuz-").map(str::to_owned))
-        .collect();
-    versions.sort_by_key(|v| version_key(v));
-    versions.iter().rev().find_map(|v| with_files(v))
-}
-
-/// Orders kernel versions by their numbers (`6.1.0-9` before `6.1.0-10`).
-pub fn version_key(version: &str) -> Vec<u64> {
-    version
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse().ok())
-        .collect()
-}
-
-/// The running kernel's release (`uname -r`).
-pub fn running_release() -> String {
-    rustix::system::uname()
-        .release()
-        .to_string_lossy()
-        .into_owned()
+        .unwrap_or_else(|_| Vec::new());
+    layers_store::kernel::stack_kernel(
+        |rel| {
+            let path = root.join(rel);
+            path.symlink_metadata().is_ok().then_some(path)
+        },
+        names,
+    )
 }
 
 /// The command line for the second pass: this one without a `strata.stack=` of its own, and
@@ -122,30 +86,6 @@ pub fn restart_into(kernel: &StackKernel, cmdline: &str, log: &mut Log) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_linked_kernel_or_the_newest_with_both_files() {
-        let root = tempfile::tempdir().unwrap();
-        let boot = root.path().join("boot");
-        fs::create_dir(&boot).unwrap();
-        assert_eq!(stack_kernel(root.path()), None);
-        for name in [
-            "vmlinuz-6.1.0-9-amd64",
-            "initrd.img-6.1.0-9-amd64",
-            "vmlinuz-6.1.0-10-amd64",
-            "initrd.img-6.1.0-10-amd64",
-            "vmlinuz-6.1.0-11-amd64",
-        ] {
-            fs::write(boot.join(name), name).unwrap();
-        }
-        // 11 has no initramfs: 10 is the newest bootable one.
-        assert_eq!(stack_kernel(root.path()).unwrap().version, "6.1.0-10-amd64");
-        std::os::unix::fs::symlink("boot/vmlinuz-6.1.0-9-amd64", root.path().join("vmlinuz"))
-            .unwrap();
-        let kernel = stack_kernel(root.path()).unwrap();
-        assert_eq!(kernel.version, "6.1.0-9-amd64");
-        assert_eq!(kernel.initrd, boot.join("initrd.img-6.1.0-9-amd64"));
-    }
 
     #[test]
     fn the_stack_is_carried_before_init_arguments() {

@@ -90,6 +90,10 @@ pub fn main() -> ! {
     };
     let newroot = match result {
         Ok(_) => PathBuf::from(NEWROOT),
+        Err(e @ BootError::Released(_)) => {
+            log.say(e.to_string());
+            PathBuf::from(SYSROOT)
+        }
         Err(BootError::NoStore(store)) => {
             log.say(format!(
                 "no store at {}: booting the root filesystem as it is, without layers",

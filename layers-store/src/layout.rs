@@ -14,6 +14,8 @@ pub const RUN_SUBDIR: &str = "strata";
 pub const BOOTED_FILE: &str = "booted.toml";
 /// Under [`RUN_DIR`]: the store's bind mount.
 pub const STORE_BIND: &str = "store";
+/// Under [`RUN_DIR`]: where the real root filesystem stays mounted under the layered root.
+pub const REAL_ROOT: &str = "root";
 /// Under [`RUN_DIR`]: the tmpfs a tmpfs upper lives on.
 pub const TMPFS_UPPER: &str = "upper";
 

@@ -4,10 +4,13 @@
 //! ([`store`]), the one way layers are deleted ([`sweep`]), and the overlay mount call
 //! ([`mount`]).
 
+pub mod adopt;
 pub mod dir;
 pub mod files;
+pub mod kernel;
 pub mod layout;
 pub mod mount;
+pub mod release;
 pub mod store;
 pub mod sweep;
 

@@ -33,6 +33,14 @@ pub enum Command {
     Status,
     /// Create a store whose bottom layer is a copy of DIR, active and known-good.
     Init(InitOpts),
+    /// Turn this installed system into a store at the next boot, without copying it: the root's
+    /// entries become the base layer by rename (the hook does it before mounting), the running
+    /// kernel is put where the bootloader starts it, and GRUB's configuration boots it.
+    Adopt(AdoptOpts),
+    /// The way back from adopt: at the next boot the running stack, with its upper's changes,
+    /// becomes the plain root filesystem again (files hard-linked, not copied) and the store is
+    /// put aside as STORE.released, to delete once the plain system is fine.
+    Release,
     /// Copy DIR into the store as a new layer on top of the stack.
     AddLayer(AddLayerOpts),
     /// Add the layer that turns the next boot's stack into TARGET, a full tree of the new
@@ -165,6 +173,19 @@ pub struct CompactOpts {
     /// [default: the top layer's title]
     #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AdoptOpts {
+    /// The base layer's name.
+    #[arg(long, default_value = "base")]
+    pub name: String,
+    /// Leave the bootloader's configuration alone (it must boot /boot/strata/default/).
+    #[arg(long)]
+    pub no_bootloader: bool,
+    /// The installed system's root (for building images and tests).
+    #[arg(long, default_value = "/", hide = true)]
+    pub root: PathBuf,
 }
 
 #[derive(Debug, Args)]

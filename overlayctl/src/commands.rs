@@ -16,7 +16,7 @@ use crate::ops::{self, NewLayer};
 use crate::store::Store;
 use crate::transaction::Transaction;
 use crate::{
-    AddLayerOpts, BundleCommand, CheckOpts, CheckpointOpts, CompactOpts, DiffOpts,
+    AddLayerOpts, AdoptOpts, BundleCommand, CheckOpts, CheckpointOpts, CompactOpts, DiffOpts,
     ImportLegacyOpts, InitOpts, KeysCommand, KnownGoodOpts, MenuLockOpts, PolicyOpts, RemoveOpts,
     RunOpts, SyncOpts, name_from_path, write_json,
 };
@@ -45,6 +45,57 @@ pub fn init(root: &Path, opts: &InitOpts, json: bool, out: &mut dyn Write) -> Re
     };
     let added = ops::init(root, &opts.base, &layer, opts.move_base)?;
     report_added(&added, root, json, out)
+}
+
+pub fn adopt(opts: &AdoptOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    let store_name = layers_store::layout::DEFAULT_STORE.trim_start_matches('/');
+    let adopted = crate::adopt::adopt(&opts.root, store_name, &opts.name, !opts.no_bootloader)?;
+    if json {
+        return write_json(out, &adopted);
+    }
+    writeln!(
+        out,
+        "at the next boot, {} entries of the root ({}) and {} of /boot become layer {} of the store {}, by rename",
+        adopted.entries.len(),
+        adopted.entries.join(", "),
+        adopted.boot_entries.len(),
+        adopted.layer,
+        adopted.store.display()
+    )?;
+    writeln!(
+        out,
+        "the next boot starts kernel {} from /boot/strata/default",
+        adopted.kernel
+    )?;
+    match &adopted.bootloader {
+        Some(config) => writeln!(
+            out,
+            "wrote {} to boot it (the one before is grub.cfg.before-strata beside it)",
+            config.display()
+        )?,
+        None => writeln!(
+            out,
+            "the bootloader's configuration was left alone: it must boot /boot/strata/default/vmlinuz with its initrd.img"
+        )?,
+    }
+    Ok(())
+}
+
+pub fn release(root: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
+    let released = crate::adopt::release(&Store::open(root)?)?;
+    if json {
+        return write_json(out, &released);
+    }
+    let upper = match &released.upper {
+        Some(id) => format!(" with the changes in upper {id}"),
+        None => String::new(),
+    };
+    writeln!(
+        out,
+        "at the next boot, {}{upper} becomes the plain root filesystem (hard links, no copy); the store is put aside beside it as STORE.released (/strata.released by default), to delete once the plain system is fine",
+        released.stack.join(", ")
+    )?;
+    Ok(())
 }
 
 fn report_added(added: &ops::Added, root: &Path, json: bool, out: &mut dyn Write) -> Result<()> {

@@ -4,6 +4,8 @@
 //! changes go through one [`transaction::Transaction`] ([`ops`], [`changes`], [`compaction`],
 //! [`mod@run`], [`policy::apply`]); reports only read ([`status::gather`], [`verify`], [`diff`],
 //! [`keys`]).
+pub mod adopt;
+pub mod bootkernel;
 pub mod bundle;
 pub mod changes;
 pub mod cli;
@@ -45,6 +47,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     match cli.command.unwrap_or(Command::Status) {
         Command::Status => status::status(&store, json, cli.verbose, out),
         Command::Init(opts) => commands::init(&store, &opts, json, out),
+        Command::Adopt(opts) => commands::adopt(&opts, json, out),
+        Command::Release => commands::release(&store, json, out),
         Command::AddLayer(opts) => commands::add_layer(&store, &opts, json, out),
         Command::Sync(opts) => commands::sync(&store, &opts, json, out),
         Command::Enable(opts) => commands::enable(&store, &opts.layers, json, out),

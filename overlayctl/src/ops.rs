@@ -140,7 +140,9 @@ fn init_store(
     base_layer.parent = None;
     base_layer.state = LayerState::Active;
     base_layer.known_good = true;
-    store.save_plan(&Plan::new(vec![base_layer]))?;
+    let plan = Plan::new(vec![base_layer]);
+    store.save_plan(&plan)?;
+    crate::transaction::follow_kernel(store, &plan, &BootState::default());
     Ok(Added {
         name: layer.name.clone(),
         digest,

@@ -16,6 +16,7 @@ use crate::store::Store;
 /// layer that cannot be read is left without one, with a warning, rather than blocking every
 /// change.
 pub(crate) fn finish_pending(store: &Store, plan: &mut Plan, state: &mut BootState) -> Result<()> {
+    finish_adoption(store, plan)?;
     if let Some(checkpoint) = state.checkpoint.clone().filter(|c| c.frozen) {
         let name = &checkpoint.layer;
         if plan.layer(name).is_some_and(|l| l.digest.is_none()) {
@@ -37,6 +38,33 @@ pub(crate) fn finish_pending(store: &Store, plan: &mut Plan, state: &mut BootSta
     }
     clean_stale_runs(store)?;
     store.sweep(plan, state)
+}
+
+/// An adoption the hook carried out gets its layer's manifest and digest, and its journal goes;
+/// one still pending (no boot since `adopt`) stops every change until the machine restarts.
+fn finish_adoption(store: &Store, plan: &mut Plan) -> Result<()> {
+    use layers_store::adopt::{Adoption, Phase};
+    let Some(adoption) = Adoption::read(store.handle()).map_err(anyhow::Error::msg)? else {
+        return Ok(());
+    };
+    match adoption.phase {
+        Phase::Pending => anyhow::bail!(
+            "the installed system becomes layer {} at the next boot (`overlayctl adopt`); restart first",
+            adoption.layer
+        ),
+        Phase::Moved => {
+            let name = &adoption.layer;
+            if plan.layer(name).is_some_and(|l| l.digest.is_none()) {
+                let digest = seal(store, name)?;
+                if let Some(layer) = plan.layer_mut(name) {
+                    layer.digest = Some(digest);
+                }
+                store.save_plan(plan)?;
+            }
+            Adoption::remove(store.handle())?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes the manifest of a layer already in `layers/`; returns its digest.

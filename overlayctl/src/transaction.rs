@@ -143,10 +143,25 @@ impl<'s> Transaction<'s> {
             self.store.save_state(&self.state)?;
         }
         self.store.sweep(&self.plan, &mut self.state)?;
+        follow_kernel(self.store, &self.plan, &self.state);
         Ok(Committed {
             plan: self.plan,
             state: self.state,
         })
+    }
+}
+
+/// Puts the next boot's kernel where the bootloader starts it (docs/kernels.md). The change is
+/// made whatever happens here: a failure is a warning, and the hook's restart into the stack's
+/// kernel covers the difference.
+pub fn follow_kernel(store: &Store, plan: &Plan, state: &BootState) {
+    match crate::bootkernel::sync(store, plan, state) {
+        Ok(Some(synced)) if synced.copied => eprintln!(
+            "note: the next boot starts kernel {} (copied to the real root's /boot/strata)",
+            synced.version
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("overlayctl: warning: the boot kernel was not updated: {e:#}"),
     }
 }
 

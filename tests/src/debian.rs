@@ -4,8 +4,8 @@
 //! partitioned disk (an MBR, GRUB in the gap before the partition, one ext4 partition) that
 //! QEMU's BIOS boots through GRUB, as a PC would.
 //!
-//! GRUB reads `/boot/grub/grub.cfg` on the real root, which boots `/boot/strata/vmlinuz` with
-//! `/boot/strata/initrd.img`; a test adds kernel arguments for one boot through
+//! GRUB reads `/boot/grub/grub.cfg` on the real root, which boots the kernel `overlayctl` keeps
+//! in `/boot/strata/default/` for the next boot's stack (docs/kernels.md); a test adds kernel arguments for one boot through
 //! `/boot/grub/strata-test.cfg`. A unit in the guest prints what the boot found as `@@ NAME
 //! VALUE` lines on the serial console and powers off.
 
@@ -46,6 +46,17 @@ echo "@@ busybox $(command -v busybox || echo none)"
 echo "@@ failed-units $(systemctl --failed --plain --no-legend | awk '{print $1}' | tr '\n' ' ')"
 for f in /etc/strata-test/*; do [ -f "$f" ] && echo "@@ file-$(basename "$f") $(cat "$f")"; done
 echo "@@ hello $(command -v hello || echo none)"
+echo "@@ verify $(overlayctl verify >/dev/null 2>&1 && echo ok || echo failed)"
+echo "@@ adopt-journal $(test -e /run/strata/store/adopt.toml && echo present || echo gone)"
+if [ -e /run/strata/root/strata-test-release ]; then
+    rm /run/strata/root/strata-test-release
+    mkdir -p /etc/strata-test && echo "written over the stack" >/etc/strata-test/upper
+    echo "@@ release-begin"; overlayctl release; echo "@@ release-rc $?"; echo "@@ release-end"
+fi
+if [ -e /etc/strata-test-run/adopt ]; then
+    rm /etc/strata-test-run/adopt
+    echo "@@ adopt-begin"; overlayctl adopt; echo "@@ adopt-rc $?"; echo "@@ adopt-end"
+fi
 echo "@@ status-begin"; overlayctl status; echo "@@ status-end"
 echo "@@ done"
 # (No D-Bus in minbase: systemctl says so, then asks systemd directly.)
@@ -72,8 +83,8 @@ set timeout=0
 set strata_extra=""
 if [ -f /boot/grub/strata-test.cfg ]; then source /boot/grub/strata-test.cfg; fi
 menuentry "Strata" {
-    linux /boot/strata/vmlinuz root=LABEL=strata-root ro console=ttyS0 panic=10 quiet $strata_extra
-    initrd /boot/strata/initrd.img
+    linux /boot/strata/default/vmlinuz root=LABEL=strata-root ro console=ttyS0 panic=10 quiet $strata_extra
+    initrd /boot/strata/default/initrd.img
 }
 "#;
 
@@ -258,6 +269,34 @@ impl Machine {
     /// the initramfs with the hook), and makes the store around it. `None` when the test
     /// cannot run.
     pub fn new(test: &str) -> Option<Self> {
+        let machine = Self::installed(test)?;
+        let (tree, real) = (machine.path("tree"), machine.real());
+        machine.install_grub(&tree, GRUB_CFG);
+        // overlayctl keeps the next boot's kernel here, from `init` on.
+        fs::create_dir_all(real.join("boot/strata")).unwrap();
+        let store = machine.store();
+        machine.overlayctl(&["init", "--base", tree.to_str().unwrap(), "--move"]);
+        assert!(store.join("layers/base/usr/sbin/overlayctl").exists());
+        let version = machine.base.kernel_version();
+        assert_eq!(machine.boot_kernel(), Some(version));
+        Some(machine)
+    }
+
+    /// The installed Debian with Strata's package and no store, booted by GRUB from Debian's
+    /// own `/vmlinuz` and `/initrd.img`: a system to adopt.
+    pub fn plain(test: &str) -> Option<Self> {
+        let machine = Self::installed(test)?;
+        fs::rename(machine.path("tree"), machine.real()).unwrap();
+        let plain = GRUB_CFG
+            .replace("/boot/strata/default/vmlinuz", "/vmlinuz")
+            .replace("/boot/strata/default/initrd.img", "/initrd.img");
+        machine.install_grub(&machine.real(), &plain);
+        Some(machine)
+    }
+
+    /// A copy of the cached Debian root at `tree/`, Strata's package installed (its trigger
+    /// builds the initramfs with the hook) and the report unit.
+    fn installed(test: &str) -> Option<Self> {
         if !crate::have_root(test) {
             return None;
         }
@@ -278,17 +317,18 @@ impl Machine {
         in_chroot(&tree, &["dpkg", "-i", "/tmp/strata.deb"]);
         fs::remove_file(tree.join("tmp/strata.deb")).unwrap();
         install_report(&tree);
-        let real = machine.real();
-        fs::create_dir_all(real.join("boot/grub/i386-pc")).unwrap();
+        Some(machine)
+    }
+
+    /// GRUB's modules (from the system in `system`) and `config` on the real root.
+    fn install_grub(&self, system: &Path, config: &str) {
+        let grub = self.real().join("boot/grub");
+        fs::create_dir_all(grub.join("i386-pc")).unwrap();
         run(Command::new("cp")
             .arg("-a")
-            .arg(tree.join("usr/lib/grub/i386-pc/."))
-            .arg(real.join("boot/grub/i386-pc")));
-        fs::write(real.join("boot/grub/grub.cfg"), GRUB_CFG).unwrap();
-        let store = machine.store();
-        machine.overlayctl(&["init", "--base", tree.to_str().unwrap(), "--move"]);
-        assert!(store.join("layers/base/usr/sbin/overlayctl").exists());
-        Some(machine)
+            .arg(system.join("usr/lib/grub/i386-pc/."))
+            .arg(grub.join("i386-pc")));
+        fs::write(grub.join("grub.cfg"), config).unwrap();
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -319,14 +359,10 @@ impl Machine {
             .args(args))
     }
 
-    /// Puts the kernel and initramfs of a layer's `/boot` where GRUB boots them.
-    pub fn boot_kernel_from(&self, layer: &str, version: &str) {
-        let boot = self.store().join("layers").join(layer).join("boot");
-        let target = self.real().join("boot/strata");
-        fs::create_dir_all(&target).unwrap();
-        for (from, to) in [("vmlinuz", "vmlinuz"), ("initrd.img", "initrd.img")] {
-            fs::copy(boot.join(format!("{from}-{version}")), target.join(to)).unwrap();
-        }
+    /// The kernel version `/boot/strata/default` names on the real root's tree.
+    pub fn boot_kernel(&self) -> Option<String> {
+        let link = fs::read_link(self.real().join("boot/strata/default")).ok()?;
+        Some(link.to_str()?.to_owned())
     }
 
     /// Makes the disk from the real root's tree: an MBR with one bootable ext4 partition at

@@ -1,7 +1,8 @@
 //! A real Debian 12 with systemd, booted in QEMU from a partitioned disk through GRUB, Strata
 //! installed from its .deb and its initramfs made by Debian's initramfs-tools without busybox:
 //! the default stack with a layer `apt-get` made, a rollback by the command line, and one from
-//! the boot menu over the serial console.
+//! the boot menu over the serial console; a kernel upgrade carried by a layer, booted, and
+//! rolled back with the old kernel and its modules.
 
 use tests::debian::Machine;
 
@@ -29,7 +30,6 @@ fn vm_debian_boots_through_grub_and_rolls_back() {
         "-c",
         "apt-get update -qq && apt-get install -y -qq hello",
     ]);
-    machine.boot_kernel_from("base", &version);
     machine.make_disk();
 
     let log = machine.boot("");
@@ -58,4 +58,119 @@ fn vm_debian_boots_through_grub_and_rolls_back() {
     }
     let log = session.finish();
     assert_eq!(stack(&log), ["base"], "{}", log.serial);
+}
+
+/// A layer that brings a new kernel (an ordinary `apt-get install linux-image-amd64` from
+/// bookworm-security): overlayctl puts it where GRUB boots it, the stack boots it with its
+/// modules; a boot without the layer restarts (kexec) into the base's own kernel.
+#[test]
+fn vm_debian_kernel_follows_the_stack() {
+    let Some(machine) = Machine::new("vm_debian_kernel_follows_the_stack") else {
+        return;
+    };
+    let old = machine.base.kernel_version();
+    machine.overlayctl(&[
+        "run",
+        "--name",
+        "kernel",
+        "--",
+        "sh",
+        "-c",
+        "apt-get update -qq && apt-get install -y -qq linux-image-amd64",
+    ]);
+    let new = machine.boot_kernel().expect("a boot kernel");
+    assert_ne!(new, old, "the layer brought a newer kernel");
+    let layer = machine.store().join("layers/kernel");
+    assert!(layer.join(format!("boot/initrd.img-{new}")).is_file());
+    assert!(layer.join(format!("usr/lib/modules/{new}/kernel")).is_dir());
+    machine.make_disk();
+
+    let log = machine.boot("");
+    assert_eq!(stack(&log), ["kernel", "base"], "{}", log.serial);
+    assert_eq!(log.marker("uname"), Some(new.as_str()), "{}", log.serial);
+    assert_eq!(log.marker("modules-dir"), Some("present"));
+
+    // GRUB starts the new kernel; the base has the old one: the hook restarts into it.
+    let log = machine.boot("strata.top=base");
+    assert_eq!(stack(&log), ["base"], "{}", log.serial);
+    assert_eq!(log.marker("uname"), Some(old.as_str()), "{}", log.serial);
+    assert_eq!(log.marker("modules-dir"), Some("present"));
+    assert!(
+        log.serial
+            .contains(&format!("restarting into kernel {old}")),
+        "{}",
+        log.serial
+    );
+}
+
+/// `overlayctl adopt` on an installed Debian booted the ordinary way: the next boot moves the
+/// system into the base layer and boots it as a stack; the next change seals it. Then
+/// `overlayctl release`: the next boot makes the stack with its upper's changes the plain root.
+#[test]
+fn vm_debian_adopts_the_installed_system_and_releases_it() {
+    let Some(machine) = Machine::plain("vm_debian_adopts_the_installed_system_and_releases_it")
+    else {
+        return;
+    };
+    let version = machine.base.kernel_version();
+    let marker = machine.real().join("etc/strata-test-run/adopt");
+    std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+    std::fs::write(&marker, "").unwrap();
+    machine.make_disk();
+
+    // The plain system: no store yet; adopt prepares it.
+    let log = machine.boot("");
+    assert!(log.done(), "{}", log.serial);
+    assert_eq!(log.marker("root-fs"), Some("ext4"), "{}", log.serial);
+    assert_eq!(log.marker("adopt-rc"), Some("0"), "{}", log.serial);
+    let said = log.block("adopt").unwrap();
+    assert!(said.contains("become layer base"), "{said}");
+
+    // Adopted at this boot, by rename, and booted as a stack with the same kernel.
+    let log = machine.boot("");
+    assert!(log.done(), "{}", log.serial);
+    assert!(
+        log.serial
+            .contains("adopted the installed system: it is layer base now"),
+        "{}",
+        log.serial
+    );
+    assert_eq!(stack(&log), ["base"], "{}", log.serial);
+    assert_eq!(log.marker("root-fs"), Some("overlay"));
+    assert_eq!(log.marker("uname"), Some(version.as_str()));
+    // The accept unit's change sealed it: a digest, and the journal gone.
+    assert_eq!(log.marker("verify"), Some("ok"), "{}", log.serial);
+    assert_eq!(log.marker("adopt-journal"), Some("gone"));
+    machine.with_real_root(|real| {
+        let mut top: Vec<String> = std::fs::read_dir(real)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        top.sort();
+        assert_eq!(top, ["boot", "lost+found", "strata"]);
+        assert!(real.join("strata/layers/base/usr/bin").is_dir());
+        assert!(
+            real.join(format!("strata/layers/base/boot/vmlinuz-{version}"))
+                .is_file()
+        );
+        assert!(real.join("boot/grub/grub.cfg.before-strata").is_file());
+        std::fs::write(real.join("strata-test-release"), "").unwrap();
+    });
+
+    // Release asked for from the adopted system (with a file written over the stack)...
+    let log = machine.boot("");
+    assert_eq!(stack(&log), ["base"], "{}", log.serial);
+    assert_eq!(log.marker("release-rc"), Some("0"), "{}", log.serial);
+    // ...and done at the next boot: the plain system, the file kept, the store aside.
+    let log = machine.boot("");
+    assert!(log.done(), "{}", log.serial);
+    assert!(log.serial.contains("released: base"), "{}", log.serial);
+    assert_eq!(log.marker("root-fs"), Some("ext4"), "{}", log.serial);
+    assert_eq!(log.marker("uname"), Some(version.as_str()));
+    assert_eq!(log.marker("file-upper"), Some("written over the stack"));
+    machine.with_real_root(|real| {
+        assert!(real.join("usr/bin").is_dir() && real.join("etc/hostname").is_file());
+        assert!(real.join("strata.released/layers/base").is_dir());
+        assert!(!real.join("strata").exists());
+    });
 }
