@@ -94,7 +94,40 @@ pub fn adopt(root: &Path, store_name: &str, layer: &str, bootloader: bool) -> Re
         Vec::new()
     };
 
-    let store = Store::create(&store_dir)?;
+    // The boot kernel and the bootloader first: without the journal (written last) they boot
+    // the plain system as before.
+    let boot_dir = boot.join("strata");
+    fs::create_dir_all(&boot_dir).with_context(|| format!("creating {}", boot_dir.display()))?;
+    crate::bootkernel::install(&boot_dir, &kernel)?;
+    let bootloader = if bootloader {
+        write_grub_config(root, &boot)?
+    } else {
+        None
+    };
+    let made = make_store(&store_dir, layer, &entries, &boot_entries);
+    if made.is_err() {
+        // Only what this call made: the directory did not exist before.
+        let _ = fs::remove_dir_all(&store_dir);
+    }
+    made?;
+    Ok(Adopted {
+        store: store_dir,
+        layer: layer.to_owned(),
+        entries,
+        boot_entries,
+        kernel: kernel.version,
+        bootloader,
+    })
+}
+
+/// The store with its plan and, last, the journal the next boot carries out.
+fn make_store(
+    store_dir: &Path,
+    layer: &str,
+    entries: &[String],
+    boot_entries: &[String],
+) -> Result<()> {
+    let store = Store::create(store_dir)?;
     let _lock = store.lock()?;
     let mut base = Layer::new(layer.to_owned());
     base.title = Some("The installed system, adopted".into());
@@ -107,28 +140,11 @@ pub fn adopt(root: &Path, store_name: &str, layer: &str, bootloader: bool) -> Re
         version: 1,
         phase: Phase::Pending,
         layer: layer.to_owned(),
-        entries: entries.clone(),
-        boot_entries: boot_entries.clone(),
+        entries: entries.to_vec(),
+        boot_entries: boot_entries.to_vec(),
     }
     .write(store.handle())
-    .map_err(anyhow::Error::msg)?;
-
-    let boot_dir = boot.join("strata");
-    fs::create_dir_all(&boot_dir).with_context(|| format!("creating {}", boot_dir.display()))?;
-    crate::bootkernel::install(&boot_dir, &kernel)?;
-    let bootloader = if bootloader {
-        write_grub_config(root, &boot)?
-    } else {
-        None
-    };
-    Ok(Adopted {
-        store: store_dir,
-        layer: layer.to_owned(),
-        entries,
-        boot_entries,
-        kernel: kernel.version,
-        bootloader,
-    })
+    .map_err(anyhow::Error::msg)
 }
 
 /// The running kernel's files in `root/boot`.

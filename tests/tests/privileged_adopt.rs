@@ -1,0 +1,196 @@
+//! `overlayctl adopt` and `release` on a tree standing for an installed system (a tmpfs root
+//! with usr/, etc/, a kernel's files in boot/), with the hook's `take-root` as the boot, as
+//! root in a private mount namespace: adoption by rename finished after a cut, the store sealed
+//! by the next change, then released into a plain root that keeps the upper's changes.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command as StdCommand;
+
+use assert_cmd::Command;
+use nix::mount::{MsFlags, mount, umount};
+use tests::Scratch;
+
+fn write(path: &Path, text: &str) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, text).unwrap();
+}
+
+/// An initramfs image holding the hook, as `adopt` checks with lsinitramfs.
+fn initrd_with_hook(path: &Path, work: &Path) {
+    write(&work.join("sbin/initramfs-hook"), "hook");
+    let mut cpio = StdCommand::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && echo sbin/initramfs-hook | cpio -o -H newc --quiet | gzip > {}",
+            work.display(),
+            path.display()
+        ))
+        .spawn()
+        .unwrap();
+    assert!(cpio.wait().unwrap().success());
+}
+
+#[test]
+fn privileged_adopt_then_release_round_trip() {
+    let Some(scratch) = Scratch::new("privileged_adopt_then_release_round_trip") else {
+        return;
+    };
+    let root = scratch.path("rootmnt");
+    fs::create_dir_all(&root).unwrap();
+    mount(
+        Some("tmpfs"),
+        &root,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    let version = layers_store::kernel::running_release();
+    write(&root.join("usr/bin/tool"), "tool 1\n");
+    write(&root.join("etc/hostname"), "adopted\n");
+    std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+    fs::create_dir(root.join("lost+found")).unwrap();
+    write(&root.join(format!("boot/vmlinuz-{version}")), "kernel");
+    initrd_with_hook(
+        &root.join(format!("boot/initrd.img-{version}")),
+        &scratch.path("initrd"),
+    );
+    write(&root.join("boot/grub/grub.cfg"), "menuentry x {}\n");
+    let run = scratch.path("run");
+    let ctl = |args: &[&str]| {
+        let mut cmd = Command::cargo_bin("overlayctl").unwrap();
+        cmd.env("STRATA_RUN_DIR", run.join("strata"))
+            .env_remove("STRATA_STORE")
+            .args(args);
+        cmd
+    };
+    let ok = |args: &[&str]| {
+        let out = ctl(args).assert().success().get_output().clone();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let fails = |args: &[&str]| {
+        let out = ctl(args).assert().failure().get_output().clone();
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let root_arg = root.to_str().unwrap();
+
+    // A tree that is no system, and a /boot that is a symlink, are refused, changing nothing.
+    let empty = scratch.path("empty");
+    fs::create_dir_all(empty.join("boot")).unwrap();
+    let err = fails(&[
+        "adopt",
+        "--root",
+        empty.to_str().unwrap(),
+        "--no-bootloader",
+    ]);
+    assert!(
+        err.contains("is missing") || err.contains("does not look like"),
+        "{err}"
+    );
+    assert!(!empty.join("strata").exists());
+
+    let said = ok(&["adopt", "--root", root_arg, "--no-bootloader"]);
+    assert!(said.contains("become layer base"), "{said}");
+    assert!(said.contains("bin, etc, usr"), "{said}");
+    assert_eq!(
+        fs::read_link(root.join("boot/strata/default")).unwrap(),
+        Path::new(&version)
+    );
+    assert_eq!(
+        fs::read(root.join(format!("boot/strata/{version}/vmlinuz"))).unwrap(),
+        b"kernel"
+    );
+    // Nothing moved yet; a second adopt is refused; changes wait for the restart.
+    assert!(root.join("usr/bin/tool").exists());
+    let err = fails(&["adopt", "--root", root_arg, "--no-bootloader"]);
+    assert!(err.contains("exists"), "{err}");
+    let store = root.join("strata");
+    let err = fails(&["--store", store.to_str().unwrap(), "disable", "base"]);
+    assert!(err.contains("restart first"), "{err}");
+
+    // A power cut after the first rename: usr/ is in the gathering folder already.
+    fs::create_dir_all(store.join("staging/adopting")).unwrap();
+    fs::rename(root.join("usr"), store.join("staging/adopting/usr")).unwrap();
+    mount(
+        None::<&str>,
+        &root,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .unwrap();
+    let take_root = || {
+        let out = Command::cargo_bin("initramfs-hook")
+            .unwrap()
+            .args(["take-root", "--root", root_arg, "--run"])
+            .arg(&run)
+            .args(["--cmdline", "root=/dev/vda ro"])
+            .assert()
+            .success()
+            .get_output()
+            .clone();
+        String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap()
+    };
+    let said = take_root();
+    assert!(said.contains("adopted the installed system"), "{said}");
+    assert!(said.contains("the layered root is mounted"), "{said}");
+    assert_eq!(
+        fs::read_to_string(root.join("usr/bin/tool")).unwrap(),
+        "tool 1\n"
+    );
+    let real = run.join("strata/root");
+    let mut top: Vec<String> = fs::read_dir(&real)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    top.sort();
+    assert_eq!(top, ["boot", "lost+found", "strata"]);
+    assert!(
+        real.join(format!("strata/layers/base/boot/vmlinuz-{version}"))
+            .exists()
+    );
+    assert!(real.join("boot/grub/grub.cfg").exists() && real.join("boot/strata").exists());
+
+    // The next change seals the layer: a digest, verified, and the journal gone.
+    let booted_store = run.join("strata/store");
+    let booted_arg = booted_store.to_str().unwrap();
+    ok(&["--store", booted_arg, "accept"]);
+    let verified = ok(&["--store", booted_arg, "verify"]);
+    assert!(verified.contains("base: ok"), "{verified}");
+    assert!(!real.join("strata/adopt.toml").exists());
+
+    // A change over the stack, then release.
+    write(&root.join("etc/motd"), "written over the stack\n");
+    fs::remove_file(root.join("etc/hostname")).unwrap();
+    let said = ok(&["--store", booted_arg, "release"]);
+    assert!(said.contains("becomes the plain root"), "{said}");
+    // A reboot: everything unmounted, the real root mounted where the initramfs puts it.
+    for path in [&root, &booted_store] {
+        while umount(path.as_path()).is_ok() {}
+    }
+    mount(
+        Some(&real),
+        &root,
+        None::<&str>,
+        MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .unwrap();
+    fs::remove_dir_all(run.join("strata")).unwrap();
+    let said = take_root();
+    assert!(said.contains("released: base"), "{said}");
+    assert_eq!(
+        fs::read_to_string(root.join("usr/bin/tool")).unwrap(),
+        "tool 1\n"
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("etc/motd")).unwrap(),
+        "written over the stack\n"
+    );
+    assert!(!root.join("etc/hostname").exists(), "the whiteout held");
+    assert!(root.join(format!("boot/vmlinuz-{version}")).exists());
+    assert!(root.join("strata.released/layers/base").is_dir());
+    assert!(!root.join("strata").exists());
+    assert!(!run.join("strata/booted.toml").exists());
+}
