@@ -104,10 +104,12 @@ pub fn adopt(root: &Path, store_name: &str, layer: &str, bootloader: bool) -> Re
     } else {
         None
     };
+    set_fstab_root(&root.join("etc/fstab"), false)?;
     let made = make_store(&store_dir, layer, &entries, &boot_entries);
     if made.is_err() {
         // Only what this call made: the directory did not exist before.
         let _ = fs::remove_dir_all(&store_dir);
+        let _ = set_fstab_root(&root.join("etc/fstab"), true);
     }
     made?;
     Ok(Adopted {
@@ -119,6 +121,41 @@ pub fn adopt(root: &Path, store_name: &str, layer: &str, bootloader: bool) -> Re
         bootloader,
     })
 }
+
+/// Marks the root filesystem's line in fstab as Strata's (`/` is the overlay the hook mounts,
+/// which no mount option of the real root's fits), or, `restore`, puts it back.
+pub fn set_fstab_root(fstab: &Path, restore: bool) -> Result<()> {
+    let Ok(text) = fs::read_to_string(fstab) else {
+        return Ok(());
+    };
+    let mut changed = false;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| {
+            if restore {
+                if let Some(original) = line.strip_prefix(FSTAB_MARK) {
+                    changed = true;
+                    return original.to_owned();
+                }
+            } else if line.split_whitespace().nth(1) == Some("/") && !line.starts_with('#') {
+                changed = true;
+                return format!("{FSTAB_MARK}{line}");
+            }
+            line.to_owned()
+        })
+        .collect();
+    if !changed {
+        return Ok(());
+    }
+    let new = fstab.with_extension("strata-new");
+    fs::write(&new, lines.join("\n") + "\n")
+        .and_then(|()| fs::File::open(&new)?.sync_all())
+        .and_then(|()| fs::rename(&new, fstab))
+        .with_context(|| format!("rewriting {}", fstab.display()))
+}
+
+/// Before the real root's line in an adopted system's fstab: `/` is Strata's overlay.
+const FSTAB_MARK: &str = "#strata: / is the overlay the initramfs mounts; this was: ";
 
 /// The store with its plan and, last, the journal the next boot carries out.
 fn make_store(
@@ -279,6 +316,8 @@ pub fn release(store: &Store) -> Result<Released> {
     })?;
     // Under the lock, with what an interrupted change left finished.
     let change = crate::transaction::Transaction::begin(store)?;
+    // The plain root mounts itself again (the running system's fstab is the stack's).
+    set_fstab_root(Path::new("/etc/fstab"), true)?;
     let upper = (booted.upper == layers_spec::UpperMode::Persistent)
         .then(|| booted.upper_id.clone())
         .flatten();

@@ -291,6 +291,12 @@ impl Machine {
             .replace("/boot/strata/default/vmlinuz", "/vmlinuz")
             .replace("/boot/strata/default/initrd.img", "/initrd.img");
         machine.install_grub(&machine.real(), &plain);
+        // As an installer writes it: systemd remounts the root read-write from it.
+        fs::write(
+            machine.real().join("etc/fstab"),
+            format!("LABEL={ROOT_LABEL} / ext4 errors=remount-ro 0 1\n"),
+        )
+        .unwrap();
         Some(machine)
     }
 

@@ -154,6 +154,8 @@ fn vm_debian_adopts_the_installed_system_and_releases_it() {
                 .is_file()
         );
         assert!(real.join("boot/grub/grub.cfg.before-strata").is_file());
+        let fstab = std::fs::read_to_string(real.join("strata/layers/base/etc/fstab")).unwrap();
+        assert!(fstab.starts_with("#strata: / is the overlay"), "{fstab}");
         std::fs::write(real.join("strata-test-release"), "").unwrap();
     });
 
@@ -172,5 +174,7 @@ fn vm_debian_adopts_the_installed_system_and_releases_it() {
         assert!(real.join("usr/bin").is_dir() && real.join("etc/hostname").is_file());
         assert!(real.join("strata.released/layers/base").is_dir());
         assert!(!real.join("strata").exists());
+        let fstab = std::fs::read_to_string(real.join("etc/fstab")).unwrap();
+        assert!(fstab.starts_with("LABEL=strata-root / ext4"), "{fstab}");
     });
 }
