@@ -277,3 +277,39 @@ pub fn checkpoint(store: &Store, name: Option<&str>, title: Option<&str>) -> Res
         replaced,
     })
 }
+
+/// What `assess` found about the running boot.
+#[derive(Debug, Serialize)]
+pub struct Assessed {
+    /// Whether `boot-complete.target` was reached (every health check passed).
+    pub healthy: bool,
+    /// The running boot's trial layers.
+    pub trials: Vec<String>,
+    /// Whether a restart was asked for (unhealthy, with trial layers whose tries will run out).
+    pub restart: bool,
+}
+
+/// After the boot's health checks: a boot that did not reach `boot-complete.target` and runs
+/// trial layers is restarted, so their tries run out and the hook boots without them (the
+/// unattended rollback). A boot without trial layers is left running: restarting it would
+/// bring back the same stack.
+pub fn assess(store: &Store, healthy: bool) -> Result<Assessed> {
+    let booted = store.booted()?.ok_or_else(|| {
+        anyhow!(
+            "this system was not booted from {}; there is no boot to assess",
+            store.root.display()
+        )
+    })?;
+    let plan = store.plan()?.value;
+    let trials: Vec<String> = booted
+        .stack
+        .iter()
+        .filter(|n| plan.layer(n).is_some_and(|l| l.state == LayerState::Trial))
+        .cloned()
+        .collect();
+    Ok(Assessed {
+        healthy,
+        restart: !healthy && !trials.is_empty(),
+        trials,
+    })
+}

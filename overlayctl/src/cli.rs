@@ -54,6 +54,10 @@ pub enum Command {
     /// Accept trial layers. Without names: the trial layers of the running boot, which is then
     /// remembered as the last good stack (run this from a unit after a healthy boot).
     Accept(AcceptOpts),
+    /// Assess the running boot after its health checks (for strata-assess.service): when
+    /// boot-complete.target was not reached and the boot runs trial layers, restart, so their
+    /// tries run out and the next boots leave them out.
+    Assess(AssessOpts),
     /// Mark a layer known-good (a fallback, never merged away), or unmark it.
     KnownGood(KnownGoodOpts),
     /// Leave out every layer above LAYER (by default above the highest known-good layer).
@@ -173,6 +177,13 @@ pub struct CompactOpts {
     /// [default: the top layer's title]
     #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AssessOpts {
+    /// Say what would be done, and restart nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

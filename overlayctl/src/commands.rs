@@ -6,7 +6,7 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use layers_spec::{LayerState, Plan, legacy, printable};
 
 use crate::changes::{self, Changed};
@@ -16,9 +16,9 @@ use crate::ops::{self, NewLayer};
 use crate::store::Store;
 use crate::transaction::Transaction;
 use crate::{
-    AddLayerOpts, AdoptOpts, BundleCommand, CheckOpts, CheckpointOpts, CompactOpts, DiffOpts,
-    ImportLegacyOpts, InitOpts, KeysCommand, KnownGoodOpts, MenuLockOpts, PolicyOpts, RemoveOpts,
-    RunOpts, SyncOpts, name_from_path, write_json,
+    AddLayerOpts, AdoptOpts, AssessOpts, BundleCommand, CheckOpts, CheckpointOpts, CompactOpts,
+    DiffOpts, ImportLegacyOpts, InitOpts, KeysCommand, KnownGoodOpts, MenuLockOpts, PolicyOpts,
+    RemoveOpts, RunOpts, SyncOpts, name_from_path, write_json,
 };
 
 /// Prints what a change did and what the next boot will mount.
@@ -77,6 +77,44 @@ pub fn adopt(opts: &AdoptOpts, json: bool, out: &mut dyn Write) -> Result<()> {
             out,
             "the bootloader's configuration was left alone: it must boot /boot/strata/default/vmlinuz with its initrd.img"
         )?,
+    }
+    Ok(())
+}
+
+pub fn assess(root: &Path, opts: &AssessOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    // systemd's own verdict: the target is active only when every check before it passed.
+    let healthy = std::process::Command::new("systemctl")
+        .args(["is-active", "--quiet", "boot-complete.target"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let assessed = changes::assess(&Store::open(root)?, healthy)?;
+    if json {
+        write_json(out, &assessed)?;
+    } else if assessed.healthy {
+        writeln!(
+            out,
+            "strata: the boot is healthy (boot-complete.target reached)"
+        )?;
+    } else if assessed.restart {
+        writeln!(
+            out,
+            "strata: the health checks failed on trial layer{} {}; restarting, so the tries run out and the stack before boots",
+            if assessed.trials.len() == 1 { "" } else { "s" },
+            assessed.trials.join(", ")
+        )?;
+    } else {
+        writeln!(
+            out,
+            "strata: the health checks failed, and no trial layer is running to leave out: no restart (roll back with `overlayctl rollback` or the boot menu)"
+        )?;
+    }
+    if assessed.restart && !opts.dry_run {
+        out.flush()?;
+        let status = std::process::Command::new("systemctl")
+            .args(["reboot"])
+            .status()
+            .context("running systemctl reboot")?;
+        ensure!(status.success(), "systemctl reboot failed: {status}");
     }
     Ok(())
 }

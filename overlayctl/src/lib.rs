@@ -49,6 +49,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Init(opts) => commands::init(&store, &opts, json, out),
         Command::Adopt(opts) => commands::adopt(&opts, json, out),
         Command::Release => commands::release(&store, json, out),
+        Command::Assess(opts) => commands::assess(&store, &opts, json, out),
         Command::AddLayer(opts) => commands::add_layer(&store, &opts, json, out),
         Command::Sync(opts) => commands::sync(&store, &opts, json, out),
         Command::Enable(opts) => commands::enable(&store, &opts.layers, json, out),

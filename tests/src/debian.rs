@@ -65,7 +65,7 @@ grep -qw test.stay /proc/cmdline || systemctl --no-block poweroff 2>/dev/null
 
 const REPORT_UNIT: &str = "[Unit]
 Description=Strata VM test report
-After=multi-user.target strata-accept.service
+After=multi-user.target strata-accept.service strata-assess.service
 
 [Service]
 Type=oneshot

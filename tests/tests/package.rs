@@ -60,7 +60,7 @@ fn package_is_lintian_clean_static_and_complete() {
             services += 1;
         }
     }
-    assert_eq!(services, 3);
+    assert_eq!(services, 4);
     let preset =
         fs::read_to_string(root.join("lib/systemd/system-preset/50-strata.preset")).unwrap();
     for unit in [

@@ -31,7 +31,7 @@ fn units_verify_with_systemd_analyze() {
         names.push(dir.path().join(name));
     }
     names.sort();
-    assert_eq!(names.len(), 5, "{names:?}");
+    assert_eq!(names.len(), 6, "{names:?}");
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .args(&names)
@@ -73,6 +73,17 @@ fn accept_waits_for_boot_complete_and_policy_runs_on_a_timer() {
             .lines()
             .any(|l| l == "ExecStart=/usr/sbin/overlayctl policy --if-space-low")
     );
+    let assess = read("strata-assess.service");
+    for line in [
+        "After=boot-complete.target multi-user.target strata-accept.service",
+        "ExecStart=/usr/sbin/overlayctl assess",
+        "StandardOutput=journal+console",
+    ] {
+        assert!(
+            assess.lines().any(|l| l == line),
+            "strata-assess.service lacks {line}"
+        );
+    }
     let timer = read("strata-space.timer");
     assert!(timer.lines().any(|l| l == "OnUnitActiveSec=5min"));
 }
