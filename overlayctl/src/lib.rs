@@ -19,6 +19,7 @@ pub mod keys;
 pub mod mount;
 pub mod ops;
 pub mod policy;
+pub mod progress;
 pub mod recover;
 pub mod run;
 pub mod space;
@@ -44,7 +45,10 @@ pub const DEFAULT_STORE: &str = layers_store::layout::DEFAULT_STORE;
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     let store = cli.store.unwrap_or_else(default_store);
     let json = cli.json;
-    match cli.command.unwrap_or(Command::Status) {
+    progress::enable(json);
+    let command = cli.command.unwrap_or(Command::Status);
+    let _progress = long_job(&command).map(progress::Phase::start);
+    match command {
         Command::Status => status::status(&store, json, cli.verbose, out),
         Command::Init(opts) => commands::init(&store, &opts, json, out),
         Command::Adopt(opts) => commands::adopt(&opts, json, out),
@@ -73,6 +77,27 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Bundle(command) => commands::bundle(&store, &command, json, out),
         Command::Keys(command) => commands::keys(&store, &command, json, out),
     }
+}
+
+/// What a command that may take long is doing, for its progress line (`run` shows one of its
+/// own once its command is done: the command has the terminal before).
+fn long_job(command: &Command) -> Option<String> {
+    Some(match command {
+        Command::Init(opts) => format!("making the base layer from {}", opts.base.display()),
+        Command::AddLayer(opts) => match (&opts.dir, &opts.bundle) {
+            (_, Some(bundle)) => format!("adding the layer in {}", bundle.display()),
+            (Some(dir), None) => format!("adding {} as a layer", dir.display()),
+            (None, None) => return None,
+        },
+        Command::Sync(opts) => format!("syncing to {}", opts.target.display()),
+        Command::Compact(_) => "compacting".to_owned(),
+        Command::Verify(_) => "verifying".to_owned(),
+        Command::Bundle(BundleCommand::Create { output, .. }) => {
+            format!("making {}", output.display())
+        }
+        Command::Bundle(BundleCommand::Verify { file }) => format!("checking {}", file.display()),
+        _ => return None,
+    })
 }
 
 fn default_store() -> PathBuf {

@@ -143,7 +143,10 @@ pub fn run(
         return Ok(Outcome::Failed { why, kept: None });
     }
 
-    let result = add_upper(store, layer, &stack, &upper);
+    let result = {
+        let _progress = crate::progress::Phase::start(format!("making layer {}", layer.name));
+        add_upper(store, layer, &stack, &upper)
+    };
     runs.remove(&layer.name)?;
     result
 }

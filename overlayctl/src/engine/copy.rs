@@ -349,7 +349,7 @@ fn copy_range(src: &File, dst: &File, start: u64, len: u64) -> io::Result<()> {
             .min(1 << 30);
         match copy_file_range(src, Some(&mut from), dst, Some(&mut to), chunk) {
             Ok(0) => break, // the source shrank under us; the manifest will tell
-            Ok(_) => {}
+            Ok(n) => crate::progress::bytes(n as u64),
             Err(rustix::io::Errno::XDEV | rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL) => {
                 return copy_range_by_hand(src, dst, from, end - from, to);
             }

@@ -153,6 +153,7 @@ pub fn unescape(text: &str) -> Vec<u8> {
 pub fn hash_file(path: &Path) -> io::Result<String> {
     let mut hasher = blake3::Hasher::new();
     hasher.update_reader(File::open(&*super::longpath::short(path)?)?)?;
+    crate::progress::bytes(hasher.count());
     Ok(hasher.finalize().to_hex().to_string())
 }
 

@@ -350,6 +350,7 @@ impl Reader {
         in_x_dir: bool,
     ) -> Result<Node, LayerError> {
         let ns = self.ns;
+        crate::progress::entries(1);
         let file_type = FileType::from_raw_mode(st.st_mode);
         if st.st_dev != self.dev {
             self.unclean.push(LayerError::OtherFilesystem {
