@@ -486,7 +486,7 @@ fn follow_kernel(env: &BootEnv, boot: &mut Boot, mounted: &Mounted, log: &mut Lo
     {
         log.say(format!("could not save the boot state: {e}"));
     }
-    let cmdline = crate::kexec::carried_cmdline(&env.cmdline, &mounted.stack);
+    let cmdline = layers_store::kernel::carried_cmdline(&env.cmdline, Some(&mounted.stack));
     let why = crate::kexec::restart_into(&kernel, &cmdline, log);
     log.say(format!(
         "booting {} on the running kernel {running}, not its own {}: {why}",

@@ -51,6 +51,57 @@ pub fn version_key(version: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Loads `kernel` with its initramfs and `cmdline` for the next kexec (kexec_file_load(2)):
+/// the hook restarts into it at once, `overlayctl switch` through systemd's shutdown. The one
+/// `unsafe` call of the workspace: no maintained crate wraps this system call.
+#[allow(unsafe_code)]
+pub fn load_for_kexec(kernel: &StackKernel, cmdline: &str) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let open = |path: &Path| {
+        std::fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))
+    };
+    let (vmlinuz, initrd) = (open(&kernel.vmlinuz)?, open(&kernel.initrd)?);
+    let cmdline = std::ffi::CString::new(cmdline)
+        .map_err(|_| "the command line holds a NUL byte".to_owned())?;
+    let bytes = cmdline.as_bytes_with_nul();
+    // SAFETY: kexec_file_load(2) reads the two descriptors and `bytes.len()` bytes of the
+    // NUL-terminated command line, all valid for the call.
+    let loaded = unsafe {
+        libc::syscall(
+            libc::SYS_kexec_file_load,
+            vmlinuz.as_raw_fd(),
+            initrd.as_raw_fd(),
+            bytes.len(),
+            bytes.as_ptr(),
+            0u64,
+        )
+    };
+    if loaded != 0 {
+        return Err(format!(
+            "kexec_file_load {}: {}",
+            kernel.vmlinuz.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// The command line for a kexec that carries `stack` (`strata.stack=`, none to let the next
+/// boot choose): this one without a `strata.stack=` of its own.
+pub fn carried_cmdline(cmdline: &str, stack: Option<&[String]>) -> String {
+    let mut kept: Vec<String> = cmdline
+        .split_whitespace()
+        .filter(|p| !p.starts_with("strata.stack="))
+        .map(str::to_owned)
+        .collect();
+    if let Some(stack) = stack {
+        // Everything after `--` belongs to init: ours goes before it.
+        let at = kept.iter().position(|p| p == "--").unwrap_or(kept.len());
+        kept.insert(at, format!("strata.stack={}", stack.join(",")));
+    }
+    kept.join(" ")
+}
+
 /// The running kernel's release (`uname -r`).
 pub fn running_release() -> String {
     rustix::system::uname()
@@ -79,6 +130,23 @@ mod tests {
             },
             names,
         )
+    }
+
+    #[test]
+    fn the_stack_is_carried_before_init_arguments() {
+        let stack = ["up".to_owned(), "base".to_owned()];
+        assert_eq!(
+            carried_cmdline(
+                "root=LABEL=r ro strata.stack=x quiet -- single",
+                Some(&stack)
+            ),
+            "root=LABEL=r ro quiet strata.stack=up,base -- single"
+        );
+        assert_eq!(
+            carried_cmdline("ro", Some(&stack)),
+            "ro strata.stack=up,base"
+        );
+        assert_eq!(carried_cmdline("ro strata.stack=a quiet", None), "ro quiet");
     }
 
     #[test]

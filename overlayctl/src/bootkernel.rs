@@ -242,3 +242,35 @@ mod tests {
         assert_eq!(lookup(&shadow, Path::new("boot/a")), None);
     }
 }
+
+/// What `switch` loads.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Switch {
+    /// The next boot's stack, top first.
+    pub stack: Vec<String>,
+    /// Its kernel.
+    pub kernel: String,
+}
+
+/// Loads the next boot's kernel for kexec, with this boot's command line (less any
+/// `strata.stack=`, so the next boot chooses as a cold one would): `overlayctl switch`, which
+/// then asks systemd for the kexec, skipping the firmware and the bootloader.
+pub fn load_next_boot(store: &Store, plan: &Plan, state: &BootState, load: bool) -> Result<Switch> {
+    let stack = crate::status::next_boot(store, plan, state).stack;
+    let layers: Vec<PathBuf> = stack.iter().map(|n| store.layer_dir(n)).collect();
+    let kernel = stack_kernel(&layers).ok_or_else(|| {
+        anyhow::anyhow!(
+            "the next boot's stack ({}) has no kernel of its own (/boot/vmlinuz-V with its initrd.img-V); restart the machine instead",
+            stack.join(", ")
+        )
+    })?;
+    if load {
+        let cmdline = fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?;
+        let cmdline = layers_store::kernel::carried_cmdline(cmdline.trim(), None);
+        layers_store::kernel::load_for_kexec(&kernel, &cmdline).map_err(anyhow::Error::msg)?;
+    }
+    Ok(Switch {
+        stack,
+        kernel: kernel.version,
+    })
+}

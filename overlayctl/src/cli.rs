@@ -58,6 +58,9 @@ pub enum Command {
     /// boot-complete.target was not reached and the boot runs trial layers, restart, so their
     /// tries run out and the next boots leave them out.
     Assess(AssessOpts),
+    /// Move this machine to the next boot's stack now, without the firmware and the
+    /// bootloader: its kernel is loaded and systemd shuts down and starts it (a kexec).
+    Switch(SwitchOpts),
     /// Mark a layer known-good (a fallback, never merged away), or unmark it.
     KnownGood(KnownGoodOpts),
     /// Leave out every layer above LAYER (by default above the highest known-good layer).
@@ -177,6 +180,13 @@ pub struct CompactOpts {
     /// [default: the top layer's title]
     #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SwitchOpts {
+    /// Say what would be started, and load nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -18,7 +18,7 @@ use crate::transaction::Transaction;
 use crate::{
     AddLayerOpts, AdoptOpts, AssessOpts, BundleCommand, CheckOpts, CheckpointOpts, CompactOpts,
     DiffOpts, ImportLegacyOpts, InitOpts, KeysCommand, KnownGoodOpts, MenuLockOpts, PolicyOpts,
-    RemoveOpts, RunOpts, SyncOpts, name_from_path, write_json,
+    RemoveOpts, RunOpts, SwitchOpts, SyncOpts, name_from_path, write_json,
 };
 
 /// Prints what a change did and what the next boot will mount.
@@ -115,6 +115,41 @@ pub fn assess(root: &Path, opts: &AssessOpts, json: bool, out: &mut dyn Write) -
             .status()
             .context("running systemctl reboot")?;
         ensure!(status.success(), "systemctl reboot failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn switch(root: &Path, opts: &SwitchOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    let store = Store::open(root)?;
+    ensure!(
+        store.booted()?.is_some(),
+        "this system was not booted from {}; switch moves a running Strata system",
+        root.display()
+    );
+    let (plan, state) = (store.plan()?.value, store.state()?);
+    let switch = crate::bootkernel::load_next_boot(&store, &plan, &state, !opts.dry_run)?;
+    if json {
+        write_json(out, &switch)?;
+    } else {
+        writeln!(
+            out,
+            "{} {} on kernel {} (a kexec through systemd's shutdown)",
+            if opts.dry_run {
+                "would start"
+            } else {
+                "starting"
+            },
+            switch.stack.join(", "),
+            switch.kernel
+        )?;
+    }
+    if !opts.dry_run {
+        out.flush()?;
+        let status = std::process::Command::new("systemctl")
+            .arg("kexec")
+            .status()
+            .context("running systemctl kexec")?;
+        ensure!(status.success(), "systemctl kexec failed: {status}");
     }
     Ok(())
 }

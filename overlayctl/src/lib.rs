@@ -54,6 +54,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Adopt(opts) => commands::adopt(&opts, json, out),
         Command::Release => commands::release(&store, json, out),
         Command::Assess(opts) => commands::assess(&store, &opts, json, out),
+        Command::Switch(opts) => commands::switch(&store, &opts, json, out),
         Command::AddLayer(opts) => commands::add_layer(&store, &opts, json, out),
         Command::Sync(opts) => commands::sync(&store, &opts, json, out),
         Command::Enable(opts) => commands::enable(&store, &opts.layers, json, out),

@@ -59,6 +59,12 @@ if [ -e /etc/strata-test-run/adopt ]; then
 fi
 echo "@@ status-begin"; overlayctl status; echo "@@ status-end"
 echo "@@ done"
+if [ -e /run/strata/root/strata-test-switch ]; then
+    rm /run/strata/root/strata-test-switch
+    overlayctl disable hello >/dev/null 2>&1
+    echo "@@ switch-begin"; overlayctl switch; echo "@@ switch-rc $?"
+    exit 0
+fi
 # (No D-Bus in minbase: systemctl says so, then asks systemd directly.)
 grep -qw test.stay /proc/cmdline || systemctl --no-block poweroff 2>/dev/null
 "#;

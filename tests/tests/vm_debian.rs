@@ -58,6 +58,37 @@ fn vm_debian_boots_through_grub_and_rolls_back() {
     }
     let log = session.finish();
     assert_eq!(stack(&log), ["base"], "{}", log.serial);
+
+    // overlayctl switch: the layer disabled, the machine moves to the next boot's stack with a
+    // kexec through systemd's shutdown: no firmware, no bootloader.
+    machine.with_real_root(|real| std::fs::write(real.join("strata-test-switch"), "").unwrap());
+    let started = std::time::Instant::now();
+    let mut session = machine.session("");
+    let at = session
+        .wait_for("@@ switch-begin")
+        .unwrap_or_else(|| panic!("no switch:\n{}", session.serial()));
+    let cold = started.elapsed();
+    let switching = std::time::Instant::now();
+    let after = session.wait_for_after(at, "@@ done");
+    let switched = switching.elapsed();
+    let log = session.finish();
+    assert!(
+        after.is_some(),
+        "no report after the switch:\n{}",
+        log.serial
+    );
+    let tail = &log.serial[log.serial.find("@@ switch-begin").unwrap()..];
+    let second = tests::vm::BootLog {
+        serial: tail.to_owned(),
+        timed_out: false,
+    };
+    assert_eq!(stack(&second), ["base"], "{}", log.serial);
+    assert_eq!(second.marker("hello"), Some("none"));
+    eprintln!(
+        "from power-on to the report: {:.1} s; from overlayctl switch to the next stack's report: {:.1} s",
+        cold.as_secs_f64(),
+        switched.as_secs_f64()
+    );
 }
 
 /// A layer that brings a new kernel (an ordinary `apt-get install linux-image-amd64` from
