@@ -363,11 +363,16 @@ impl Machine {
     /// This workspace's `overlayctl` on the machine's store (on the host, as an image builder
     /// would run it).
     pub fn overlayctl(&self, args: &[&str]) -> String {
+        self.overlayctl_on(&self.store(), args)
+    }
+
+    /// The same on the store at `store` (the disk's, mounted with [`Self::with_real_root`]).
+    pub fn overlayctl_on(&self, store: &Path, args: &[&str]) -> String {
         run(Command::new(assert_cmd::cargo::cargo_bin("overlayctl"))
             .env("STRATA_RUN_DIR", self.path("run"))
             .env_remove("STRATA_STORE")
             .arg("--store")
-            .arg(self.store())
+            .arg(store)
             .args(args))
     }
 
