@@ -54,9 +54,19 @@ impl Adoption {
         let path = store.root().child_path(ADOPT_FILE);
         let text = String::from_utf8(bytes)
             .map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
-        toml::from_str(&text)
-            .map(Some)
-            .map_err(|e| format!("{}: {}", path.display(), e.message()))
+        let adoption: Self =
+            toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+        layers_spec::check_name(&adoption.layer)
+            .map_err(|p| format!("{}: layer {:?}: {p}", path.display(), adoption.layer))?;
+        for name in adoption.entries.iter().chain(&adoption.boot_entries) {
+            if !is_entry_name(name) {
+                return Err(format!(
+                    "{}: {name:?} is not the name of an entry (no `/`, not `.` or `..`)",
+                    path.display()
+                ));
+            }
+        }
+        Ok(Some(adoption))
     }
 
     /// Writes the journal (a new file renamed over the old one, flushed).
@@ -113,5 +123,26 @@ impl Adoption {
     /// Removes the journal once the layer is sealed.
     pub fn remove(store: &Store) -> Result<(), DirError> {
         store.root().remove(ADOPT_FILE).map(drop)
+    }
+}
+
+/// A name of one directory entry: not empty, no `/`, not `.` or `..` (a journal never leads a
+/// rename outside the directory it names).
+pub fn is_entry_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\0']) && name != "." && name != ".."
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_names_stay_in_their_directory() {
+        for good in ["etc", "lost+found", "vmlinuz", ".hidden", "a b"] {
+            assert!(is_entry_name(good), "{good}");
+        }
+        for bad in ["", ".", "..", "../etc", "etc/passwd", "/etc", "a\0b"] {
+            assert!(!is_entry_name(bad), "{bad}");
+        }
     }
 }

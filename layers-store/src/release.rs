@@ -55,9 +55,16 @@ impl Release {
         let path = store.root().child_path(RELEASE_FILE);
         let text = String::from_utf8(bytes)
             .map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
-        toml::from_str(&text)
-            .map(Some)
-            .map_err(|e| format!("{}: {}", path.display(), e.message()))
+        let release: Self =
+            toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+        for name in release.stack.iter().chain(&release.upper) {
+            layers_spec::check_name(name)
+                .map_err(|p| format!("{}: {name:?}: {p}", path.display()))?;
+        }
+        if release.stack.is_empty() {
+            return Err(format!("{}: the stack is empty", path.display()));
+        }
+        Ok(Some(release))
     }
 
     pub fn write(&self, store: &Store) -> Result<(), String> {
@@ -151,6 +158,17 @@ fn move_entries(from: &Dir, to: &Dir) -> Result<(), crate::DirError> {
 /// they or an opaque directory hide left out.
 pub fn flatten(sources: &[PathBuf], dest: &Path) -> io::Result<()> {
     let live: Vec<PathBuf> = sources.iter().filter(|s| s.is_dir()).cloned().collect();
+    if live.len() != sources.len() {
+        return Err(io::Error::other(format!(
+            "a layer of the stack is missing: {}",
+            sources
+                .iter()
+                .filter(|s| !s.is_dir())
+                .map(|s| s.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     fs::create_dir(dest)?;
     flatten_dir(&live, dest)?;
     copy_dir_meta(&live[0], dest)
