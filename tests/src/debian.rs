@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::vm::{self, BootLog, Session, cache_dir, ensure_commands};
+use crate::vm::{self, BootLog, Session, cache_dir, ensure_commands, run};
 
 /// Debian's mirror, as this machine's apt uses it.
 pub const MIRROR: &str = "http://deb.debian.org/debian";
@@ -109,19 +109,6 @@ const GRUB_MODULES: &[&str] = &[
     "echo",
     "search",
 ];
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The cached Debian root, GRUB's boot images beside it. Built once (about two minutes);
 /// `complete` marks a finished build.

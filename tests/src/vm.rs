@@ -25,7 +25,8 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| workspace().join("target/strata-vm"))
 }
 
-fn run(cmd: &mut Command) -> String {
+/// Runs a command that must succeed; its standard output.
+pub fn run(cmd: &mut Command) -> String {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
