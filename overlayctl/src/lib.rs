@@ -41,15 +41,33 @@ pub const BOOTED_STORE: &str = layers_store::layout::BOOTED_STORE;
 /// The store on an unbooted root filesystem.
 pub const DEFAULT_STORE: &str = layers_store::layout::DEFAULT_STORE;
 
-/// Runs one command, writing its report to `out`.
+/// Runs one command, writing its report to `out`. A long job's report waits until its
+/// progress line is gone, so the two never share a line of the terminal.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     let store = cli.store.unwrap_or_else(default_store);
     let json = cli.json;
     progress::enable(json);
     let command = cli.command.unwrap_or(Command::Status);
-    let _progress = long_job(&command).map(progress::Phase::start);
+    let Some(progress) = long_job(&command).map(progress::Phase::start) else {
+        return dispatch(&store, json, cli.verbose, command, out);
+    };
+    let mut report = Vec::new();
+    let result = dispatch(&store, json, cli.verbose, command, &mut report);
+    drop(progress);
+    out.write_all(&report)?;
+    result
+}
+
+fn dispatch(
+    store: &Path,
+    json: bool,
+    verbose: bool,
+    command: Command,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let store = store.to_owned();
     match command {
-        Command::Status => status::status(&store, json, cli.verbose, out),
+        Command::Status => status::status(&store, json, verbose, out),
         Command::Init(opts) => commands::init(&store, &opts, json, out),
         Command::Adopt(opts) => commands::adopt(&opts, json, out),
         Command::Release => commands::release(&store, json, out),

@@ -16,8 +16,10 @@ fn tmux(socket: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Runs `line` in a fresh 120x30 tmux session and returns the screen once `done` shows.
+/// Runs `line` in a fresh 120x30 tmux session (its own server) and returns the screen once
+/// `done` shows.
 fn on_terminal(socket: &str, line: &str, done: &str) -> String {
+    let socket = &format!("{socket}-{done}");
     tmux(
         socket,
         &[
