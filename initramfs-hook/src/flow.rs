@@ -175,7 +175,10 @@ fn adopt(env: &BootEnv, store: &Store, log: &mut Log) {
                     "adopted the installed system: it is layer {} now",
                     adoption.layer
                 )),
-                Err(e) => log.say(format!("adopting the installed system failed: {e}")),
+                Err(e) => log.say(format!(
+                    "adopting the installed system failed: {e}; what had moved is back, and \
+                     the plain system boots (the next boot tries again)"
+                )),
             }
         }
         Ok(_) => {}
@@ -186,7 +189,7 @@ fn adopt(env: &BootEnv, store: &Store, log: &mut Log) {
 /// A release `overlayctl release` asked for: the stack and its upper become the plain root
 /// (docs/design.md, "Adopt and release"). The store's new path when it was done.
 fn release(env: &BootEnv, store: &Store, store_rel: &str, log: &mut Log) -> Option<PathBuf> {
-    use layers_store::release::{RELEASED_SUFFIX, Release};
+    use layers_store::release::Release;
     let mut release = match Release::read(store) {
         Ok(Some(release)) => release,
         Ok(None) => return None,
@@ -196,13 +199,14 @@ fn release(env: &BootEnv, store: &Store, store_rel: &str, log: &mut Log) -> Opti
         }
     };
     match release.carry_out(&env.sysroot, Path::new(store_rel), store) {
-        Ok(()) => {
-            let aside = format!("{store_rel}{RELEASED_SUFFIX}");
+        Ok(name) => {
+            let aside = Path::new(store_rel).with_file_name(name);
             log.say(format!(
-                "released: {} is the plain root now; the store is kept as {aside}",
-                summarize(&release.stack)
+                "released: {} is the plain root now; the store is kept as {}",
+                summarize(&release.stack),
+                aside.display()
             ));
-            Some(PathBuf::from(aside))
+            Some(aside)
         }
         Err(e) => {
             log.say(format!("releasing the store failed: {e}"));

@@ -14,6 +14,12 @@ use crate::dir::{Dir, DirError};
 use crate::layout::Folder;
 use crate::store::Store;
 
+/// Names on the real root that stay there (besides the store): the filesystem's, and `/boot`
+/// (its kernels' files move; GRUB's files and the boot kernel stay).
+pub const STAYS: &[&str] = &["lost+found", "boot"];
+/// Names in `/boot` that stay on the real root.
+pub const BOOT_STAYS: &[&str] = &["grub", "strata", "efi", "lost+found"];
+
 /// The journal's file name, in the store.
 pub const ADOPT_FILE: &str = "adopt.toml";
 /// Where the base layer is gathered in `staging/` before it is renamed into `layers/`.
@@ -66,6 +72,19 @@ impl Adoption {
                 ));
             }
         }
+        let store_name = store.root().path().file_name().and_then(|n| n.to_str());
+        let stays = |names: &[String], stays: &[&str], whose: &str| match names
+            .iter()
+            .find(|n| stays.contains(&n.as_str()) || Some(n.as_str()) == store_name)
+        {
+            Some(name) => Err(format!(
+                "{}: {name:?} stays on the real root's {whose}; an adoption never moves it",
+                path.display()
+            )),
+            None => Ok(()),
+        };
+        stays(&adoption.entries, STAYS, "top level")?;
+        stays(&adoption.boot_entries, BOOT_STAYS, "/boot")?;
         Ok(Some(adoption))
     }
 
@@ -93,30 +112,74 @@ impl Adoption {
     fn move_entries(&self, real_root: &Path, store: &Store) -> Result<(), crate::StoreError> {
         let real = Dir::open(real_root)?;
         let layers = store.folder(Folder::Layers)?;
-        if layers.kind(&self.layer)?.is_none() {
-            let staging = store.folder(Folder::Staging)?;
-            let gathered = staging.sub_or_create(GATHERED)?;
-            for name in &self.entries {
-                if real.kind(name)?.is_some() && gathered.kind(name)?.is_none() {
-                    real.rename_to(name, &gathered, name)?;
-                }
+        if layers.kind(&self.layer)?.is_some() {
+            return Ok(());
+        }
+        let staging = store.folder(Folder::Staging)?;
+        // Every directory first, so no step after the first rename needs space.
+        let gathered = staging.sub_or_create(GATHERED)?;
+        let boot = match real.kind("boot")? {
+            Some(_) => Some((real.sub("boot")?, gathered.sub_or_create("boot")?)),
+            None => None,
+        };
+        let moves = || -> Result<(), crate::StoreError> {
+            let mut groups = vec![(&real, &gathered, &self.entries)];
+            if let Some((boot, gathered_boot)) = &boot {
+                groups.push((boot, gathered_boot, &self.boot_entries));
             }
-            if let Some(boot) = real.kind("boot")?.map(|_| real.sub("boot")).transpose()? {
-                let gathered_boot = gathered.sub_or_create("boot")?;
-                for name in &self.boot_entries {
-                    if boot.kind(name)?.is_some() && gathered_boot.kind(name)?.is_none() {
-                        boot.rename_to(name, &gathered_boot, name)?;
+            // Each entry still to move must move by rename: not something mounted on (a
+            // separate /usr, a bind mount), which rename refuses halfway through.
+            for (from, _, names) in &groups {
+                for name in names.iter() {
+                    if from.kind(name)?.is_some() && from.is_mount_point(name)? {
+                        return Err(DirError::io(
+                            from.child_path(name),
+                            "moving it into the base layer",
+                            std::io::Error::other(
+                                "it is a mount point (a separate filesystem or a bind mount), \
+                                 which cannot move by rename; unmount it or leave it out of \
+                                 fstab, then boot again",
+                            ),
+                        )
+                        .into());
                     }
                 }
-                gathered_boot.sync()?;
-                boot.sync()?;
             }
-            gathered.sync()?;
-            real.sync()?;
-            staging.rename_to(GATHERED, &layers, &self.layer)?;
-            layers.sync()?;
-            staging.sync()?;
+            for (from, to, names) in &groups {
+                for name in names.iter() {
+                    if from.kind(name)?.is_some() && to.kind(name)?.is_none() {
+                        from.rename_to(name, to, name)?;
+                    }
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = moves() {
+            // Everything back where it was, so the plain system boots as before; the journal
+            // stays, and the next boot tries again.
+            let mut groups = vec![(&real, &gathered, &self.entries)];
+            if let Some((boot, gathered_boot)) = &boot {
+                groups.push((boot, gathered_boot, &self.boot_entries));
+            }
+            for (to, from, names) in groups {
+                for name in names {
+                    if matches!(from.kind(name), Ok(Some(_))) && matches!(to.kind(name), Ok(None)) {
+                        let _ = from.rename_to(name, to, name);
+                    }
+                }
+                let _ = to.sync();
+            }
+            return Err(e);
         }
+        if let Some((boot, gathered_boot)) = &boot {
+            gathered_boot.sync()?;
+            boot.sync()?;
+        }
+        gathered.sync()?;
+        real.sync()?;
+        staging.rename_to(GATHERED, &layers, &self.layer)?;
+        layers.sync()?;
+        staging.sync()?;
         Ok(())
     }
 
@@ -124,6 +187,32 @@ impl Adoption {
     pub fn remove(store: &Store) -> Result<(), DirError> {
         store.root().remove(ADOPT_FILE).map(drop)
     }
+}
+
+/// Before the real root's line in an adopted system's fstab: `/` is Strata's overlay.
+pub const FSTAB_MARK: &str = "#strata: / is the overlay the initramfs mounts; this was: ";
+
+/// The fstab `text` with the root filesystem's line marked as Strata's (`/` is the overlay the
+/// hook mounts, which no mount option of the real root's fits), or, `restore`, put back. None
+/// when nothing changes.
+pub fn fstab_root(text: &str, restore: bool) -> Option<String> {
+    let mut changed = false;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| {
+            if restore {
+                if let Some(original) = line.strip_prefix(FSTAB_MARK) {
+                    changed = true;
+                    return original.to_owned();
+                }
+            } else if line.split_whitespace().nth(1) == Some("/") && !line.starts_with('#') {
+                changed = true;
+                return format!("{FSTAB_MARK}{line}");
+            }
+            line.to_owned()
+        })
+        .collect();
+    changed.then(|| lines.join("\n") + "\n")
 }
 
 /// A name of one directory entry: not empty, no `/`, not `.` or `..` (a journal never leads a

@@ -186,6 +186,25 @@ impl Dir {
         }
     }
 
+    /// Whether `name` is something mounted on (another filesystem or a bind mount): a rename
+    /// cannot move it.
+    pub fn is_mount_point(&self, name: impl AsRef<OsStr>) -> Result<bool, DirError> {
+        use rustix::fs::{StatxFlags, statx};
+        let name = name.as_ref();
+        let here = statx(&self.fd, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID)
+            .map_err(|e| DirError::io(&self.path, "reading metadata", e))?;
+        let there = statx(
+            &self.fd,
+            name,
+            AtFlags::SYMLINK_NOFOLLOW,
+            StatxFlags::MNT_ID,
+        )
+        .map_err(|e| DirError::io(self.child_path(name), "reading metadata", e))?;
+        Ok(there.stx_mnt_id != here.stx_mnt_id
+            || there.stx_dev_major != here.stx_dev_major
+            || there.stx_dev_minor != here.stx_dev_minor)
+    }
+
     /// Whether `name` is a real directory here (not a symlink to one, not a mount).
     pub fn has_dir(&self, name: impl AsRef<OsStr>) -> bool {
         open_beneath(&self.fd, name.as_ref()).is_ok()

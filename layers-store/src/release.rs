@@ -79,29 +79,34 @@ impl Release {
 
     /// The hook's part: flattens the stack into `staging/released/`, moves its entries onto the
     /// real root at `real_root`, and renames the store (at `store_rel` inside it) aside.
+    /// The store's name now.
     pub fn carry_out(
         &mut self,
         real_root: &Path,
         store_rel: &Path,
         store: &Store,
-    ) -> Result<(), String> {
+    ) -> Result<String, String> {
         let staging = store.folder(Folder::Staging).map_err(|e| e.to_string())?;
         if self.phase == Phase::Pending {
             staging.remove(FLATTENED).map_err(|e| e.to_string())?;
-            let layers = store.path().join(Folder::Layers.name());
+            // Each source a real directory inside the store (never a symlink out of it).
+            let layers = store.folder(Folder::Layers).map_err(|e| e.to_string())?;
             let mut sources: Vec<PathBuf> = Vec::new();
             if let Some(upper) = &self.upper {
-                sources.push(
-                    store
-                        .path()
-                        .join(Folder::Uppers.name())
-                        .join(upper)
-                        .join(UPPER_DATA),
-                );
+                let data = store
+                    .folder(Folder::Uppers)
+                    .and_then(|uppers| Ok(uppers.sub(upper)?.sub(UPPER_DATA)?))
+                    .map_err(|e| e.to_string())?;
+                sources.push(data.path().to_owned());
             }
-            sources.extend(self.stack.iter().map(|n| layers.join(n)));
+            for name in &self.stack {
+                let layer = layers.sub(name).map_err(|e| e.to_string())?;
+                sources.push(layer.path().to_owned());
+            }
             let dest = staging.child_path(FLATTENED);
             flatten(&sources, &dest).map_err(|e| format!("flattening the stack: {e}"))?;
+            let flattened = staging.sub(FLATTENED).map_err(|e| e.to_string())?;
+            restore_fstab(&flattened).map_err(|e| e.to_string())?;
             staging.sync().map_err(|e| e.to_string())?;
             self.phase = Phase::Flattened;
             self.write(store)?;
@@ -109,15 +114,46 @@ impl Release {
         let flattened = staging.sub(FLATTENED).map_err(|e| e.to_string())?;
         let real = Dir::open(real_root).map_err(|e| e.to_string())?;
         move_entries(&flattened, &real).map_err(|e| e.to_string())?;
-        // Last: the store goes aside, and the next boots find none.
+        // Last: the store goes aside (under a name nothing has: an earlier release's store
+        // may be there still), and the next boots find none.
         let (parent, name) = split(real_root, store_rel)?;
         let parent = Dir::open(&parent).map_err(|e| e.to_string())?;
-        let aside = format!("{name}{RELEASED_SUFFIX}");
+        let mut aside = format!("{name}{RELEASED_SUFFIX}");
+        for n in 2.. {
+            if parent.kind(&aside).map_err(|e| e.to_string())?.is_none() {
+                break;
+            }
+            aside = format!("{name}{RELEASED_SUFFIX}.{n}");
+        }
         parent
             .rename_to(&name, &parent, &aside)
             .and_then(|()| parent.sync())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        Ok(aside)
     }
+}
+
+/// The root filesystem's line in the flattened tree's `etc/fstab`, put back as it was before
+/// the adoption (a new file renamed over the hard link: the layer's own stays).
+fn restore_fstab(flattened: &Dir) -> Result<(), crate::DirError> {
+    if flattened.kind("etc")? != Some(rustix::fs::FileType::Directory) {
+        return Ok(());
+    }
+    let etc = flattened.sub("etc")?;
+    if etc.kind("fstab")? != Some(rustix::fs::FileType::RegularFile) {
+        return Ok(());
+    }
+    let Some(text) = etc
+        .read("fstab")?
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| crate::adopt::fstab_root(&text, true))
+    else {
+        return Ok(());
+    };
+    let scratch = crate::layout::scratch_name("fstab");
+    etc.write_new(&scratch, text.as_bytes(), 0o644)?;
+    etc.rename_over(&scratch, &etc, "fstab")?;
+    etc.sync()
 }
 
 /// The store's parent directory and name on the real root.

@@ -9,19 +9,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use layers_spec::{BootState, Layer, LayerState, Plan};
-use layers_store::adopt::{Adoption, Phase};
+use layers_store::adopt::{Adoption, BOOT_STAYS, Phase, STAYS};
 use layers_store::kernel::StackKernel;
 use serde::Serialize;
 
 use crate::store::Store;
-
-/// Names on the real root that stay there: the store's own, the filesystem's, and `/boot`
-/// (its kernels' files move; GRUB's files and the boot kernel stay).
-const STAYS: &[&str] = &["lost+found", "boot"];
-/// Names in `/boot` that stay on the real root.
-const BOOT_STAYS: &[&str] = &["grub", "strata", "efi", "lost+found"];
 
 /// What `adopt` prepared.
 #[derive(Debug, Serialize)]
@@ -58,12 +52,12 @@ pub fn adopt(root: &Path, store_name: &str, layer: &str, bootloader: bool) -> Re
     }
     let store_dir = root.join(store_name);
     ensure!(
-        !store_dir.exists(),
+        fs::symlink_metadata(&store_dir).is_err(),
         "{} exists; adopt makes a new store there",
         store_dir.display()
     );
     let kernel = running_kernel(root)?;
-    check_initramfs_has_hook(&kernel.initrd)?;
+    crate::bootkernel::check_initramfs_has_hook(&kernel.initrd)?;
 
     let names = |dir: &Path, stays: &[&str]| -> Result<Vec<String>> {
         let mut names = Vec::new();
@@ -105,9 +99,10 @@ pub fn adopt(root: &Path, store_name: &str, layer: &str, bootloader: bool) -> Re
         None
     };
     set_fstab_root(&root.join("etc/fstab"), false)?;
+    // Made here, so a failure removes only what this call made.
+    fs::create_dir(&store_dir).with_context(|| format!("creating {}", store_dir.display()))?;
     let made = make_store(&store_dir, layer, &entries, &boot_entries);
     if made.is_err() {
-        // Only what this call made: the directory did not exist before.
         let _ = fs::remove_dir_all(&store_dir);
         let _ = set_fstab_root(&root.join("etc/fstab"), true);
     }
@@ -128,34 +123,15 @@ pub fn set_fstab_root(fstab: &Path, restore: bool) -> Result<()> {
     let Ok(text) = fs::read_to_string(fstab) else {
         return Ok(());
     };
-    let mut changed = false;
-    let lines: Vec<String> = text
-        .lines()
-        .map(|line| {
-            if restore {
-                if let Some(original) = line.strip_prefix(FSTAB_MARK) {
-                    changed = true;
-                    return original.to_owned();
-                }
-            } else if line.split_whitespace().nth(1) == Some("/") && !line.starts_with('#') {
-                changed = true;
-                return format!("{FSTAB_MARK}{line}");
-            }
-            line.to_owned()
-        })
-        .collect();
-    if !changed {
+    let Some(text) = layers_store::adopt::fstab_root(&text, restore) else {
         return Ok(());
-    }
+    };
     let new = fstab.with_extension("strata-new");
-    fs::write(&new, lines.join("\n") + "\n")
+    fs::write(&new, text)
         .and_then(|()| fs::File::open(&new)?.sync_all())
         .and_then(|()| fs::rename(&new, fstab))
         .with_context(|| format!("rewriting {}", fstab.display()))
 }
-
-/// Before the real root's line in an adopted system's fstab: `/` is Strata's overlay.
-const FSTAB_MARK: &str = "#strata: / is the overlay the initramfs mounts; this was: ";
 
 /// The store with its plan and, last, the journal the next boot carries out.
 fn make_store(
@@ -200,26 +176,6 @@ fn running_kernel(root: &Path) -> Result<StackKernel> {
         );
     }
     Ok(kernel)
-}
-
-/// An initramfs without the hook would boot the half-adopted root as it is: refused.
-fn check_initramfs_has_hook(initrd: &Path) -> Result<()> {
-    let listed = match Command::new("lsinitramfs").arg(initrd).output() {
-        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
-        Ok(out) => bail!(
-            "lsinitramfs {}: {}",
-            initrd.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-        // Not initramfs-tools (dracut has lsinitrd): the package's trigger put the hook there.
-        Err(_) => return Ok(()),
-    };
-    ensure!(
-        listed.lines().any(|l| l.ends_with("initramfs-hook")),
-        "{} does not hold Strata's hook; run `update-initramfs -u` first",
-        initrd.display()
-    );
-    Ok(())
 }
 
 /// Replaces GRUB's configuration with one that boots the kernel Strata keeps in
@@ -273,7 +229,7 @@ fn write_grub_config(root: &Path, boot: &Path) -> Result<Option<PathBuf>> {
          # The configuration before is in grub.cfg.before-strata.\n\
          {kept}\ninsmod part_msdos\ninsmod part_gpt\ninsmod ext2\n\
          search --no-floppy --fs-uuid --set=root {uuid}\nset default=0\nset timeout=3\n\n{}\
-         if [ -d /boot/strata/previous ]; then\n{}fi\n",
+         if [ -f /boot/strata/previous/vmlinuz ]; then\n{}fi\n",
         entry("Strata", "default"),
         entry("Strata (the kernel before)", "previous"),
         kept = kept.join("\n"),
@@ -316,8 +272,8 @@ pub fn release(store: &Store) -> Result<Released> {
     })?;
     // Under the lock, with what an interrupted change left finished.
     let change = crate::transaction::Transaction::begin(store)?;
-    // The plain root mounts itself again (the running system's fstab is the stack's).
-    set_fstab_root(Path::new("/etc/fstab"), true)?;
+    // (The hook puts the root's fstab line back in the flattened tree: an upper on tmpfs would
+    // lose a change made here.)
     let upper = (booted.upper == layers_spec::UpperMode::Persistent)
         .then(|| booted.upper_id.clone())
         .flatten();

@@ -7,6 +7,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use layers_spec::{BootState, Plan};
@@ -68,23 +69,51 @@ pub fn sync(store: &Store, plan: &Plan, state: &BootState) -> Result<Option<Sync
     }))
 }
 
-/// Makes `kernel` the one `dir/default` names: copied into `dir/V/` unless there already, the
-/// link moved, the one before kept as `previous`, and Strata's other versions removed. True
-/// when it was copied.
+/// Makes `kernel` the one `dir/default` names: copied into `dir/V/` unless the same files are
+/// there already (an initramfs rebuilt for the same version is copied again), the link moved,
+/// the one before kept as `previous`, and Strata's other versions removed. True when it was
+/// copied. Refused, with the boot kernel left as it was, when the files are not regular files
+/// or the initramfs lacks Strata's hook (it would boot the real root as it is).
 pub fn install(dir: &Path, kernel: &StackKernel) -> Result<bool> {
-    let target = dir.join(&kernel.version);
+    let version = &kernel.version;
+    if [DEFAULT_LINK, PREVIOUS_LINK].contains(&version.as_str())
+        || version.starts_with('.')
+        || version.contains('/')
+    {
+        bail!(
+            "kernel version {version:?} cannot name a boot kernel directory; the boot kernel stays as it was"
+        );
+    }
+    let stamp = source_stamp(kernel)?;
+    let target = dir.join(version);
     let mut copied = false;
-    if !target.join(MADE_BY_STRATA).exists() {
-        if target.exists() {
+    let made_by_strata = target.join(MADE_BY_STRATA);
+    if fs::read_to_string(&made_by_strata).ok().as_deref() != Some(stamp.as_str()) {
+        if target.exists() && !made_by_strata.exists() {
             bail!(
                 "{} exists and was not made by Strata; the boot kernel stays as it was",
                 target.display()
             );
         }
-        let scratch = dir.join(format!(".{}.{}", kernel.version, std::process::id()));
-        let made = make_version_dir(&scratch, kernel).and_then(|()| {
-            fs::rename(&scratch, &target)
-                .with_context(|| format!("renaming {} into place", target.display()))
+        check_initramfs_has_hook(&kernel.initrd)?;
+        let scratch = dir.join(format!(".{version}.{}", std::process::id()));
+        let made = make_version_dir(&scratch, kernel, &stamp).and_then(|()| {
+            if target.exists() {
+                // The same version with other files: swapped in at once, the old one removed.
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &scratch,
+                    rustix::fs::CWD,
+                    &target,
+                    rustix::fs::RenameFlags::EXCHANGE,
+                )
+                .with_context(|| format!("swapping {} into place", target.display()))?;
+                fs::remove_dir_all(&scratch)
+                    .with_context(|| format!("removing {}", scratch.display()))
+            } else {
+                fs::rename(&scratch, &target)
+                    .with_context(|| format!("renaming {} into place", target.display()))
+            }
         });
         if made.is_err() {
             let _ = fs::remove_dir_all(&scratch);
@@ -94,8 +123,8 @@ pub fn install(dir: &Path, kernel: &StackKernel) -> Result<bool> {
     }
     let link = dir.join(DEFAULT_LINK);
     let old = fs::read_link(&link).ok();
-    if old.as_deref() != Some(Path::new(&kernel.version)) {
-        point(dir, DEFAULT_LINK, &kernel.version)?;
+    if old.as_deref() != Some(Path::new(version)) {
+        point(dir, DEFAULT_LINK, version)?;
         if let Some(old) = old.as_ref().and_then(|o| o.to_str()) {
             point(dir, PREVIOUS_LINK, old)?;
         }
@@ -105,14 +134,62 @@ pub fn install(dir: &Path, kernel: &StackKernel) -> Result<bool> {
     Ok(copied)
 }
 
-/// Copies the kernel and its initramfs into a new directory, flushed, marked as Strata's.
-fn make_version_dir(scratch: &Path, kernel: &StackKernel) -> Result<()> {
+/// What the kernel's two files are (size and modification time each), recorded in the
+/// directory made from them: a rebuilt initramfs differs. Both must be regular files (a
+/// symlink would be followed out of the stack).
+fn source_stamp(kernel: &StackKernel) -> Result<String> {
+    let mut stamp = String::new();
+    for (name, file) in [("vmlinuz", &kernel.vmlinuz), ("initrd.img", &kernel.initrd)] {
+        let meta =
+            fs::symlink_metadata(file).with_context(|| format!("reading {}", file.display()))?;
+        if !meta.is_file() {
+            bail!(
+                "{} is not a regular file; the boot kernel stays as it was",
+                file.display()
+            );
+        }
+        stamp.push_str(&format!(
+            "{name} {} {}.{:09}\n",
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec()
+        ));
+    }
+    Ok(stamp)
+}
+
+/// Copies the kernel and its initramfs into a new directory, flushed, marked as Strata's with
+/// the files' stamp.
+fn make_version_dir(scratch: &Path, kernel: &StackKernel, stamp: &str) -> Result<()> {
     let _ = fs::remove_dir_all(scratch);
     fs::create_dir(scratch).with_context(|| format!("creating {}", scratch.display()))?;
     copy_synced(&kernel.vmlinuz, &scratch.join("vmlinuz"))?;
     copy_synced(&kernel.initrd, &scratch.join("initrd.img"))?;
-    fs::write(scratch.join(MADE_BY_STRATA), "")?;
+    fs::write(scratch.join(MADE_BY_STRATA), stamp)?;
+    fs::File::open(scratch.join(MADE_BY_STRATA))?.sync_all()?;
     sync_dir(scratch)
+}
+
+/// An initramfs without the hook would boot the real root as it is (an adopted one holds no
+/// system): refused. Checked with initramfs-tools' `lsinitramfs` where it is installed.
+pub fn check_initramfs_has_hook(initrd: &Path) -> Result<()> {
+    let listed = match Command::new("lsinitramfs").arg(initrd).output() {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Ok(out) => bail!(
+            "lsinitramfs {}: {}",
+            initrd.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        // Not initramfs-tools (dracut has lsinitrd): the package's trigger put the hook there.
+        Err(_) => return Ok(()),
+    };
+    if !listed.lines().any(|l| l.ends_with("initramfs-hook")) {
+        bail!(
+            "{} does not hold Strata's hook, so it would boot the real root as it is; the boot kernel stays as it was (rebuild it: `update-initramfs -u`, in `overlayctl run` on a store)",
+            initrd.display()
+        );
+    }
+    Ok(())
 }
 
 /// Points the link `name` in `dir` at `version`: a new link renamed over the old one.
@@ -138,7 +215,8 @@ fn remove_unused(dir: &Path) -> Result<()> {
         };
         let ours = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir())
             && path.join(MADE_BY_STRATA).exists();
-        if ours && !name.starts_with('.') && !kept.iter().any(|k| k == Path::new(name)) {
+        // (A dot name is a copy a cut interrupted, or the old one of a swap.)
+        if ours && !kept.iter().any(|k| k == Path::new(name)) {
             fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
@@ -240,6 +318,83 @@ mod tests {
         fs::create_dir_all(&shadow[0]).unwrap();
         fs::write(shadow[0].join("boot"), "x").unwrap();
         assert_eq!(lookup(&shadow, Path::new("boot/a")), None);
+    }
+
+    /// A gzipped cpio archive at `path` holding `names` (as initramfs-tools makes one).
+    fn initrd(path: &Path, names: &[&str]) {
+        let work = tempfile::tempdir().unwrap();
+        for name in names {
+            fs::create_dir_all(work.path().join(name).parent().unwrap()).unwrap();
+            fs::write(work.path().join(name), name).unwrap();
+        }
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "cd {} && printf '%s\\n' {} | cpio -o -H newc --quiet | gzip > {}",
+                work.path().display(),
+                names.join(" "),
+                path.display()
+            ))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    #[test]
+    fn install_copies_again_what_changed_and_refuses_what_would_not_boot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, src) = (tmp.path().join("boot-strata"), tmp.path().join("src"));
+        fs::create_dir_all(&dir).unwrap();
+        fs::create_dir_all(&src).unwrap();
+        let kernel = |version: &str| StackKernel {
+            version: version.into(),
+            vmlinuz: src.join(format!("vmlinuz-{version}")),
+            initrd: src.join(format!("initrd.img-{version}")),
+        };
+        fs::write(src.join("vmlinuz-1"), "kernel 1").unwrap();
+        initrd(&src.join("initrd.img-1"), &["usr/sbin/initramfs-hook"]);
+        assert!(install(&dir, &kernel("1")).unwrap());
+        assert_eq!(fs::read_link(dir.join("default")).unwrap(), Path::new("1"));
+        assert!(!install(&dir, &kernel("1")).unwrap(), "the same files");
+
+        // The initramfs rebuilt for the same version (a new hook, say): copied again.
+        initrd(
+            &src.join("initrd.img-1"),
+            &["usr/sbin/initramfs-hook", "etc/crypttab"],
+        );
+        assert!(install(&dir, &kernel("1")).unwrap());
+        assert_eq!(
+            fs::read(dir.join("1/initrd.img")).unwrap(),
+            fs::read(src.join("initrd.img-1")).unwrap()
+        );
+        let left: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left.len(),
+            2,
+            "1 and default, no swapped-out copy: {left:?}"
+        );
+
+        // An initramfs without the hook, a symlinked kernel, a version named like a link: each
+        // refused, the boot kernel as it was.
+        fs::write(src.join("vmlinuz-2"), "kernel 2").unwrap();
+        initrd(&src.join("initrd.img-2"), &["usr/sbin/other"]);
+        let err = install(&dir, &kernel("2")).unwrap_err().to_string();
+        assert!(err.contains("does not hold Strata's hook"), "{err}");
+        fs::write(src.join("elsewhere"), "secret").unwrap();
+        fs::remove_file(src.join("vmlinuz-2")).unwrap();
+        std::os::unix::fs::symlink(src.join("elsewhere"), src.join("vmlinuz-2")).unwrap();
+        initrd(&src.join("initrd.img-2"), &["usr/sbin/initramfs-hook"]);
+        let err = install(&dir, &kernel("2")).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        fs::write(src.join("vmlinuz-previous"), "kernel").unwrap();
+        fs::copy(src.join("initrd.img-2"), src.join("initrd.img-previous")).unwrap();
+        let err = install(&dir, &kernel("previous")).unwrap_err().to_string();
+        assert!(err.contains("cannot name"), "{err}");
+        assert_eq!(fs::read_link(dir.join("default")).unwrap(), Path::new("1"));
+        assert!(!dir.join("2").exists() && !dir.join("previous").exists());
     }
 }
 

@@ -17,6 +17,18 @@ use crate::store::Store;
 /// change.
 pub(crate) fn finish_pending(store: &Store, plan: &mut Plan, state: &mut BootState) -> Result<()> {
     finish_adoption(store, plan)?;
+    if layers_store::release::Release::read(store.handle())
+        .map_err(anyhow::Error::msg)?
+        .is_some()
+    {
+        anyhow::bail!(
+            "the running stack becomes the plain root at the next boot (`overlayctl release`); restart first, or remove {} to call the release off",
+            store
+                .root
+                .join(layers_store::release::RELEASE_FILE)
+                .display()
+        );
+    }
     if let Some(checkpoint) = state.checkpoint.clone().filter(|c| c.frozen) {
         let name = &checkpoint.layer;
         if plan.layer(name).is_some_and(|l| l.digest.is_none()) {

@@ -5,7 +5,9 @@
 //! The command runs in a child `overlayctl` (a hidden subcommand) that unshares its mount
 //! namespace, mounts the overlay and /proc, /sys, /dev, /run inside it, chroots and execs the
 //! command: every mount vanishes with it. The parent waits (Ctrl-C reaches the command, not the
-//! parent), then turns the upper into a layer or removes it.
+//! parent), then turns the upper into a layer or removes it. Inside, `systemd-detect-virt
+//! --container` says yes (`/run/host/container-manager`): packages' scripts leave the machine's
+//! bootloader and services alone, as they do when an image is built in a container.
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -263,6 +265,13 @@ pub fn child(store: &Path, scratch: &Path, lowers: &[PathBuf], command: &[String
             Some("mode=0755"),
         )
         .context("mounting /run")?;
+        // Tell the packages' scripts this is not the booted system, as a container manager
+        // does: GRUB's kernel hook and postinst then leave the bootloader alone (Strata keeps
+        // the next boot's kernel itself, docs/kernels.md) instead of failing to find the root
+        // device under an overlay.
+        fs::create_dir(run.join("host")).context("making /run/host")?;
+        fs::write(run.join("host/container-manager"), "strata-run\n")
+            .context("writing /run/host/container-manager")?;
     }
     nix::unistd::chroot(&root).context("changing root")?;
     std::env::set_current_dir("/").context("entering the new root")?;

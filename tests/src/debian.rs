@@ -53,6 +53,18 @@ if [ -e /run/strata/root/strata-test-release ]; then
     mkdir -p /etc/strata-test && echo "written over the stack" >/etc/strata-test/upper
     echo "@@ release-begin"; overlayctl release; echo "@@ release-rc $?"; echo "@@ release-end"
 fi
+echo "@@ kernel-package $(dpkg-query -W -f '${Version}' linux-image-amd64)"
+if [ -e /root/strata.deb ]; then
+    echo "@@ install-begin"; dpkg -i /root/strata.deb; echo "@@ install-rc $?"; echo "@@ install-end"
+    rm /root/strata.deb
+fi
+if [ -e /run/strata/root/strata-test-upgrade ]; then
+    rm /run/strata/root/strata-test-upgrade
+    echo "@@ upgrade-begin"
+    DEBIAN_FRONTEND=noninteractive overlayctl run --name upgrade -- apt-get -y --no-download dist-upgrade
+    echo "@@ upgrade-rc $?"; echo "@@ upgrade-end"
+    echo "@@ boot-kernel $(readlink /run/strata/root/boot/strata/default)"
+fi
 if [ -e /etc/strata-test-run/adopt ]; then
     rm /etc/strata-test-run/adopt
     echo "@@ adopt-begin"; overlayctl adopt; echo "@@ adopt-rc $?"; echo "@@ adopt-end"
@@ -93,6 +105,19 @@ menuentry "Strata" {
     initrd /boot/strata/default/initrd.img
 }
 "#;
+
+/// What debootstrap installs beside minbase: systemd, Debian's kernel and initramfs-tools, and
+/// GRUB as an installed Debian has it (its kernel hook and `update-grub` included).
+const PACKAGES: &[&str] = &[
+    "systemd-sysv",
+    "udev",
+    "linux-image-amd64",
+    "initramfs-tools",
+    "grub-pc",
+    "kmod",
+    "e2fsprogs",
+    "procps",
+];
 
 /// GRUB's modules in its core image: enough to find the partition, read ext4, the serial
 /// console, and load the configuration and a Linux kernel.
@@ -150,7 +175,11 @@ pub fn kernel_versions(root: &Path) -> Vec<String> {
 pub fn base() -> Base {
     let dir = cache_dir().join("debian-12");
     let base = Base { dir: dir.clone() };
-    if dir.join("complete").exists() {
+    let recipe = format!(
+        "debootstrap --variant=minbase --include={}\n",
+        PACKAGES.join(",")
+    );
+    if fs::read_to_string(dir.join("complete")).is_ok_and(|done| done == recipe) {
         return base;
     }
     ensure_commands(&[("debootstrap", "debootstrap"), ("sfdisk", "fdisk")]);
@@ -159,19 +188,7 @@ pub fn base() -> Base {
     let root = base.root();
     run(Command::new("debootstrap")
         .args(["--variant=minbase", "--include"])
-        .arg(
-            [
-                "systemd-sysv",
-                "udev",
-                "linux-image-amd64",
-                "initramfs-tools",
-                "grub-pc-bin",
-                "kmod",
-                "e2fsprogs",
-                "procps",
-            ]
-            .join(","),
-        )
+        .arg(PACKAGES.join(","))
         .arg("bookworm")
         .arg(&root)
         .arg(MIRROR));
@@ -204,7 +221,7 @@ pub fn base() -> Base {
         dir.join("boot.img"),
     )
     .unwrap();
-    fs::write(dir.join("complete"), "").unwrap();
+    fs::write(dir.join("complete"), recipe).unwrap();
     base
 }
 
@@ -275,11 +292,23 @@ impl Machine {
         Some(machine)
     }
 
-    /// The installed Debian with Strata's package and no store, booted by GRUB from Debian's
-    /// own `/vmlinuz` and `/initrd.img`: a system to adopt.
+    /// An installed Debian without Strata, booted by GRUB from Debian's own `/vmlinuz` and
+    /// `/initrd.img`: Strata's package waits in `/root/strata.deb` (the report installs it), and
+    /// the packages of a `dist-upgrade` are downloaded into apt's cache (the guest has no
+    /// network).
     pub fn plain(test: &str) -> Option<Self> {
-        let machine = Self::installed(test)?;
-        fs::rename(machine.path("tree"), machine.real()).unwrap();
+        let machine = Self::copied(test)?;
+        let tree = machine.path("tree");
+        fs::copy(package(), tree.join("root/strata.deb")).unwrap();
+        in_chroot(
+            &tree,
+            &[
+                "sh",
+                "-c",
+                "apt-get update -qq && apt-get dist-upgrade --download-only -y -qq",
+            ],
+        );
+        fs::rename(&tree, machine.real()).unwrap();
         let plain = GRUB_CFG
             .replace("/boot/strata/default/vmlinuz", "/vmlinuz")
             .replace("/boot/strata/default/initrd.img", "/initrd.img");
@@ -296,6 +325,16 @@ impl Machine {
     /// A copy of the cached Debian root at `tree/`, Strata's package installed (its trigger
     /// builds the initramfs with the hook) and the report unit.
     fn installed(test: &str) -> Option<Self> {
+        let machine = Self::copied(test)?;
+        let tree = machine.path("tree");
+        fs::copy(package(), tree.join("tmp/strata.deb")).unwrap();
+        in_chroot(&tree, &["dpkg", "-i", "/tmp/strata.deb"]);
+        fs::remove_file(tree.join("tmp/strata.deb")).unwrap();
+        Some(machine)
+    }
+
+    /// A copy of the cached Debian root at `tree/` with the report unit.
+    fn copied(test: &str) -> Option<Self> {
         if !crate::have_root(test) {
             return None;
         }
@@ -311,10 +350,6 @@ impl Machine {
             .arg("-a")
             .arg(machine.base.root())
             .arg(&tree));
-        let deb = package();
-        fs::copy(&deb, tree.join("tmp/strata.deb")).unwrap();
-        in_chroot(&tree, &["dpkg", "-i", "/tmp/strata.deb"]);
-        fs::remove_file(tree.join("tmp/strata.deb")).unwrap();
         install_report(&tree);
         Some(machine)
     }
@@ -506,6 +541,17 @@ fn install_report(root: &Path) {
         wants.join("strata-test-report.service"),
     )
     .unwrap();
+}
+
+/// The version of `package` dpkg has installed in `root`.
+pub fn package_version(root: &Path, package: &str) -> String {
+    let status = fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
+    status
+        .split("\n\n")
+        .find(|stanza| stanza.lines().any(|l| l == format!("Package: {package}")))
+        .and_then(|stanza| stanza.lines().find_map(|l| l.strip_prefix("Version: ")))
+        .unwrap_or_else(|| panic!("{package} is not installed in {}", root.display()))
+        .to_owned()
 }
 
 /// The package, made by `scripts/package` (once per test process).

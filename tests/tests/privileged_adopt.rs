@@ -49,6 +49,8 @@ fn privileged_adopt_then_release_round_trip() {
     let version = layers_store::kernel::running_release();
     write(&root.join("usr/bin/tool"), "tool 1\n");
     write(&root.join("etc/hostname"), "adopted\n");
+    let fstab = "/dev/vda / ext4 errors=remount-ro 0 1\n";
+    write(&root.join("etc/fstab"), fstab);
     std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
     fs::create_dir(root.join("lost+found")).unwrap();
     write(&root.join(format!("boot/vmlinuz-{version}")), "kernel");
@@ -163,8 +165,18 @@ fn privileged_adopt_then_release_round_trip() {
     // A change over the stack, then release.
     write(&root.join("etc/motd"), "written over the stack\n");
     fs::remove_file(root.join("etc/hostname")).unwrap();
+    assert!(
+        fs::read_to_string(root.join("etc/fstab"))
+            .unwrap()
+            .starts_with("#strata: / is the overlay")
+    );
     let said = ok(&["--store", booted_arg, "release"]);
     assert!(said.contains("becomes the plain root"), "{said}");
+    // Until the restart, no change: the release would flatten a stack that is no more.
+    let err = fails(&["--store", booted_arg, "disable", "base"]);
+    assert!(err.contains("restart first"), "{err}");
+    let err = fails(&["--store", booted_arg, "release"]);
+    assert!(err.contains("restart first"), "{err}");
     // A reboot: everything unmounted, the real root mounted where the initramfs puts it.
     for path in [&root, &booted_store] {
         while umount(path.as_path()).is_ok() {}
@@ -189,8 +201,115 @@ fn privileged_adopt_then_release_round_trip() {
         "written over the stack\n"
     );
     assert!(!root.join("etc/hostname").exists(), "the whiteout held");
+    assert_eq!(
+        fs::read_to_string(root.join("etc/fstab")).unwrap(),
+        fstab,
+        "the root's line is back"
+    );
     assert!(root.join(format!("boot/vmlinuz-{version}")).exists());
     assert!(root.join("strata.released/layers/base").is_dir());
     assert!(!root.join("strata").exists());
     assert!(!run.join("strata/booted.toml").exists());
+}
+
+/// An adoption that cannot finish by rename (here a filesystem mounted on `/var`, as a separate
+/// partition would be) moves nothing, or puts back what it moved: the boot goes on with the
+/// plain system, whole, and says why. A journal that names what must stay is refused.
+#[test]
+fn privileged_adoption_that_cannot_finish_leaves_the_system_whole() {
+    let Some(scratch) =
+        Scratch::new("privileged_adoption_that_cannot_finish_leaves_the_system_whole")
+    else {
+        return;
+    };
+    let root = scratch.path("rootmnt");
+    fs::create_dir_all(&root).unwrap();
+    mount(
+        Some("tmpfs"),
+        &root,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    let version = layers_store::kernel::running_release();
+    write(&root.join("usr/bin/tool"), "tool 1\n");
+    write(&root.join("etc/hostname"), "plain\n");
+    write(&root.join("var/lib/state"), "state\n");
+    write(&root.join(format!("boot/vmlinuz-{version}")), "kernel");
+    initrd_with_hook(
+        &root.join(format!("boot/initrd.img-{version}")),
+        &scratch.path("initrd"),
+    );
+    let run = scratch.path("run");
+    let root_arg = root.to_str().unwrap();
+    Command::cargo_bin("overlayctl")
+        .unwrap()
+        .env("STRATA_RUN_DIR", run.join("strata"))
+        .args(["adopt", "--root", root_arg, "--no-bootloader"])
+        .assert()
+        .success();
+    let listing = |dir: &Path| {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = listing(&root);
+    // A filesystem on var/ (sorted after etc/ and boot/'s kernel files, so those move first).
+    mount(
+        Some("tmpfs"),
+        &root.join("var"),
+        Some("tmpfs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    write(&root.join("var/lib/state"), "state\n");
+    let take_root = || {
+        let out = Command::cargo_bin("initramfs-hook")
+            .unwrap()
+            .args(["take-root", "--root", root_arg, "--run"])
+            .arg(&run)
+            .args(["--cmdline", "root=/dev/vda ro"])
+            .assert()
+            .success()
+            .get_output()
+            .clone();
+        String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap()
+    };
+    let said = take_root();
+    assert!(
+        said.contains("adopting the installed system failed"),
+        "{said}"
+    );
+    assert!(said.contains("mount point"), "{said}");
+    assert!(said.contains("booting the real root as it is"), "{said}");
+    assert_eq!(listing(&root), before);
+    assert_eq!(
+        fs::read_to_string(root.join("usr/bin/tool")).unwrap(),
+        "tool 1\n"
+    );
+    assert!(root.join(format!("boot/vmlinuz-{version}")).exists());
+    assert!(!root.join("strata/layers/base").exists());
+    assert!(
+        root.join("strata/adopt.toml").exists(),
+        "the next boot tries again"
+    );
+
+    // A journal edited to move what stays (GRUB's files, /boot itself) is refused whole.
+    while umount(root.join("var").as_path()).is_ok() {}
+    fs::remove_dir_all(run.join("strata")).unwrap();
+    let journal = root.join("strata/adopt.toml");
+    let text = fs::read_to_string(&journal).unwrap();
+    fs::write(
+        &journal,
+        text.replacen("entries = [", "entries = [\"boot\", ", 1),
+    )
+    .unwrap();
+    let said = take_root();
+    assert!(said.contains("stays on the real root"), "{said}");
+    assert_eq!(listing(&root), before);
 }

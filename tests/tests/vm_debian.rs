@@ -3,7 +3,8 @@
 //! the default stack with a layer `apt-get` made, a rollback by the command line, one from the
 //! boot menu over the serial console, `overlayctl switch`, and a failed health check rolled back
 //! with nobody at the keys; a kernel upgrade carried by a layer, booted, and rolled back with the
-//! old kernel and its modules; adopt of the installed system, then release.
+//! old kernel and its modules; and the whole story from `dpkg -i` through adopt, a dist-upgrade
+//! with a new kernel, a rollback from the menu, to release.
 
 use tests::debian::Machine;
 
@@ -194,30 +195,39 @@ fn vm_debian_kernel_follows_the_stack() {
     );
 }
 
-/// `overlayctl adopt` on an installed Debian booted the ordinary way: the next boot moves the
-/// system into the base layer and boots it as a stack; the next change seals it. Then
-/// `overlayctl release`: the next boot makes the stack with its upper's changes the plain root.
+/// The whole story, as a person with a Debian machine lives it: the package installed with
+/// `dpkg -i` on the running system, `overlayctl adopt`, a reboot into the adopted stack, `overlayctl
+/// run -- apt-get dist-upgrade` on it (a new kernel from bookworm-security included, with GRUB's
+/// own package installed as on any installed Debian), the next boot on the new kernel, a rollback
+/// from the boot menu (a key pressed in its short wait, then Down, `t`, Enter) that boots the old
+/// kernel with the old packages, and at last `overlayctl release`: the upgraded stack becomes the
+/// plain root again. (The upgrade's packages are downloaded before the first boot: the guest has
+/// no network.)
 #[test]
-fn vm_debian_adopts_the_installed_system_and_releases_it() {
-    let Some(machine) = Machine::plain("vm_debian_adopts_the_installed_system_and_releases_it")
-    else {
+fn vm_debian_installs_adopts_upgrades_and_rolls_back() {
+    let Some(machine) = Machine::plain("vm_debian_installs_adopts_upgrades_and_rolls_back") else {
         return;
     };
-    let version = machine.base.kernel_version();
+    let old = machine.base.kernel_version();
+    let old_package = tests::debian::package_version(&machine.real(), "linux-image-amd64");
     let marker = machine.real().join("etc/strata-test-run/adopt");
     std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
     std::fs::write(&marker, "").unwrap();
     machine.make_disk();
 
-    // The plain system: no store yet; adopt prepares it.
+    // The plain system: the package installed (its trigger puts the hook in the initramfs), then
+    // adopt prepares the next boot.
     let log = machine.boot("");
     assert!(log.done(), "{}", log.serial);
     assert_eq!(log.marker("root-fs"), Some("ext4"), "{}", log.serial);
+    assert_eq!(log.marker("install-rc"), Some("0"), "{}", log.serial);
     assert_eq!(log.marker("adopt-rc"), Some("0"), "{}", log.serial);
     let said = log.block("adopt").unwrap();
     assert!(said.contains("become layer base"), "{said}");
 
-    // Adopted at this boot, by rename, and booted as a stack with the same kernel.
+    // Adopted at this boot, by rename, and booted as a stack with the same kernel; then the
+    // upgrade, made on the running system.
+    machine.with_real_root(|real| std::fs::write(real.join("strata-test-upgrade"), "").unwrap());
     let log = machine.boot("");
     assert!(log.done(), "{}", log.serial);
     assert!(
@@ -228,8 +238,15 @@ fn vm_debian_adopts_the_installed_system_and_releases_it() {
     );
     assert_eq!(stack(&log), ["base"], "{}", log.serial);
     assert_eq!(log.marker("root-fs"), Some("overlay"));
-    assert_eq!(log.marker("uname"), Some(version.as_str()));
-    // The accept unit's change sealed it: a digest, and the journal gone.
+    assert_eq!(log.marker("uname"), Some(old.as_str()));
+    assert_eq!(log.marker("upgrade-rc"), Some("0"), "{}", log.serial);
+    let new = log.marker("boot-kernel").unwrap_or_default().to_owned();
+    assert!(
+        !new.is_empty() && new != old,
+        "the upgrade brought a new kernel to boot:\n{}",
+        log.serial
+    );
+    // The accept unit's change sealed the adopted base: a digest, and the journal gone.
     assert_eq!(log.marker("verify"), Some("ok"), "{}", log.serial);
     assert_eq!(log.marker("adopt-journal"), Some("gone"));
     machine.with_real_root(|real| {
@@ -241,25 +258,76 @@ fn vm_debian_adopts_the_installed_system_and_releases_it() {
         assert_eq!(top, ["boot", "lost+found", "strata"]);
         assert!(real.join("strata/layers/base/usr/bin").is_dir());
         assert!(
-            real.join(format!("strata/layers/base/boot/vmlinuz-{version}"))
+            real.join(format!("strata/layers/base/boot/vmlinuz-{old}"))
                 .is_file()
         );
+        let layer = real.join("strata/layers/upgrade");
+        assert!(layer.join(format!("boot/initrd.img-{new}")).is_file());
+        assert!(layer.join(format!("usr/lib/modules/{new}/kernel")).is_dir());
         assert!(real.join("boot/grub/grub.cfg.before-strata").is_file());
         let fstab = std::fs::read_to_string(real.join("strata/layers/base/etc/fstab")).unwrap();
         assert!(fstab.starts_with("#strata: / is the overlay"), "{fstab}");
-        std::fs::write(real.join("strata-test-release"), "").unwrap();
     });
 
-    // Release asked for from the adopted system (with a file written over the stack)...
-    let log = machine.boot("");
-    assert_eq!(stack(&log), ["base"], "{}", log.serial);
-    assert_eq!(log.marker("release-rc"), Some("0"), "{}", log.serial);
-    // ...and done at the next boot: the plain system, the file kept, the store aside.
+    // The next boot: GRUB starts the new kernel, the stack is the upgraded one.
     let log = machine.boot("");
     assert!(log.done(), "{}", log.serial);
-    assert!(log.serial.contains("released: base"), "{}", log.serial);
+    assert_eq!(stack(&log), ["upgrade", "base"], "{}", log.serial);
+    assert_eq!(log.marker("uname"), Some(new.as_str()), "{}", log.serial);
+    assert_eq!(log.marker("modules-dir"), Some("present"));
+    assert_eq!(log.marker("failed-units"), Some(""), "{}", log.serial);
+    let upgraded = log.marker("kernel-package").unwrap_or_default().to_owned();
+    assert_ne!(upgraded, old_package, "{}", log.serial);
+
+    // The upgrade went bad, say: the person turns the machine on, presses a key in the menu's
+    // short wait, and boots the base once. GRUB starts the new kernel; the hook restarts into
+    // the base's own.
+    let mut session = machine.session("");
+    assert!(
+        session
+            .wait_for("press any key for the boot menu")
+            .is_some(),
+        "no wait for a key:\n{}",
+        session.serial()
+    );
+    session.send(b" ");
+    let screen = session.wait_for_screen("Strata boot menu");
+    assert!(screen.is_some(), "no menu:\n{}", session.serial());
+    for key in [&b"\x1b[B"[..], b"t", b"\r"] {
+        session.send(key);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let log = session.finish();
+    assert_eq!(stack(&log), ["base"], "{}", log.serial);
+    assert_eq!(log.marker("uname"), Some(old.as_str()), "{}", log.serial);
+    assert!(
+        log.serial
+            .contains(&format!("restarting into kernel {old}")),
+        "{}",
+        log.serial
+    );
+    assert_eq!(log.marker("modules-dir"), Some("present"));
+    assert_eq!(
+        log.marker("kernel-package"),
+        Some(old_package.as_str()),
+        "{}",
+        log.serial
+    );
+
+    // Release asked for from the upgraded stack (with a file written over it)...
+    machine.with_real_root(|real| std::fs::write(real.join("strata-test-release"), "").unwrap());
+    let log = machine.boot("");
+    assert_eq!(stack(&log), ["upgrade", "base"], "{}", log.serial);
+    assert_eq!(log.marker("release-rc"), Some("0"), "{}", log.serial);
+    // ...and done at the next boot: the plain system on the new kernel, the file kept, the
+    // store aside.
+    let log = machine.boot("");
+    assert!(log.done(), "{}", log.serial);
+    assert!(log.serial.contains("released: upgrade"), "{}", log.serial);
     assert_eq!(log.marker("root-fs"), Some("ext4"), "{}", log.serial);
-    assert_eq!(log.marker("uname"), Some(version.as_str()));
+    assert_eq!(log.marker("uname"), Some(new.as_str()));
+    assert_eq!(log.marker("modules-dir"), Some("present"));
+    assert_eq!(log.marker("kernel-package"), Some(upgraded.as_str()));
     assert_eq!(log.marker("file-upper"), Some("written over the stack"));
     machine.with_real_root(|real| {
         assert!(real.join("usr/bin").is_dir() && real.join("etc/hostname").is_file());
