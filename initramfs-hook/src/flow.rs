@@ -476,7 +476,14 @@ fn mount(
 /// the stack carried on the command line (docs/kernels.md). Returns when it does not: the stack
 /// has no kernel, has the running one, or the restart failed (then it boots on this kernel).
 fn follow_kernel(env: &BootEnv, boot: &mut Boot, mounted: &Mounted, log: &mut Log) {
-    let Some(kernel) = crate::kexec::stack_kernel(&env.newroot) else {
+    // The layers' kernel, as `overlayctl` keeps it on the real root: one the upper holds (an
+    // `apt-get` on the running system) counts once it is in a layer.
+    let layers: Vec<PathBuf> = mounted
+        .stack
+        .iter()
+        .map(|name| boot.store.layer_path(name))
+        .collect();
+    let Some(kernel) = crate::kexec::layers_kernel(&layers) else {
         return;
     };
     let running = crate::kexec::running_release();

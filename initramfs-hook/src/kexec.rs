@@ -2,29 +2,9 @@
 //! kernel other than the running one, restart into it with kexec, passing the stack on as
 //! `strata.stack=` so the second pass mounts exactly it, asks nothing and counts nothing again.
 
-use std::fs;
-use std::path::Path;
-
 use crate::log::Log;
 
-pub use layers_store::kernel::{StackKernel, running_release};
-
-/// The kernel of the stack mounted at `root` (docs/kernels.md).
-pub fn stack_kernel(root: &Path) -> Option<StackKernel> {
-    let names = fs::read_dir(root.join("boot"))
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_else(|_| Vec::new());
-    layers_store::kernel::stack_kernel(
-        |rel| {
-            let path = root.join(rel);
-            path.symlink_metadata().is_ok().then_some(path)
-        },
-        names,
-    )
-}
+pub use layers_store::kernel::{StackKernel, layers_kernel, running_release};
 
 /// Loads `kernel` for kexec with `cmdline`, then restarts into it. Returns only when that
 /// fails, with why.

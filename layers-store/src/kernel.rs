@@ -1,5 +1,5 @@
-//! Which kernel a stack boots (docs/kernels.md), one rule for the hook (reading the mounted
-//! stack) and `overlayctl` (reading the layers): the kernel `/vmlinuz` points at (Debian keeps it
+//! Which kernel a stack boots (docs/kernels.md), one rule for the hook and `overlayctl`, both
+//! reading the stack's layers: the kernel `/vmlinuz` points at (Debian keeps it
 //! on the newest installed) when its initramfs is there too, else the highest version that has
 //! both `/boot/vmlinuz-V` and `/boot/initrd.img-V`.
 
@@ -41,6 +41,66 @@ pub fn stack_kernel(
     versions.sort_by_key(|v| version_key(v));
     versions.dedup();
     versions.iter().rev().find_map(|v| with_files(v))
+}
+
+/// The kernel of the stack of `layers` (top first, the upper left out: a kernel counts once it
+/// is in a layer). What `overlayctl` keeps on the real root and what the hook restarts into.
+pub fn layers_kernel(layers: &[PathBuf]) -> Option<StackKernel> {
+    let names: Vec<String> = layers
+        .iter()
+        .filter_map(|layer| std::fs::read_dir(layer.join("boot")).ok())
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    stack_kernel(|rel| lookup(layers, rel), names)
+}
+
+/// The file `rel` of the merged stack of `layers` (top first), as overlayfs shows it: the
+/// topmost layer that has it, unless a whiteout, a non-directory on the way or an opaque
+/// directory above hides the layers below. None when the stack has no such entry.
+pub fn lookup(layers: &[PathBuf], rel: &Path) -> Option<PathBuf> {
+    for layer in layers {
+        let mut hidden_below = false;
+        let mut dir = layer.clone();
+        for (i, part) in rel.iter().enumerate() {
+            dir.push(part);
+            let meta = match std::fs::symlink_metadata(&dir) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(_) => return None,
+            };
+            let last = i + 1 == rel.iter().count();
+            if is_whiteout(&meta) {
+                return None;
+            }
+            if last {
+                return Some(dir);
+            }
+            if !meta.is_dir() {
+                // A file where the path needs a directory hides the path below.
+                return None;
+            }
+            hidden_below |= is_opaque(&dir);
+        }
+        if hidden_below {
+            return None;
+        }
+    }
+    None
+}
+
+fn is_whiteout(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+fn is_opaque(dir: &Path) -> bool {
+    ["trusted.overlay.opaque", "user.overlay.opaque"]
+        .iter()
+        .any(|name| {
+            let mut value = [0u8; 2];
+            rustix::fs::lgetxattr(dir, *name, &mut value).is_ok_and(|n| &value[..n] == b"y")
+        })
 }
 
 /// Orders kernel versions by their numbers (`6.1.0-9` before `6.1.0-10`).
@@ -115,6 +175,31 @@ mod tests {
     use std::fs;
 
     use super::*;
+
+    #[test]
+    fn lookup_follows_overlay_rules() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (top, bottom) = (tmp.path().join("top"), tmp.path().join("bottom"));
+        for (layer, file) in [(&bottom, "boot/a"), (&bottom, "boot/b"), (&top, "boot/c")] {
+            fs::create_dir_all(layer.join(file).parent().unwrap()).unwrap();
+            fs::write(layer.join(file), file).unwrap();
+        }
+        let layers = [top.clone(), bottom.clone()];
+        assert_eq!(
+            lookup(&layers, Path::new("boot/a")),
+            Some(bottom.join("boot/a"))
+        );
+        assert_eq!(
+            lookup(&layers, Path::new("boot/c")),
+            Some(top.join("boot/c"))
+        );
+        assert_eq!(lookup(&layers, Path::new("boot/none")), None);
+        // A file named boot in the top layer hides the directory below.
+        let shadow = [tmp.path().join("shadow"), bottom.clone()];
+        fs::create_dir_all(&shadow[0]).unwrap();
+        fs::write(shadow[0].join("boot"), "x").unwrap();
+        assert_eq!(lookup(&shadow, Path::new("boot/a")), None);
+    }
 
     fn in_root(root: &Path) -> Option<StackKernel> {
         let names = fs::read_dir(root.join("boot"))

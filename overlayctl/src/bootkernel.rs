@@ -4,8 +4,7 @@
 //! into its own (the hook's kexec). Nothing happens unless `/boot/strata/` exists.
 
 use std::fs;
-use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -236,89 +235,11 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("syncing {}", dir.display()))
 }
 
-/// The kernel of the stack of `layers` (top first), by the hook's rule (docs/kernels.md).
-pub fn stack_kernel(layers: &[PathBuf]) -> Option<StackKernel> {
-    let names: Vec<String> = layers
-        .iter()
-        .filter_map(|layer| fs::read_dir(layer.join("boot")).ok())
-        .flatten()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect();
-    layers_store::kernel::stack_kernel(|rel| lookup(layers, rel), names)
-}
-
-/// The file `rel` of the merged stack of `layers` (top first), as overlayfs shows it: the
-/// topmost layer that has it, unless a whiteout, a non-directory on the way or an opaque
-/// directory above hides the layers below. None when the stack has no such entry.
-pub fn lookup(layers: &[PathBuf], rel: &Path) -> Option<PathBuf> {
-    for layer in layers {
-        let mut hidden_below = false;
-        let mut dir = layer.clone();
-        for (i, part) in rel.iter().enumerate() {
-            dir.push(part);
-            let meta = match fs::symlink_metadata(&dir) {
-                Ok(meta) => meta,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                Err(_) => return None,
-            };
-            let last = i + 1 == rel.iter().count();
-            if is_whiteout(&meta) {
-                return None;
-            }
-            if last {
-                return Some(dir);
-            }
-            if !meta.is_dir() {
-                // A file where the path needs a directory hides the path below.
-                return None;
-            }
-            hidden_below |= is_opaque(&dir);
-        }
-        if hidden_below {
-            return None;
-        }
-    }
-    None
-}
-
-fn is_whiteout(meta: &fs::Metadata) -> bool {
-    meta.file_type().is_char_device() && meta.rdev() == 0
-}
-
-fn is_opaque(dir: &Path) -> bool {
-    ["trusted.overlay.opaque", "user.overlay.opaque"]
-        .iter()
-        .any(|name| xattr::get(dir, name).ok().flatten().as_deref() == Some(b"y"))
-}
+pub use layers_store::kernel::layers_kernel as stack_kernel;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lookup_follows_overlay_rules() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (top, bottom) = (tmp.path().join("top"), tmp.path().join("bottom"));
-        for (layer, file) in [(&bottom, "boot/a"), (&bottom, "boot/b"), (&top, "boot/c")] {
-            fs::create_dir_all(layer.join(file).parent().unwrap()).unwrap();
-            fs::write(layer.join(file), file).unwrap();
-        }
-        let layers = [top.clone(), bottom.clone()];
-        assert_eq!(
-            lookup(&layers, Path::new("boot/a")),
-            Some(bottom.join("boot/a"))
-        );
-        assert_eq!(
-            lookup(&layers, Path::new("boot/c")),
-            Some(top.join("boot/c"))
-        );
-        assert_eq!(lookup(&layers, Path::new("boot/none")), None);
-        // A file named boot in the top layer hides the directory below.
-        let shadow = [tmp.path().join("shadow"), bottom.clone()];
-        fs::create_dir_all(&shadow[0]).unwrap();
-        fs::write(shadow[0].join("boot"), "x").unwrap();
-        assert_eq!(lookup(&shadow, Path::new("boot/a")), None);
-    }
 
     /// A gzipped cpio archive at `path` holding `names` (as initramfs-tools makes one).
     fn initrd(path: &Path, names: &[&str]) {
