@@ -20,6 +20,11 @@ pub const STAYS: &[&str] = &["lost+found", "boot"];
 /// Names in `/boot` that stay on the real root.
 pub const BOOT_STAYS: &[&str] = &["grub", "strata", "efi", "lost+found"];
 
+/// `overlayctl adopt`'s GRUB configuration, kept beside `grub.cfg` in `/boot/grub`.
+pub const GRUB_CONFIG_COPY: &str = "grub.cfg.strata";
+/// What every configuration `overlayctl adopt` writes boots.
+const GRUB_BOOTS: &str = "/boot/strata/default/";
+
 /// The journal's file name, in the store.
 pub const ADOPT_FILE: &str = "adopt.toml";
 /// Where the base layer is gathered in `staging/` before it is renamed into `layers/`.
@@ -105,6 +110,7 @@ impl Adoption {
     pub fn carry_out(&mut self, real_root: &Path, store: &Store) -> Result<(), String> {
         self.move_entries(real_root, store)
             .map_err(|e| e.to_string())?;
+        keep_grub_config(real_root).map_err(|e| e.to_string())?;
         self.phase = Phase::Moved;
         self.write(store)
     }
@@ -189,6 +195,33 @@ impl Adoption {
     }
 }
 
+/// Puts adopt's GRUB configuration back when something rewrote `grub.cfg` after it (Debian's
+/// `update-grub`, run by a kernel upgrade before the restart, boots `/boot/vmlinuz-V`, which is
+/// in the layer now): the one found is kept as `grub.cfg.after-adopt`.
+fn keep_grub_config(real_root: &Path) -> Result<(), DirError> {
+    let real = Dir::open(real_root)?;
+    if !real.has_dir("boot") || !real.sub("boot")?.has_dir("grub") {
+        return Ok(());
+    }
+    let grub = real.sub("boot")?.sub("grub")?;
+    let Some(ours) = grub.read(GRUB_CONFIG_COPY)? else {
+        return Ok(());
+    };
+    let current = grub.read("grub.cfg")?.unwrap_or_default();
+    if String::from_utf8_lossy(&current).contains(GRUB_BOOTS) {
+        return Ok(());
+    }
+    if !current.is_empty() {
+        let kept = crate::layout::scratch_name("grub.cfg.after-adopt");
+        grub.write_new(&kept, &current, 0o644)?;
+        grub.rename_over(&kept, &grub, "grub.cfg.after-adopt")?;
+    }
+    let scratch = crate::layout::scratch_name("grub.cfg");
+    grub.write_new(&scratch, &ours, 0o644)?;
+    grub.rename_over(&scratch, &grub, "grub.cfg")?;
+    grub.sync()
+}
+
 /// Before the real root's line in an adopted system's fstab: `/` is Strata's overlay.
 pub const FSTAB_MARK: &str = "#strata: / is the overlay the initramfs mounts; this was: ";
 
@@ -233,5 +266,28 @@ mod tests {
         for bad in ["", ".", "..", "../etc", "etc/passwd", "/etc", "a\0b"] {
             assert!(!is_entry_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn adopts_grub_configuration_comes_back_after_update_grub() {
+        let tmp = tempfile::tempdir().unwrap();
+        let grub = tmp.path().join("boot/grub");
+        std::fs::create_dir_all(&grub).unwrap();
+        let ours = "linux /boot/strata/default/vmlinuz root=UUID=x\n";
+        let debians = "linux /boot/vmlinuz-6.1.0-57-amd64 root=UUID=x\n";
+        std::fs::write(grub.join(GRUB_CONFIG_COPY), ours).unwrap();
+        std::fs::write(grub.join("grub.cfg"), debians).unwrap();
+        keep_grub_config(tmp.path()).unwrap();
+        let read = |name: &str| std::fs::read_to_string(grub.join(name)).unwrap();
+        assert_eq!(read("grub.cfg"), ours);
+        assert_eq!(read("grub.cfg.after-adopt"), debians);
+        // Once it is ours, nothing changes; nor without adopt's copy.
+        std::fs::write(grub.join("grub.cfg.after-adopt"), "kept").unwrap();
+        keep_grub_config(tmp.path()).unwrap();
+        assert_eq!(read("grub.cfg.after-adopt"), "kept");
+        std::fs::remove_file(grub.join(GRUB_CONFIG_COPY)).unwrap();
+        std::fs::write(grub.join("grub.cfg"), debians).unwrap();
+        keep_grub_config(tmp.path()).unwrap();
+        assert_eq!(read("grub.cfg"), debians);
     }
 }

@@ -236,9 +236,14 @@ fn write_grub_config(root: &Path, boot: &Path) -> Result<Option<PathBuf>> {
     );
     let saved = boot.join("grub/grub.cfg.before-strata");
     fs::copy(&config, &saved).with_context(|| format!("keeping {}", saved.display()))?;
+    // A copy the hook puts back if `update-grub` (a kernel upgrade before the restart) writes
+    // Debian's own over it: that one boots kernels the adoption moves into the layer.
+    for name in [layers_store::adopt::GRUB_CONFIG_COPY, "grub.cfg.strata-new"] {
+        let new = boot.join("grub").join(name);
+        fs::write(&new, &text).with_context(|| format!("writing {}", new.display()))?;
+        fs::File::open(&new)?.sync_all()?;
+    }
     let new = boot.join("grub/grub.cfg.strata-new");
-    fs::write(&new, text).with_context(|| format!("writing {}", new.display()))?;
-    fs::File::open(&new)?.sync_all()?;
     fs::rename(&new, &config).with_context(|| format!("replacing {}", config.display()))?;
     Ok(Some(config))
 }

@@ -69,6 +69,10 @@ if [ -e /etc/strata-test-run/adopt ]; then
     rm /etc/strata-test-run/adopt
     echo "@@ adopt-begin"; overlayctl adopt; echo "@@ adopt-rc $?"; echo "@@ adopt-end"
 fi
+if [ -e /etc/strata-test-run/update-grub ]; then
+    rm /etc/strata-test-run/update-grub
+    update-grub >/dev/null 2>&1; echo "@@ update-grub-rc $?"
+fi
 echo "@@ status-begin"; overlayctl status; echo "@@ status-end"
 echo "@@ done"
 if [ -e /run/strata/root/strata-test-switch ]; then
@@ -313,6 +317,16 @@ impl Machine {
             .replace("/boot/strata/default/vmlinuz", "/vmlinuz")
             .replace("/boot/strata/default/initrd.img", "/initrd.img");
         machine.install_grub(&machine.real(), &plain);
+        // A machine with a serial console, as its GRUB settings say it for update-grub.
+        fs::write(
+            machine.real().join("etc/default/grub"),
+            "GRUB_DEFAULT=0\nGRUB_TIMEOUT=0\nGRUB_DISTRIBUTOR=Debian\n\
+             GRUB_CMDLINE_LINUX_DEFAULT=\"quiet\"\n\
+             GRUB_CMDLINE_LINUX=\"console=ttyS0 panic=10\"\n\
+             GRUB_TERMINAL=serial\n\
+             GRUB_SERIAL_COMMAND=\"serial --unit=0 --speed=115200\"\n",
+        )
+        .unwrap();
         // As an installer writes it: systemd remounts the root read-write from it.
         fs::write(
             machine.real().join("etc/fstab"),

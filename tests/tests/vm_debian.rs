@@ -210,13 +210,15 @@ fn vm_debian_installs_adopts_upgrades_and_rolls_back() {
     };
     let old = machine.base.kernel_version();
     let old_package = tests::debian::package_version(&machine.real(), "linux-image-amd64");
-    let marker = machine.real().join("etc/strata-test-run/adopt");
-    std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
-    std::fs::write(&marker, "").unwrap();
+    let asks = machine.real().join("etc/strata-test-run");
+    std::fs::create_dir_all(&asks).unwrap();
+    std::fs::write(asks.join("adopt"), "").unwrap();
+    std::fs::write(asks.join("update-grub"), "").unwrap();
     machine.make_disk();
 
     // The plain system: the package installed (its trigger puts the hook in the initramfs), then
-    // adopt prepares the next boot.
+    // adopt prepares the next boot; then `update-grub` (as a kernel upgrade before the restart
+    // would run it) writes Debian's own GRUB configuration over adopt's.
     let log = machine.boot("");
     assert!(log.done(), "{}", log.serial);
     assert_eq!(log.marker("root-fs"), Some("ext4"), "{}", log.serial);
@@ -224,8 +226,16 @@ fn vm_debian_installs_adopts_upgrades_and_rolls_back() {
     assert_eq!(log.marker("adopt-rc"), Some("0"), "{}", log.serial);
     let said = log.block("adopt").unwrap();
     assert!(said.contains("become layer base"), "{said}");
+    assert_eq!(log.marker("update-grub-rc"), Some("0"), "{}", log.serial);
+    machine.with_real_root(|real| {
+        let config = std::fs::read_to_string(real.join("boot/grub/grub.cfg")).unwrap();
+        assert!(
+            config.contains(&format!("/boot/vmlinuz-{old}")),
+            "Debian's own: {config}"
+        );
+    });
 
-    // Adopted at this boot, by rename, and booted as a stack with the same kernel; then the
+    // Adopted at this boot (GRUB started Debian's entry; the hook put adopt's back), by rename, and booted as a stack with the same kernel; then the
     // upgrade, made on the running system.
     machine.with_real_root(|real| std::fs::write(real.join("strata-test-upgrade"), "").unwrap());
     let log = machine.boot("");
@@ -265,6 +275,9 @@ fn vm_debian_installs_adopts_upgrades_and_rolls_back() {
         assert!(layer.join(format!("boot/initrd.img-{new}")).is_file());
         assert!(layer.join(format!("usr/lib/modules/{new}/kernel")).is_dir());
         assert!(real.join("boot/grub/grub.cfg.before-strata").is_file());
+        assert!(real.join("boot/grub/grub.cfg.after-adopt").is_file());
+        let config = std::fs::read_to_string(real.join("boot/grub/grub.cfg")).unwrap();
+        assert!(config.contains("/boot/strata/default/vmlinuz"), "{config}");
         let fstab = std::fs::read_to_string(real.join("strata/layers/base/etc/fstab")).unwrap();
         assert!(fstab.starts_with("#strata: / is the overlay"), "{fstab}");
     });
