@@ -181,6 +181,9 @@ impl Adoption {
             gathered_boot.sync()?;
             boot.sync()?;
         }
+        // `/` is the overlay from now on: the root's fstab line is marked in the layer (never
+        // before: a plain system that boots after a cut mounts its root as it always did).
+        rewrite_fstab(&gathered, false)?;
         gathered.sync()?;
         real.sync()?;
         staging.rename_to(GATHERED, &layers, &self.layer)?;
@@ -246,6 +249,29 @@ pub fn fstab_root(text: &str, restore: bool) -> Option<String> {
         })
         .collect();
     changed.then(|| lines.join("\n") + "\n")
+}
+
+/// The root filesystem's line in the tree's `etc/fstab` marked as Strata's, or, `restore`, put
+/// back: a new file renamed over the old one (a hard link to a layer's file stays as it was).
+pub(crate) fn rewrite_fstab(tree: &Dir, restore: bool) -> Result<(), DirError> {
+    if tree.kind("etc")? != Some(rustix::fs::FileType::Directory) {
+        return Ok(());
+    }
+    let etc = tree.sub("etc")?;
+    if etc.kind("fstab")? != Some(rustix::fs::FileType::RegularFile) {
+        return Ok(());
+    }
+    let Some(text) = etc
+        .read("fstab")?
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| fstab_root(&text, restore))
+    else {
+        return Ok(());
+    };
+    let scratch = crate::layout::scratch_name("fstab");
+    etc.write_new(&scratch, text.as_bytes(), 0o644)?;
+    etc.rename_over(&scratch, &etc, "fstab")?;
+    etc.sync()
 }
 
 /// A name of one directory entry: not empty, no `/`, not `.` or `..` (a journal never leads a

@@ -106,7 +106,8 @@ impl Release {
             let dest = staging.child_path(FLATTENED);
             flatten(&sources, &dest).map_err(|e| format!("flattening the stack: {e}"))?;
             let flattened = staging.sub(FLATTENED).map_err(|e| e.to_string())?;
-            restore_fstab(&flattened).map_err(|e| e.to_string())?;
+            // The root filesystem's line as it was before the adoption.
+            crate::adopt::rewrite_fstab(&flattened, true).map_err(|e| e.to_string())?;
             staging.sync().map_err(|e| e.to_string())?;
             self.phase = Phase::Flattened;
             self.write(store)?;
@@ -131,29 +132,6 @@ impl Release {
             .map_err(|e| e.to_string())?;
         Ok(aside)
     }
-}
-
-/// The root filesystem's line in the flattened tree's `etc/fstab`, put back as it was before
-/// the adoption (a new file renamed over the hard link: the layer's own stays).
-fn restore_fstab(flattened: &Dir) -> Result<(), crate::DirError> {
-    if flattened.kind("etc")? != Some(rustix::fs::FileType::Directory) {
-        return Ok(());
-    }
-    let etc = flattened.sub("etc")?;
-    if etc.kind("fstab")? != Some(rustix::fs::FileType::RegularFile) {
-        return Ok(());
-    }
-    let Some(text) = etc
-        .read("fstab")?
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .and_then(|text| crate::adopt::fstab_root(&text, true))
-    else {
-        return Ok(());
-    };
-    let scratch = crate::layout::scratch_name("fstab");
-    etc.write_new(&scratch, text.as_bytes(), 0o644)?;
-    etc.rename_over(&scratch, &etc, "fstab")?;
-    etc.sync()
 }
 
 /// The store's parent directory and name on the real root.

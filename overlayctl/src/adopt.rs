@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use layers_spec::{BootState, Layer, LayerState, Plan};
 use layers_store::adopt::{Adoption, BOOT_STAYS, Phase, STAYS};
 use layers_store::kernel::StackKernel;
@@ -98,13 +98,11 @@ pub fn adopt(root: &Path, store_name: &str, layer: &str, bootloader: bool) -> Re
     } else {
         None
     };
-    set_fstab_root(&root.join("etc/fstab"), false)?;
     // Made here, so a failure removes only what this call made.
     fs::create_dir(&store_dir).with_context(|| format!("creating {}", store_dir.display()))?;
     let made = make_store(&store_dir, layer, &entries, &boot_entries);
     if made.is_err() {
         let _ = fs::remove_dir_all(&store_dir);
-        let _ = set_fstab_root(&root.join("etc/fstab"), true);
     }
     made?;
     Ok(Adopted {
@@ -115,22 +113,6 @@ pub fn adopt(root: &Path, store_name: &str, layer: &str, bootloader: bool) -> Re
         kernel: kernel.version,
         bootloader,
     })
-}
-
-/// Marks the root filesystem's line in fstab as Strata's (`/` is the overlay the hook mounts,
-/// which no mount option of the real root's fits), or, `restore`, puts it back.
-pub fn set_fstab_root(fstab: &Path, restore: bool) -> Result<()> {
-    let Ok(text) = fs::read_to_string(fstab) else {
-        return Ok(());
-    };
-    let Some(text) = layers_store::adopt::fstab_root(&text, restore) else {
-        return Ok(());
-    };
-    let new = fstab.with_extension("strata-new");
-    fs::write(&new, text)
-        .and_then(|()| fs::File::open(&new)?.sync_all())
-        .and_then(|()| fs::rename(&new, fstab))
-        .with_context(|| format!("rewriting {}", fstab.display()))
 }
 
 /// The store with its plan and, last, the journal the next boot carries out.
@@ -275,6 +257,11 @@ pub fn release(store: &Store) -> Result<Released> {
             store.root.display()
         )
     })?;
+    if let Some(why) = &booted.fallback {
+        bail!(
+            "this boot fell back ({why}): what runs is not the stack the plan names; restart, and release from a boot that mounts it"
+        );
+    }
     // Under the lock, with what an interrupted change left finished.
     let change = crate::transaction::Transaction::begin(store)?;
     // (The hook puts the root's fstab line back in the flattened tree: an upper on tmpfs would

@@ -103,8 +103,10 @@ fn privileged_adopt_then_release_round_trip() {
         fs::read(root.join(format!("boot/strata/{version}/vmlinuz"))).unwrap(),
         b"kernel"
     );
-    // Nothing moved yet; a second adopt is refused; changes wait for the restart.
+    // Nothing moved yet, fstab as it was (a cut now boots the plain system as always); a
+    // second adopt is refused; changes wait for the restart.
     assert!(root.join("usr/bin/tool").exists());
+    assert_eq!(fs::read_to_string(root.join("etc/fstab")).unwrap(), fstab);
     let err = fails(&["adopt", "--root", root_arg, "--no-bootloader"]);
     assert!(err.contains("exists"), "{err}");
     let store = root.join("strata");
