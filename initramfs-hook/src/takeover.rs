@@ -95,9 +95,15 @@ pub fn take_root(places: &Places, log: &mut Log, console: &mut dyn Console) -> T
         cmdline: places.cmdline.clone(),
         may_restart: in_initramfs(),
     };
-    let failed = match flow::boot(&env, log, console) {
-        Ok(_) => return TookRoot::Layered,
-        Err(e) => e.to_string(),
+    // A panic in the flow must not leave the initramfs without a root: it counts as a failure,
+    // and the real root goes back.
+    let booted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        flow::boot(&env, log, console)
+    }));
+    let failed = match booted {
+        Ok(Ok(_)) => return TookRoot::Layered,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "the boot flow stopped on a bug (a panic)".to_owned(),
     };
     log.say(format!(
         "no layered root could be mounted ({failed}); booting the real root as it is"
