@@ -506,8 +506,18 @@ impl Machine {
         self.session(extra).finish()
     }
 
+    /// Boots as [`Self::boot`] does, waiting up to `timeout` (a boot that upgrades the system
+    /// under TCG takes minutes).
+    pub fn boot_for(&self, extra: &str, timeout: Duration) -> BootLog {
+        self.session_for(extra, timeout).finish()
+    }
+
     /// Starts a boot with `extra` on the kernel command line.
     pub fn session(&self, extra: &str) -> Session {
+        self.session_for(extra, BOOT_TIMEOUT)
+    }
+
+    fn session_for(&self, extra: &str, timeout: Duration) -> Session {
         self.with_real_root(|real| {
             fs::write(
                 real.join("boot/grub/strata-test.cfg"),
@@ -515,7 +525,7 @@ impl Machine {
             )
             .unwrap();
         });
-        Session::spawn(self.qemu(), BOOT_TIMEOUT)
+        Session::spawn(self.qemu(), timeout)
     }
 
     /// Runs `f` on the disk's real root, mounted (a loop device at the partition's offset, in

@@ -238,7 +238,7 @@ fn vm_debian_installs_adopts_upgrades_and_rolls_back() {
     // Adopted at this boot (GRUB started Debian's entry; the hook put adopt's back), by rename, and booted as a stack with the same kernel; then the
     // upgrade, made on the running system.
     machine.with_real_root(|real| std::fs::write(real.join("strata-test-upgrade"), "").unwrap());
-    let log = machine.boot("");
+    let log = machine.boot_for("", std::time::Duration::from_secs(1200));
     assert!(log.done(), "{}", log.serial);
     assert!(
         log.serial
