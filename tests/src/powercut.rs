@@ -124,6 +124,7 @@ step() {
   echo "@@ ok $t $kind plan=$(plan) staging=$(staging) up=$(up)"
 }
 
+# Reports are read through a pipe, as a script reads them: no progress lines on the console.
 echo "@@ init $B up=$(up)"
 echo "@@ write-cache $(cat /sys/block/vda/queue/write_cache)"
 echo "@@ booted-begin"; cat /run/strata/booted.toml; echo "@@ booted-end"
@@ -132,7 +133,7 @@ echo "@@ plan-begin"; cat $S/overlayplan.toml; echo "@@ plan-end"
 echo "@@ plan $(plan)"
 echo "@@ layers $(ls $S/layers | tr '\n' ,)"
 echo "@@ staging-at-boot $(staging)"
-echo "@@ verify-begin"; overlayctl verify 2>&1; rc=$?; echo "@@ verify-end"
+echo "@@ verify-begin"; out=$(overlayctl verify 2>&1); rc=$?; echo "$out"; echo "@@ verify-end"
 echo "@@ verified $rc"
 top=$(plan | sed 's/[:,].*//')
 case $top in cp-*)
@@ -148,7 +149,7 @@ for e in $(plan | tr , ' '); do
 done
 step $B-0 accept $running -- overlayctl accept
 echo "@@ after-accept layers=$(ls $S/layers | tr '\n' ,) uppers=$(ls $S/uppers | tr '\n' ,) prev=$(plan $S/overlayplan.toml.prev)"
-echo "@@ verify2-begin"; overlayctl verify 2>&1; rc=$?; echo "@@ verify2-end"
+echo "@@ verify2-begin"; out=$(overlayctl verify 2>&1); rc=$?; echo "$out"; echo "@@ verify2-end"
 echo "@@ verified2 $rc"
 echo "@@ checks-done up=$(up)"
 
