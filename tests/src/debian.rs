@@ -54,10 +54,6 @@ if [ -e /run/strata/root/strata-test-release ]; then
     echo "@@ release-begin"; overlayctl release; echo "@@ release-rc $?"; echo "@@ release-end"
 fi
 echo "@@ kernel-package $(dpkg-query -W -f '${Version}' linux-image-amd64)"
-if [ -e /root/strata.deb ]; then
-    echo "@@ install-begin"; dpkg -i /root/strata.deb; echo "@@ install-rc $?"; echo "@@ install-end"
-    rm /root/strata.deb
-fi
 if [ -e /run/strata/root/strata-test-upgrade ]; then
     rm /run/strata/root/strata-test-upgrade
     echo "@@ upgrade-begin"
@@ -110,14 +106,16 @@ menuentry "Strata" {
 }
 "#;
 
-/// What debootstrap installs beside minbase: systemd, Debian's kernel and initramfs-tools, and
-/// GRUB as an installed Debian has it (its kernel hook and `update-grub` included).
+/// What debootstrap installs beside minbase: systemd, Debian's kernel and initramfs-tools (with
+/// zstd, as a standard install has it), and GRUB as an installed Debian has it (its kernel hook
+/// and `update-grub` included).
 const PACKAGES: &[&str] = &[
     "systemd-sysv",
     "udev",
     "linux-image-amd64",
     "initramfs-tools",
     "grub-pc",
+    "zstd",
     "kmod",
     "e2fsprogs",
     "procps",
@@ -296,14 +294,12 @@ impl Machine {
         Some(machine)
     }
 
-    /// An installed Debian without Strata, booted by GRUB from Debian's own `/vmlinuz` and
-    /// `/initrd.img`: Strata's package waits in `/root/strata.deb` (the report installs it), and
-    /// the packages of a `dist-upgrade` are downloaded into apt's cache (the guest has no
-    /// network).
+    /// An installed Debian with Strata's package and no store, booted by GRUB from Debian's own
+    /// `/vmlinuz` and `/initrd.img`: a system to adopt. The packages of a `dist-upgrade` wait in
+    /// apt's cache (the guest has no network).
     pub fn plain(test: &str) -> Option<Self> {
-        let machine = Self::copied(test)?;
+        let machine = Self::installed(test)?;
         let tree = machine.path("tree");
-        fs::copy(package(), tree.join("root/strata.deb")).unwrap();
         in_chroot(
             &tree,
             &[
