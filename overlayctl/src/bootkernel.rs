@@ -184,7 +184,7 @@ pub fn check_initramfs_has_hook(initrd: &Path) -> Result<()> {
     };
     if !listed.lines().any(|l| l.ends_with("initramfs-hook")) {
         bail!(
-            "{} does not hold Strata's hook, so it would boot the real root as it is; the boot kernel stays as it was (rebuild it: `update-initramfs -u`, in `overlayctl run` on a store)",
+            "{} does not hold Strata's hook, so it would boot the real root as it is; the boot kernel stays as it was (rebuild it: `update-initramfs -u -k all`, in `overlayctl run` on a store)",
             initrd.display()
         );
     }
