@@ -171,10 +171,15 @@ fn adopt(env: &BootEnv, store: &Store, log: &mut Log) {
     match Adoption::read(store) {
         Ok(Some(mut adoption)) if adoption.phase == Phase::Pending => {
             match adoption.carry_out(&env.sysroot, store) {
-                Ok(()) => log.say(format!(
-                    "adopted the installed system: it is layer {} now",
-                    adoption.layer
-                )),
+                Ok(warning) => {
+                    log.say(format!(
+                        "adopted the installed system: it is layer {} now",
+                        adoption.layer
+                    ));
+                    if let Some(warning) = warning {
+                        log.say(warning);
+                    }
+                }
                 Err(e) => log.say(format!(
                     "adopting the installed system failed: {e}; what had moved is back, and \
                      the plain system boots (the next boot tries again)"

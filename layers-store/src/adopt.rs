@@ -106,13 +106,17 @@ impl Adoption {
 
     /// Moves the entries into the layer (the hook's part): what is still on the real root
     /// goes to `staging/adopting/`, then that becomes `layers/LAYER`. Safe to run again after
-    /// a cut at any point.
-    pub fn carry_out(&mut self, real_root: &Path, store: &Store) -> Result<(), String> {
+    /// a cut at any point. A warning for the log when GRUB's configuration could not be
+    /// checked (the adoption stands: the store boots whatever GRUB starts, through the hook).
+    pub fn carry_out(&mut self, real_root: &Path, store: &Store) -> Result<Option<String>, String> {
         self.move_entries(real_root, store)
             .map_err(|e| e.to_string())?;
-        keep_grub_config(real_root).map_err(|e| e.to_string())?;
+        let warning = keep_grub_config(real_root)
+            .err()
+            .map(|e| format!("GRUB's configuration was not checked: {e}"));
         self.phase = Phase::Moved;
-        self.write(store)
+        self.write(store)?;
+        Ok(warning)
     }
 
     fn move_entries(&self, real_root: &Path, store: &Store) -> Result<(), crate::StoreError> {
