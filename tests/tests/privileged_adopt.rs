@@ -31,11 +31,10 @@ fn initrd_with_hook(path: &Path, work: &Path) {
     assert!(cpio.wait().unwrap().success());
 }
 
-#[test]
-fn privileged_adopt_then_release_round_trip() {
-    let Some(scratch) = Scratch::new("privileged_adopt_then_release_round_trip") else {
-        return;
-    };
+/// A tmpfs at `scratch/rootmnt` standing for an installed system: a program in usr/, a
+/// hostname, the running kernel's files in boot/ (its initramfs holding the hook). Returns the
+/// root and the kernel version.
+fn installed_system(scratch: &Scratch, hostname: &str) -> (std::path::PathBuf, String) {
     let root = scratch.path("rootmnt");
     fs::create_dir_all(&root).unwrap();
     mount(
@@ -48,16 +47,41 @@ fn privileged_adopt_then_release_round_trip() {
     .unwrap();
     let version = layers_store::kernel::running_release();
     write(&root.join("usr/bin/tool"), "tool 1\n");
-    write(&root.join("etc/hostname"), "adopted\n");
-    let fstab = "/dev/vda / ext4 errors=remount-ro 0 1\n";
-    write(&root.join("etc/fstab"), fstab);
-    std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
-    fs::create_dir(root.join("lost+found")).unwrap();
+    write(&root.join("etc/hostname"), hostname);
     write(&root.join(format!("boot/vmlinuz-{version}")), "kernel");
     initrd_with_hook(
         &root.join(format!("boot/initrd.img-{version}")),
         &scratch.path("initrd"),
     );
+    (root, version)
+}
+
+/// The boot: the hook's `take-root` on `root`, with its run directory `run`; what it said.
+fn take_root(root: &Path, run: &Path) -> String {
+    let out = Command::cargo_bin("initramfs-hook")
+        .unwrap()
+        .args(["take-root", "--root"])
+        .arg(root)
+        .arg("--run")
+        .arg(run)
+        .args(["--cmdline", "root=/dev/vda ro"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn privileged_adopt_then_release_round_trip() {
+    let Some(scratch) = Scratch::new("privileged_adopt_then_release_round_trip") else {
+        return;
+    };
+    let (root, version) = installed_system(&scratch, "adopted\n");
+    let fstab = "/dev/vda / ext4 errors=remount-ro 0 1\n";
+    write(&root.join("etc/fstab"), fstab);
+    std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+    fs::create_dir(root.join("lost+found")).unwrap();
     write(&root.join("boot/grub/grub.cfg"), "menuentry x {}\n");
     let run = scratch.path("run");
     let ctl = |args: &[&str]| {
@@ -124,18 +148,7 @@ fn privileged_adopt_then_release_round_trip() {
         None::<&str>,
     )
     .unwrap();
-    let take_root = || {
-        let out = Command::cargo_bin("initramfs-hook")
-            .unwrap()
-            .args(["take-root", "--root", root_arg, "--run"])
-            .arg(&run)
-            .args(["--cmdline", "root=/dev/vda ro"])
-            .assert()
-            .success()
-            .get_output()
-            .clone();
-        String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap()
-    };
+    let take_root = || take_root(&root, &run);
     let said = take_root();
     assert!(said.contains("adopted the installed system"), "{said}");
     assert!(said.contains("the layered root is mounted"), "{said}");
@@ -224,25 +237,8 @@ fn privileged_adoption_that_cannot_finish_leaves_the_system_whole() {
     else {
         return;
     };
-    let root = scratch.path("rootmnt");
-    fs::create_dir_all(&root).unwrap();
-    mount(
-        Some("tmpfs"),
-        &root,
-        Some("tmpfs"),
-        MsFlags::empty(),
-        None::<&str>,
-    )
-    .unwrap();
-    let version = layers_store::kernel::running_release();
-    write(&root.join("usr/bin/tool"), "tool 1\n");
-    write(&root.join("etc/hostname"), "plain\n");
+    let (root, version) = installed_system(&scratch, "plain\n");
     write(&root.join("var/lib/state"), "state\n");
-    write(&root.join(format!("boot/vmlinuz-{version}")), "kernel");
-    initrd_with_hook(
-        &root.join(format!("boot/initrd.img-{version}")),
-        &scratch.path("initrd"),
-    );
     let run = scratch.path("run");
     let root_arg = root.to_str().unwrap();
     Command::cargo_bin("overlayctl")
@@ -270,18 +266,7 @@ fn privileged_adoption_that_cannot_finish_leaves_the_system_whole() {
     )
     .unwrap();
     write(&root.join("var/lib/state"), "state\n");
-    let take_root = || {
-        let out = Command::cargo_bin("initramfs-hook")
-            .unwrap()
-            .args(["take-root", "--root", root_arg, "--run"])
-            .arg(&run)
-            .args(["--cmdline", "root=/dev/vda ro"])
-            .assert()
-            .success()
-            .get_output()
-            .clone();
-        String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap()
-    };
+    let take_root = || take_root(&root, &run);
     let said = take_root();
     assert!(
         said.contains("adopting the installed system failed"),

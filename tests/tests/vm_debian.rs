@@ -16,6 +16,14 @@ fn stack(log: &tests::vm::BootLog) -> Vec<String> {
         .collect()
 }
 
+/// In the menu: Down to the second layer, `t` (boot up to it, once), Enter.
+fn boot_the_second_once(session: &mut tests::vm::Session) {
+    for key in [&b"\x1b[B"[..], b"t", b"\r"] {
+        session.send(key);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
 #[test]
 fn vm_debian_boots_through_grub_and_rolls_back() {
     let Some(machine) = Machine::new("vm_debian_boots_through_grub_and_rolls_back") else {
@@ -54,10 +62,7 @@ fn vm_debian_boots_through_grub_and_rolls_back() {
     let mut session = machine.session("strata.menu");
     let screen = session.wait_for_screen("Strata boot menu");
     assert!(screen.is_some(), "no menu:\n{}", session.serial());
-    for key in [&b"\x1b[B"[..], b"t", b"\r"] {
-        session.send(key);
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    }
+    boot_the_second_once(&mut session);
     let log = session.finish();
     assert_eq!(stack(&log), ["base"], "{}", log.serial);
 
@@ -279,10 +284,7 @@ fn vm_debian_installs_adopts_upgrades_and_rolls_back() {
     session.send(b" ");
     let screen = session.wait_for_screen("Strata boot menu");
     assert!(screen.is_some(), "no menu:\n{}", session.serial());
-    for key in [&b"\x1b[B"[..], b"t", b"\r"] {
-        session.send(key);
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    }
+    boot_the_second_once(&mut session);
     let log = session.finish();
     let restarted = started.elapsed();
     assert_eq!(stack(&log), ["tweak", "base"], "{}", log.serial);
