@@ -54,17 +54,20 @@ impl Console for NoConsole {
 #[derive(Debug, Default)]
 pub struct Terminal {
     prepared: Option<bool>,
+    /// Plymouth's splash, hidden while the console is the menu's.
+    splash: Option<Splash>,
 }
 
 impl Terminal {
-    /// Makes a bare console usable for a full-screen program, once: a size when the kernel gave
-    /// none (serial lines report 0x0), and a controlling terminal (process 1 has none, and
-    /// without one raw mode and key reads fail).
-    fn prepare() -> bool {
+    /// Makes a bare console usable for a full-screen program, once: Plymouth's splash out of
+    /// the way, a size when the kernel gave none (serial lines report 0x0), and a controlling
+    /// terminal (process 1 has none, and without one raw mode and key reads fail).
+    fn prepare(&mut self) -> bool {
         let stdin = std::io::stdin();
         if !stdin.is_terminal() || !std::io::stderr().is_terminal() {
             return false;
         }
+        self.splash = Splash::hide();
         let fd = stdin.as_fd();
         if let Ok(size) = rustix::termios::tcgetwinsize(fd)
             && (size.ws_row == 0 || size.ws_col == 0)
@@ -85,9 +88,74 @@ impl Terminal {
     }
 }
 
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        if let Some(splash) = self.splash.take() {
+            splash.show();
+        }
+    }
+}
+
+/// Plymouth, when its daemon runs: it draws the splash on the console and reads its keys, so
+/// the menu (and its wait for a key) hides the splash first and gives it back after, as
+/// systemd's console prompts do.
+#[derive(Debug)]
+struct Splash {
+    plymouth: &'static str,
+}
+
+impl Splash {
+    /// Where an initramfs has the client.
+    const CLIENTS: [&'static str; 4] = [
+        "/usr/bin/plymouth",
+        "/bin/plymouth",
+        "/usr/sbin/plymouth",
+        "/sbin/plymouth",
+    ];
+
+    /// Hides the splash when Plymouth runs; `None` when it does not (or will not answer).
+    fn hide() -> Option<Self> {
+        let plymouth = Self::CLIENTS.into_iter().find(|c| Path::new(c).exists())?;
+        let splash = Self { plymouth };
+        if !(splash.ask("--ping") && splash.ask("hide-splash")) {
+            return None;
+        }
+        Self::note("Plymouth's splash is hidden while the boot menu has the console");
+        Some(splash)
+    }
+
+    fn show(self) {
+        if self.ask("show-splash") {
+            Self::note("Plymouth's splash is shown again");
+        }
+    }
+
+    /// A line for the kernel log (the console is the menu's).
+    fn note(line: &str) {
+        if let Some(mut kmsg) = crate::log::open_kmsg() {
+            crate::log::to_kmsg(&mut kmsg, line);
+        }
+    }
+
+    fn ask(&self, what: &str) -> bool {
+        std::process::Command::new(self.plymouth)
+            .arg(what)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
 impl Console for Terminal {
     fn interactive(&mut self) -> bool {
-        *self.prepared.get_or_insert_with(Self::prepare)
+        if let Some(prepared) = self.prepared {
+            return prepared;
+        }
+        let prepared = self.prepare();
+        self.prepared = Some(prepared);
+        prepared
     }
 
     fn wait_for_key(&mut self, seconds: u32) -> bool {

@@ -196,7 +196,7 @@ pub fn run(cli: &Cli) -> Result<String> {
                 cmdline: cmdline(given).unwrap_or_default(),
             };
             let mut log = flow::Log {
-                kmsg: takeover::kmsg(),
+                kmsg: log::open_kmsg(),
                 ..Default::default()
             };
             Ok(

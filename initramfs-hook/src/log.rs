@@ -18,8 +18,7 @@ impl Log {
         let line = line.as_ref();
         eprintln!("strata: {line}");
         if let Some(kmsg) = &mut self.kmsg {
-            // <5> is KERN_NOTICE: shown by default, not an alarm.
-            let _ = writeln!(kmsg, "<5>strata: {line}");
+            to_kmsg(kmsg, line);
         }
         self.lines.push(line.to_owned());
     }
@@ -29,4 +28,15 @@ impl Log {
             self.say(line);
         }
     }
+}
+
+/// The kernel log, when it can be opened.
+pub fn open_kmsg() -> Option<fs::File> {
+    fs::OpenOptions::new().write(true).open("/dev/kmsg").ok()
+}
+
+/// Writes `line` to the kernel log as one record: each write to /dev/kmsg is a record of its
+/// own, so the line goes in one write. <5> is KERN_NOTICE: shown by default, not an alarm.
+pub fn to_kmsg(kmsg: &mut fs::File, line: &str) {
+    let _ = kmsg.write_all(format!("<5>strata: {line}\n").as_bytes());
 }

@@ -168,8 +168,3 @@ fn in_initramfs() -> bool {
     rustix::fs::statfs("/").is_ok_and(|s| s.f_type == RAMFS_MAGIC || s.f_type == TMPFS_MAGIC)
         && Path::new("/init").exists()
 }
-
-/// The kernel log for the glue's messages, when it can be opened.
-pub fn kmsg() -> Option<fs::File> {
-    fs::OpenOptions::new().write(true).open("/dev/kmsg").ok()
-}

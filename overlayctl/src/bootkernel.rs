@@ -170,21 +170,31 @@ fn make_version_dir(scratch: &Path, kernel: &StackKernel, stamp: &str) -> Result
 }
 
 /// An initramfs without the hook would boot the real root as it is (an adopted one holds no
-/// system): refused. Checked with initramfs-tools' `lsinitramfs` where it is installed.
+/// system): refused. Listed with initramfs-tools' `lsinitramfs` or dracut's `lsinitrd`,
+/// whichever is installed; with neither, the package's trigger is trusted to have put it there.
 pub fn check_initramfs_has_hook(initrd: &Path) -> Result<()> {
-    let listed = match Command::new("lsinitramfs").arg(initrd).output() {
-        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
-        Ok(out) => bail!(
-            "lsinitramfs {}: {}",
-            initrd.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-        // Not initramfs-tools (dracut has lsinitrd): the package's trigger put the hook there.
-        Err(_) => return Ok(()),
+    let Some((lister, listed)) = ["lsinitramfs", "lsinitrd"]
+        .into_iter()
+        .find_map(|lister| Some((lister, Command::new(lister).arg(initrd).output().ok()?)))
+    else {
+        return Ok(());
     };
-    if !listed.lines().any(|l| l.ends_with("initramfs-hook")) {
+    if !listed.status.success() {
         bail!(
-            "{} does not hold Strata's hook, so it would boot the real root as it is; the boot kernel stays as it was (rebuild it: `update-initramfs -u -k all`, in `overlayctl run` on a store)",
+            "{lister} {}: {}",
+            initrd.display(),
+            String::from_utf8_lossy(&listed.stderr).trim()
+        );
+    }
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    if !listed.lines().any(|l| l.ends_with("initramfs-hook")) {
+        let rebuild = if lister == "lsinitrd" {
+            "dracut --force --regenerate-all"
+        } else {
+            "update-initramfs -u -k all"
+        };
+        bail!(
+            "{} does not hold Strata's hook, so it would boot the real root as it is; the boot kernel stays as it was (rebuild it: `{rebuild}`, in `overlayctl run` on a store)",
             initrd.display()
         );
     }
