@@ -112,6 +112,7 @@ pub struct RunOpts {
     /// The layer's name [default: run- and the time].
     #[arg(long)]
     pub name: Option<String>,
+    /// The layer's title, shown by `status` and the boot menu.
     #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
     /// Keep what a failed command changed (its upper) and say where, instead of discarding it.
@@ -127,6 +128,7 @@ pub struct CheckpointOpts {
     /// The layer's name [default: checkpoint- and the time].
     #[arg(long)]
     pub name: Option<String>,
+    /// The layer's title, shown by `status` and the boot menu.
     #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
 }
@@ -177,7 +179,7 @@ pub struct CompactOpts {
     /// The new layer's name [default: TOP+BOTTOM].
     #[arg(long)]
     pub name: Option<String>,
-    /// [default: the top layer's title]
+    /// The new layer's title [default: the top layer's title].
     #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
 }
@@ -217,6 +219,7 @@ pub struct InitOpts {
     /// The base layer's name.
     #[arg(long, default_value = "base")]
     pub name: String,
+    /// The layer's title, shown by `status` and the boot menu.
     #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
     /// Rename DIR into the store instead of copying it (same filesystem only).
@@ -241,6 +244,7 @@ pub struct AddLayerOpts {
     /// The layer's name [default: DIR's file name]
     #[arg(long)]
     pub name: Option<String>,
+    /// The layer's title, shown by `status` and the boot menu.
     #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
     /// The layer it was built on [default: the current top layer]
@@ -270,6 +274,7 @@ pub struct SyncOpts {
     /// The layer's name [default: TARGET's file name]
     #[arg(long)]
     pub name: Option<String>,
+    /// The layer's title, shown by `status` and the boot menu.
     #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
     /// Compare file contents by hash, not by size and modification time alone.

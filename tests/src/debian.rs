@@ -46,7 +46,9 @@ echo "@@ busybox $(command -v busybox || echo none)"
 echo "@@ failed-units $(systemctl --failed --plain --no-legend | awk '{print $1}' | tr '\n' ' ')"
 for f in /etc/strata-test/*; do [ -f "$f" ] && echo "@@ file-$(basename "$f") $(cat "$f")"; done
 echo "@@ hello $(command -v hello || echo none)"
-echo "@@ verify $(overlayctl verify >/dev/null 2>&1 && echo ok || echo failed)"
+if overlayctl verify >/run/strata-test-verify 2>&1; then echo "@@ verify ok"; else
+    echo "@@ verify failed"; echo "@@ verify-begin"; cat /run/strata-test-verify; echo "@@ verify-end"
+fi
 echo "@@ adopt-journal $(test -e /run/strata/store/adopt.toml && echo present || echo gone)"
 if [ -e /run/strata/root/strata-test-release ]; then
     rm /run/strata/root/strata-test-release
@@ -70,6 +72,7 @@ if [ -e /etc/strata-test-run/update-grub ]; then
     update-grub >/dev/null 2>&1; echo "@@ update-grub-rc $?"
 fi
 echo "@@ status-begin"; overlayctl status; echo "@@ status-end"
+echo "@@ hook-log-begin"; dmesg | sed -n 's/.*strata: //p'; echo "@@ hook-log-end"
 echo "@@ done"
 if [ -e /run/strata/root/strata-test-switch ]; then
     rm /run/strata/root/strata-test-switch
@@ -175,56 +178,107 @@ pub fn kernel_versions(root: &Path) -> Vec<String> {
 
 /// The Debian root for the VM tests, built when the cache lacks it.
 pub fn base() -> Base {
-    let dir = cache_dir().join("debian-12");
-    let base = Base { dir: dir.clone() };
     let recipe = format!(
         "debootstrap --variant=minbase --include={}; apt-get clean\n",
         PACKAGES.join(",")
     );
+    cached("debian-12", &recipe, |dir, root| {
+        ensure_commands(&[("debootstrap", "debootstrap"), ("sfdisk", "fdisk")]);
+        run(Command::new("debootstrap")
+            .args(["--variant=minbase", "--include"])
+            .arg(PACKAGES.join(","))
+            .arg("bookworm")
+            .arg(root)
+            .arg(MIRROR));
+        assert!(
+            !root.join("bin/busybox").exists() && !root.join("usr/bin/busybox").exists(),
+            "the base has no busybox"
+        );
+        fs::write(root.join("etc/apt/sources.list"), SOURCES).unwrap();
+        // debootstrap leaves its packages in apt's cache: 190 MB on every test's disk otherwise.
+        run(Command::new("chroot").arg(root).args(["apt-get", "clean"]));
+        fs::write(root.join("etc/hostname"), "strata-debian\n").unwrap();
+        fs::write(
+            root.join("etc/fstab"),
+            "# The root is Strata's overlay, mounted by the initramfs.\n",
+        )
+        .unwrap();
+        // serial-getty hangs up ttyS0 and cuts off what the report unit writes there.
+        std::os::unix::fs::symlink(
+            "/dev/null",
+            root.join("etc/systemd/system/serial-getty@ttyS0.service"),
+        )
+        .unwrap();
+        // GRUB's core image and MBR code, made by the guest's own grub-mkimage.
+        run(Command::new("chroot")
+            .arg(root)
+            .args(["grub-mkimage", "-O", "i386-pc", "-o", "/core.img", "-p"])
+            .arg("(hd0,msdos1)/boot/grub")
+            .args(GRUB_MODULES));
+        fs::rename(root.join("core.img"), dir.join("core.img")).unwrap();
+        fs::copy(
+            root.join("usr/lib/grub/i386-pc/boot.img"),
+            dir.join("boot.img"),
+        )
+        .unwrap();
+    })
+}
+
+/// What the dracut flavour installs on the base: Debian's `dracut` (which replaces
+/// initramfs-tools, so the kernel's hooks and Strata's package build the initramfs with dracut,
+/// systemd inside, as Fedora's and RHEL's do) and Plymouth (its boot splash on the console).
+const DRACUT_PACKAGES: &[&str] = &["dracut", "plymouth"];
+
+/// The base with dracut in place of initramfs-tools, cached beside it. Must run in a private
+/// mount namespace (apt runs chrooted with /proc, /sys and /dev).
+pub fn dracut_base() -> Base {
+    let base = base();
+    let recipe = format!(
+        "{}apt-get install --no-install-recommends {}; apt-get clean\n",
+        fs::read_to_string(base.dir.join("complete")).unwrap(),
+        DRACUT_PACKAGES.join(" ")
+    );
+    cached("debian-12-dracut", &recipe, |dir, root| {
+        run(Command::new("cp").arg("-a").arg(base.root()).arg(root));
+        for file in ["core.img", "boot.img"] {
+            fs::copy(base.dir.join(file), dir.join(file)).unwrap();
+        }
+        in_chroot(root, &["apt-get", "update", "-qq"]);
+        let mut install = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
+        install.extend(DRACUT_PACKAGES);
+        in_chroot(root, &install);
+        in_chroot(root, &["apt-get", "clean"]);
+        assert!(
+            !root.join("usr/sbin/update-initramfs").exists(),
+            "dracut replaced initramfs-tools"
+        );
+        // Plymouth's text splash (Debian's default theme comes with a desktop), and no
+        // drivers for GPUs a VM lacks: the image as one made for this machine.
+        fs::write(
+            root.join("etc/plymouth/plymouthd.conf"),
+            "[Daemon]\nTheme=tribar\n",
+        )
+        .unwrap();
+        fs::create_dir_all(root.join("etc/dracut.conf.d")).unwrap();
+        fs::write(
+            root.join("etc/dracut.conf.d/50-machine.conf"),
+            "omit_drivers+=\" amdgpu radeon nouveau i915 xe \"\n",
+        )
+        .unwrap();
+    })
+}
+
+/// The root cached as `name`, made by `build(dir, root)` when the cache lacks it or was made by
+/// another recipe (`complete` holds the recipe of a finished build).
+fn cached(name: &str, recipe: &str, build: impl FnOnce(&Path, &Path)) -> Base {
+    let dir = cache_dir().join(name);
+    let base = Base { dir: dir.clone() };
     if fs::read_to_string(dir.join("complete")).is_ok_and(|done| done == recipe) {
         return base;
     }
-    ensure_commands(&[("debootstrap", "debootstrap"), ("sfdisk", "fdisk")]);
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
-    let root = base.root();
-    run(Command::new("debootstrap")
-        .args(["--variant=minbase", "--include"])
-        .arg(PACKAGES.join(","))
-        .arg("bookworm")
-        .arg(&root)
-        .arg(MIRROR));
-    assert!(
-        !root.join("bin/busybox").exists() && !root.join("usr/bin/busybox").exists(),
-        "the base has no busybox"
-    );
-    fs::write(root.join("etc/apt/sources.list"), SOURCES).unwrap();
-    // debootstrap leaves its packages in apt's cache: 190 MB on every test's disk otherwise.
-    run(Command::new("chroot").arg(&root).args(["apt-get", "clean"]));
-    fs::write(root.join("etc/hostname"), "strata-debian\n").unwrap();
-    fs::write(
-        root.join("etc/fstab"),
-        "# The root is Strata's overlay, mounted by the initramfs.\n",
-    )
-    .unwrap();
-    // serial-getty hangs up ttyS0 and cuts off what the report unit writes there.
-    std::os::unix::fs::symlink(
-        "/dev/null",
-        root.join("etc/systemd/system/serial-getty@ttyS0.service"),
-    )
-    .unwrap();
-    // GRUB's core image and MBR code, made by the guest's own grub-mkimage.
-    run(Command::new("chroot")
-        .arg(&root)
-        .args(["grub-mkimage", "-O", "i386-pc", "-o", "/core.img", "-p"])
-        .arg("(hd0,msdos1)/boot/grub")
-        .args(GRUB_MODULES));
-    fs::rename(root.join("core.img"), dir.join("core.img")).unwrap();
-    fs::copy(
-        root.join("usr/lib/grub/i386-pc/boot.img"),
-        dir.join("boot.img"),
-    )
-    .unwrap();
+    build(&dir, &base.root());
     fs::write(dir.join("complete"), recipe).unwrap();
     base
 }
@@ -270,6 +324,15 @@ pub fn in_chroot(root: &Path, argv: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Which tool builds the machine's initramfs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initramfs {
+    /// initramfs-tools, Debian's default, without busybox.
+    Tools,
+    /// dracut, with systemd as the initramfs's init.
+    Dracut,
+}
+
 /// A Debian machine for one test: its real root as a tree (the store at `strata/`, GRUB's
 /// files and the boot kernel under `boot/`) and the disk made from it.
 #[derive(Debug)]
@@ -283,7 +346,17 @@ impl Machine {
     /// the initramfs with the hook), and makes the store around it. `None` when the test
     /// cannot run.
     pub fn new(test: &str) -> Option<Self> {
-        let machine = Self::installed(test)?;
+        Self::with_store(test, Initramfs::Tools)
+    }
+
+    /// The same on the dracut flavour: the initramfs built by dracut with systemd inside, and
+    /// Plymouth.
+    pub fn new_dracut(test: &str) -> Option<Self> {
+        Self::with_store(test, Initramfs::Dracut)
+    }
+
+    fn with_store(test: &str, initramfs: Initramfs) -> Option<Self> {
+        let machine = Self::installed(test, initramfs)?;
         let (tree, real) = (machine.path("tree"), machine.real());
         machine.install_grub(&tree, GRUB_CFG);
         // overlayctl keeps the next boot's kernel here, from `init` on.
@@ -299,7 +372,7 @@ impl Machine {
     /// An installed Debian with Strata's package and no store, booted by GRUB from Debian's own
     /// `/vmlinuz` and `/initrd.img`: a system to adopt.
     pub fn plain(test: &str) -> Option<Self> {
-        let machine = Self::installed(test)?;
+        let machine = Self::installed(test, Initramfs::Tools)?;
         fs::rename(machine.path("tree"), machine.real()).unwrap();
         let plain = GRUB_CFG
             .replace("/boot/strata/default/vmlinuz", "/vmlinuz")
@@ -326,8 +399,8 @@ impl Machine {
 
     /// A copy of the cached Debian root at `tree/`, Strata's package installed (its trigger
     /// builds the initramfs with the hook) and the report unit.
-    fn installed(test: &str) -> Option<Self> {
-        let machine = Self::copied(test)?;
+    fn installed(test: &str, initramfs: Initramfs) -> Option<Self> {
+        let machine = Self::copied(test, initramfs)?;
         let tree = machine.path("tree");
         fs::copy(package(), tree.join("tmp/strata.deb")).unwrap();
         in_chroot(&tree, &["dpkg", "-i", "/tmp/strata.deb"]);
@@ -336,13 +409,16 @@ impl Machine {
     }
 
     /// A copy of the cached Debian root at `tree/` with the report unit.
-    fn copied(test: &str) -> Option<Self> {
+    fn copied(test: &str, initramfs: Initramfs) -> Option<Self> {
         if !crate::have_root(test) {
             return None;
         }
         crate::private_mount_namespace();
         vm::ensure_packages();
-        let base = base();
+        let base = match initramfs {
+            Initramfs::Tools => base(),
+            Initramfs::Dracut => dracut_base(),
+        };
         let machine = Self {
             dir: tempfile::tempdir_in(cache_dir()).unwrap(),
             base,
@@ -464,27 +540,23 @@ impl Machine {
         fs::remove_file(&part).unwrap();
     }
 
-    /// The QEMU command that boots the disk through the BIOS and GRUB.
+    /// The QEMU command that boots the disk through the BIOS and GRUB, the serial console on
+    /// its standard input and output and no screen.
     pub fn qemu(&self) -> Command {
+        self.qemu_with(&["-nographic"])
+    }
+
+    /// The same with `display` for the screen (`-nographic`: none at all).
+    fn qemu_with(&self, display: &[&str]) -> Command {
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-accel",
-            "tcg",
-            "-m",
-            "1024",
-            "-smp",
-            "1",
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=raw,if=virtio",
-            self.disk().display()
-        ));
+        cmd.args(["-accel", "tcg", "-m", "1024", "-smp", "1"])
+            .args(display)
+            .args(["-no-reboot", "-nodefaults", "-serial", "stdio"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=virtio",
+                self.disk().display()
+            ));
         cmd
     }
 
@@ -506,6 +578,25 @@ impl Machine {
     }
 
     fn session_for(&self, extra: &str, timeout: Duration) -> Session {
+        self.set_extra(extra);
+        Session::spawn(self.qemu(), timeout)
+    }
+
+    /// Starts a boot with `extra` on the kernel command line on a PC with a VGA screen (and
+    /// the serial line beside it), and connects to QEMU's monitor: its keyboard and screen.
+    pub fn vga_session(&self, extra: &str) -> (Session, vm::Monitor) {
+        self.set_extra(extra);
+        let socket = self.path("monitor.sock");
+        let _ = fs::remove_file(&socket);
+        let mut qemu = self.qemu_with(&["-display", "none", "-vga", "std"]);
+        qemu.args(vm::Monitor::args(&socket))
+            .current_dir(socket.parent().unwrap());
+        let session = Session::spawn(qemu, BOOT_TIMEOUT);
+        (session, vm::Monitor::connect(&socket))
+    }
+
+    /// Kernel arguments for the next boot, through GRUB.
+    fn set_extra(&self, extra: &str) {
         self.with_real_root(|real| {
             fs::write(
                 real.join("boot/grub/strata-test.cfg"),
@@ -513,7 +604,6 @@ impl Machine {
             )
             .unwrap();
         });
-        Session::spawn(self.qemu(), timeout)
     }
 
     /// Runs `f` on the disk's real root, mounted (a loop device at the partition's offset, in

@@ -638,3 +638,120 @@ impl Drop for Session {
 pub fn boot(kernel: &Kernel, initrd: &Path, disk: &Path, extra_cmdline: &str) -> BootLog {
     Session::start(kernel, initrd, disk, extra_cmdline).finish()
 }
+
+/// QEMU's human monitor on a unix socket (`-monitor unix:PATH,server=on,wait=off`): the
+/// emulated PC keyboard, the VGA text buffer and pictures of the screen.
+#[derive(Debug)]
+pub struct Monitor {
+    stream: std::os::unix::net::UnixStream,
+    /// QEMU's working directory, where the socket is: files the monitor writes are named
+    /// relative to it (its expressions would read `/` in a path as a division).
+    dir: PathBuf,
+}
+
+/// The VGA text buffer: 32 KiB at 0xb8000, two bytes a cell (character, colour). vgacon scrolls
+/// by moving the start of the screen within it, so the whole of it is read.
+const VGA_TEXT: (u64, usize) = (0xb8000, 0x8000);
+/// A text-mode row: 80 cells.
+const VGA_ROW: usize = 160;
+
+impl Monitor {
+    /// The QEMU arguments for a monitor at `socket`.
+    pub fn args(socket: &Path) -> [String; 2] {
+        [
+            "-monitor".to_owned(),
+            format!("unix:{},server=on,wait=off", socket.display()),
+        ]
+    }
+
+    /// Connects to the monitor QEMU opens at `socket` (it may still be starting); QEMU runs in
+    /// the socket's directory.
+    pub fn connect(socket: &Path) -> Self {
+        let started = Instant::now();
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(socket) {
+                Ok(stream) => break stream,
+                Err(e) if started.elapsed() > Duration::from_secs(30) => {
+                    panic!("QEMU's monitor at {}: {e}", socket.display())
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let dir = socket
+            .parent()
+            .expect("the socket is in a directory")
+            .to_owned();
+        let mut monitor = Self { stream, dir };
+        monitor.until_prompt();
+        monitor
+    }
+
+    /// Reads what the monitor says up to its next prompt.
+    fn until_prompt(&mut self) -> String {
+        let mut said = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !said.ends_with(b"(qemu) ") {
+            let n = self.stream.read(&mut buf).expect("reading QEMU's monitor");
+            assert!(n > 0, "QEMU's monitor closed");
+            said.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&said).into_owned()
+    }
+
+    /// Runs one monitor command; what it answered.
+    pub fn command(&mut self, line: &str) -> String {
+        use std::io::Write;
+        writeln!(self.stream, "{line}").expect("writing to QEMU's monitor");
+        self.until_prompt()
+    }
+
+    /// Presses and releases a key of the PC keyboard (QEMU's names: `down`, `t`, `ret`, `spc`).
+    pub fn send_key(&mut self, key: &str) {
+        self.command(&format!("sendkey {key}"));
+    }
+
+    /// The VGA text buffer as lines of 80 characters (printable ASCII; anything else a space).
+    pub fn vga_text(&mut self) -> String {
+        const FILE: &str = "vga-text.bin";
+        let (at, len) = VGA_TEXT;
+        let said = self.command(&format!("pmemsave {at:#x} {len} {FILE}"));
+        let cells = fs::read(self.dir.join(FILE))
+            .unwrap_or_else(|e| panic!("reading the saved VGA text buffer ({e}): {said}"));
+        cells
+            .chunks(VGA_ROW)
+            .map(|row| {
+                let line: String = row
+                    .chunks(2)
+                    .map(|cell| match cell[0] {
+                        c @ 0x20..=0x7e => c as char,
+                        _ => ' ',
+                    })
+                    .collect();
+                line.trim_end().to_owned()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits up to `within` until the VGA text buffer holds `text`; the buffer then.
+    pub fn wait_for_vga_text(&mut self, text: &str, within: Duration) -> Option<String> {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            let screen = self.vga_text();
+            if screen.contains(text) {
+                return Some(screen);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        None
+    }
+
+    /// A picture of the screen as QEMU shows it, as PNG.
+    pub fn screendump_png(&mut self, out: &Path) {
+        let said = self.command(&format!("screendump {} -f png", out.display()));
+        assert!(out.exists(), "screendump made no {}: {said}", out.display());
+    }
+}

@@ -1099,7 +1099,7 @@ fn privileged_hook_take_root_puts_the_stack_where_the_root_was() {
     let state = fs::read_to_string(kept.join("strata/state/boot.toml")).unwrap();
     assert!(state.contains("upgrade-2"), "{state}");
     fs::write(kept.join("writable"), "yes").unwrap();
-    // A second call (dracut's pre-pivot after its mount hook) leaves it alone.
+    // A second call (a unit restarted, or two glues in one image) leaves it alone.
     let said = take_root();
     assert!(said.contains("already taken"), "{said}");
     assert!(rootmnt.join("etc/version").exists());

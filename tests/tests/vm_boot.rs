@@ -475,7 +475,7 @@ fn framework_boots(vm: &Vm, initrd: &std::path::Path, cmdline: &str) {
     );
 }
 
-/// dracut's two inits: its shell init runs the module's mount hook, systemd its pre-pivot hook.
+/// dracut's two inits: its shell init runs the module's mount hook, systemd runs its unit, strata-root.service.
 #[test]
 fn vm_dracut_boots_the_layered_root() {
     let Some(vm) = Vm::new("vm_dracut_boots_the_layered_root", &["upgrade-1"]) else {
@@ -642,4 +642,36 @@ fn vm_menu_shows_after_a_failed_boot() {
         "{}",
         boot.log.serial
     );
+}
+
+/// The harness's eyes and hands on a PC screen: QEMU's monitor reads the VGA text buffer (the
+/// firmware's own message on a machine with no disk), takes a PNG picture of the screen, and
+/// types on the PC keyboard.
+#[test]
+fn vm_monitor_reads_the_vga_screen() {
+    PACKAGES.call_once(vm::ensure_packages);
+    let dir = tempfile::tempdir_in(vm::cache_dir().parent().unwrap()).unwrap();
+    let socket = dir.path().join("monitor.sock");
+    let mut qemu = std::process::Command::new("qemu-system-x86_64");
+    qemu.args([
+        "-accel", "tcg", "-m", "64", "-display", "none", "-vga", "std",
+    ])
+    .args(["-nodefaults", "-no-reboot", "-serial", "stdio"])
+    .args(vm::Monitor::args(&socket))
+    .current_dir(dir.path());
+    let _session = vm::Session::spawn(qemu, std::time::Duration::from_secs(60));
+    let mut monitor = vm::Monitor::connect(&socket);
+    // SeaBIOS writes its banner on the VGA text screen, then finds nothing to boot.
+    let screen = monitor.wait_for_vga_text("SeaBIOS", std::time::Duration::from_secs(30));
+    let screen = screen.unwrap_or_else(|| panic!("no banner:\n{}", monitor.vga_text()));
+    assert!(
+        screen.lines().any(|l| l.starts_with("SeaBIOS (version")),
+        "{screen}"
+    );
+    monitor.send_key("spc");
+    let picture = dir.path().join("screen.png");
+    monitor.screendump_png(&picture);
+    let png = fs::read(&picture).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    assert!(png.len() > 1000, "an empty picture: {} bytes", png.len());
 }

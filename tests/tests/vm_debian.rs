@@ -335,3 +335,147 @@ fn vm_debian_installs_adopts_upgrades_and_rolls_back() {
         assert!(fstab.starts_with("LABEL=strata-root / ext4"), "{fstab}");
     });
 }
+
+/// The boot menu under dracut's systemd initramfs (Fedora's, RHEL's and Arch's usual mode) on
+/// Debian's own dracut, systemd and Plymouth: strata-root.service owns the console. Nobody at
+/// the keys: the short wait passes and the default boots. Over the serial console: with
+/// `strata.menu`, and with a key pressed in the wait, the menu shows and Down, `t`, Enter boots
+/// the base once. On the VGA console with Plymouth's splash up: the wait and the menu drawn on
+/// the kernel's VT (read from the VGA text buffer), typed on the PC keyboard, the splash hidden
+/// while the menu is up and shown after. `STRATA_SCREENSHOT_DIR` keeps the VGA screen as
+/// `menu-vga.png` and the serial one as `menu-serial.txt` (scripts/screenshot).
+#[test]
+fn vm_debian_dracut_systemd_menu_on_serial_and_vga() {
+    let Some(machine) = Machine::new_dracut("vm_debian_dracut_systemd_menu_on_serial_and_vga")
+    else {
+        return;
+    };
+    // The package's trigger built the initramfs with dracut: systemd is its init, Strata's
+    // unit is in it, and Plymouth.
+    let initrd = machine.real().join("boot/strata/default/initrd.img");
+    tests::vm::ensure_commands(&[("lsinitrd", "dracut-core")]);
+    let listed = tests::vm::run(std::process::Command::new("lsinitrd").arg(&initrd));
+    for wanted in [
+        "initrd-root-fs.target.wants/strata-root.service",
+        "usr/bin/initramfs-hook",
+        "usr/lib/systemd/systemd",
+        "usr/bin/plymouth",
+    ] {
+        assert!(
+            listed.contains(wanted),
+            "{wanted} not in the initramfs:\n{listed}"
+        );
+    }
+    machine.overlayctl(&[
+        "run",
+        "--name",
+        "upgrade",
+        "--title",
+        "Security updates (December)",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /etc/strata-test && echo upgrade >/etc/strata-test/version",
+    ]);
+    machine.make_disk();
+
+    // Nobody at the keys: the wait for a key (the plan's default, 3 s) passes, the default
+    // boots.
+    let log = machine.boot("");
+    assert!(log.done(), "{}", log.serial);
+    assert_eq!(stack(&log), ["upgrade", "base"], "{}", log.serial);
+    assert_eq!(log.marker("file-version"), Some("upgrade"));
+    assert!(
+        log.serial.contains("press any key for the boot menu (3)"),
+        "{}",
+        log.serial
+    );
+    assert_eq!(log.marker("failed-units"), Some(""), "{}", log.serial);
+
+    // strata.menu over the serial console.
+    let mut session = machine.session("strata.menu");
+    let screen = session
+        .wait_for_screen("Strata boot menu")
+        .unwrap_or_else(|| panic!("no menu:\n{}", session.serial()));
+    assert!(screen.contains("|> [x] upgrade "), "{screen}");
+    assert!(screen.contains("base"), "{screen}");
+    if let Some(dir) = std::env::var_os("STRATA_SCREENSHOT_DIR") {
+        std::fs::write(std::path::Path::new(&dir).join("menu-serial.txt"), &screen).unwrap();
+    }
+    boot_the_second_once(&mut session);
+    let log = session.finish();
+    assert_eq!(stack(&log), ["base"], "{}", log.serial);
+    assert_eq!(log.marker("file-version"), None, "{}", log.serial);
+    let hook_log = log.block("hook-log").unwrap_or_default();
+    assert!(
+        hook_log.contains("menu: booting base once"),
+        "{}",
+        log.serial
+    );
+
+    // A key in the wait, over the serial console.
+    let mut session = machine.session("");
+    assert!(
+        session
+            .wait_for("press any key for the boot menu")
+            .is_some(),
+        "no wait for a key:\n{}",
+        session.serial()
+    );
+    session.send(b" ");
+    assert!(
+        session.wait_for_screen("Strata boot menu").is_some(),
+        "no menu:\n{}",
+        session.serial()
+    );
+    boot_the_second_once(&mut session);
+    let log = session.finish();
+    assert_eq!(stack(&log), ["base"], "{}", log.serial);
+
+    // The VGA console (vgacon: `nomodeset` keeps the text mode) with Plymouth's splash, and the
+    // PC keyboard: a key in the wait opens the menu.
+    let (session, mut monitor) = machine.vga_session("nomodeset splash console=tty0");
+    let long = std::time::Duration::from_secs(240);
+    let waited = monitor.wait_for_vga_text("press any key for the boot menu", long);
+    assert!(
+        waited.is_some(),
+        "no wait for a key on the VGA console:\n{}\n{}",
+        monitor.vga_text(),
+        session.serial()
+    );
+    monitor.send_key("spc");
+    let screen = monitor
+        .wait_for_vga_text("Strata boot menu", long)
+        .unwrap_or_else(|| {
+            panic!(
+                "no menu on the VGA console:\n{}\n{}",
+                monitor.vga_text(),
+                session.serial()
+            )
+        });
+    assert!(screen.contains("|> [x] upgrade "), "{screen}");
+    // Down, t: the upgrade is off, and the screen says so.
+    for key in ["down", "t"] {
+        monitor.send_key(key);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let screen = monitor
+        .wait_for_vga_text("(selection changed)", long)
+        .unwrap_or_else(|| panic!("the keys did not reach the menu:\n{}", monitor.vga_text()));
+    assert!(screen.contains("|  [ ] upgrade "), "{screen}");
+    if let Some(dir) = std::env::var_os("STRATA_SCREENSHOT_DIR") {
+        monitor.screendump_png(&std::path::Path::new(&dir).join("menu-vga.png"));
+    }
+    monitor.send_key("ret");
+    let log = session.finish();
+    assert_eq!(stack(&log), ["base"], "{}", log.serial);
+    let hook_log = log.block("hook-log").unwrap_or_default();
+    for said in [
+        "Plymouth's splash is hidden while the boot menu has the console",
+        "menu: booting base once",
+        "Plymouth's splash is shown again",
+    ] {
+        assert!(hook_log.contains(said), "{said:?} not in:\n{}", log.serial);
+    }
+    assert_eq!(log.marker("failed-units"), Some(""), "{}", log.serial);
+}
