@@ -279,8 +279,20 @@ pub fn initramfs_tools_image(kernel: &Kernel, hook: &Path, work: &Path) -> PathB
 /// tree (the host's /usr/lib/dracut is not touched): with `systemd`, systemd is the
 /// initramfs's init (Fedora's and RHEL's default); without, dracut's own shell init.
 pub fn dracut_image(kernel: &Kernel, hook: &Path, work: &Path, systemd: bool) -> PathBuf {
+    dracut_image_with(kernel, hook, work, systemd, &[])
+}
+
+/// The same with files added to the image: (a file here, where it goes in the image).
+pub fn dracut_image_with(
+    kernel: &Kernel,
+    hook: &Path,
+    work: &Path,
+    systemd: bool,
+    includes: &[(&Path, &str)],
+) -> PathBuf {
     ensure_commands(&[("dracut", "dracut-core")]);
     let base = work.join("dracut");
+    let _ = fs::remove_dir_all(&base);
     run(Command::new("cp")
         .args(["-r", "/usr/lib/dracut"])
         .arg(&base));
@@ -317,6 +329,13 @@ pub fn dracut_image(kernel: &Kernel, hook: &Path, work: &Path, systemd: bool) ->
         .arg(&kernel.modules_dir)
         .arg("--kver")
         .arg(&version)
+        .args(includes.iter().flat_map(|(from, to)| {
+            [
+                std::ffi::OsStr::new("--include"),
+                from.as_os_str(),
+                std::ffi::OsStr::new(to),
+            ]
+        }))
         .arg(&image)
         .env("dracutbasedir", &base)
         .env("STRATA_HOOK_BINARY", hook));

@@ -475,19 +475,46 @@ fn framework_boots(vm: &Vm, initrd: &std::path::Path, cmdline: &str) {
     );
 }
 
-/// dracut's two inits: its shell init runs the module's mount hook, systemd runs its unit, strata-root.service.
+/// dracut's two inits: its shell init runs the module's mount hook, systemd its unit
+/// (strata-root.service). And with systemd, a console the unit cannot open: the unit after it
+/// mounts the layered root without the console.
 #[test]
 fn vm_dracut_boots_the_layered_root() {
     let Some(vm) = Vm::new("vm_dracut_boots_the_layered_root", &["upgrade-1"]) else {
         return;
     };
     vm.make_disk();
+    // A failure powers off at once instead of waiting in dracut's emergency shell.
+    let cmdline = "rd.shell=0 rd.emergency=poweroff";
     for systemd in [true, false] {
         let initrd = vm::dracut_image(&vm.kernel, &vm::static_hook(), vm.dir.path(), systemd);
-        // A failure powers off at once instead of waiting in dracut's emergency shell.
         eprintln!("dracut with systemd: {systemd}");
-        framework_boots(&vm, &initrd, "rd.shell=0 rd.emergency=poweroff");
+        framework_boots(&vm, &initrd, cmdline);
     }
+
+    let no_console = vm.path("no-console.conf");
+    fs::write(&no_console, "[Service]\nTTYPath=/dev/no-such-console\n").unwrap();
+    let initrd = vm::dracut_image_with(
+        &vm.kernel,
+        &vm::static_hook(),
+        vm.dir.path(),
+        true,
+        &[(
+            &no_console,
+            "/etc/systemd/system/strata-root.service.d/no-console.conf",
+        )],
+    );
+    let boot = Vm::finished(vm::boot(&vm.kernel, &initrd, &vm.image(), cmdline));
+    assert_eq!(boot.stack(), ["upgrade-1", "base"], "{}", boot.log.serial);
+    assert!(
+        // systemd cuts the unit's name to fit the line.
+        boot.log
+            .serial
+            .lines()
+            .any(|l| l.contains("Failed to start") && l.contains("strata-roo")),
+        "the console was not refused:\n{}",
+        boot.log.serial
+    );
 }
 
 /// Types keys into the boot menu over the serial console, one at a time as a person would.

@@ -45,9 +45,13 @@ install() {
     # inst_binary: a build linked dynamically brings its libraries.
     inst_binary "$(strata_hook)" /usr/bin/initramfs-hook
     if dracut_module_included "systemd"; then
-        # systemd's initrd: a unit of its own, which owns the console for the boot menu.
-        inst_simple "$moddir/strata-root.service" "$systemdsystemunitdir/strata-root.service"
-        $SYSTEMCTL -q --root "$initdir" enable strata-root.service
+        # systemd's initrd: a unit of its own, which owns the console for the boot menu, and
+        # one after it without the console, for a boot whose console cannot be opened.
+        local unit
+        for unit in strata-root.service strata-root-fallback.service; do
+            inst_simple "$moddir/$unit" "$systemdsystemunitdir/$unit"
+            $SYSTEMCTL -q --root "$initdir" enable "$unit"
+        done
     else
         # dracut's shell init checks the root's layout right after its mount hooks, so the
         # layered root is mounted by a mount hook, before that check.
