@@ -245,6 +245,40 @@ fn privileged_init_add_status_verify() {
     );
 
     assert_eq!(env.ok(&["verify"]), "up-1: ok\nbase: ok\n");
+    // A store copied by a tool that keeps whole seconds only (mkfs.ext4 -d, tar's ustar): the
+    // same layer. Another second is not.
+    let cut = |layer: &std::path::Path, script: &str| {
+        let status = std::process::Command::new("find")
+            .arg(layer)
+            .args(["-exec", "sh", "-c", script, "_", "{}", ";"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let up = env.store().join("layers/up-1");
+    cut(&up, r#"touch -h -d "@$(stat -c %Y "$1")" "$1""#);
+    let times = std::process::Command::new("find")
+        .arg(&up)
+        .args(["-printf", "%T@\n"])
+        .output()
+        .unwrap();
+    let times = String::from_utf8(times.stdout).unwrap();
+    assert!(times.lines().all(|t| t.ends_with(".0000000000")), "{times}");
+    assert_eq!(env.ok(&["verify"]), "up-1: ok\nbase: ok\n");
+    cut(&up, r#"touch -h -d "@$(( $(stat -c %Y "$1") + 1 ))" "$1""#);
+    let out = env
+        .cmd(&["verify", "up-1"])
+        .assert()
+        .failure()
+        .get_output()
+        .clone();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.starts_with("up-1: differs from its recorded manifest"),
+        "{stdout}"
+    );
+    cut(&up, r#"touch -h -d "@$(( $(stat -c %Y "$1") - 1 ))" "$1""#);
+    assert_eq!(env.ok(&["verify", "up-1"]), "up-1: ok\n");
     fs::write(
         env.store().join("layers/base/var/lib/app/data"),
         "tampered\n",

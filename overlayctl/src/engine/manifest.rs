@@ -122,6 +122,36 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// Whether `copy` is this manifest with every timestamp cut to whole seconds, as a store
+    /// copied by a tool that keeps no sub-second times reads (`mkfs.ext4 -d`, tar's ustar
+    /// format): line for line the same but where this has `mtime=S.N` and the copy `mtime=S.0`.
+    pub fn same_but_whole_second_mtimes(&self, copy: &Manifest) -> bool {
+        let (ours, theirs) = (self.text.lines(), copy.text.lines());
+        ours.clone().count() == theirs.clone().count()
+            && ours.zip(theirs).all(|(a, b)| {
+                a == b || {
+                    let (a, b) = (a.split(' '), b.split(' '));
+                    a.clone().count() == b.clone().count()
+                        && a.zip(b).all(|(a, b)| a == b || whole_second_of(a, b))
+                }
+            })
+    }
+}
+
+/// Whether field `copy` is field `original`, an mtime, cut to whole seconds.
+fn whole_second_of(original: &str, copy: &str) -> bool {
+    let (Some(original), Some(copy)) =
+        (original.strip_prefix("mtime="), copy.strip_prefix("mtime="))
+    else {
+        return false;
+    };
+    matches!(
+        (original.split_once('.'), copy.split_once('.')),
+        (Some((seconds, _)), Some((copied, "000000000"))) if seconds == copied
+    )
+}
+
 fn without_mtime(line: &str) -> String {
     line.split(' ')
         .filter(|f| !f.starts_with("mtime="))
@@ -337,6 +367,31 @@ mod tests {
         let b = m(". dir mtime=1\nd dir mtime=1\nd/z file\nd-x file\n");
         let c = m(". dir mtime=1\nd dir mtime=1\nd-x file 2\n");
         assert_eq!(b.first_difference(&c).as_deref(), Some("d/z"));
+    }
+
+    #[test]
+    fn timestamps_cut_to_whole_seconds_are_the_same_layer() {
+        let m = |text: &str| Manifest { text: text.into() };
+        let original =
+            m(". dir mtime=7.5 mode=0755\nbin symlink mtime=9.123456789 target=usr/bin\n");
+        let cut =
+            m(". dir mtime=7.000000000 mode=0755\nbin symlink mtime=9.000000000 target=usr/bin\n");
+        assert!(original.same_but_whole_second_mtimes(&cut));
+        assert!(original.same_but_whole_second_mtimes(&original));
+        // Other seconds, a sub-second part that is not zero, another field or another line:
+        // a different layer.
+        for other in [
+            ". dir mtime=8.000000000 mode=0755\nbin symlink mtime=9.000000000 target=usr/bin\n",
+            ". dir mtime=7.000000001 mode=0755\nbin symlink mtime=9.000000000 target=usr/bin\n",
+            ". dir mtime=7.000000000 mode=0700\nbin symlink mtime=9.000000000 target=usr/bin\n",
+            ". dir mtime=7.000000000 mode=0755\nbin symlink mtime=9.000000000 target=usr/sbin\n",
+            ". dir mtime=7.000000000 mode=0755\n",
+            ". dir mtime=7.000000000 mode=0755 extra\nbin symlink mtime=9.000000000 target=usr/bin\n",
+        ] {
+            assert!(!original.same_but_whole_second_mtimes(&m(other)), "{other}");
+        }
+        // Only the copy may have lost time, not the record.
+        assert!(!cut.same_but_whole_second_mtimes(&original));
     }
 
     #[test]
