@@ -101,7 +101,7 @@ impl Drop for Terminal {
 /// systemd's console prompts do.
 #[derive(Debug)]
 struct Splash {
-    plymouth: &'static str,
+    plymouth: std::path::PathBuf,
 }
 
 impl Splash {
@@ -116,35 +116,69 @@ impl Splash {
     /// Hides the splash when Plymouth runs; `None` when it does not (or will not answer).
     fn hide() -> Option<Self> {
         let plymouth = Self::CLIENTS.into_iter().find(|c| Path::new(c).exists())?;
-        let splash = Self { plymouth };
-        if !(splash.ask("--ping") && splash.ask("hide-splash")) {
+        Self::hide_with(Path::new(plymouth))
+    }
+
+    /// The same with the client at `plymouth`.
+    fn hide_with(plymouth: &Path) -> Option<Self> {
+        let splash = Self {
+            plymouth: plymouth.to_owned(),
+        };
+        if !splash.ask("--ping") {
             return None;
         }
-        Self::note("Plymouth's splash is hidden while the boot menu has the console");
+        // hide-splash gives the console back in text mode; deactivate then stops Plymouth from
+        // drawing a splash that had not loaded yet (a display found later) and from reading
+        // keys. Shown again after even when a request went unanswered: it may have been done.
+        let hidden = splash.ask("hide-splash") & splash.ask("deactivate");
+        Self::note(if hidden {
+            "Plymouth's splash is hidden while the boot menu has the console"
+        } else {
+            "Plymouth did not answer; the boot menu may share the console with its splash"
+        });
         Some(splash)
     }
 
     fn show(self) {
-        if self.ask("show-splash") {
+        if self.ask("reactivate") & self.ask("show-splash") {
             Self::note("Plymouth's splash is shown again");
         }
     }
 
     /// A line for the kernel log (the console is the menu's).
     fn note(line: &str) {
-        if let Some(mut kmsg) = crate::log::open_kmsg() {
-            crate::log::to_kmsg(&mut kmsg, line);
-        }
+        crate::log::to_kmsg(line);
     }
 
+    /// How long a request to Plymouth may take: a daemon that does not answer must not hold
+    /// the boot (the unit has no start timeout, for the person at the menu).
+    const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// Asks Plymouth `what`; true when it answered yes in time (else the client is killed).
     fn ask(&self, what: &str) -> bool {
-        std::process::Command::new(self.plymouth)
+        let Ok(mut client) = std::process::Command::new(&self.plymouth)
             .arg(what)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+            .spawn()
+        else {
+            return false;
+        };
+        let asked = std::time::Instant::now();
+        loop {
+            match client.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if asked.elapsed() < Self::ANSWER_WITHIN => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                _ => {
+                    let _ = client.kill();
+                    let _ = client.wait();
+                    return false;
+                }
+            }
+        }
     }
 }
 
@@ -172,6 +206,8 @@ impl Console for Terminal {
 
     fn shell(&mut self) {
         eprintln!("strata: leave the shell (exit) to return to the boot menu");
+        // The boot blocks the terminal's signals; the shell starts with none blocked (the
+        // standard library clears the mask of what it spawns).
         let _ = std::process::Command::new(SHELL).status();
     }
 
@@ -257,6 +293,71 @@ impl Console for Scripted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stand-in for Plymouth's client that records what it was asked in `asked` and behaves
+    /// as `script` says (a shell `case` on the request).
+    fn fake_plymouth(dir: &Path, script: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let client = dir.join("plymouth");
+        let asked = dir.join("asked");
+        std::fs::write(
+            &client,
+            format!(
+                "#!/bin/sh\necho \"$1\" >>{}\ncase \"$1\" in\n{script}\nesac\n",
+                asked.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&client, std::fs::Permissions::from_mode(0o755)).unwrap();
+        client
+    }
+
+    fn asked(dir: &Path) -> String {
+        std::fs::read_to_string(dir.join("asked")).unwrap_or_default()
+    }
+
+    #[test]
+    fn splash_is_hidden_and_shown_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = fake_plymouth(dir.path(), "*) exit 0 ;;");
+        let splash = Splash::hide_with(&client).expect("Plymouth answered");
+        assert_eq!(asked(dir.path()), "--ping\nhide-splash\ndeactivate\n");
+        splash.show();
+        assert_eq!(
+            asked(dir.path()),
+            "--ping\nhide-splash\ndeactivate\nreactivate\nshow-splash\n"
+        );
+    }
+
+    #[test]
+    fn no_daemon_no_hiding() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = fake_plymouth(dir.path(), "--ping) exit 1 ;;");
+        assert!(Splash::hide_with(&client).is_none());
+        assert_eq!(
+            asked(dir.path()),
+            "--ping\n",
+            "nothing asked of a daemon not running"
+        );
+    }
+
+    #[test]
+    fn a_daemon_that_does_not_answer_does_not_hold_the_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = fake_plymouth(dir.path(), "hide-splash) exec sleep 600 ;;");
+        let started = std::time::Instant::now();
+        // Given up after ANSWER_WITHIN, the client killed (not 600 s); the rest still asked,
+        // and the splash is shown again after.
+        let splash = Splash::hide_with(&client).expect("the daemon answered the ping");
+        assert!(
+            started.elapsed() < Splash::ANSWER_WITHIN * 4,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(asked(dir.path()), "--ping\nhide-splash\ndeactivate\n");
+        splash.show();
+        assert!(asked(dir.path()).ends_with("reactivate\nshow-splash\n"));
+    }
 
     #[test]
     fn key_names_parse() {

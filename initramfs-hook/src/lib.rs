@@ -196,7 +196,7 @@ pub fn run(cli: &Cli) -> Result<String> {
                 cmdline: cmdline(given).unwrap_or_default(),
             };
             let mut log = flow::Log {
-                kmsg: log::open_kmsg(),
+                kmsg: true,
                 ..Default::default()
             };
             Ok(

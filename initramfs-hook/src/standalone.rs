@@ -59,7 +59,7 @@ pub fn main() -> ! {
     if let Err(message) = early_mounts() {
         emergency(&mut log, &message);
     }
-    log.kmsg = crate::log::open_kmsg();
+    log.kmsg = true;
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     log.say(format!(
         "starting (initramfs-hook {})",

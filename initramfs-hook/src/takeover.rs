@@ -46,13 +46,44 @@ pub enum TookRoot {
 /// Puts the layered root at `places.root`. Never leaves the root empty: any failure ends with
 /// the real root there.
 pub fn take_root(places: &Places, log: &mut Log, console: &mut dyn Console) -> TookRoot {
-    let booted = places
-        .run
-        .join(layers_store::layout::RUN_SUBDIR)
-        .join(layers_store::layout::BOOTED_FILE);
+    let run = places.run.join(layers_store::layout::RUN_SUBDIR);
+    let booted = run.join(layers_store::layout::BOOTED_FILE);
     if booted.exists() {
         return TookRoot::Already(booted);
     }
+    let kept = run.join("root");
+    // Once a boot: a second call (systemd's fallback unit after the console unit, say) must not
+    // run the flow again (trial tries would count twice), only finish what a first call that
+    // was killed halfway left: the real root set aside and nothing at the root.
+    let started = run.join(STARTED_FILE);
+    let _ = fs::create_dir_all(&run);
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&started)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if is_mount_point(&kept) && !is_mount_point(&places.root) {
+                match mount_move(&kept, &places.root) {
+                    Ok(()) => log.say(format!(
+                        "an earlier call this boot stopped halfway; the real root is back at {}",
+                        places.root.display()
+                    )),
+                    Err(e) => log.say(format!(
+                        "an earlier call this boot stopped halfway, and the real root could not go back to {}: {e}",
+                        places.root.display()
+                    )),
+                }
+            }
+            return TookRoot::Already(started);
+        }
+        // /run not writable: no second call can be told apart; go on.
+        Err(_) => {}
+    }
+    // Keys and a hangup on the console the menu owns must not stop the boot halfway (the menu
+    // reads Ctrl-C as Esc); the shell it opens gets them back.
+    block_terminal_signals();
     let (overrides, _) = BootOverrides::parse(&places.cmdline);
     let store = overrides.store.as_deref().unwrap_or(DEFAULT_STORE);
     let real = places.real.clone().unwrap_or_else(|| places.root.clone());
@@ -71,10 +102,6 @@ pub fn take_root(places: &Places, log: &mut Log, console: &mut dyn Console) -> T
             "no store at {store} on the real root; it boots as it is"
         ));
     }
-    let kept = places
-        .run
-        .join(layers_store::layout::RUN_SUBDIR)
-        .join("root");
     if let Err(e) = set_aside(&real, &kept) {
         log.say(format!(
             "could not move the real root from {} to {}: {e}; it boots as it is",
@@ -115,6 +142,39 @@ pub fn take_root(places: &Places, log: &mut Log, console: &mut dyn Console) -> T
         ));
     }
     TookRoot::Plain(failed)
+}
+
+/// Marks the first call this boot, in `/run/strata`.
+const STARTED_FILE: &str = "take-root.started";
+
+/// Blocks the signals a terminal sends (interrupt, quit, stop, hangup) for the rest of the
+/// boot: blocked, not ignored, so what the menu spawns (its shell) starts without the mask.
+fn block_terminal_signals() {
+    use nix::sys::signal::{SigSet, Signal};
+    let signals = [
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGTSTP,
+        Signal::SIGHUP,
+    ];
+    let _ = signals.into_iter().collect::<SigSet>().thread_block();
+}
+
+/// Whether `path` is the root of a mount.
+fn is_mount_point(path: &Path) -> bool {
+    rustix::fs::statx(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        rustix::fs::StatxFlags::BASIC_STATS,
+    )
+    .is_ok_and(|st| {
+        st.stx_attributes_mask
+            .contains(rustix::fs::StatxAttributes::MOUNT_ROOT)
+            && st
+                .stx_attributes
+                .contains(rustix::fs::StatxAttributes::MOUNT_ROOT)
+    })
 }
 
 /// Whether `real` holds a store at `store` (a path on the real root; a symlink on the way

@@ -1123,5 +1123,31 @@ fn privileged_hook_take_root_puts_the_stack_where_the_root_was() {
     assert!(said.contains("booting the real root as it is"), "{said}");
     assert!(rootmnt.join("on-the-real-root").exists(), "{said}");
     assert!(!kept.join("on-the-real-root").exists());
+    // A second call this boot (systemd's fallback unit runs after the console's) does not run
+    // the boot again: the boot state is not written twice.
+    let state_file = rootmnt.join("strata/state/boot.toml");
+    let state = fs::read_to_string(&state_file).unwrap_or_default();
+    let said = take_root();
+    assert!(said.contains("already taken"), "{said}");
+    assert_eq!(fs::read_to_string(&state_file).unwrap_or_default(), state);
+    assert!(rootmnt.join("on-the-real-root").exists(), "{said}");
+    unmount_all();
+
+    // A first call killed halfway: the real root set aside under /run, nothing at the root.
+    // The next call puts it back.
+    real_root(true);
+    fs::create_dir_all(&kept).unwrap();
+    mount(
+        Some(&rootmnt),
+        &kept,
+        None::<&str>,
+        MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .unwrap();
+    fs::write(m.path("run/strata/take-root.started"), "").unwrap();
+    let said = take_root();
+    assert!(said.contains("stopped halfway"), "{said}");
+    assert!(rootmnt.join("on-the-real-root").exists(), "{said}");
     unmount_all();
 }

@@ -385,6 +385,7 @@ fn vm_debian_dracut_systemd_menu_on_serial_and_vga() {
     assert!(log.done(), "{}", log.serial);
     assert_eq!(stack(&log), ["upgrade", "base"], "{}", log.serial);
     assert_eq!(log.marker("file-version"), Some("upgrade"));
+    assert_eq!(log.marker("verify"), Some("ok"), "{}", log.serial);
     assert!(
         log.serial.contains("press any key for the boot menu (3)"),
         "{}",
