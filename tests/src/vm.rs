@@ -736,6 +736,8 @@ impl Monitor {
     pub fn vga_text(&mut self) -> String {
         const FILE: &str = "vga-text.bin";
         let (at, len) = VGA_TEXT;
+        // A save that failed must not leave the last one to be read again.
+        let _ = fs::remove_file(self.dir.join(FILE));
         let said = self.command(&format!("pmemsave {at:#x} {len} {FILE}"));
         let cells = fs::read(self.dir.join(FILE))
             .unwrap_or_else(|e| panic!("reading the saved VGA text buffer ({e}): {said}"));
