@@ -273,6 +273,7 @@ pub fn dracut_base() -> Base {
 fn cached(name: &str, recipe: &str, build: impl FnOnce(&Path, &Path)) -> Base {
     let dir = cache_dir().join(name);
     let base = Base { dir: dir.clone() };
+    let _building = vm::Lock::take(&format!("{name}.lock"));
     if fs::read_to_string(dir.join("complete")).is_ok_and(|done| done == recipe) {
         return base;
     }

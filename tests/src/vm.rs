@@ -25,6 +25,31 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| workspace().join("target/strata-vm"))
 }
 
+/// An exclusive lock on `cache_dir()/name`, held until the value is dropped: one QEMU at a
+/// time on the whole machine ([`Session`] holds `boot.lock` while its VM runs), one builder per
+/// cached image.
+#[derive(Debug)]
+pub struct Lock {
+    _held: nix::fcntl::Flock<fs::File>,
+}
+
+impl Lock {
+    pub fn take(name: &str) -> Self {
+        let dir = cache_dir();
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .unwrap_or_else(|(_, e)| panic!("locking {}: {e}", path.display()));
+        Self { _held: lock }
+    }
+}
+
 /// Runs a command that must succeed; its standard output.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd
@@ -81,6 +106,7 @@ pub struct Kernel {
 /// The Debian 12 kernel (`linux-image-amd64`'s image package), downloaded once.
 pub fn kernel() -> Kernel {
     let dir = cache_dir().join("kernel");
+    let _fetching = Lock::take("kernel.lock");
     let find = || -> Option<Kernel> {
         let boot = fs::read_dir(dir.join("root/boot")).ok()?;
         let vmlinuz = boot.flatten().map(|e| e.path()).find(|p| {
@@ -516,6 +542,9 @@ pub struct Session {
     reader: Option<std::thread::JoinHandle<()>>,
     start: Instant,
     timeout: Duration,
+    /// The machine's one QEMU: other tests make their disks and images meanwhile, and boot
+    /// after this VM has ended.
+    _boot: Lock,
 }
 
 impl Session {
@@ -526,7 +555,9 @@ impl Session {
 
     /// Starts a QEMU command whose serial console is its standard input and output; the boot
     /// may take `timeout`.
+    /// Waits first for any other test's VM to end: a boot under TCG takes a whole core.
     pub fn spawn(mut qemu: Command, timeout: Duration) -> Self {
+        let boot = Lock::take("boot.lock");
         let mut child = qemu
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -552,6 +583,7 @@ impl Session {
             reader: Some(reader),
             start: Instant::now(),
             timeout,
+            _boot: boot,
         }
     }
 
