@@ -341,7 +341,7 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
             }
             writeln!(
                 out,
-                "wrote {} ({}): {} added, {} changed, {} with new metadata, {} deleted; {} files whole, {} as deltas, {} as patches, {} from the base unchanged; {}",
+                "wrote {} ({}): {} added, {} changed, {} with new metadata, {} deleted; {} files whole, {} as binary diffs ({} gzip files as their content), {} from the base unchanged, in {} parts; {}",
                 made.bundle.display(),
                 layers_spec::size::human(made.bytes),
                 made.added,
@@ -349,9 +349,10 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
                 made.metadata,
                 made.deleted,
                 made.whole,
-                made.deltas,
-                made.patches,
+                made.bsdiff,
+                made.gzip,
                 made.unchanged,
+                made.parts,
                 if made.signed { "signed" } else { "unsigned" }
             )?;
         }
@@ -368,13 +369,14 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
             writeln!(out, "target {}", info.target)?;
             writeln!(
                 out,
-                "size   {} ({} entries; {} files: {} deltas, {} patches, {} unchanged from the base)",
+                "size   {} ({} entries; {} files: {} binary diffs, {} gzip files as their content, {} unchanged from the base; {} parts)",
                 layers_spec::size::human(info.bytes),
                 info.entries,
                 info.files,
-                info.deltas,
-                info.patches,
-                info.unchanged
+                info.bsdiff,
+                info.gzip,
+                info.unchanged,
+                info.parts
             )?;
             let signed = match (info.signatures, info.trusted_signers.as_slice()) {
                 (0, _) => "unsigned".to_owned(),

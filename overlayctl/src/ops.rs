@@ -549,9 +549,13 @@ pub struct BundleMade {
     pub bundle: std::path::PathBuf,
     pub bytes: u64,
     pub whole: u64,
-    pub deltas: u64,
-    pub patches: u64,
+    /// Files sent as binary diffs against a base file.
+    pub bsdiff: u64,
+    /// gzip files sent as their content, compressed again on the device.
+    pub gzip: u64,
     pub unchanged: u64,
+    /// zstd frames in the payload.
+    pub parts: u64,
     pub added: u64,
     pub changed: u64,
     pub metadata: u64,
@@ -610,9 +614,10 @@ pub fn make_bundle(
         bundle: output.to_owned(),
         bytes: made.size,
         whole: made.whole,
-        deltas: made.deltas,
-        patches: made.patches,
+        bsdiff: made.bsdiff,
+        gzip: made.gzip,
         unchanged: made.unchanged,
+        parts: made.parts,
         added: d.added,
         changed: d.changed,
         metadata: d.metadata,
@@ -630,9 +635,10 @@ pub struct BundleInfo {
     pub target: String,
     pub entries: usize,
     pub files: usize,
-    pub deltas: usize,
-    pub patches: usize,
+    pub bsdiff: usize,
+    pub gzip: usize,
     pub unchanged: usize,
+    pub parts: usize,
     pub signatures: usize,
     /// The store's trusted keys that signed it.
     pub trusted_signers: Vec<String>,
@@ -670,9 +676,14 @@ pub fn describe_bundle(root: &Path, file: &Path, whole: bool) -> Result<BundleIn
         target: m.target.clone(),
         entries: m.entries.len(),
         files: m.entries.iter().filter(|e| e.data.is_some()).count(),
-        deltas: encoded("delta"),
-        patches: encoded("patch"),
+        bsdiff: encoded("bsdiff"),
+        gzip: m
+            .entries
+            .iter()
+            .filter(|e| e.data.as_ref().is_some_and(|d| d.gzip.is_some()))
+            .count(),
         unchanged: encoded("basis"),
+        parts: m.parts.len(),
         signatures: bundle.signatures.len(),
         trusted_signers: bundle
             .signed_by(&trusted)

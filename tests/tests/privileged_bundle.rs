@@ -171,10 +171,10 @@ fn privileged_bundle_signed_applies_and_mounts_as_the_new_tree() {
     let bundle = env.path("release-2.bundle");
     let made = env.create(&env.path("old"), &bundle, Some(&key));
     assert!(
-        made.contains("1 as patches, 1 from the base unchanged; signed"),
+        made.contains("1 as binary diffs (0 gzip files as their content), 1 from the base unchanged, in 1 parts; signed"),
         "{made}"
     );
-    // The library changed in one line of 20,000: sent as a patch, the bundle is tiny.
+    // The library changed in one line of 20,000: sent as a diff, the bundle is tiny.
     let size = fs::metadata(&bundle).unwrap().len();
     assert!(size < 8_000, "a {size}-byte bundle for a one-line change");
 
@@ -192,7 +192,9 @@ fn privileged_bundle_signed_applies_and_mounts_as_the_new_tree() {
     let info = env.ok("device", &["bundle", "info", bundle.to_str().unwrap()]);
     assert!(info.contains("signer signed by build"), "{info}");
     assert!(
-        info.contains("4 files: 0 deltas, 1 patches, 1 unchanged from the base"),
+        info.contains(
+            "4 files: 1 binary diffs, 0 gzip files as their content, 1 unchanged from the base; 1 parts"
+        ),
         "{info}"
     );
     let verified = env.ok("device", &["bundle", "verify", bundle.to_str().unwrap()]);
@@ -285,7 +287,9 @@ fn privileged_bundle_from_a_store_layer() {
     let (to_2, to_3) = (env.path("to-2.bundle"), env.path("to-3.bundle"));
     let made = create(Some("base"), &new, &to_2);
     assert!(
-        made.contains("1 as patches, 1 from the base unchanged"),
+        made.contains(
+            "1 as binary diffs (0 gzip files as their content), 1 from the base unchanged"
+        ),
         "{made}"
     );
     create(None, &third, &to_3);
@@ -322,12 +326,35 @@ fn privileged_bundle_from_a_store_layer() {
 /// A bundle file written by hand: manifest text, no signatures, payload bytes.
 fn craft(path: &Path, manifest: &str, payload: &[u8]) {
     let packed = zstd::bulk::compress(manifest.as_bytes(), 3).unwrap();
-    let mut bytes = b"STRATAB\x02".to_vec();
+    let mut bytes = b"STRATAB\x03".to_vec();
     bytes.extend((packed.len() as u64).to_le_bytes());
     bytes.extend(packed);
     bytes.extend(0u32.to_le_bytes());
     bytes.extend(payload);
     fs::write(path, bytes).unwrap();
+}
+
+/// A payload of one part holding `frame` (a zstd frame) that claims to hold `controls`,
+/// `diffs` and `literals` bytes: the manifest's `payload` line and part table, and the bytes.
+fn one_part(frame: &[u8], controls: usize, diffs: usize, literals: usize) -> String {
+    format!(
+        "payload = {len}\n[[part]]\noffset = 0\nlength = {len}\ncontrols = {controls}\n\
+         diffs = {diffs}\nliterals = {literals}\n",
+        len = frame.len()
+    )
+}
+
+/// A binary diff control: add, copy, then move by `seek` in the old file.
+fn control(add: u64, copy: u64, seek: i64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for mut n in [add, copy, ((seek << 1) ^ (seek >> 63)) as u64] {
+        while n >= 0x80 {
+            out.push(n as u8 | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+    }
+    out
 }
 
 #[test]
@@ -426,7 +453,7 @@ fn privileged_bundle_bad_bundles_change_nothing() {
         .find_map(|l| l.strip_prefix("base   "))
         .unwrap()
         .to_owned();
-    let head = format!("version = 2\nbase = \"{base}\"\ntarget = \"blake3:00\"\n");
+    let head = format!("version = 3\nbase = \"{base}\"\ntarget = \"blake3:00\"\n");
     let crafted = env.path("crafted.bundle");
     let root = "[[entry]]\npath = \".\"\nkind = \"dir\"\nmode = 493\n";
     craft(
@@ -462,22 +489,39 @@ fn privileged_bundle_bad_bundles_change_nothing() {
         &["--allow-unsigned"],
         "is not under a directory the bundle made",
     );
+    // A part that decompresses to 64 MiB where it claims 10 bytes; a part larger than a device
+    // holds.
     let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).unwrap();
+    let file = |size: usize, length: usize| {
+        format!(
+            "[[entry]]\npath = \"bomb\"\nkind = \"file\"\nsize = {size}\nhash = \"{}\"\n\
+             data = {{ encoding = \"whole\", part = 0, offset = 0, length = {length} }}\n",
+            blake3::hash(&vec![0u8; size]).to_hex()
+        )
+    };
+    craft(
+        &crafted,
+        &format!("{head}{}{root}{}", one_part(&bomb, 0, 0, 10), file(10, 10)),
+        &bomb,
+    );
+    refused(
+        &crafted,
+        &["--allow-unsigned"],
+        "does not decompress to its 10 bytes",
+    );
     craft(
         &crafted,
         &format!(
-            "{head}payload = {}\n{root}[[entry]]\npath = \"bomb\"\nkind = \"file\"\nsize = 10\n\
-             hash = \"{}\"\ndata = {{ encoding = \"whole\", offset = 0, length = {} }}\n",
-            bomb.len(),
-            blake3::hash(&[0u8; 10]).to_hex(),
-            bomb.len()
+            "{head}{}{root}{}",
+            one_part(&bomb, 0, 0, 64 << 20),
+            file(64 << 20, 64 << 20)
         ),
         &bomb,
     );
     refused(
         &crafted,
         &["--allow-unsigned"],
-        "is longer than the 10 bytes",
+        "part 0 holds 67108864 bytes",
     );
     assert_eq!(
         fs::read_dir(env.path("device/staging")).map_or(0, |d| d.count()),
@@ -489,11 +533,10 @@ fn privileged_bundle_bad_bundles_change_nothing() {
     craft(
         &crafted,
         &format!(
-            "{head}payload = {}\n{root}[[entry]]\npath = \"short\"\nkind = \"file\"\nsize = 1000\n\
-             hash = \"{}\"\ndata = {{ encoding = \"whole\", offset = 0, length = {} }}\n",
-            short.len(),
+            "{head}{}{root}[[entry]]\npath = \"short\"\nkind = \"file\"\nsize = 1000\n\
+             hash = \"{}\"\ndata = {{ encoding = \"whole\", part = 0, offset = 0, length = 4 }}\n",
+            one_part(&short, 0, 0, 4),
             blake3::hash(b"new\n").to_hex(),
-            short.len()
         ),
         &short,
     );
@@ -503,7 +546,7 @@ fn privileged_bundle_bad_bundles_change_nothing() {
         "its content is 4 bytes, not the 1000",
     );
     // A manifest that decompresses to more than 128 MiB: refused before it is all read.
-    let mut bomb_manifest = b"STRATAB\x02".to_vec();
+    let mut bomb_manifest = b"STRATAB\x03".to_vec();
     let packed = zstd::bulk::compress(&vec![b'#'; 129 << 20], 3).unwrap();
     bomb_manifest.extend((packed.len() as u64).to_le_bytes());
     bomb_manifest.extend(packed);
@@ -514,42 +557,62 @@ fn privileged_bundle_bad_bundles_change_nothing() {
         &["--allow-unsigned"],
         "its manifest decompresses to more than 134217728 bytes",
     );
-    // Patches against the stack's etc/motd ("old\n"): one naming another basis file, and a bomb
-    // (64 MiB of zeros for a 10-byte file) made against the right one.
-    let patch = |data: &[u8]| {
-        use std::io::Write as _;
-        let mut encoder =
-            zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), 19, b"old\n").unwrap();
-        encoder.write_all(data).unwrap();
-        encoder.finish().unwrap()
-    };
-    for (data, size, basis, error) in [
+    // Diffs against the stack's etc/motd ("old\n"): one naming another basis file, one that
+    // makes more than the file's size (the same 4 bytes again and again), one that reads past
+    // the old file's end, and one naming a basis path outside the tree.
+    let again: Vec<u8> = (0..1000).flat_map(|_| control(4, 0, -4)).collect();
+    for (controls, diffs, size, basis, from, error) in [
         (
-            &b"new\n"[..],
+            control(0, 4, 0),
+            0,
             4,
             &b"not old\n"[..],
-            "etc/motd: this stack's file is not the one the patch was made against",
+            "",
+            "etc/motd: this stack's etc/motd is not the file the diff was made against",
         ),
         (
-            &vec![0u8; 64 << 20][..],
+            again,
+            4000,
             10,
             &b"old\n"[..],
-            "etc/motd: its content is longer than the 10 bytes",
+            "",
+            "etc/motd: its diff does not apply",
+        ),
+        (
+            control(400, 0, 0),
+            400,
+            400,
+            &b"old\n"[..],
+            "",
+            "reads past the end of the file it applies to",
+        ),
+        (
+            control(0, 4, 0),
+            0,
+            4,
+            &b"old\n"[..],
+            ", from = \"../../etc/passwd\"",
+            "is made from \"../../etc/passwd\", not a plain relative path",
         ),
     ] {
-        let bytes = patch(data);
+        let mut part = controls.clone();
+        part.extend(vec![0u8; diffs]);
+        part.extend(b"new\n");
+        let frame = zstd::bulk::compress(&part, 3).unwrap();
+        let new = vec![b'x'; size];
         craft(
             &crafted,
             &format!(
-                "{head}payload = {}\n{root}[[entry]]\npath = \"etc\"\nkind = \"dir\"\n\
+                "{head}{}{root}[[entry]]\npath = \"etc\"\nkind = \"dir\"\n\
                  [[entry]]\npath = \"etc/motd\"\nkind = \"file\"\nsize = {size}\nhash = \"{}\"\n\
-                 data = {{ encoding = \"patch\", offset = 0, length = {}, basis = \"{}\" }}\n",
-                bytes.len(),
-                blake3::hash(&data[..size]).to_hex(),
-                bytes.len(),
+                 data = {{ encoding = \"bsdiff\", part = 0, offset = 0, length = {}, diff = 0, \
+                 extra = 0, basis = \"{}\"{from} }}\n",
+                one_part(&frame, controls.len(), diffs, 4),
+                blake3::hash(&new).to_hex(),
+                controls.len(),
                 blake3::hash(basis).to_hex(),
             ),
-            &bytes,
+            &frame,
         );
         refused(&crafted, &["--allow-unsigned"], error);
     }
@@ -557,17 +620,26 @@ fn privileged_bundle_bad_bundles_change_nothing() {
     craft(
         &crafted,
         &format!(
-            "{head}payload = 3\n{root}[[entry]]\npath = \"etc\"\nkind = \"dir\"\n\
+            "{head}payload = 0\n{root}[[entry]]\npath = \"etc\"\nkind = \"dir\"\n\
              [[entry]]\npath = \"etc/motd\"\nkind = \"file\"\nsize = 4\nhash = \"{h}\"\n\
              data = {{ encoding = \"basis\", offset = 0, length = 3, basis = \"{h}\" }}\n",
             h = blake3::hash(b"old\n").to_hex(),
         ),
-        b"xyz",
+        b"",
     );
     refused(
         &crafted,
         &["--allow-unsigned"],
-        "etc/motd: an unchanged file with content in the payload",
+        "etc/motd\" is the base's file unchanged but claims content or another basis",
+    );
+    // An old bundle (format 2) is refused by its version.
+    let mut old_format = fs::read(&good).unwrap();
+    old_format[7] = 2;
+    fs::write(&crafted, old_format).unwrap();
+    refused(
+        &crafted,
+        &["--allow-unsigned"],
+        "format version 2 (this overlayctl reads 3); make it again with this overlayctl's `bundle create`",
     );
     // overlayfs's own attributes, which would hide what the manifest shows.
     craft(
@@ -598,12 +670,11 @@ fn privileged_bundle_bad_bundles_change_nothing() {
     craft(
         &crafted,
         &format!(
-            "{head}payload = {}\n{root}[[entry]]\npath = \"a\"\nkind = \"file\"\nsize = 1\nmode = 420\n\
-             hash = \"{}\"\ndata = {{ encoding = \"whole\", offset = 0, length = {} }}\n\
+            "{head}{}{root}[[entry]]\npath = \"a\"\nkind = \"file\"\nsize = 1\nmode = 420\n\
+             hash = \"{}\"\ndata = {{ encoding = \"whole\", part = 0, offset = 0, length = 1 }}\n\
              [[entry]]\npath = \"b\"\nkind = \"file\"\nsize = 1\nmode = 2541\nlink = \"a\"\n",
-            data.len(),
+            one_part(&data, 0, 0, 1),
             blake3::hash(b"x").to_hex(),
-            data.len()
         ),
         &data,
     );

@@ -99,7 +99,7 @@ fn machine() -> Machine {
         "--sign",
         key.to_str().unwrap(),
     ]);
-    assert!(made.contains("patches"), "{made}");
+    assert!(made.contains("1 as binary diffs"), "{made}");
     let plan_file = store.join("overlayplan.toml");
     let plan = std::fs::read_to_string(&plan_file).unwrap();
     let plan = plan

@@ -12,28 +12,36 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use crate::engine::manifest::unescape;
 use crate::engine::{Kind, Layer, MergedView, Meta, Node};
 
-use super::format::{Bundle, DELTA_LIMIT, Entry, PATCH_WINDOW_LOG, ROOT};
+use super::diff::{self, Old};
+use super::format::{
+    Bundle, DELTA_LIMIT, Data, Entry, GZIP_LIMIT, Part, ROOT, STREAM_WINDOW_LOG, plain_path,
+};
+use super::gzip;
+
+/// What [`Bundle::each_part`] calls for each file: the part, its bytes (None for a streamed
+/// part), the entry and its path.
+type EachFile<'a> = dyn FnMut(&Part, Option<&[u8]>, &Entry, &Path) -> Result<()> + 'a;
 
 impl Bundle {
-    /// Decompresses every whole file's content and checks it against its hash (deltas need the
-    /// base tree, so they are checked when applied).
+    /// Decompresses every part and checks every whole file's content against its hash (diffs
+    /// and unchanged files need the base tree, so they are checked when applied).
     pub fn check_whole_files(&self) -> Result<()> {
-        let mut payload = File::open(&self.path)?;
-        for entry in &self.manifest.entries {
-            if entry.data.as_ref().is_some_and(|d| d.encoding == "whole") {
-                let rel = PathBuf::from(OsString::from_vec(unescape(&entry.path)));
-                self.decode(&mut payload, None, &rel, entry, &mut io::sink())?;
+        self.each_part(&mut |part, region, entry, rel| {
+            let data = entry.data.as_ref().expect("indexed: files with content");
+            if data.encoding == "whole" {
+                let mut out = Checked::new(io::sink());
+                self.write_content(part, region, None, rel, entry, &mut out)?;
+                out.check(entry)?;
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Rebuilds every file's content into `dir` (plain files at their relative paths) and
-    /// returns the layer tree whose files are read from there: deltas applied to the files the
-    /// base tree `base` has, each result checked against its hash. Bounded memory: whole files
-    /// stream; deltas are only made for files up to [`DELTA_LIMIT`].
+    /// returns the layer tree whose files are read from there: diffs applied to the files the
+    /// base tree `base` has, each result checked against its hash. Bounded memory: a part at a
+    /// time ([`super::PART_LIMIT`] bytes, and its compressed bytes), and a gzip file's content.
     pub fn rebuild(&self, base: &MergedView<'_>, dir: &Path) -> Result<Layer> {
-        let mut payload = File::open(&self.path)?;
         let mut root = dir_node(&Entry {
             path: String::new(),
             kind: "dir".into(),
@@ -54,19 +62,13 @@ impl Bundle {
                             anyhow!("{}: links to {first}, which comes later", entry.path)
                         })?,
                         None => {
-                            let out_path = dir.join(&rel);
-                            if let Some(parent) = out_path.parent() {
-                                fs::create_dir_all(parent)?;
+                            let unchanged =
+                                entry.data.as_ref().is_some_and(|d| d.encoding == "basis");
+                            if unchanged {
+                                write_file(dir, &rel, entry, &mut |out| {
+                                    copy_unchanged(base, &rel, entry, out)
+                                })?;
                             }
-                            let mut out = BufWriter::new(
-                                File::create(&out_path)
-                                    .with_context(|| format!("creating {}", out_path.display()))?,
-                            );
-                            self.decode(&mut payload, Some(base), &rel, entry, &mut out)?;
-                            // With its metadata, so that the layer can link it as it is.
-                            let file = out.into_inner().map_err(|e| e.into_error())?;
-                            crate::engine::copy::set_fd_meta(&file, &meta_of(entry))
-                                .with_context(|| format!("{}: setting metadata", entry.path))?;
                             i as u64 + 1
                         }
                     };
@@ -115,6 +117,12 @@ impl Bundle {
             };
             insert(&mut root, &rel, node);
         }
+        // The content, a part at a time, in the payload's order.
+        self.each_part(&mut |part, region, entry, rel| {
+            write_file(dir, rel, entry, &mut |out| {
+                self.write_content(part, region, Some(base), rel, entry, out)
+            })
+        })?;
         Ok(Layer {
             root: dir.to_owned(),
             ns: crate::engine::XattrNs::Trusted,
@@ -123,87 +131,209 @@ impl Bundle {
         })
     }
 
-    /// Writes one file's content to `out`, checked against its hash. `base` is the tree a
-    /// delta applies to (None: deltas are refused).
-    fn decode(
+    /// Calls `f` for every file with content in the payload, a part at a time in order: the
+    /// part, its bytes (None for a streamed part, whose content `f` reads itself), the entry
+    /// and its path.
+    fn each_part(&self, f: &mut EachFile<'_>) -> Result<()> {
+        let parts = &self.manifest.parts;
+        let mut by_part: Vec<Vec<&Entry>> = vec![Vec::new(); parts.len()];
+        for entry in &self.manifest.entries {
+            if let Some(data) = &entry.data
+                && data.encoding != "basis"
+            {
+                by_part
+                    .get_mut(data.part as usize)
+                    .ok_or_else(|| anyhow!("{}: in a part the bundle lacks", entry.path))?
+                    .push(entry);
+            }
+        }
+        let mut payload = File::open(&self.path)?;
+        for (i, (part, entries)) in parts.iter().zip(&by_part).enumerate() {
+            let bytes = match part.stream {
+                true => None,
+                false => Some(
+                    self.read_part(&mut payload, part)
+                        .with_context(|| format!("part {i} of the payload"))?,
+                ),
+            };
+            for entry in entries {
+                let rel = PathBuf::from(OsString::from_vec(unescape(&entry.path)));
+                f(part, bytes.as_deref(), entry, &rel)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A part's bytes, decompressed whole: exactly as many as the manifest says.
+    fn read_part(&self, payload: &mut File, part: &Part) -> Result<Vec<u8>> {
+        payload.seek(SeekFrom::Start(self.payload_start + part.offset))?;
+        let mut compressed = Vec::with_capacity(part.length as usize);
+        Read::by_ref(payload)
+            .take(part.length)
+            .read_to_end(&mut compressed)?;
+        ensure!(
+            compressed.len() as u64 == part.length,
+            "it ends early (truncated)"
+        );
+        let size = part.size() as usize;
+        let mut bytes = Vec::with_capacity(size);
+        let got = zstd::bulk::Decompressor::new()?
+            .decompress_to_buffer(&compressed, &mut bytes)
+            .map_err(|e| anyhow!("it does not decompress to its {size} bytes ({e})"))?;
+        ensure!(
+            got == size,
+            "it decompresses to {got} bytes, not the {size} the manifest says"
+        );
+        Ok(bytes)
+    }
+
+    /// Writes one file's content from its part (`bytes`, or read from the payload when the
+    /// part is streamed) to `out`. `base` is the tree a diff applies to (None: diffs are
+    /// refused).
+    fn write_content(
         &self,
-        payload: &mut File,
+        part: &Part,
+        bytes: Option<&[u8]>,
         base: Option<&MergedView<'_>>,
         rel: &Path,
         entry: &Entry,
         out: &mut dyn Write,
     ) -> Result<()> {
-        let data = entry
-            .data
-            .as_ref()
-            .ok_or_else(|| anyhow!("{}: a file without content", entry.path))?;
-        let size = entry
-            .size
-            .ok_or_else(|| anyhow!("{}: a file without a size", entry.path))?;
-        let want = entry
-            .hash
-            .as_deref()
-            .ok_or_else(|| anyhow!("{}: a file without a hash", entry.path))?;
-        if data
-            .offset
-            .checked_add(data.length)
-            .is_none_or(|end| end > self.manifest.payload)
-        {
-            bail!("{}: its content lies outside the payload", entry.path);
+        let data = entry.data.as_ref().expect("indexed: files with content");
+        let size = entry.size.unwrap_or(0);
+        let path = &entry.path;
+        let Some(bytes) = bytes else {
+            // A streamed part: one file, whole.
+            let mut payload = File::open(&self.path)?;
+            payload.seek(SeekFrom::Start(self.payload_start + part.offset))?;
+            let mut decoder =
+                zstd::stream::read::Decoder::new(BufReader::new(payload.take(part.length)))?;
+            decoder.window_log_max(STREAM_WINDOW_LOG)?;
+            let copied = io::copy(&mut decoder.take(size + 1), out)
+                .with_context(|| format!("{path}: its content is corrupt"))?;
+            ensure!(
+                copied == size,
+                "{path}: its content is {copied} bytes, not the {size} the manifest says"
+            );
+            return Ok(());
+        };
+        let (c, d) = (part.controls as usize, part.diffs as usize);
+        let (controls, diffs, literals) = (&bytes[..c], &bytes[c..c + d], &bytes[c + d..]);
+        let gzip = data.gzip.is_some();
+        if !gzip {
+            return self.decode(controls, diffs, literals, base, rel, entry, out);
         }
-        payload
-            .seek(SeekFrom::Start(self.payload_start + data.offset))
-            .with_context(|| format!("{}: reading the payload", entry.path))?;
-        let compressed = Read::by_ref(payload).take(data.length);
-        let mut hasher = blake3::Hasher::new();
+        let mut remade = gzip::Remade::new(out);
+        self.decode(controls, diffs, literals, base, rel, entry, &mut remade)?;
+        remade
+            .finish()
+            .with_context(|| format!("{path}: writing its content"))?;
+        Ok(())
+    }
+
+    /// Writes the bytes a part's regions make for one entry: whole, or a diff applied to its
+    /// basis (for a gzip file sent as its content, that content).
+    #[allow(clippy::too_many_arguments)]
+    fn decode(
+        &self,
+        controls: &[u8],
+        diffs: &[u8],
+        literals: &[u8],
+        base: Option<&MergedView<'_>>,
+        rel: &Path,
+        entry: &Entry,
+        target: &mut dyn Write,
+    ) -> Result<()> {
+        let data = entry.data.as_ref().expect("indexed: files with content");
+        let size = entry.size.unwrap_or(0);
+        let path = &entry.path;
+        let gzip = data.gzip.is_some();
+        let region = |from: &[u8], at: u64, len: u64| -> Result<std::ops::Range<usize>> {
+            let end = at
+                .checked_add(len)
+                .filter(|end| *end <= from.len() as u64)
+                .ok_or_else(|| anyhow!("{path}: its content lies outside its part"))?;
+            Ok(at as usize..end as usize)
+        };
         match data.encoding.as_str() {
             "whole" => {
-                let decoder = zstd::stream::read::Decoder::new(compressed)
-                    .with_context(|| format!("{}: reading its content", entry.path))?;
-                copy_exact(decoder, size, &mut hasher, out, &entry.path)?;
-            }
-            "basis" => {
-                let old = read_basis(base, rel, entry, "basis")?;
+                let range = region(literals, data.offset, data.length)?;
                 ensure!(
-                    data.length == 0,
-                    "{}: an unchanged file with content in the payload",
-                    entry.path
+                    gzip || data.length == size,
+                    "{path}: its content is {} bytes, not the {size} the manifest says",
+                    data.length
                 );
-                copy_exact(old.as_slice(), size, &mut hasher, out, &entry.path)?;
+                target.write_all(&literals[range])?;
             }
-            "patch" => {
-                let old = read_basis(base, rel, entry, "patch")?;
-                let mut decoder =
-                    zstd::stream::read::Decoder::with_ref_prefix(BufReader::new(compressed), &old)
-                        .with_context(|| format!("{}: reading its content", entry.path))?;
-                decoder.window_log_max(PATCH_WINDOW_LOG)?;
-                copy_exact(decoder, size, &mut hasher, out, &entry.path)?;
-            }
-            "delta" => {
-                let old = read_basis(base, rel, entry, "delta")?;
-                let mut delta = Vec::new();
-                zstd::stream::read::Decoder::new(compressed)?
-                    .take(2 * size + (1 << 20))
-                    .read_to_end(&mut delta)
-                    .with_context(|| format!("{}: its delta is corrupt", entry.path))?;
-                let mut rebuilt = Vec::with_capacity(size as usize);
-                fast_rsync::apply_limited(&old, &delta, &mut rebuilt, size as usize)
-                    .map_err(|e| anyhow!("{}: its delta does not apply: {e}", entry.path))?;
+            "bsdiff" => {
+                let own = region(controls, data.offset, data.length)?;
+                let (add, copy) = diff::lengths(&controls[own.clone()])
+                    .with_context(|| format!("{path}: its diff is damaged"))?;
+                let diff_at = region(diffs, data.diff.unwrap_or(0), add)?;
+                let extra_at = region(literals, data.extra.unwrap_or(0), copy)?;
+                let basis = open_basis(base, rel, data, path)?;
+                let limit = if gzip { GZIP_LIMIT } else { size };
+                let written = match gzip {
+                    true => {
+                        let content = gzip::content(&basis.0, GZIP_LIMIT)
+                            .with_context(|| format!("{path}: its basis is not a gzip file"))?;
+                        diff::apply(
+                            &Old::Bytes(&content),
+                            &controls[own],
+                            &diffs[diff_at],
+                            &literals[extra_at],
+                            limit,
+                            target,
+                        )
+                    }
+                    false => diff::apply(
+                        &Old::File(&basis.0, basis.1),
+                        &controls[own],
+                        &diffs[diff_at],
+                        &literals[extra_at],
+                        limit,
+                        target,
+                    ),
+                }
+                .with_context(|| format!("{path}: its diff does not apply"))?;
                 ensure!(
-                    rebuilt.len() as u64 == size,
-                    "{}: its delta gives {} bytes, not the {size} the manifest says",
-                    entry.path,
-                    rebuilt.len()
+                    gzip || written == size,
+                    "{path}: its diff gives {written} bytes, not the {size} the manifest says"
                 );
-                hasher.update(&rebuilt);
-                out.write_all(&rebuilt)
-                    .with_context(|| format!("{}: writing its content", entry.path))?;
             }
-            other => bail!("{}: unknown encoding {other:?}", entry.path),
+            other => bail!("{path}: unknown encoding {other:?}"),
         }
-        let got = hasher.finalize().to_hex();
+        Ok(())
+    }
+}
+
+/// A writer that hashes and counts what it writes, for the check against the manifest.
+pub(super) struct Checked<W: Write> {
+    inner: W,
+    hasher: blake3::Hasher,
+    written: u64,
+}
+
+impl<W: Write> Checked<W> {
+    fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: blake3::Hasher::new(),
+            written: 0,
+        }
+    }
+
+    /// The content written is the entry's: its size and its hash.
+    fn check(&self, entry: &Entry) -> Result<()> {
+        let size = entry.size.unwrap_or(0);
         ensure!(
-            got.as_str() == want,
+            self.written == size,
+            "{}: its content is {} bytes, not the {size} the manifest says",
+            entry.path,
+            self.written
+        );
+        ensure!(
+            Some(self.hasher.finalize().to_hex().as_str()) == entry.hash.as_deref(),
             "{}: the rebuilt content does not match its hash (the bundle is damaged or was tampered with)",
             entry.path
         );
@@ -211,78 +341,106 @@ impl Bundle {
     }
 }
 
-/// Copies exactly `size` bytes of `content` to `out`, hashing them: a longer or shorter stream
-/// is an error (one byte more than the size is read, never more: no full disk from a bomb).
-fn copy_exact(
-    content: impl Read,
-    size: u64,
-    hasher: &mut blake3::Hasher,
-    out: &mut dyn Write,
-    path: &str,
-) -> Result<()> {
-    let mut limited = content.take(size + 1);
-    let mut buf = vec![0u8; 1 << 16];
-    let mut written = 0u64;
-    loop {
-        let n = limited
-            .read(&mut buf)
-            .with_context(|| format!("{path}: its content is corrupt"))?;
-        if n == 0 {
-            break;
-        }
-        written += n as u64;
-        ensure!(
-            written <= size,
-            "{path}: its content is longer than the {size} bytes the manifest says"
-        );
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])
-            .with_context(|| format!("{path}: writing its content"))?;
+impl<W: Write> Write for Checked<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
     }
-    ensure!(
-        written == size,
-        "{path}: its content is {written} bytes, not the {size} the manifest says"
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Creates `dir/rel`, writes the entry's content with `fill` (checked against its size and
+/// hash), and sets its metadata, so that the layer can link the file as it is.
+fn write_file(
+    dir: &Path,
+    rel: &Path,
+    entry: &Entry,
+    fill: &mut dyn FnMut(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    let out_path = dir.join(rel);
+    if let Some(parent) = out_path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let mut file = BufWriter::new(
+        File::create(&out_path).with_context(|| format!("creating {}", out_path.display()))?,
     );
+    let mut out = Checked::new(&mut file as &mut dyn Write);
+    fill(&mut out)?;
+    out.check(entry)?;
+    let file = file.into_inner().map_err(|e| e.into_error())?;
+    crate::engine::copy::set_fd_meta(&file, &meta_of(entry))
+        .with_context(|| format!("{}: setting metadata", entry.path))
+}
+
+/// The base's file at the entry's path, copied as it is (only its metadata changed).
+fn copy_unchanged(
+    base: &MergedView<'_>,
+    rel: &Path,
+    entry: &Entry,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let node = base
+        .get(rel)
+        .filter(|n| matches!(n.node.kind, Kind::File { .. }))
+        .ok_or_else(|| anyhow!("{}: the unchanged file is not in this stack", entry.path))?;
+    let path = base.source_path(rel, node);
+    let mut file = File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+    io::copy(
+        &mut Read::by_ref(&mut file).take(entry.size.unwrap_or(0) + 1),
+        out,
+    )
+    .with_context(|| format!("reading {}", path.display()))?;
     Ok(())
 }
 
-/// The base's file a delta, patch or unchanged file was made against, checked against the hash the entry
-/// names; only files up to [`DELTA_LIMIT`] (held in memory).
-fn read_basis(
+/// The base's file a diff was made against (at the entry's path, or the one it names), open
+/// and checked against the hash the entry names; with its length.
+fn open_basis(
     base: Option<&MergedView<'_>>,
     rel: &Path,
-    entry: &Entry,
-    what: &str,
-) -> Result<Vec<u8>> {
-    let size = entry.size.unwrap_or(0);
-    ensure!(
-        size <= DELTA_LIMIT,
-        "{}: a {what} for a file larger than {DELTA_LIMIT} bytes",
-        entry.path
-    );
-    let basis_want = entry
-        .data
-        .as_ref()
-        .and_then(|d| d.basis.as_deref())
-        .ok_or_else(|| anyhow!("{}: a {what} without its basis hash", entry.path))?;
-    let base = base.ok_or_else(|| anyhow!("{}: a {what} needs the base tree", entry.path))?;
+    data: &Data,
+    path: &str,
+) -> Result<(File, u64)> {
+    let want = data
+        .basis
+        .as_deref()
+        .ok_or_else(|| anyhow!("{path}: a diff without its basis hash"))?;
+    let base = base.ok_or_else(|| anyhow!("{path}: a diff needs the base tree"))?;
+    let basis_rel = match &data.from {
+        Some(from) => plain_path(from)
+            .ok_or_else(|| anyhow!("{path}: made from {from:?}, not a plain path"))?,
+        None => rel.to_owned(),
+    };
     let node = base
-        .get(rel)
+        .get(&basis_rel)
         .filter(|n| matches!(n.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT))
         .ok_or_else(|| {
             anyhow!(
-                "{}: the {what}'s basis file is not in this stack",
-                entry.path
+                "{path}: the diff's basis file {} is not in this stack",
+                basis_rel.display()
             )
         })?;
-    let basis_path = base.source_path(rel, node);
-    let old = fs::read(&basis_path).with_context(|| format!("reading {}", basis_path.display()))?;
+    let basis_path = base.source_path(&basis_rel, node);
+    let mut file =
+        File::open(&basis_path).with_context(|| format!("reading {}", basis_path.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    let len = io::copy(
+        &mut Read::by_ref(&mut file).take(DELTA_LIMIT + 1),
+        &mut hasher,
+    )
+    .with_context(|| format!("reading {}", basis_path.display()))?;
     ensure!(
-        blake3::hash(&old).to_hex().as_str() == basis_want,
-        "{}: this stack's file is not the one the {what} was made against",
-        entry.path
+        len <= DELTA_LIMIT && hasher.finalize().to_hex().as_str() == want,
+        "{path}: this stack's {} is not the file the diff was made against",
+        basis_rel.display()
     );
-    Ok(old)
+    file.seek(SeekFrom::Start(0))?;
+    Ok((file, len))
 }
 
 fn meta_of(entry: &Entry) -> Meta {

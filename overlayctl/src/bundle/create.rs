@@ -2,37 +2,43 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter, Seek, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use ed25519_dalek::{Signer, SigningKey};
 
 use crate::engine::delta::{Compare, DeltaStats, delta};
 use crate::engine::manifest::{Content, Fields, entry_line, escape, hash_file};
 use crate::engine::{Kind, Layer, MergedNode, MergedView, Node};
 
+use super::diff::Diff;
 use super::format::{
-    BundleManifest, DELTA_LIMIT, Data, Entry, FORMAT_VERSION, MAGIC, PATCH_WINDOW_LOG, ROOT,
-    signed_message,
+    BundleManifest, DELTA_LIMIT, Data, Entry, FORMAT_VERSION, GZIP_LIMIT, GZIP_ZLIB_9, MAGIC,
+    PART_LIMIT, Part, ROOT, STREAM_WINDOW_LOG, signed_message,
 };
+use super::gzip;
 
-/// zstd's level for whole files and patches.
-const ZSTD_LEVEL: i32 = 15;
-/// fast_rsync's block size for the signatures deltas are made against.
-const BLOCK_SIZE: u32 = 1024;
+/// zstd's level for parts: high, because a bundle is made once and sent to every device.
+const ZSTD_LEVEL: i32 = 19;
+/// A part's window: the whole part.
+const PART_WINDOW_LOG: u32 = 24;
+/// zstd's level for a file streamed whole (large files: a lower level keeps them fast).
+const STREAM_LEVEL: i32 = 15;
 
 /// What `bundle create` made.
 #[derive(Debug, Clone, Default)]
 pub struct Created {
     pub delta: DeltaStats,
     pub whole: u64,
-    /// Files sent as fast_rsync deltas and as zstd patches against the old file.
-    pub deltas: u64,
-    pub patches: u64,
+    /// Files sent as binary diffs against a base file.
+    pub bsdiff: u64,
+    /// gzip files sent as their content (whole or diffed), compressed again on the device.
+    pub gzip: u64,
     /// Files whose content is the base's (new metadata only): no payload.
     pub unchanged: u64,
+    pub parts: u64,
     pub size: u64,
 }
 
@@ -136,8 +142,8 @@ pub fn create(
     };
     let payload_path = out.with_extension("payload.part");
     let written = write_payload(from, to, &layer, &payload_path, &known, &mut created);
-    let entries = match written {
-        Ok(entries) => entries,
+    let (entries, parts) = match written {
+        Ok(written) => written,
         Err(e) => {
             let _ = fs::remove_file(&payload_path);
             return Err(e);
@@ -149,6 +155,7 @@ pub fn create(
         base,
         target,
         payload: offset,
+        parts,
         entries,
     };
     let text = toml::to_string(&manifest).context("writing the manifest")?;
@@ -187,7 +194,8 @@ pub fn create(
     Ok(created)
 }
 
-/// Writes every file's content to the payload file; returns the manifest's entries.
+/// Writes every file's content to the payload file, in parts; returns the manifest's entries
+/// and parts.
 fn write_payload(
     from: &MergedView<'_>,
     to: &Layer,
@@ -195,7 +203,7 @@ fn write_payload(
     payload_path: &Path,
     known: &HashMap<PathBuf, String>,
     created: &mut Created,
-) -> Result<Vec<Entry>> {
+) -> Result<(Vec<Entry>, Vec<Part>)> {
     let mut payload = BufWriter::new(
         File::create(payload_path)
             .with_context(|| format!("creating {}", payload_path.display()))?,
@@ -207,116 +215,192 @@ fn write_payload(
     let mut first_name: HashMap<(u64, u64), String> = HashMap::new();
     let mut work = Vec::new();
     walk_nodes(&layer.tree, &mut PathBuf::new(), &mut work);
-    // Only the first name of a hard-linked file carries content.
-    let mut seen = std::collections::HashSet::new();
-    let first_names: Vec<bool> = work
-        .iter()
-        .map(|(_, node)| match &node.kind {
-            Kind::File { inode, nlink, .. } => *nlink <= 1 || seen.insert(*inode),
-            _ => false,
-        })
-        .collect();
-    // The basis a changed file is encoded against: the base's file at its path, when both are
-    // small enough to hold in memory.
-    let basis_of = |rel: &Path, node: &Node| {
-        from.get(rel).filter(|b| {
-            matches!(b.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT)
-                && matches!(node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT)
-        })
-    };
-    // Windows of files whose deltas and patches are made in parallel (bounded: at most 256
-    // files or 256 MiB of input each), then written in order.
-    let mut start = 0;
-    while start < work.len() {
-        let (mut end, mut input) = (start, 0u64);
-        while end < work.len() && end - start < 256 && input < 256 << 20 {
-            if let Kind::File { size, .. } = work[end].1.kind {
-                input += size;
+    let renamed = renamed_files(from, to);
+    // Every file's entry, and the job for each first name's content.
+    let mut jobs = Vec::new();
+    for (rel, node) in &work {
+        let mut entry = entry_of(rel, node);
+        if let Kind::File { inode, nlink, size } = &node.kind {
+            if *nlink > 1 {
+                if let Some(first) = first_name.get(inode) {
+                    entry.link = Some(first.clone());
+                    entries.push(entry);
+                    continue;
+                }
+                first_name.insert(*inode, entry.path.clone());
             }
+            let source = to.root.join(rel);
+            // The target digest hashed every file of `to` already.
+            let hash = match known.get(&source) {
+                Some(hash) => hash.clone(),
+                None => {
+                    hash_file(&source).with_context(|| format!("hashing {}", source.display()))?
+                }
+            };
+            let basis = basis_of(from, &renamed, rel, *size);
+            if let Some((ref basis_rel, ref basis_path)) = basis
+                && basis_rel == rel
+                && known.get(basis_path) == Some(&hash)
+            {
+                // Only the metadata changed (an upgrade rewrites mtimes of files it did not
+                // change): the content is the base's, and nothing goes in the payload.
+                created.unchanged += 1;
+                entry.data = Some(Data {
+                    encoding: "basis".into(),
+                    ..Data::default()
+                });
+            } else {
+                jobs.push(Job {
+                    entry: entries.len(),
+                    source,
+                    size: *size,
+                    basis,
+                });
+            }
+            entry.hash = Some(hash);
+        }
+        entries.push(entry);
+    }
+    let mut packer = Packer::default();
+    // Files are encoded a window at a time on every core (at most 256 files or 256 MiB of
+    // input each), and packed into parts in tree order.
+    let mut start = 0;
+    while start < jobs.len() {
+        let (mut end, mut input) = (start, 0u64);
+        while end < jobs.len() && end - start < 256 && input < 256 << 20 {
+            input += jobs[end].size.min(DELTA_LIMIT);
             end += 1;
         }
-        let jobs: Vec<(usize, PathBuf, PathBuf)> = (start..end)
-            .filter_map(|k| {
-                let (rel, node) = &work[k];
-                let basis = basis_of(rel, node).filter(|_| first_names[k])?;
-                Some((k, from.source_path(rel, basis), to.root.join(rel)))
-            })
-            .collect();
-        let mut encoded = encode_parallel(&jobs);
-        for (k, (rel, node)) in work.iter().enumerate().take(end).skip(start) {
-            let mut entry = entry_of(rel, node);
-            if let Kind::File { inode, nlink, .. } = &node.kind {
-                if *nlink > 1 {
-                    if let Some(first) = first_name.get(inode) {
-                        entry.link = Some(first.clone());
-                        entries.push(entry);
-                        continue;
-                    }
-                    first_name.insert(*inode, entry.path.clone());
+        for (job, encoded) in jobs[start..end]
+            .iter()
+            .zip(encode_parallel(&jobs[start..end]))
+        {
+            let entry = &mut entries[job.entry];
+            let data = match encoded? {
+                Encoded::Large => {
+                    packer.flush(&mut payload)?;
+                    created.whole += 1;
+                    packer.stream(&job.source, &mut payload)?
                 }
-                let source = to.root.join(rel);
-                // The target digest hashed every file of `to` already.
-                entry.hash = Some(match known.get(&source) {
-                    Some(hash) => hash.clone(),
-                    None => hash_file(&source)
-                        .with_context(|| format!("hashing {}", source.display()))?,
-                });
-                let offset = payload.stream_position().context("writing the payload")?;
-                let (encoding, basis_hash) = match encoded.remove(&k) {
-                    Some(result) => {
-                        let (encoding, bytes, basis_hash) = result?;
-                        payload.write_all(&bytes).context("writing the payload")?;
-                        (encoding, basis_hash)
-                    }
-                    None => {
-                        let file = File::open(&source)
-                            .with_context(|| format!("reading {}", source.display()))?;
-                        zstd::stream::copy_encode(BufReader::new(file), &mut payload, ZSTD_LEVEL)
-                            .with_context(|| format!("compressing {}", source.display()))?;
-                        ("whole", None)
-                    }
-                };
-                match encoding {
-                    "delta" => created.deltas += 1,
-                    "patch" => created.patches += 1,
-                    "basis" => created.unchanged += 1,
-                    _ => created.whole += 1,
+                Encoded::Whole { content, gzip } => {
+                    created.whole += 1;
+                    created.gzip += u64::from(gzip);
+                    packer.whole(content, gzip, &mut payload)?
                 }
-                let end = payload.stream_position().context("writing the payload")?;
-                entry.data = Some(Data {
-                    encoding: encoding.to_owned(),
-                    offset,
-                    length: end - offset,
-                    basis: basis_hash,
-                });
-            }
-            entries.push(entry);
+                Encoded::Diff {
+                    diff,
+                    gzip,
+                    basis,
+                    from,
+                } => {
+                    created.bsdiff += 1;
+                    created.gzip += u64::from(gzip);
+                    let mut data = packer.diff(diff, gzip, &mut payload)?;
+                    data.basis = Some(basis);
+                    data.from = from;
+                    data
+                }
+            };
+            entry.data = Some(data);
         }
         start = end;
     }
+    packer.flush(&mut payload)?;
     payload.flush().context("writing the payload")?;
-    Ok(entries)
+    created.parts = packer.parts.len() as u64;
+    Ok((entries, packer.parts))
 }
 
-/// One changed file's encoding: its form, bytes, and the hash of the basis it needs.
-type Encoded = (&'static str, Vec<u8>, Option<String>);
+/// One file whose content goes in the payload.
+struct Job {
+    /// Its index among the entries.
+    entry: usize,
+    source: PathBuf,
+    size: u64,
+    /// The base's file it may be diffed against: its path in the base, and on disk.
+    basis: Option<(PathBuf, PathBuf)>,
+}
 
-/// [`encode_small`] for each (index, basis, new file), on as many threads as there are cores.
-fn encode_parallel(jobs: &[(usize, PathBuf, PathBuf)]) -> HashMap<usize, Result<Encoded>> {
+/// Files of the base the new tree no longer has, by their names' shapes ([`shape`]): an
+/// upgraded library's old version, under its old name.
+fn renamed_files(from: &MergedView<'_>, to: &Layer) -> HashMap<String, PathBuf> {
+    let mut gone = HashMap::new();
+    from.walk(&mut |rel, node| {
+        if matches!(node.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT)
+            && !to.root.join(rel).exists()
+        {
+            gone.entry(shape(rel)).or_insert_with(|| rel.to_owned());
+        }
+    });
+    gone
+}
+
+/// A path with its digits left out: what the names of one file's versions share
+/// (`libfoo.so.1.2.3`, `libfoo.so.1.2.4`).
+fn shape(rel: &Path) -> String {
+    rel.to_string_lossy()
+        .chars()
+        .filter(|c| !c.is_ascii_digit())
+        .collect()
+}
+
+/// The base's file a new file may be diffed against: the one at its path, or an earlier
+/// version under another name; both small enough to diff in memory.
+fn basis_of(
+    from: &MergedView<'_>,
+    renamed: &HashMap<String, PathBuf>,
+    rel: &Path,
+    size: u64,
+) -> Option<(PathBuf, PathBuf)> {
+    let small = |node: &crate::engine::MergedNode<'_>| matches!(node.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT);
+    let same = from.get(rel);
+    let (basis_rel, node) = match same {
+        Some(node) if small(node) => (rel.to_owned(), node),
+        Some(_) => return None,
+        None => {
+            let other = renamed.get(&shape(rel))?;
+            (other.clone(), from.get(other).filter(|n| small(n))?)
+        }
+    };
+    (size <= DELTA_LIMIT).then(|| {
+        let path = from.source_path(&basis_rel, node);
+        (basis_rel, path)
+    })
+}
+
+/// One file's content, encoded.
+enum Encoded {
+    /// Too large to hold: streamed whole into a part of its own.
+    Large,
+    Whole {
+        content: Vec<u8>,
+        gzip: bool,
+    },
+    Diff {
+        diff: Diff,
+        gzip: bool,
+        basis: String,
+        from: Option<String>,
+    },
+}
+
+/// [`encode`] for each job, on as many threads as there are cores; results in order.
+fn encode_parallel(jobs: &[Job]) -> Vec<Result<Encoded>> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(jobs.len())
         .max(1);
     let next = AtomicUsize::new(0);
-    std::thread::scope(|scope| {
+    let mut done: Vec<(usize, Result<Encoded>)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
                     let mut done = Vec::new();
-                    while let Some((k, basis, new)) = jobs.get(next.fetch_add(1, Ordering::Relaxed))
-                    {
-                        done.push((*k, encode_small(basis, new)));
+                    loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(job) = jobs.get(k) else { break };
+                        done.push((k, encode(job)));
                     }
                     done
                 })
@@ -326,60 +410,193 @@ fn encode_parallel(jobs: &[(usize, PathBuf, PathBuf)]) -> HashMap<usize, Result<
             .into_iter()
             .flat_map(|w| w.join().expect("an encoder thread panicked"))
             .collect()
-    })
+    });
+    done.sort_by_key(|(k, _)| *k);
+    done.into_iter().map(|(_, result)| result).collect()
 }
 
-/// The basis itself when the content did not change; else whole, delta or patch, whichever is
-/// smallest; all held in memory (files up to
-/// [`DELTA_LIMIT`]). A delta is fast_rsync's (block matches against the old file), compressed;
-/// a patch is the new file compressed with the old one as zstd's reference prefix, as
-/// `zstd --patch-from` does, which also finds matches shorter than a block.
-fn encode_small(basis: &Path, new: &Path) -> Result<Encoded> {
-    let old = fs::read(basis).with_context(|| format!("reading {}", basis.display()))?;
-    let data = fs::read(new).with_context(|| format!("reading {}", new.display()))?;
-    if old == data {
-        // Only the metadata changed (an upgrade rewrites mtimes of files it did not change):
-        // the content is the basis itself, and nothing goes in the payload.
-        return Ok((
-            "basis",
-            Vec::new(),
-            Some(blake3::hash(&old).to_hex().to_string()),
-        ));
+/// A file whole, or a diff against its basis when that compresses smaller; a gzip file that
+/// compressing again remakes exactly as its content (and its basis's content).
+fn encode(job: &Job) -> Result<Encoded> {
+    if job.size > DELTA_LIMIT {
+        return Ok(Encoded::Large);
     }
-    let whole = zstd::bulk::compress(&data, ZSTD_LEVEL).context("compressing")?;
-    let signature = fast_rsync::Signature::calculate(
-        &old,
-        fast_rsync::SignatureOptions {
-            block_size: BLOCK_SIZE,
-            crypto_hash_size: 8,
+    let source = &job.source;
+    let new = fs::read(source).with_context(|| format!("reading {}", source.display()))?;
+    let unzipped = gzip::content_if_remade(&new, GZIP_LIMIT);
+    let gzip = unzipped.is_some();
+    let new = unzipped.unwrap_or(new);
+    let Some((basis_rel, basis_path)) = &job.basis else {
+        return Ok(Encoded::Whole { content: new, gzip });
+    };
+    let old = fs::read(basis_path).with_context(|| format!("reading {}", basis_path.display()))?;
+    let basis = blake3::hash(&old).to_hex().to_string();
+    let old = match gzip {
+        true => match gzip::content(old.as_slice(), GZIP_LIMIT) {
+            Ok(content) => content,
+            // The old file is no gzip file: the new one goes as its content, whole.
+            Err(_) => return Ok(Encoded::Whole { content: new, gzip }),
         },
-    );
-    let mut delta = Vec::new();
-    fast_rsync::diff(&signature.index(), &data, &mut delta)
-        .map_err(|e| anyhow!("making a delta for {}: {e}", new.display()))?;
-    let delta = zstd::bulk::compress(&delta, ZSTD_LEVEL).context("compressing")?;
-    let patch = patch(&old, &data).with_context(|| format!("compressing {}", new.display()))?;
-    let basis_hash = || Some(blake3::hash(&old).to_hex().to_string());
-    Ok(if patch.len() < delta.len().min(whole.len()) {
-        ("patch", patch, basis_hash())
-    } else if delta.len() < whole.len() {
-        ("delta", delta, basis_hash())
-    } else {
-        ("whole", whole, None)
+        false => old,
+    };
+    let diff = Diff::make(&old, &new).with_context(|| format!("diffing {}", source.display()))?;
+    // Which is smaller once compressed, judged by a fast level on each alone.
+    let quick = |bytes: &[u8]| zstd::bulk::compress(bytes, 3).map_or(usize::MAX, |z| z.len());
+    let diffed = quick(&diff.controls) + quick(&diff.diff) + quick(&diff.extra);
+    let fits = (diff.controls.len() + diff.diff.len() + diff.extra.len()) as u64 <= PART_LIMIT;
+    if !fits || diffed >= quick(&new) {
+        return Ok(Encoded::Whole { content: new, gzip });
+    }
+    Ok(Encoded::Diff {
+        diff,
+        gzip,
+        basis,
+        from: Some(escape(basis_rel.as_os_str().as_bytes())),
     })
 }
 
-/// `data` compressed with `old` as the reference prefix.
-fn patch(old: &[u8], data: &[u8]) -> io::Result<Vec<u8>> {
-    let mut encoder = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), ZSTD_LEVEL, old)?;
-    // The window must reach back over the whole old file from the end of the new one.
-    let total = (old.len() + data.len()).max(1);
-    let window_log = (usize::BITS - (total - 1).leading_zeros()).clamp(10, PATCH_WINDOW_LOG);
-    encoder.window_log(window_log)?;
-    encoder.long_distance_matching(true)?;
-    encoder.set_pledged_src_size(Some(data.len() as u64))?;
-    encoder.write_all(data)?;
-    encoder.finish()
+/// Files' content gathered into parts of at most [`PART_LIMIT`] bytes, each written to the
+/// payload as one zstd frame when full.
+#[derive(Default)]
+struct Packer {
+    parts: Vec<Part>,
+    controls: Vec<u8>,
+    diffs: Vec<u8>,
+    literals: Vec<u8>,
+    at: u64,
+}
+
+impl Packer {
+    fn held(&self) -> u64 {
+        (self.controls.len() + self.diffs.len() + self.literals.len()) as u64
+    }
+
+    /// Makes room for `bytes` more in the part being filled.
+    fn room(&mut self, bytes: u64, payload: &mut impl Write) -> Result<()> {
+        if self.held() + bytes > PART_LIMIT {
+            self.flush(payload)?;
+        }
+        Ok(())
+    }
+
+    fn whole(&mut self, content: Vec<u8>, gzip: bool, payload: &mut impl Write) -> Result<Data> {
+        self.room(content.len() as u64, payload)?;
+        let data = Data {
+            encoding: "whole".into(),
+            part: self.parts.len() as u32,
+            offset: self.literals.len() as u64,
+            length: content.len() as u64,
+            gzip: gzip.then(|| GZIP_ZLIB_9.to_owned()),
+            ..Data::default()
+        };
+        self.literals.extend_from_slice(&content);
+        Ok(data)
+    }
+
+    fn diff(&mut self, diff: Diff, gzip: bool, payload: &mut impl Write) -> Result<Data> {
+        let bytes = diff.controls.len() + diff.diff.len() + diff.extra.len();
+        self.room(bytes as u64, payload)?;
+        let data = Data {
+            encoding: "bsdiff".into(),
+            part: self.parts.len() as u32,
+            offset: self.controls.len() as u64,
+            length: diff.controls.len() as u64,
+            diff: Some(self.diffs.len() as u64),
+            extra: Some(self.literals.len() as u64),
+            gzip: gzip.then(|| GZIP_ZLIB_9.to_owned()),
+            ..Data::default()
+        };
+        self.controls.extend_from_slice(&diff.controls);
+        self.diffs.extend_from_slice(&diff.diff);
+        self.literals.extend_from_slice(&diff.extra);
+        Ok(data)
+    }
+
+    /// Writes the part being filled, if it holds anything.
+    fn flush(&mut self, payload: &mut impl Write) -> Result<()> {
+        if self.held() == 0 {
+            return Ok(());
+        }
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL)?;
+        encoder.window_log(PART_WINDOW_LOG)?;
+        encoder.long_distance_matching(true)?;
+        encoder.set_pledged_src_size(Some(self.held()))?;
+        for region in [&self.controls, &self.diffs, &self.literals] {
+            encoder.write_all(region)?;
+        }
+        let frame = encoder.finish()?;
+        payload.write_all(&frame).context("writing the payload")?;
+        self.parts.push(Part {
+            offset: self.at,
+            length: frame.len() as u64,
+            controls: self.controls.len() as u64,
+            diffs: self.diffs.len() as u64,
+            literals: self.literals.len() as u64,
+            stream: false,
+        });
+        self.at += frame.len() as u64;
+        self.controls.clear();
+        self.diffs.clear();
+        self.literals.clear();
+        Ok(())
+    }
+
+    /// A file too large to hold, compressed as it is read into a streamed part of its own.
+    fn stream(&mut self, source: &Path, payload: &mut impl Write) -> Result<Data> {
+        let file = File::open(source).with_context(|| format!("reading {}", source.display()))?;
+        let len = file.metadata()?.len();
+        let mut counted = Counted {
+            inner: payload,
+            bytes: 0,
+        };
+        let mut encoder = zstd::stream::write::Encoder::new(&mut counted, STREAM_LEVEL)?;
+        encoder.window_log(STREAM_WINDOW_LOG)?;
+        encoder.long_distance_matching(true)?;
+        encoder.set_pledged_src_size(Some(len))?;
+        let copied = io::copy(&mut BufReader::new(file).take(len), &mut encoder)
+            .with_context(|| format!("compressing {}", source.display()))?;
+        anyhow::ensure!(
+            copied == len,
+            "{} changed while it was read",
+            source.display()
+        );
+        encoder.finish()?;
+        let part = self.parts.len() as u32;
+        self.parts.push(Part {
+            offset: self.at,
+            length: counted.bytes,
+            controls: 0,
+            diffs: 0,
+            literals: len,
+            stream: true,
+        });
+        self.at += counted.bytes;
+        Ok(Data {
+            encoding: "whole".into(),
+            part,
+            offset: 0,
+            length: len,
+            ..Data::default()
+        })
+    }
+}
+
+/// A writer that counts what passes through it.
+struct Counted<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn walk_nodes<'a>(node: &'a Node, path: &mut PathBuf, out: &mut Vec<(PathBuf, &'a Node)>) {

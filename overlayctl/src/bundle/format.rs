@@ -14,21 +14,29 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::manifest::{escape, unescape};
 
-pub(super) const MAGIC: &[u8; 8] = b"STRATAB\x02";
-pub(super) const FORMAT_VERSION: u32 = 2;
+pub(super) const MAGIC: &[u8; 8] = b"STRATAB\x03";
+pub(super) const FORMAT_VERSION: u32 = 3;
 /// Signatures sign this prefix and the manifest, so they mean nothing elsewhere.
-pub(super) const SIGNING_CONTEXT: &[u8] = b"strata bundle manifest v2\0";
+pub(super) const SIGNING_CONTEXT: &[u8] = b"strata bundle manifest v3\0";
 /// A manifest larger than this is refused before it is read.
 pub(super) const MAX_MANIFEST: u64 = 32 << 20;
 /// The most a manifest may decompress to (about 500,000 entries).
 pub(super) const MAX_MANIFEST_TEXT: u64 = 128 << 20;
 pub(super) const MAX_SIGNATURES: u32 = 64;
-/// Files up to this size are sent as deltas against the old file when that is smaller; both
-/// are held in memory while the delta is made and applied. Larger files go whole, streamed.
-pub const DELTA_LIMIT: u64 = 64 << 20;
-/// The largest window a patch uses: the old file and the new one together, up to
-/// 2 x [`DELTA_LIMIT`]. Applying one never needs more memory than this.
-pub(super) const PATCH_WINDOW_LOG: u32 = 27;
+/// The most a part holds once decompressed: it is decompressed whole into memory, beside its
+/// compressed bytes (so applying needs about twice this, whatever the bundle's size).
+pub const PART_LIMIT: u64 = 16 << 20;
+/// Files up to this size (old and new) are sent as binary diffs against a file of the base
+/// when that is smaller than the file itself; larger files go whole.
+pub const DELTA_LIMIT: u64 = PART_LIMIT / 2;
+/// A gzip file whose content is at most this large may be sent as its content, compressed
+/// again on the device (its content and the base's are held in memory to diff them).
+pub const GZIP_LIMIT: u64 = 8 << 20;
+/// The largest window a streamed part (one file too large for a part) may use: 16 MiB.
+pub(super) const STREAM_WINDOW_LOG: u32 = 24;
+/// How a gzip file sent as its content is compressed again: zlib's deflate at level 9, a
+/// 32 KiB window, gzip's header without name or time from Unix (`gzip -9n` on small files).
+pub const GZIP_ZLIB_9: &str = "zlib-9";
 /// The path of the root entry.
 pub(super) const ROOT: &str = ".";
 
@@ -43,8 +51,39 @@ pub struct BundleManifest {
     pub target: String,
     /// Bytes of payload after the signatures.
     pub payload: u64,
+    /// The payload's parts, in order, end to end.
+    #[serde(default, rename = "part")]
+    pub parts: Vec<Part>,
     #[serde(default, rename = "entry")]
     pub entries: Vec<Entry>,
+}
+
+/// One zstd frame of the payload. Decompressed, a part is three regions end to end: the
+/// controls of its binary diffs, the bytes their controls add to the base's, and literal bytes
+/// (whole files, and the new bytes of diffs). A streamed part holds one file larger than
+/// [`PART_LIMIT`], whole, and is decompressed as a stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Part {
+    /// Where the frame is in the payload, and its compressed length.
+    pub offset: u64,
+    pub length: u64,
+    #[serde(default)]
+    pub controls: u64,
+    #[serde(default)]
+    pub diffs: u64,
+    pub literals: u64,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stream: bool,
+}
+
+impl Part {
+    /// Bytes once decompressed.
+    pub fn size(&self) -> u64 {
+        self.controls
+            .saturating_add(self.diffs)
+            .saturating_add(self.literals)
+    }
 }
 
 /// One entry of the layer.
@@ -110,17 +149,38 @@ impl Entry {
     }
 }
 
-/// Where a file's content is in the payload.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Where a file's content comes from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Data {
-    /// `whole` or `delta`.
+    /// `whole` (bytes in a part's literals), `bsdiff` (a binary diff against a base file) or
+    /// `basis` (the base's file at this path, unchanged: no payload).
     pub encoding: String,
+    #[serde(default)]
+    pub part: u32,
+    /// `whole`: where the bytes are in the part's literals. `bsdiff`: where its controls are
+    /// in the part's controls.
+    #[serde(default)]
     pub offset: u64,
+    #[serde(default)]
     pub length: u64,
-    /// For a delta: blake3 of the file it applies to.
+    /// `bsdiff`: where the bytes its controls add start in the part's diff bytes, and where the
+    /// bytes they copy start in its literals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<u64>,
+    /// `bsdiff`: blake3 of the base file it applies to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub basis: Option<String>,
+    /// `bsdiff`: the base file's path (escaped) when it is not this entry's own: an earlier
+    /// version under another name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The bytes are the content of a gzip file, compressed again as this names
+    /// ([`GZIP_ZLIB_9`]); a `bsdiff` then applies to the base file's content too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gzip: Option<String>,
 }
 
 pub(super) fn is_false(b: &bool) -> bool {
@@ -174,6 +234,12 @@ impl BundleHead {
         let mut magic = [0u8; 8];
         from.read_exact(&mut magic)
             .map_err(|_| bad("it is shorter than a bundle header".into()))?;
+        if magic[..7] == MAGIC[..7] && magic[7] != MAGIC[7] {
+            return Err(bad(format!(
+                "format version {} (this overlayctl reads {FORMAT_VERSION}); make it again with this overlayctl's `bundle create`",
+                magic[7]
+            )));
+        }
         if &magic != MAGIC {
             return Err(bad("it does not start with a Strata bundle header".into()));
         }
@@ -321,6 +387,8 @@ pub(super) fn check_entries(manifest: &BundleManifest) -> Result<()> {
     let mut dirs: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     let mut seen: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     let mut files: HashMap<&str, &Entry> = HashMap::new();
+    let mut in_stream = vec![0u32; manifest.parts.len()];
+    check_parts(manifest)?;
     dirs.insert(PathBuf::new());
     for (i, entry) in manifest.entries.iter().enumerate() {
         if entry.path == ROOT {
@@ -330,19 +398,12 @@ pub(super) fn check_entries(manifest: &BundleManifest) -> Result<()> {
             );
             continue;
         }
-        let bytes = unescape(&entry.path);
-        let rel = PathBuf::from(OsString::from_vec(bytes.clone()));
-        let plain = !bytes.is_empty()
-            && bytes
-                .split(|&b| b == b'/')
-                .all(|part| !part.is_empty() && part != b"." && part != b"..")
-            && rel.components().all(|c| matches!(c, Component::Normal(_)))
-            && escape(&bytes) == entry.path;
-        ensure!(
-            plain,
-            "entry {:?} is not a plain relative path (absolute, empty, `.` or `..`)",
-            entry.path
-        );
+        let rel = plain_path(&entry.path).ok_or_else(|| {
+            anyhow!(
+                "entry {:?} is not a plain relative path (absolute, empty, `.` or `..`)",
+                entry.path
+            )
+        })?;
         for name in entry.xattrs.keys() {
             let name = unescape(name);
             ensure!(
@@ -394,15 +455,153 @@ pub(super) fn check_entries(manifest: &BundleManifest) -> Result<()> {
                     "entry {:?} is another name of {first:?} but claims other metadata or content",
                     entry.path
                 );
-            } else {
-                ensure!(
-                    entry.data.is_some(),
-                    "entry {:?} is a file without content",
-                    entry.path
-                );
             }
             files.insert(&entry.path, entry);
         }
+        if let Some(data) = &entry.data {
+            check_data(manifest, entry, data, &mut in_stream)?;
+        } else {
+            ensure!(
+                entry.kind != "file" || entry.link.is_some(),
+                "entry {:?} is a file without content",
+                entry.path
+            );
+        }
+    }
+    for (i, used) in in_stream.iter().enumerate() {
+        ensure!(
+            !manifest.parts[i].stream || *used == 1,
+            "part {i} is streamed but holds {used} files (it must hold one)"
+        );
+    }
+    Ok(())
+}
+
+/// The path an escaped relative path names, when it is plain: not empty, not absolute, no `.`
+/// or `..`, escaped as this overlayctl escapes it.
+pub(super) fn plain_path(escaped: &str) -> Option<PathBuf> {
+    let bytes = unescape(escaped);
+    let rel = PathBuf::from(OsString::from_vec(bytes.clone()));
+    let plain = !bytes.is_empty()
+        && bytes
+            .split(|&b| b == b'/')
+            .all(|part| !part.is_empty() && part != b"." && part != b"..")
+        && rel.components().all(|c| matches!(c, Component::Normal(_)))
+        && escape(&bytes) == escaped;
+    plain.then_some(rel)
+}
+
+/// The parts lie end to end over the whole payload, each within the limit a device holds in
+/// memory (a streamed part aside).
+fn check_parts(manifest: &BundleManifest) -> Result<()> {
+    let mut at = 0u64;
+    for (i, part) in manifest.parts.iter().enumerate() {
+        ensure!(
+            part.offset == at,
+            "part {i} starts at byte {} of the payload, not where part {} ends ({at})",
+            part.offset,
+            i.wrapping_sub(1) as i64
+        );
+        at = at
+            .checked_add(part.length)
+            .ok_or_else(|| anyhow!("part {i} is longer than any file"))?;
+        if part.stream {
+            ensure!(
+                part.controls == 0 && part.diffs == 0,
+                "part {i} is streamed but holds diffs"
+            );
+        } else {
+            ensure!(
+                part.size() <= PART_LIMIT
+                    && part.controls.saturating_add(part.diffs) <= PART_LIMIT
+                    && part.length <= PART_LIMIT + (PART_LIMIT >> 4),
+                "part {i} holds {} bytes ({} compressed); a part may hold {PART_LIMIT}",
+                part.size(),
+                part.length
+            );
+        }
+    }
+    ensure!(
+        at == manifest.payload,
+        "the parts cover {at} bytes of a {}-byte payload",
+        manifest.payload
+    );
+    Ok(())
+}
+
+/// One file's content: its encoding known, its bytes inside its part's regions, its basis
+/// named and its path plain.
+fn check_data(
+    manifest: &BundleManifest,
+    entry: &Entry,
+    data: &Data,
+    in_stream: &mut [u32],
+) -> Result<()> {
+    let path = &entry.path;
+    ensure!(
+        entry.kind == "file" && entry.link.is_none(),
+        "entry {path:?} has content but is not a file's first name"
+    );
+    ensure!(
+        entry.size.is_some() && entry.hash.is_some(),
+        "entry {path:?} is a file without a size or a hash"
+    );
+    if let Some(how) = &data.gzip {
+        ensure!(
+            how == GZIP_ZLIB_9,
+            "entry {path:?} is compressed again with {how:?}, which this overlayctl does not know"
+        );
+    }
+    if let Some(from) = &data.from {
+        ensure!(
+            plain_path(from).is_some(),
+            "entry {path:?} is made from {from:?}, not a plain relative path"
+        );
+    }
+    let within =
+        |start: u64, len: u64, region: u64| start.checked_add(len).is_some_and(|end| end <= region);
+    let part = || {
+        manifest.parts.get(data.part as usize).ok_or_else(|| {
+            anyhow!(
+                "entry {path:?} is in part {}, which the bundle does not have",
+                data.part
+            )
+        })
+    };
+    match data.encoding.as_str() {
+        "basis" => ensure!(
+            data.length == 0 && data.basis.is_none() && data.from.is_none() && data.gzip.is_none(),
+            "entry {path:?} is the base's file unchanged but claims content or another basis"
+        ),
+        "whole" => {
+            let part = part()?;
+            ensure!(
+                within(data.offset, data.length, part.literals),
+                "entry {path:?} lies outside its part's literal bytes"
+            );
+            if part.stream {
+                in_stream[data.part as usize] += 1;
+                ensure!(
+                    data.offset == 0 && data.length == part.literals && data.gzip.is_none(),
+                    "entry {path:?} is not the whole of its streamed part"
+                );
+            }
+        }
+        "bsdiff" => {
+            let part = part()?;
+            ensure!(
+                !part.stream
+                    && within(data.offset, data.length, part.controls)
+                    && data.diff.is_some_and(|d| d <= part.diffs)
+                    && data.extra.is_some_and(|x| x <= part.literals),
+                "entry {path:?} lies outside its part's controls, diff bytes or literals"
+            );
+            ensure!(
+                data.basis.is_some(),
+                "entry {path:?} is a diff without its basis's hash"
+            );
+        }
+        other => bail!("entry {path:?} has an unknown encoding {other:?}"),
     }
     Ok(())
 }
@@ -418,6 +617,7 @@ mod tests {
             base: "blake3:00".into(),
             target: "blake3:11".into(),
             payload: 0,
+            parts: Vec::new(),
             entries: vec![Entry {
                 path: ROOT.into(),
                 kind: "dir".into(),
@@ -474,7 +674,9 @@ mod tests {
     fn bad_heads_are_refused_with_what_is_wrong() {
         let good = head(&manifest(FORMAT_VERSION), &[]);
         let mut other_magic = good.clone();
-        other_magic[7] = 1;
+        other_magic[0] = b'X';
+        let mut version_2 = good.clone();
+        version_2[7] = 2;
         let mut huge = good.clone();
         huge[8..16].copy_from_slice(&(MAX_MANIFEST + 1).to_le_bytes());
         let mut many = good[..good.len() - 4].to_vec();
@@ -484,6 +686,10 @@ mod tests {
             (
                 &other_magic[..],
                 "does not start with a Strata bundle header",
+            ),
+            (
+                &version_2[..],
+                "format version 2 (this overlayctl reads 3); make it again",
             ),
             (&good[..12], "ends inside its header"),
             (&huge[..], "its manifest claims"),
@@ -498,6 +704,166 @@ mod tests {
                 .to_string();
             assert!(e.contains(said), "{said:?}: {e}");
         }
+    }
+
+    /// A manifest with one file whose content is `data`, over `parts`.
+    fn with_file(parts: Vec<Part>, data: Data) -> BundleManifest {
+        let mut m = manifest(FORMAT_VERSION);
+        m.payload = parts.last().map_or(0, |p| p.offset + p.length);
+        m.parts = parts;
+        m.entries.push(Entry {
+            path: "f".into(),
+            kind: "file".into(),
+            size: Some(4),
+            hash: Some("h".into()),
+            data: Some(data),
+            ..Entry::empty()
+        });
+        m
+    }
+
+    fn part(offset: u64, length: u64, literals: u64) -> Part {
+        Part {
+            offset,
+            length,
+            controls: 0,
+            diffs: 0,
+            literals,
+            stream: false,
+        }
+    }
+
+    fn whole(part: u32, offset: u64, length: u64) -> Data {
+        Data {
+            encoding: "whole".into(),
+            part,
+            offset,
+            length,
+            ..Data::default()
+        }
+    }
+
+    #[test]
+    fn parts_and_content_are_checked_before_anything_is_read() {
+        let good = with_file(vec![part(0, 10, 4)], whole(0, 0, 4));
+        check_entries(&good).unwrap();
+        let diff = Data {
+            encoding: "bsdiff".into(),
+            length: 3,
+            diff: Some(0),
+            extra: Some(0),
+            basis: Some("b".into()),
+            ..Data::default()
+        };
+        let with_controls = |mut p: Part| {
+            p.controls = 3;
+            p
+        };
+        let streamed = |mut p: Part| {
+            p.stream = true;
+            p
+        };
+        check_entries(&with_file(
+            vec![with_controls(part(0, 10, 4))],
+            diff.clone(),
+        ))
+        .unwrap();
+        for (manifest, said) in [
+            (
+                with_file(vec![part(0, 10, 4), part(12, 5, 1)], whole(0, 0, 4)),
+                "part 1 starts at byte 12 of the payload, not where part 0 ends (10)",
+            ),
+            (
+                with_file(vec![part(0, 10, PART_LIMIT + 1)], whole(0, 0, 4)),
+                "part 0 holds 16777217 bytes",
+            ),
+            (
+                with_file(vec![part(0, 10, 4)], whole(1, 0, 4)),
+                "is in part 1, which the bundle does not have",
+            ),
+            (
+                with_file(vec![part(0, 10, 4)], whole(0, 2, 4)),
+                "lies outside its part's literal bytes",
+            ),
+            (
+                with_file(vec![part(0, 10, 4)], whole(0, u64::MAX, 4)),
+                "lies outside its part's literal bytes",
+            ),
+            (
+                with_file(vec![part(0, 10, 4)], diff.clone()),
+                "lies outside its part's controls",
+            ),
+            (
+                with_file(
+                    vec![with_controls(part(0, 10, 4))],
+                    Data {
+                        basis: None,
+                        ..diff.clone()
+                    },
+                ),
+                "a diff without its basis's hash",
+            ),
+            (
+                with_file(
+                    vec![with_controls(part(0, 10, 4))],
+                    Data {
+                        from: Some("../etc/shadow".into()),
+                        ..diff.clone()
+                    },
+                ),
+                "is made from \"../etc/shadow\", not a plain relative path",
+            ),
+            (
+                with_file(
+                    vec![part(0, 10, 4)],
+                    Data {
+                        gzip: Some("brotli".into()),
+                        ..whole(0, 0, 4)
+                    },
+                ),
+                "compressed again with \"brotli\"",
+            ),
+            (
+                with_file(vec![streamed(part(0, 10, 9))], whole(0, 0, 4)),
+                "is not the whole of its streamed part",
+            ),
+            (
+                with_file(
+                    vec![part(0, 10, 4)],
+                    Data {
+                        encoding: "patch".into(),
+                        ..whole(0, 0, 4)
+                    },
+                ),
+                "unknown encoding \"patch\"",
+            ),
+            (
+                with_file(
+                    vec![],
+                    Data {
+                        encoding: "basis".into(),
+                        length: 3,
+                        ..Data::default()
+                    },
+                ),
+                "unchanged but claims content",
+            ),
+        ] {
+            let e = check_entries(&manifest).unwrap_err().to_string();
+            assert!(e.contains(said), "{said:?}: {e}");
+        }
+        // A streamed part that no file claims, or the payload longer than the parts.
+        let mut unclaimed = with_file(vec![streamed(part(0, 10, 4))], whole(0, 0, 4));
+        unclaimed.entries.pop();
+        let e = check_entries(&unclaimed).unwrap_err().to_string();
+        assert!(e.contains("part 0 is streamed but holds 0 files"), "{e}");
+        let mut longer = good.clone();
+        longer.payload += 1;
+        let e = check_entries(&longer).unwrap_err().to_string();
+        assert!(
+            e.contains("the parts cover 10 bytes of a 11-byte payload"),
+            "{e}"
+        );
     }
 
     #[test]

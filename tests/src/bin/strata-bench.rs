@@ -472,6 +472,311 @@ fn bench_upgrade(scratch: &Path, overlayctl: &Path, trees: &Path) -> Upgrade {
     }
 }
 
+/// How one tool carried the upgrade: the update's size, the time to make it and to apply it
+/// (cold cache), the apply's peak memory, and how exactly the result is the new tree.
+struct Peer {
+    tool: &'static str,
+    size: u64,
+    make: Duration,
+    apply: Duration,
+    peak_kib: u64,
+    exact: String,
+}
+
+/// Runs `cmd` under `/usr/bin/time`: its wall time and peak resident memory (KiB).
+fn timed_peak(cmd: &mut Command, scratch: &Path) -> (Duration, u64) {
+    let report = scratch.join("time.out");
+    let mut timed = Command::new("/usr/bin/time");
+    timed
+        .args(["-f", "%M", "-o"])
+        .arg(&report)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    if let Some(dir) = cmd.get_current_dir() {
+        timed.current_dir(dir);
+    }
+    let start = Instant::now();
+    output(timed.stdout(std::process::Stdio::null()));
+    let took = start.elapsed();
+    let peak = fs::read_to_string(&report).unwrap().trim().parse().unwrap();
+    (took, peak)
+}
+
+/// Every path of `tree` with what identifies it: kind, mode, owner, content hash or link
+/// target, mtime, and the first path of its hard-link group.
+fn tree_facts(tree: &Path) -> std::collections::BTreeMap<PathBuf, (String, i64, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut facts = std::collections::BTreeMap::new();
+    let mut first: std::collections::HashMap<u64, PathBuf> = std::collections::HashMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let path = tree.join(&rel);
+        let meta = fs::symlink_metadata(&path).unwrap();
+        let kind = if meta.is_dir() {
+            let mut names: Vec<_> = fs::read_dir(&path)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            stack.extend(names.into_iter().map(|n| rel.join(n)));
+            "dir".to_owned()
+        } else if meta.file_type().is_symlink() {
+            format!("link {}", fs::read_link(&path).unwrap().display())
+        } else if meta.is_file() {
+            format!(
+                "file {}",
+                overlayctl::engine::manifest::hash_file(&path).unwrap()
+            )
+        } else {
+            format!("special {}", meta.rdev())
+        };
+        let links = match meta.is_file() && meta.nlink() > 1 {
+            true => first
+                .entry(meta.ino())
+                .or_insert_with(|| rel.clone())
+                .display()
+                .to_string(),
+            false => String::new(),
+        };
+        let mtime = if meta.is_dir() { 0 } else { meta.mtime() };
+        facts.insert(
+            rel,
+            (
+                format!("{kind} {:o} {}:{}", meta.mode(), meta.uid(), meta.gid()),
+                mtime,
+                links,
+            ),
+        );
+    }
+    facts
+}
+
+/// How `made` differs from `want`: "exact", or what differs.
+fn compare_trees(made: &Path, want: &Path) -> String {
+    let (made, want) = (tree_facts(made), tree_facts(want));
+    let (mut content, mut mtimes, mut links) = (0, 0, 0);
+    let missing = want.keys().filter(|p| !made.contains_key(*p)).count()
+        + made.keys().filter(|p| !want.contains_key(*p)).count();
+    for (path, (what, mtime, group)) in &want {
+        let Some((m_what, m_mtime, m_group)) = made.get(path) else {
+            continue;
+        };
+        content += usize::from(what != m_what);
+        mtimes += usize::from(mtime != m_mtime);
+        links += usize::from(group != m_group);
+    }
+    if missing + content + mtimes + links == 0 {
+        return "exact".to_owned();
+    }
+    let mut said = Vec::new();
+    for (n, what) in [
+        (missing, "paths missing or extra"),
+        (content, "paths with other content, kind, mode or owner"),
+        (links, "files in other hard-link groups"),
+        (mtimes, "other mtimes"),
+    ] {
+        if n > 0 {
+            said.push(format!("{n} {what}"));
+        }
+    }
+    said.join(", ")
+}
+
+/// The same upgrade with OSTree (a static delta between two commits, pulled into a bare repo
+/// holding the old commit and checked out) and casync (the new tree's chunks the old tree's
+/// store lacks, extracted with the old tree as seed), beside the bundle.
+fn bench_peers(
+    scratch: &Path,
+    overlayctl: &Path,
+    trees: &Path,
+    bundle: &Path,
+    create: Duration,
+) -> Vec<Peer> {
+    let (old, new) = (trees.join("old"), trees.join("new"));
+    let dir_size = |dir: &Path| -> u64 {
+        output(Command::new("du").args(["-sb"]).arg(dir))
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let mut peers = Vec::new();
+
+    // Strata: the bundle made above, applied to a store of the old tree.
+    let store = scratch.join("peer-store");
+    let _ = fs::remove_dir_all(&store);
+    output(
+        overlayctl_in(overlayctl, &store)
+            .args(["init", "--base"])
+            .arg(&old),
+    );
+    drop_caches();
+    let (apply, peak_kib) = timed_peak(
+        overlayctl_in(overlayctl, &store)
+            .args(["add-layer", "--name", "up", "--bundle"])
+            .arg(bundle),
+        scratch,
+    );
+    let mounted = scratch.join("peer-mount");
+    fs::create_dir_all(&mounted).unwrap();
+    output(overlayctl_in(overlayctl, &store).arg("mount").arg(&mounted));
+    let exact = compare_trees(&mounted, &new);
+    run(Command::new("umount").arg(&mounted));
+    peers.push(Peer {
+        tool: "Strata bundle (`bundle create`, `add-layer --bundle`)",
+        size: fs::metadata(bundle).unwrap().len(),
+        make: create,
+        apply,
+        peak_kib,
+        exact,
+    });
+
+    // OSTree: commits of both trees in an archive repo, a static delta between them.
+    let repo = scratch.join("ostree-server");
+    let _ = fs::remove_dir_all(&repo);
+    let ostree = |repo: &Path| {
+        let mut cmd = Command::new("ostree");
+        cmd.arg(format!("--repo={}", repo.display()));
+        cmd
+    };
+    output(ostree(&repo).args(["init", "--mode=archive"]));
+    let commit = |branch: &str, tree: &Path| {
+        output(
+            ostree(&repo)
+                .args(["commit", "-b", branch, "-s", branch])
+                .arg(format!("--tree=dir={}", tree.display())),
+        )
+    };
+    commit("old", &old);
+    let start = Instant::now();
+    commit("new", &new);
+    output(ostree(&repo).args(["static-delta", "generate", "--from=old", "--to=new"]));
+    let make = start.elapsed();
+    let size = dir_size(&repo.join("deltas"));
+    // The device: a bare repo holding the old commit, pulling the new one through the delta.
+    let device = scratch.join("ostree-device");
+    let checkout = scratch.join("ostree-checkout");
+    let _ = fs::remove_dir_all(&device);
+    let _ = fs::remove_dir_all(&checkout);
+    output(ostree(&device).args(["init", "--mode=bare"]));
+    output(
+        ostree(&device)
+            .args(["remote", "add", "--no-gpg-verify", "server"])
+            .arg(format!("file://{}", repo.display())),
+    );
+    output(ostree(&device).args(["pull", "--disable-static-deltas", "server", "old"]));
+    drop_caches();
+    let (pull, pull_peak) = timed_peak(
+        ostree(&device).args(["pull", "--require-static-deltas", "server", "new"]),
+        scratch,
+    );
+    let (check_out, checkout_peak) = timed_peak(
+        ostree(&device)
+            .args(["checkout", "server:new"])
+            .arg(&checkout),
+        scratch,
+    );
+    run(&mut Command::new("sync"));
+    peers.push(Peer {
+        tool: "OSTree static delta (`commit` + `static-delta generate`, `pull` + `checkout`)",
+        size,
+        make,
+        apply: pull + check_out,
+        peak_kib: pull_peak.max(checkout_peak),
+        exact: compare_trees(&checkout, &new),
+    });
+
+    // casync: the old tree's chunk store on the device; the new tree's index and the chunks
+    // it adds sent; extracted with the old tree as seed.
+    let (old_store, new_store) = (
+        scratch.join("casync-old.castr"),
+        scratch.join("casync.castr"),
+    );
+    let (old_index, new_index) = (scratch.join("old.caidx"), scratch.join("new.caidx"));
+    for dir in [&old_store, &new_store] {
+        let _ = fs::remove_dir_all(dir);
+    }
+    output(
+        Command::new("casync")
+            .arg("make")
+            .arg(format!("--store={}", old_store.display()))
+            .arg(&old_index)
+            .arg(&old),
+    );
+    let start = Instant::now();
+    output(
+        Command::new("casync")
+            .arg("make")
+            .arg(format!("--store={}", new_store.display()))
+            .arg(&new_index)
+            .arg(&new),
+    );
+    let make = start.elapsed();
+    let chunks = |store: &Path| -> std::collections::HashMap<String, u64> {
+        output(
+            Command::new("find")
+                .arg(store)
+                .args(["-type", "f", "-printf", "%f %s\\n"]),
+        )
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, size)| (name.to_owned(), size.parse().unwrap()))
+        .collect()
+    };
+    let had = chunks(&old_store);
+    let size = chunks(&new_store)
+        .into_iter()
+        .filter(|(name, _)| !had.contains_key(name))
+        .map(|(_, size)| size)
+        .sum::<u64>()
+        + fs::metadata(&new_index).unwrap().len();
+    let extracted = scratch.join("casync-new");
+    let _ = fs::remove_dir_all(&extracted);
+    drop_caches();
+    let (extract, peak_kib) = timed_peak(
+        Command::new("casync")
+            .arg("extract")
+            .arg(format!("--store={}", new_store.display()))
+            .arg(format!("--seed={}", old.display()))
+            .arg(&new_index)
+            .arg(&extracted),
+        scratch,
+    );
+    run(&mut Command::new("sync"));
+    peers.push(Peer {
+        tool: "casync (`make`, `extract --seed` of the old tree)",
+        size,
+        make,
+        apply: extract,
+        peak_kib,
+        exact: compare_trees(&extracted, &new),
+    });
+    peers
+}
+
+fn print_peers(peers: &[Peer]) {
+    let mib = |b: u64| format!("{:.2} MiB", b as f64 / f64::from(1 << 20));
+    let ours = &peers[0];
+    println!();
+    println!(
+        "| update | size | size / Strata's | make | apply, cold cache | apply's peak memory | the result against the new tree |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for p in peers {
+        println!(
+            "| {} | {} | {:.2} | {:.1} s | {:.2} s | {} MiB | {} |",
+            p.tool,
+            mib(p.size),
+            p.size as f64 / ours.size as f64,
+            p.make.as_secs_f64(),
+            p.apply.as_secs_f64(),
+            p.peak_kib / 1024,
+            p.exact
+        );
+    }
+}
+
 /// A base of 50,000 files (500 directories of 100, 1 to 4 KiB) and ten upgrade layers over it,
 /// each changing 1,000 files, adding 200 and deleting 100 (whiteouts, of base files and of
 /// files earlier upgrades added). Returns the base and the layers, bottom first.
@@ -828,7 +1133,16 @@ fn main() {
         );
     }
     if wanted("upgrade") {
-        print_upgrade(&bench_upgrade(scratch.path(), &overlayctl, &trees));
+        let upgrade = bench_upgrade(scratch.path(), &overlayctl, &trees);
+        print_upgrade(&upgrade);
+        let bundle = scratch.path().join("upgrade.bundle");
+        print_peers(&bench_peers(
+            scratch.path(),
+            &overlayctl,
+            &trees,
+            &bundle,
+            upgrade.create,
+        ));
     }
 }
 
