@@ -16,7 +16,7 @@ use layers_spec::resolve::Note;
 use layers_spec::{
     BootOverrides, BootState, LayerState, Plan, PlanError, UpperMode, check_name, legacy, resolve,
 };
-use overlayctl::bundle::{Bundle, BundleHead, BundleManifest, parse_secret};
+use overlayctl::bundle::{Bundle, BundleHead, BundleManifest, PART_LIMIT, parse_secret};
 use overlayctl::engine::manifest::{escape, unescape};
 
 /// The name parsers are given for the file, which located errors must repeat.
@@ -336,14 +336,14 @@ pub fn bundle(data: &[u8]) {
     let Ok(head) = BundleHead::read(name, data, len, None) else {
         return;
     };
-    assert_eq!(head.manifest.version, 2);
+    assert_eq!(head.manifest.version, 3);
     let manifest_len = head.manifest_bytes.len() as u64;
     assert_eq!(
         head.payload_start,
         8 + 8 + manifest_len + 4 + 96 * head.signatures.len() as u64
     );
     assert!(head.payload_start <= len);
-    assert_eq!(&data[..8], b"STRATAB\x02");
+    assert_eq!(&data[..8], b"STRATAB\x03");
     assert_eq!(data[8..16], manifest_len.to_le_bytes());
     assert_eq!(
         &data[16..16 + head.manifest_bytes.len()],
@@ -380,13 +380,14 @@ pub fn bundle(data: &[u8]) {
         "the gate and the signatures disagree: {gated:?}"
     );
     check_bundle_entries(&bundle);
+    check_bundle_parts(&bundle);
 
     // Written as `bundle create` writes it (TOML, compressed, no signature), it reads back.
     let text = toml::to_string(&bundle.manifest).expect("an accepted manifest can be written");
     let reread: BundleManifest = toml::from_str(&text).expect("a written manifest reads back");
     assert_eq!(reread, bundle.manifest);
     let packed = zstd::bulk::compress(text.as_bytes(), 1).unwrap();
-    let mut bytes = b"STRATAB\x02".to_vec();
+    let mut bytes = b"STRATAB\x03".to_vec();
     bytes.extend((packed.len() as u64).to_le_bytes());
     bytes.extend(&packed);
     bytes.extend(0u32.to_le_bytes());
@@ -401,11 +402,68 @@ pub fn bundle(data: &[u8]) {
 /// the manifest's TOML and the entry checks without the fuzzer having to make zstd frames.
 pub fn bundle_manifest(data: &[u8]) {
     let packed = zstd::bulk::compress(data, 1).expect("compressing in memory");
-    let mut bytes = b"STRATAB\x02".to_vec();
+    let mut bytes = b"STRATAB\x03".to_vec();
     bytes.extend((packed.len() as u64).to_le_bytes());
     bytes.extend(&packed);
     bytes.extend(0u32.to_le_bytes());
     bundle(&bytes);
+}
+
+/// What decompressing a bundle's parts relies on, restated from its use rather than from
+/// `check_entries`: the parts lie end to end over the whole payload; a part held in memory is at
+/// most `PART_LIMIT` bytes; each file's bytes lie inside its part's regions, a diff names its
+/// basis (by a plain path when not its own), and a streamed part is one whole file.
+fn check_bundle_parts(bundle: &Bundle) {
+    let m = &bundle.manifest;
+    let mut at = 0u64;
+    for part in &m.parts {
+        assert_eq!(part.offset, at, "parts end to end");
+        at += part.length;
+        assert!(
+            part.stream || part.size() <= PART_LIMIT,
+            "{part:?} too large"
+        );
+    }
+    assert_eq!(at, m.payload, "the parts cover the payload");
+    let inside = |at: u64, len: u64, region: u64| at.checked_add(len).is_some_and(|e| e <= region);
+    for entry in &m.entries {
+        let Some(data) = &entry.data else { continue };
+        assert!(entry.size.is_some() && entry.hash.is_some(), "{entry:?}");
+        if data.encoding == "basis" {
+            assert!(data.length == 0 && data.from.is_none(), "{entry:?}");
+            continue;
+        }
+        let part = &m.parts[data.part as usize];
+        match data.encoding.as_str() {
+            "whole" => {
+                assert!(inside(data.offset, data.length, part.literals), "{entry:?}");
+                if part.stream {
+                    assert!(
+                        data.offset == 0 && data.length == part.literals,
+                        "{entry:?}"
+                    );
+                }
+            }
+            "bsdiff" => {
+                assert!(!part.stream, "{entry:?}");
+                assert!(inside(data.offset, data.length, part.controls), "{entry:?}");
+                assert!(data.diff.is_some_and(|d| d <= part.diffs), "{entry:?}");
+                assert!(data.extra.is_some_and(|x| x <= part.literals), "{entry:?}");
+                assert!(data.basis.is_some(), "{entry:?}");
+                if let Some(from) = &data.from {
+                    let bytes = unescape(from);
+                    assert!(
+                        !bytes.is_empty()
+                            && bytes
+                                .split(|&b| b == b'/')
+                                .all(|p| !p.is_empty() && p != b"." && p != b".."),
+                        "{entry:?} is made from outside the tree"
+                    );
+                }
+            }
+            other => panic!("{entry:?}: accepted with encoding {other:?}"),
+        }
+    }
 }
 
 /// What rebuilding a bundle's layer relies on, restated from its use rather than from

@@ -253,6 +253,58 @@ fn assert_stack_shows(env: &Env, store: &str, tree: &Path) {
     assert_eq!(shown.len(), wanted.len());
 }
 
+/// A device whose store went through a disk image made with `mkfs.ext4 -d`, which keeps whole
+/// seconds of every mtime: a bundle made from the original trees still applies there, and gives
+/// the promised tree.
+#[test]
+fn privileged_bundle_applies_where_mtimes_lost_their_fractions() {
+    let Some(env) = Env::new("privileged_bundle_applies_where_mtimes_lost_their_fractions") else {
+        return;
+    };
+    let bundle = env.path("release-2.bundle");
+    env.create(&env.path("old"), &bundle, None);
+    // The old tree with every mtime cut to its whole second, as the device has it.
+    let cut = env.path("cut");
+    tests::vm::run(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(env.path("old"))
+            .arg(&cut),
+    );
+    let listed = tests::vm::run(
+        std::process::Command::new("find")
+            .arg(&cut)
+            .args(["-printf", "%T@ %p\\n"]),
+    );
+    let mut fractions = 0;
+    for line in listed.lines() {
+        let (time, path) = line.split_once(' ').unwrap();
+        let whole = time.split('.').next().unwrap();
+        fractions += usize::from(!time.ends_with(".0000000000"));
+        tests::vm::run(
+            std::process::Command::new("touch")
+                .args(["-h", "-d", &format!("@{whole}")])
+                .arg(path),
+        );
+    }
+    assert!(
+        fractions > 0,
+        "the old tree has mtimes with fractions:\n{listed}"
+    );
+    env.ok("device", &["init", "--base", cut.to_str().unwrap()]);
+    let added = env.ok(
+        "device",
+        &[
+            "add-layer",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--name",
+            "r2",
+        ],
+    );
+    assert!(added.contains("added layer r2"), "{added}");
+}
+
 #[test]
 fn privileged_bundle_from_a_store_layer() {
     let Some(env) = Env::new("privileged_bundle_from_a_store_layer") else {

@@ -210,8 +210,10 @@ pub enum Content<'a> {
 }
 
 /// Which fields a line carries: a layer's manifest has every one; a tree digest (bundles)
-/// leaves out directory mtimes, which move with any change inside, and `opaque`, which is a
-/// layer's, not a tree's.
+/// leaves out directory mtimes, which move with any change inside, the fractions of a second
+/// of other mtimes (a disk image made with `mkfs.ext4 -d` keeps whole seconds, and a device
+/// whose store came from one must still match), and `opaque`, which is a layer's, not a
+/// tree's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fields {
     Layer,
@@ -236,8 +238,14 @@ pub fn entry_line(
     if !matches!(node.kind, Kind::Whiteout) {
         let m = &node.meta;
         let _ = write!(out, " mode={:04o} uid={} gid={}", m.mode, m.uid, m.gid);
-        if fields == Fields::Layer || !node.kind.is_dir() {
-            let _ = write!(out, " mtime={}.{:09}", m.mtime.0, m.mtime.1);
+        match fields {
+            Fields::Layer => {
+                let _ = write!(out, " mtime={}.{:09}", m.mtime.0, m.mtime.1);
+            }
+            Fields::Tree if !node.kind.is_dir() => {
+                let _ = write!(out, " mtime={}", m.mtime.0);
+            }
+            Fields::Tree => {}
         }
     }
     match (&node.kind, content) {
