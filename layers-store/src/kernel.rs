@@ -20,6 +20,11 @@ pub fn stack_kernel(
     boot_names: impl IntoIterator<Item = String>,
 ) -> Option<StackKernel> {
     let with_files = |version: &str| {
+        // A version names a directory of the boot partition (`/boot/strata/VERSION`): never
+        // that directory itself or its parent.
+        if matches!(version, "" | "." | "..") {
+            return None;
+        }
         Some(StackKernel {
             version: version.to_owned(),
             vmlinuz: find(&Path::new("boot").join(format!("vmlinuz-{version}")))?,
@@ -256,5 +261,18 @@ mod tests {
         let kernel = in_root(root.path()).unwrap();
         assert_eq!(kernel.version, "6.1.0-9-amd64");
         assert_eq!(kernel.initrd, boot.join("initrd.img-6.1.0-9-amd64"));
+    }
+
+    #[test]
+    fn a_version_never_names_the_boot_directory_or_its_parent() {
+        let root = tempfile::tempdir().unwrap();
+        let boot = root.path().join("boot");
+        fs::create_dir(&boot).unwrap();
+        for name in ["vmlinuz-..", "initrd.img-..", "vmlinuz-.", "initrd.img-."] {
+            fs::write(boot.join(name), name).unwrap();
+        }
+        assert_eq!(in_root(root.path()), None);
+        std::os::unix::fs::symlink("boot/vmlinuz-..", root.path().join("vmlinuz")).unwrap();
+        assert_eq!(in_root(root.path()), None);
     }
 }
