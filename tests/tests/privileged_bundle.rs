@@ -132,6 +132,16 @@ fn old_tree(root: &Path) {
     write(&root.join("usr/bin/tool"), b"#!/bin/sh\necho 1\n");
     fs::set_permissions(root.join("usr/bin/tool"), fs::Permissions::from_mode(0o755)).unwrap();
     std::os::unix::fs::symlink("tool", root.join("usr/bin/t")).unwrap();
+    // 9 MiB that do not compress, too large for a diff.
+    let mut noise = Vec::with_capacity(9 << 20);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    while noise.len() < 9 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        noise.extend(x.to_le_bytes());
+    }
+    write(&root.join("usr/share/big.dat"), &noise);
 }
 
 fn new_tree(old: &Path, root: &Path) {
@@ -146,6 +156,15 @@ fn new_tree(old: &Path, root: &Path) {
     fs::remove_file(root.join("etc/gone.conf")).unwrap();
     write(&root.join("usr/lib/libbig.so"), &library(2));
     write(&root.join("usr/share/new/readme"), b"hello\n");
+    // An empty file last of all: its content is no bytes of a part.
+    write(&root.join("var/zz-empty"), b"");
+    // The large file's content unchanged, its mtime new (as an upgrade leaves it): no payload.
+    let big = fs::File::options()
+        .write(true)
+        .open(root.join("usr/share/big.dat"))
+        .unwrap();
+    big.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30))
+        .unwrap();
     fs::hard_link(
         root.join("usr/share/new/readme"),
         root.join("usr/share/new/README"),
@@ -171,7 +190,7 @@ fn privileged_bundle_signed_applies_and_mounts_as_the_new_tree() {
     let bundle = env.path("release-2.bundle");
     let made = env.create(&env.path("old"), &bundle, Some(&key));
     assert!(
-        made.contains("1 as binary diffs (0 gzip files as their content), 1 from the base unchanged, in 1 parts; signed"),
+        made.contains("1 as binary diffs (0 gzip files as their content), 2 from the base unchanged, in 1 parts; signed"),
         "{made}"
     );
     // The library changed in one line of 20,000: sent as a diff, the bundle is tiny.
@@ -193,7 +212,7 @@ fn privileged_bundle_signed_applies_and_mounts_as_the_new_tree() {
     assert!(info.contains("signer signed by build"), "{info}");
     assert!(
         info.contains(
-            "4 files: 1 binary diffs, 0 gzip files as their content, 1 unchanged from the base; 1 parts"
+            "6 files: 1 binary diffs, 0 gzip files as their content, 2 unchanged from the base; 1 parts"
         ),
         "{info}"
     );
@@ -340,7 +359,7 @@ fn privileged_bundle_from_a_store_layer() {
     let made = create(Some("base"), &new, &to_2);
     assert!(
         made.contains(
-            "1 as binary diffs (0 gzip files as their content), 1 from the base unchanged"
+            "1 as binary diffs (0 gzip files as their content), 2 from the base unchanged"
         ),
         "{made}"
     );
@@ -595,7 +614,26 @@ fn privileged_bundle_bad_bundles_change_nothing() {
     refused(
         &crafted,
         &["--allow-unsigned"],
-        "its content is 4 bytes, not the 1000",
+        "entry \"short\" has 4 bytes of content, not the 1000 its size says",
+    );
+    // Two files on the same bytes of a part: each byte of a part is used once.
+    let twice = zstd::bulk::compress(b"same", 3).unwrap();
+    craft(
+        &crafted,
+        &format!(
+            "{head}{}{root}[[entry]]\npath = \"a\"\nkind = \"file\"\nsize = 4\nhash = \"{h}\"\n\
+             data = {{ encoding = \"whole\", part = 0, offset = 0, length = 4 }}\n\
+             [[entry]]\npath = \"b\"\nkind = \"file\"\nsize = 4\nhash = \"{h}\"\n\
+             data = {{ encoding = \"whole\", part = 0, offset = 0, length = 4 }}\n",
+            one_part(&twice, 0, 0, 4),
+            h = blake3::hash(b"same").to_hex(),
+        ),
+        &twice,
+    );
+    refused(
+        &crafted,
+        &["--allow-unsigned"],
+        "b: its bytes do not start where the previous file's end in part 0",
     );
     // A manifest that decompresses to more than 128 MiB: refused before it is all read.
     let mut bomb_manifest = b"STRATAB\x03".to_vec();
@@ -613,10 +651,11 @@ fn privileged_bundle_bad_bundles_change_nothing() {
     // makes more than the file's size (the same 4 bytes again and again), one that reads past
     // the old file's end, and one naming a basis path outside the tree.
     let again: Vec<u8> = (0..1000).flat_map(|_| control(4, 0, -4)).collect();
-    for (controls, diffs, size, basis, from, error) in [
+    for (controls, diffs, extra, size, basis, from, error) in [
         (
             control(0, 4, 0),
             0,
+            &b"new\n"[..],
             4,
             &b"not old\n"[..],
             "",
@@ -625,6 +664,7 @@ fn privileged_bundle_bad_bundles_change_nothing() {
         (
             again,
             4000,
+            &b""[..],
             10,
             &b"old\n"[..],
             "",
@@ -633,6 +673,7 @@ fn privileged_bundle_bad_bundles_change_nothing() {
         (
             control(400, 0, 0),
             400,
+            &b""[..],
             400,
             &b"old\n"[..],
             "",
@@ -641,6 +682,7 @@ fn privileged_bundle_bad_bundles_change_nothing() {
         (
             control(0, 4, 0),
             0,
+            &b"new\n"[..],
             4,
             &b"old\n"[..],
             ", from = \"../../etc/passwd\"",
@@ -649,7 +691,7 @@ fn privileged_bundle_bad_bundles_change_nothing() {
     ] {
         let mut part = controls.clone();
         part.extend(vec![0u8; diffs]);
-        part.extend(b"new\n");
+        part.extend(extra);
         let frame = zstd::bulk::compress(&part, 3).unwrap();
         let new = vec![b'x'; size];
         craft(
@@ -659,7 +701,7 @@ fn privileged_bundle_bad_bundles_change_nothing() {
                  [[entry]]\npath = \"etc/motd\"\nkind = \"file\"\nsize = {size}\nhash = \"{}\"\n\
                  data = {{ encoding = \"bsdiff\", part = 0, offset = 0, length = {}, diff = 0, \
                  extra = 0, basis = \"{}\"{from} }}\n",
-                one_part(&frame, controls.len(), diffs, 4),
+                one_part(&frame, controls.len(), diffs, extra.len()),
                 blake3::hash(&new).to_hex(),
                 controls.len(),
                 blake3::hash(basis).to_hex(),

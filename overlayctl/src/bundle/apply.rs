@@ -147,7 +147,8 @@ impl Bundle {
                     .push(entry);
             }
         }
-        let mut payload = File::open(&self.path)?;
+        let mut payload =
+            File::open(&self.path).with_context(|| format!("opening {}", self.path.display()))?;
         for (i, (part, entries)) in parts.iter().zip(&by_part).enumerate() {
             let bytes = match part.stream {
                 true => None,
@@ -156,6 +157,9 @@ impl Bundle {
                         .with_context(|| format!("part {i} of the payload"))?,
                 ),
             };
+            if let Some(bytes) = &bytes {
+                check_layout(i, part, bytes, entries)?;
+            }
             for entry in entries {
                 let rel = PathBuf::from(OsString::from_vec(unescape(&entry.path)));
                 f(part, bytes.as_deref(), entry, &rel)?;
@@ -204,12 +208,13 @@ impl Bundle {
         let path = &entry.path;
         let Some(bytes) = bytes else {
             // A streamed part: one file, whole.
-            let mut payload = File::open(&self.path)?;
+            let mut payload = File::open(&self.path)
+                .with_context(|| format!("opening {}", self.path.display()))?;
             payload.seek(SeekFrom::Start(self.payload_start + part.offset))?;
             let mut decoder =
                 zstd::stream::read::Decoder::new(BufReader::new(payload.take(part.length)))?;
             decoder.window_log_max(STREAM_WINDOW_LOG)?;
-            let copied = io::copy(&mut decoder.take(size + 1), out)
+            let copied = io::copy(&mut decoder.take(size.saturating_add(1)), out)
                 .with_context(|| format!("{path}: its content is corrupt"))?;
             ensure!(
                 copied == size,
@@ -271,7 +276,7 @@ impl Bundle {
                     .with_context(|| format!("{path}: its diff is damaged"))?;
                 let diff_at = region(diffs, data.diff.unwrap_or(0), add)?;
                 let extra_at = region(literals, data.extra.unwrap_or(0), copy)?;
-                let basis = open_basis(base, rel, data, path)?;
+                let basis = open_basis(base, rel, data, path, &self.verified)?;
                 let limit = if gzip { GZIP_LIMIT } else { size };
                 let written = match gzip {
                     true => {
@@ -307,6 +312,48 @@ impl Bundle {
     }
 }
 
+/// The files of a part use its bytes in order, each byte once, as `bundle create` lays them
+/// out: each file's controls, added bytes and new bytes start where the previous file's end,
+/// and together they fill the part. So the work a part asks for is bounded by its size.
+fn check_layout(i: usize, part: &Part, bytes: &[u8], entries: &[&Entry]) -> Result<()> {
+    let (mut controls, mut diffs, mut literals) = (0u64, 0u64, 0u64);
+    for entry in entries {
+        let data = entry.data.as_ref().expect("indexed: files with content");
+        let path = &entry.path;
+        let in_order = match data.encoding.as_str() {
+            "bsdiff" => {
+                let at = data.offset as usize;
+                let own = bytes
+                    .get(at..at + data.length as usize)
+                    .ok_or_else(|| anyhow!("{path}: its controls lie outside its part"))?;
+                let (add, copy) =
+                    diff::lengths(own).with_context(|| format!("{path}: its diff is damaged"))?;
+                let in_order = data.offset == controls
+                    && data.diff == Some(diffs)
+                    && data.extra == Some(literals);
+                controls += data.length;
+                diffs = diffs.saturating_add(add);
+                literals = literals.saturating_add(copy);
+                in_order
+            }
+            _ => {
+                let in_order = data.offset == literals;
+                literals += data.length;
+                in_order
+            }
+        };
+        ensure!(
+            in_order,
+            "{path}: its bytes do not start where the previous file's end in part {i}"
+        );
+    }
+    ensure!(
+        (controls, diffs, literals) == (part.controls, part.diffs, part.literals),
+        "part {i} holds bytes no file uses, or its files use more than it holds"
+    );
+    Ok(())
+}
+
 /// A writer that hashes and counts what it writes, for the check against the manifest.
 pub(super) struct Checked<W: Write> {
     inner: W,
@@ -332,10 +379,16 @@ impl<W: Write> Checked<W> {
             entry.path,
             self.written
         );
+        let again = entry.data.as_ref().is_some_and(|d| d.gzip.is_some());
         ensure!(
             Some(self.hasher.finalize().to_hex().as_str()) == entry.hash.as_deref(),
-            "{}: the rebuilt content does not match its hash (the bundle is damaged or was tampered with)",
-            entry.path
+            "{}: the rebuilt content does not match its hash ({})",
+            entry.path,
+            if again {
+                "a gzip file compressed again with zlib at level 9: the bundle is damaged, was tampered with, or was made by an overlayctl whose zlib compresses otherwise"
+            } else {
+                "the bundle is damaged or was tampered with"
+            }
         );
         Ok(())
     }
@@ -364,7 +417,7 @@ fn write_file(
 ) -> Result<()> {
     let out_path = dir.join(rel);
     if let Some(parent) = out_path.parent() {
-        fs::create_dir_all(parent)?;
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
     let mut file = BufWriter::new(
         File::create(&out_path).with_context(|| format!("creating {}", out_path.display()))?,
@@ -405,6 +458,7 @@ fn open_basis(
     rel: &Path,
     data: &Data,
     path: &str,
+    verified: &std::cell::RefCell<std::collections::HashSet<(PathBuf, String)>>,
 ) -> Result<(File, u64)> {
     let want = data
         .basis
@@ -428,6 +482,16 @@ fn open_basis(
     let basis_path = base.source_path(&basis_rel, node);
     let mut file =
         File::open(&basis_path).with_context(|| format!("reading {}", basis_path.display()))?;
+    let key = (basis_path.clone(), want.to_owned());
+    if verified.borrow().contains(&key) {
+        let len = file.metadata()?.len();
+        ensure!(
+            len <= DELTA_LIMIT,
+            "{path}: this stack's {} changed while the bundle was applied",
+            basis_rel.display()
+        );
+        return Ok((file, len));
+    }
     let mut hasher = blake3::Hasher::new();
     let len = io::copy(
         &mut Read::by_ref(&mut file).take(DELTA_LIMIT + 1),
@@ -440,6 +504,7 @@ fn open_basis(
         basis_rel.display()
     );
     file.seek(SeekFrom::Start(0))?;
+    verified.borrow_mut().insert(key);
     Ok((file, len))
 }
 

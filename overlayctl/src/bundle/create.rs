@@ -26,6 +26,8 @@ const ZSTD_LEVEL: i32 = 19;
 const PART_WINDOW_LOG: u32 = 24;
 /// zstd's level for a file streamed whole (large files: a lower level keeps them fast).
 const STREAM_LEVEL: i32 = 15;
+/// Files encoded at once, at most: each diff takes memory (see [`encode_parallel`]).
+const MAX_ENCODERS: usize = 4;
 
 /// What `bundle create` made.
 #[derive(Debug, Clone, Default)]
@@ -237,11 +239,7 @@ fn write_payload(
                     hash_file(&source).with_context(|| format!("hashing {}", source.display()))?
                 }
             };
-            let basis = basis_of(from, &renamed, rel, *size);
-            if let Some((ref basis_rel, ref basis_path)) = basis
-                && basis_rel == rel
-                && known.get(basis_path) == Some(&hash)
-            {
+            if unchanged(from, known, rel, *size, &hash) {
                 // Only the metadata changed (an upgrade rewrites mtimes of files it did not
                 // change): the content is the base's, and nothing goes in the payload.
                 created.unchanged += 1;
@@ -252,9 +250,10 @@ fn write_payload(
             } else {
                 jobs.push(Job {
                     entry: entries.len(),
+                    rel: rel.clone(),
                     source,
                     size: *size,
-                    basis,
+                    basis: basis_of(from, &renamed, rel, *size),
                 });
             }
             entry.hash = Some(hash);
@@ -311,10 +310,33 @@ fn write_payload(
     Ok((entries, packer.parts))
 }
 
+/// Whether the base's file at `rel` has the content `hash` (of `size` bytes): hashed when the
+/// base digest did not (a second name of a hard-linked file).
+fn unchanged(
+    from: &MergedView<'_>,
+    known: &HashMap<PathBuf, String>,
+    rel: &Path,
+    size: u64,
+    hash: &str,
+) -> bool {
+    let Some(node) = from.get(rel) else {
+        return false;
+    };
+    if !matches!(node.node.kind, Kind::File { size: old, .. } if old == size) {
+        return false;
+    }
+    let path = from.source_path(rel, node);
+    match known.get(&path) {
+        Some(known) => known == hash,
+        None => hash_file(&path).is_ok_and(|h| h == hash),
+    }
+}
+
 /// One file whose content goes in the payload.
 struct Job {
-    /// Its index among the entries.
+    /// Its index among the entries, and its path.
     entry: usize,
+    rel: PathBuf,
     source: PathBuf,
     size: u64,
     /// The base's file it may be diffed against: its path in the base, and on disk.
@@ -327,7 +349,7 @@ fn renamed_files(from: &MergedView<'_>, to: &Layer) -> HashMap<String, PathBuf> 
     let mut gone = HashMap::new();
     from.walk(&mut |rel, node| {
         if matches!(node.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT)
-            && !to.root.join(rel).exists()
+            && fs::symlink_metadata(to.root.join(rel)).is_err()
         {
             gone.entry(shape(rel)).or_insert_with(|| rel.to_owned());
         }
@@ -387,8 +409,10 @@ enum Encoded {
 /// [`encode`] for each job, on as many threads as there are cores; results in order.
 fn encode_parallel(jobs: &[Job]) -> Vec<Result<Encoded>> {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    // bsdiff holds about 17 bytes per byte of an old file (8 MiB: 136 MiB) while it sorts.
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
+        .min(MAX_ENCODERS)
         .min(jobs.len())
         .max(1);
     let next = AtomicUsize::new(0);
@@ -451,7 +475,7 @@ fn encode(job: &Job) -> Result<Encoded> {
         diff,
         gzip,
         basis,
-        from: Some(escape(basis_rel.as_os_str().as_bytes())),
+        from: (*basis_rel != job.rel).then(|| escape(basis_rel.as_os_str().as_bytes())),
     })
 }
 
@@ -460,6 +484,8 @@ fn encode(job: &Job) -> Result<Encoded> {
 #[derive(Default)]
 struct Packer {
     parts: Vec<Part>,
+    /// Whether a file's content is in the part being filled (an empty file's is no bytes).
+    claimed: bool,
     controls: Vec<u8>,
     diffs: Vec<u8>,
     literals: Vec<u8>,
@@ -489,6 +515,7 @@ impl Packer {
             gzip: gzip.then(|| GZIP_ZLIB_9.to_owned()),
             ..Data::default()
         };
+        self.claimed = true;
         self.literals.extend_from_slice(&content);
         Ok(data)
     }
@@ -506,6 +533,7 @@ impl Packer {
             gzip: gzip.then(|| GZIP_ZLIB_9.to_owned()),
             ..Data::default()
         };
+        self.claimed = true;
         self.controls.extend_from_slice(&diff.controls);
         self.diffs.extend_from_slice(&diff.diff);
         self.literals.extend_from_slice(&diff.extra);
@@ -514,9 +542,10 @@ impl Packer {
 
     /// Writes the part being filled, if it holds anything.
     fn flush(&mut self, payload: &mut impl Write) -> Result<()> {
-        if self.held() == 0 {
+        if self.held() == 0 && !self.claimed {
             return Ok(());
         }
+        self.claimed = false;
         let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL)?;
         encoder.window_log(PART_WINDOW_LOG)?;
         encoder.long_distance_matching(true)?;

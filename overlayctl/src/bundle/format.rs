@@ -199,6 +199,9 @@ pub struct Bundle {
     pub(super) manifest_bytes: Vec<u8>,
     pub signatures: Vec<(VerifyingKey, Signature)>,
     pub(super) payload_start: u64,
+    /// Base files already checked against a diff's basis hash (path on disk, hash): each is
+    /// read once, however many diffs name it.
+    pub(super) verified: std::cell::RefCell<std::collections::HashSet<(PathBuf, String)>>,
 }
 
 /// What comes before a bundle's payload, read from the start of the file: the header, the
@@ -343,6 +346,7 @@ impl BundleHead {
             manifest_bytes: self.manifest_bytes,
             signatures: self.signatures,
             payload_start: self.payload_start,
+            verified: Default::default(),
         })
     }
 }
@@ -498,9 +502,8 @@ fn check_parts(manifest: &BundleManifest) -> Result<()> {
     for (i, part) in manifest.parts.iter().enumerate() {
         ensure!(
             part.offset == at,
-            "part {i} starts at byte {} of the payload, not where part {} ends ({at})",
-            part.offset,
-            i.wrapping_sub(1) as i64
+            "part {i} starts at byte {} of the payload, not where the part before ends ({at})",
+            part.offset
         );
         at = at
             .checked_add(part.length)
@@ -579,6 +582,12 @@ fn check_data(
                 within(data.offset, data.length, part.literals),
                 "entry {path:?} lies outside its part's literal bytes"
             );
+            ensure!(
+                data.gzip.is_some() || Some(data.length) == entry.size,
+                "entry {path:?} has {} bytes of content, not the {} its size says",
+                data.length,
+                entry.size.unwrap_or(0)
+            );
             if part.stream {
                 in_stream[data.part as usize] += 1;
                 ensure!(
@@ -589,12 +598,18 @@ fn check_data(
         }
         "bsdiff" => {
             let part = part()?;
+            ensure!(!part.stream, "entry {path:?} is a diff in a streamed part");
             ensure!(
-                !part.stream
-                    && within(data.offset, data.length, part.controls)
-                    && data.diff.is_some_and(|d| d <= part.diffs)
-                    && data.extra.is_some_and(|x| x <= part.literals),
-                "entry {path:?} lies outside its part's controls, diff bytes or literals"
+                within(data.offset, data.length, part.controls),
+                "entry {path:?} lies outside its part's controls"
+            );
+            ensure!(
+                data.diff.is_some_and(|d| d <= part.diffs),
+                "entry {path:?} lies outside its part's diff bytes"
+            );
+            ensure!(
+                data.extra.is_some_and(|x| x <= part.literals),
+                "entry {path:?} lies outside its part's literal bytes"
             );
             ensure!(
                 data.basis.is_some(),
@@ -771,7 +786,7 @@ mod tests {
         for (manifest, said) in [
             (
                 with_file(vec![part(0, 10, 4), part(12, 5, 1)], whole(0, 0, 4)),
-                "part 1 starts at byte 12 of the payload, not where part 0 ends (10)",
+                "part 1 starts at byte 12 of the payload, not where the part before ends (10)",
             ),
             (
                 with_file(vec![part(0, 10, PART_LIMIT + 1)], whole(0, 0, 4)),

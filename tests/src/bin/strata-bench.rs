@@ -585,14 +585,21 @@ fn compare_trees(made: &Path, want: &Path) -> String {
 /// The same upgrade with OSTree (a static delta between two commits, pulled into a bare repo
 /// holding the old commit and checked out) and casync (the new tree's chunks the old tree's
 /// store lacks, extracted with the old tree as seed), beside the bundle.
-fn bench_peers(
-    scratch: &Path,
-    overlayctl: &Path,
-    trees: &Path,
-    bundle: &Path,
-    create: Duration,
-) -> Vec<Peer> {
+fn bench_peers(scratch: &Path, overlayctl: &Path, trees: &Path) -> Vec<Peer> {
     let (old, new) = (trees.join("old"), trees.join("new"));
+    let bundle = &scratch.join("peer.bundle");
+    let _ = fs::remove_file(bundle);
+    let start = Instant::now();
+    output(
+        Command::new(overlayctl)
+            .args(["bundle", "create", "--from"])
+            .arg(&old)
+            .arg("--to")
+            .arg(&new)
+            .arg("-o")
+            .arg(bundle),
+    );
+    let create = start.elapsed();
     let dir_size = |dir: &Path| -> u64 {
         output(Command::new("du").args(["-sb"]).arg(dir))
             .split_whitespace()
@@ -652,6 +659,8 @@ fn bench_peers(
     let start = Instant::now();
     commit("new", &new);
     output(ostree(&repo).args(["static-delta", "generate", "--from=old", "--to=new"]));
+    // The summary is where a client finds the deltas.
+    output(ostree(&repo).args(["summary", "-u"]));
     let make = start.elapsed();
     let size = dir_size(&repo.join("deltas"));
     // The device: a bare repo holding the old commit, pulling the new one through the delta.
@@ -1060,8 +1069,8 @@ fn main() {
     scratch.disable_cleanup(std::env::var_os("STRATA_BENCH_KEEP").is_some());
     private_mount_namespace();
 
-    // Further arguments pick benchmarks by name (view, hook, add, compact, checkpoint, upgrade);
-    // none: all.
+    // Further arguments pick benchmarks by name (view, hook, add, compact, checkpoint, upgrade,
+    // which includes peers: the same upgrade by OSTree and casync); none: all.
     let only: Vec<String> = std::env::args().skip(5).collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
@@ -1133,16 +1142,10 @@ fn main() {
         );
     }
     if wanted("upgrade") {
-        let upgrade = bench_upgrade(scratch.path(), &overlayctl, &trees);
-        print_upgrade(&upgrade);
-        let bundle = scratch.path().join("upgrade.bundle");
-        print_peers(&bench_peers(
-            scratch.path(),
-            &overlayctl,
-            &trees,
-            &bundle,
-            upgrade.create,
-        ));
+        print_upgrade(&bench_upgrade(scratch.path(), &overlayctl, &trees));
+    }
+    if wanted("upgrade") || only.iter().any(|o| o == "peers") {
+        print_peers(&bench_peers(scratch.path(), &overlayctl, &trees));
     }
 }
 
