@@ -437,11 +437,21 @@ pub fn add_bundle(
             let rebuilt = bundle
                 .rebuild(&view, &scratch)
                 .with_context(|| format!("rebuilding {}", file.display()))?;
+            // Each rebuilt file was hashed as it was written and checked against its entry.
+            for entry in &bundle.manifest.entries {
+                if let (Some(hash), Some(_)) = (&entry.hash, &entry.data) {
+                    let rel = <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(
+                        crate::engine::manifest::unescape(&entry.path),
+                    );
+                    known.insert(scratch.join(rel), hash.clone());
+                }
+            }
             // The whole result, metadata included, must be the tree the bundle promises.
             let mut with = vec![rebuilt];
             with.extend(layers);
             let result = MergedView::new(&with);
-            // The stack's files were hashed for the base digest: only the rebuilt ones are read.
+            // The stack's files were hashed for the base digest, the rebuilt ones as they were
+            // written: nothing is read again.
             let target = crate::bundle::tree_digest(&result, &mut |rel, node| {
                 crate::bundle::hash_by_reading(&result, &mut known, rel, node)
             })?;

@@ -382,9 +382,11 @@ pub fn bundle(data: &[u8]) {
     check_bundle_entries(&bundle);
     check_bundle_parts(&bundle);
 
-    // Written as `bundle create` writes it (TOML, compressed, no signature), it reads back.
-    let text = toml::to_string(&bundle.manifest).expect("an accepted manifest can be written");
-    let reread: BundleManifest = toml::from_str(&text).expect("a written manifest reads back");
+    // Written as `bundle create` writes it (JSON, compressed, no signature), it reads back.
+    let text =
+        serde_json::to_string(&bundle.manifest).expect("an accepted manifest can be written");
+    let reread: BundleManifest =
+        serde_json::from_str(&text).expect("a written manifest reads back");
     assert_eq!(reread, bundle.manifest);
     let packed = zstd::bulk::compress(text.as_bytes(), 1).unwrap();
     let mut bytes = b"STRATAB\x03".to_vec();

@@ -394,9 +394,12 @@ fn privileged_bundle_from_a_store_layer() {
     assert!(!env.path("x.bundle").exists());
 }
 
-/// A bundle file written by hand: manifest text, no signatures, payload bytes.
+/// A bundle file written by hand: the manifest (written here as TOML, stored as the JSON a
+/// bundle holds), no signatures, payload bytes.
 fn craft(path: &Path, manifest: &str, payload: &[u8]) {
-    let packed = zstd::bulk::compress(manifest.as_bytes(), 3).unwrap();
+    let value: toml::Value = toml::from_str(manifest).unwrap();
+    let json = serde_json::to_vec(&value).unwrap();
+    let packed = zstd::bulk::compress(&json, 3).unwrap();
     let mut bytes = b"STRATAB\x03".to_vec();
     bytes.extend((packed.len() as u64).to_le_bytes());
     bytes.extend(packed);

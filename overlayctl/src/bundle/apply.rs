@@ -12,11 +12,14 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use crate::engine::manifest::unescape;
 use crate::engine::{Kind, Layer, MergedView, Meta, Node};
 
-use super::diff::{self, Old};
+use super::diff;
 use super::format::{
     Bundle, DELTA_LIMIT, Data, Entry, GZIP_LIMIT, Part, ROOT, STREAM_WINDOW_LOG, plain_path,
 };
 use super::gzip;
+
+/// Threads copying unchanged files from the base while the parts are decoded.
+const COPIERS: usize = 2;
 
 /// What [`Bundle::each_part`] calls for each file: the part, its bytes (None for a streamed
 /// part), the entry and its path.
@@ -48,6 +51,8 @@ impl Bundle {
             ..Entry::empty()
         });
         let mut inodes: HashMap<String, u64> = HashMap::new();
+        // Files whose content is the base's, copied beside the parts' decoding.
+        let mut unchanged: Vec<(&Entry, PathBuf)> = Vec::new();
         for (i, entry) in self.manifest.entries.iter().enumerate() {
             if entry.path == ROOT {
                 root = dir_node(entry);
@@ -55,19 +60,21 @@ impl Bundle {
             }
             let rel = PathBuf::from(OsString::from_vec(unescape(&entry.path)));
             let node = match entry.kind.as_str() {
-                "dir" => dir_node(entry),
+                "dir" => {
+                    // Made here, parents first, so the files written into it need no more.
+                    let made = dir.join(&rel);
+                    fs::create_dir(&made)
+                        .with_context(|| format!("creating {}", made.display()))?;
+                    dir_node(entry)
+                }
                 "file" => {
                     let inode = match &entry.link {
                         Some(first) => *inodes.get(first).ok_or_else(|| {
                             anyhow!("{}: links to {first}, which comes later", entry.path)
                         })?,
                         None => {
-                            let unchanged =
-                                entry.data.as_ref().is_some_and(|d| d.encoding == "basis");
-                            if unchanged {
-                                write_file(dir, &rel, entry, &mut |out| {
-                                    copy_unchanged(base, &rel, entry, out)
-                                })?;
+                            if entry.data.as_ref().is_some_and(|d| d.encoding == "basis") {
+                                unchanged.push((entry, rel.clone()));
                             }
                             i as u64 + 1
                         }
@@ -117,11 +124,38 @@ impl Bundle {
             };
             insert(&mut root, &rel, node);
         }
-        // The content, a part at a time, in the payload's order.
-        self.each_part(&mut |part, region, entry, rel| {
-            write_file(dir, rel, entry, &mut |out| {
-                self.write_content(part, region, Some(base), rel, entry, out)
-            })
+        // The content: a part at a time, in the payload's order, on this thread; the unchanged
+        // files copied by others meanwhile (reading many files at once is what a cold disk
+        // does fastest).
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let copy = || -> Result<()> {
+            while !stop.load(Ordering::Relaxed) {
+                let Some((entry, rel)) = unchanged.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    break;
+                };
+                write_file(dir, rel, entry, &mut |out| {
+                    copy_unchanged(base, rel, entry, out)
+                })
+                .inspect_err(|_| stop.store(true, Ordering::Relaxed))?;
+            }
+            Ok(())
+        };
+        std::thread::scope(|scope| {
+            let copiers: Vec<_> = (0..COPIERS).map(|_| scope.spawn(copy)).collect();
+            let decoded = self
+                .each_part(&mut |part, region, entry, rel| {
+                    write_file(dir, rel, entry, &mut |out| {
+                        self.write_content(part, region, Some(base), rel, entry, out)
+                    })
+                })
+                .inspect_err(|_| stop.store(true, Ordering::Relaxed));
+            let copied: Result<()> = copiers
+                .into_iter()
+                .map(|c| c.join().expect("a copying thread panicked"))
+                .collect();
+            decoded.and(copied)
         })?;
         Ok(Layer {
             root: dir.to_owned(),
@@ -276,30 +310,21 @@ impl Bundle {
                     .with_context(|| format!("{path}: its diff is damaged"))?;
                 let diff_at = region(diffs, data.diff.unwrap_or(0), add)?;
                 let extra_at = region(literals, data.extra.unwrap_or(0), copy)?;
-                let basis = open_basis(base, rel, data, path, &self.verified)?;
+                let old = read_basis(base, rel, data, path, &self.used)?;
+                let old = match gzip {
+                    true => gzip::content(old.as_slice(), GZIP_LIMIT)
+                        .with_context(|| format!("{path}: its basis is not a gzip file"))?,
+                    false => old,
+                };
                 let limit = if gzip { GZIP_LIMIT } else { size };
-                let written = match gzip {
-                    true => {
-                        let content = gzip::content(&basis.0, GZIP_LIMIT)
-                            .with_context(|| format!("{path}: its basis is not a gzip file"))?;
-                        diff::apply(
-                            &Old::Bytes(&content),
-                            &controls[own],
-                            &diffs[diff_at],
-                            &literals[extra_at],
-                            limit,
-                            target,
-                        )
-                    }
-                    false => diff::apply(
-                        &Old::File(&basis.0, basis.1),
-                        &controls[own],
-                        &diffs[diff_at],
-                        &literals[extra_at],
-                        limit,
-                        target,
-                    ),
-                }
+                let written = diff::apply(
+                    &old,
+                    &controls[own],
+                    &diffs[diff_at],
+                    &literals[extra_at],
+                    limit,
+                    target,
+                )
                 .with_context(|| format!("{path}: its diff does not apply"))?;
                 ensure!(
                     gzip || written == size,
@@ -407,7 +432,7 @@ impl<W: Write> Write for Checked<W> {
     }
 }
 
-/// Creates `dir/rel`, writes the entry's content with `fill` (checked against its size and
+/// Creates `dir/rel` (its directory made already), writes the entry's content with `fill` (checked against its size and
 /// hash), and sets its metadata, so that the layer can link the file as it is.
 fn write_file(
     dir: &Path,
@@ -416,9 +441,6 @@ fn write_file(
     fill: &mut dyn FnMut(&mut dyn Write) -> Result<()>,
 ) -> Result<()> {
     let out_path = dir.join(rel);
-    if let Some(parent) = out_path.parent() {
-        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    }
     let mut file = BufWriter::new(
         File::create(&out_path).with_context(|| format!("creating {}", out_path.display()))?,
     );
@@ -443,23 +465,30 @@ fn copy_unchanged(
         .ok_or_else(|| anyhow!("{}: the unchanged file is not in this stack", entry.path))?;
     let path = base.source_path(rel, node);
     let mut file = File::open(&path).with_context(|| format!("reading {}", path.display()))?;
-    io::copy(
-        &mut Read::by_ref(&mut file).take(entry.size.unwrap_or(0) + 1),
-        out,
-    )
-    .with_context(|| format!("reading {}", path.display()))?;
-    Ok(())
+    let mut limited = Read::by_ref(&mut file).take(entry.size.unwrap_or(0).saturating_add(1));
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = limited
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        out.write_all(&buf[..n])
+            .with_context(|| format!("{}: writing its content", entry.path))?;
+    }
 }
 
-/// The base's file a diff was made against (at the entry's path, or the one it names), open
-/// and checked against the hash the entry names; with its length.
-fn open_basis(
+/// The content of the base's file a diff was made against (at the entry's path, or the one it
+/// names), checked against the hash the entry names. Each base file serves one diff at most, so
+/// a bundle reads no base file twice, however many entries it has.
+fn read_basis(
     base: Option<&MergedView<'_>>,
     rel: &Path,
     data: &Data,
     path: &str,
-    verified: &std::cell::RefCell<std::collections::HashSet<(PathBuf, String)>>,
-) -> Result<(File, u64)> {
+    used: &std::cell::RefCell<std::collections::HashSet<PathBuf>>,
+) -> Result<Vec<u8>> {
     let want = data
         .basis
         .as_deref()
@@ -470,42 +499,33 @@ fn open_basis(
             .ok_or_else(|| anyhow!("{path}: made from {from:?}, not a plain path"))?,
         None => rel.to_owned(),
     };
-    let node = base
-        .get(&basis_rel)
-        .filter(|n| matches!(n.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT))
-        .ok_or_else(|| {
-            anyhow!(
-                "{path}: the diff's basis file {} is not in this stack",
-                basis_rel.display()
-            )
-        })?;
-    let basis_path = base.source_path(&basis_rel, node);
-    let mut file =
-        File::open(&basis_path).with_context(|| format!("reading {}", basis_path.display()))?;
-    let key = (basis_path.clone(), want.to_owned());
-    if verified.borrow().contains(&key) {
-        let len = file.metadata()?.len();
-        ensure!(
-            len <= DELTA_LIMIT,
-            "{path}: this stack's {} changed while the bundle was applied",
+    let node = base.get(&basis_rel).ok_or_else(|| {
+        anyhow!(
+            "{path}: the diff's basis {} is not in this stack",
             basis_rel.display()
-        );
-        return Ok((file, len));
-    }
-    let mut hasher = blake3::Hasher::new();
-    let len = io::copy(
-        &mut Read::by_ref(&mut file).take(DELTA_LIMIT + 1),
-        &mut hasher,
-    )
-    .with_context(|| format!("reading {}", basis_path.display()))?;
+        )
+    })?;
     ensure!(
-        len <= DELTA_LIMIT && hasher.finalize().to_hex().as_str() == want,
+        matches!(node.node.kind, Kind::File { size, .. } if size <= DELTA_LIMIT),
+        "{path}: the diff's basis {} is not a file of at most {DELTA_LIMIT} bytes in this stack",
+        basis_rel.display()
+    );
+    ensure!(
+        used.borrow_mut().insert(basis_rel.clone()),
+        "{path}: the diff's basis {} serves another file's diff already",
+        basis_rel.display()
+    );
+    let basis_path = base.source_path(&basis_rel, node);
+    let mut old = Vec::new();
+    File::open(&basis_path)
+        .and_then(|f| f.take(DELTA_LIMIT + 1).read_to_end(&mut old))
+        .with_context(|| format!("reading {}", basis_path.display()))?;
+    ensure!(
+        old.len() as u64 <= DELTA_LIMIT && blake3::hash(&old).to_hex().as_str() == want,
         "{path}: this stack's {} is not the file the diff was made against",
         basis_rel.display()
     );
-    file.seek(SeekFrom::Start(0))?;
-    verified.borrow_mut().insert(key);
-    Ok((file, len))
+    Ok(old)
 }
 
 fn meta_of(entry: &Entry) -> Meta {

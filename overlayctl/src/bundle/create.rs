@@ -160,7 +160,7 @@ pub fn create(
         parts,
         entries,
     };
-    let text = toml::to_string(&manifest).context("writing the manifest")?;
+    let text = serde_json::to_string(&manifest).context("writing the manifest")?;
     // Stored compressed (its hashes and paths are most of a small update), and signed as stored:
     // a signature is checked before anything is decompressed.
     let packed = zstd::bulk::compress(text.as_bytes(), 19).context("compressing the manifest")?;
@@ -218,6 +218,7 @@ fn write_payload(
     let mut work = Vec::new();
     walk_nodes(&layer.tree, &mut PathBuf::new(), &mut work);
     let renamed = renamed_files(from, to);
+    let mut used = std::collections::HashSet::new();
     // Every file's entry, and the job for each first name's content.
     let mut jobs = Vec::new();
     for (rel, node) in &work {
@@ -253,7 +254,9 @@ fn write_payload(
                     rel: rel.clone(),
                     source,
                     size: *size,
-                    basis: basis_of(from, &renamed, rel, *size),
+                    // Each base file serves one diff at most (a device refuses more).
+                    basis: basis_of(from, &renamed, rel, *size)
+                        .filter(|(basis_rel, _)| used.insert(basis_rel.clone())),
                 });
             }
             entry.hash = Some(hash);

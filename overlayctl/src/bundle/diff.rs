@@ -7,9 +7,7 @@
 //! old file's position), how many new bytes to copy, and how far to move in the old file
 //! afterwards (zigzag-signed).
 
-use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
 
 use anyhow::{Result, bail, ensure};
 
@@ -80,36 +78,11 @@ fn take(from: &mut &[u8]) -> Result<u64> {
     bail!("a control number is too long")
 }
 
-/// The file a diff applies to: on disk (read a piece at a time) or in memory.
-pub(super) enum Old<'a> {
-    File(&'a File, u64),
-    Bytes(&'a [u8]),
-}
-
-impl Old<'_> {
-    fn len(&self) -> u64 {
-        match self {
-            Old::File(_, len) => *len,
-            Old::Bytes(bytes) => bytes.len() as u64,
-        }
-    }
-
-    fn read_at(&self, at: u64, buf: &mut [u8]) -> io::Result<()> {
-        match self {
-            Old::File(file, _) => file.read_exact_at(buf, at),
-            Old::Bytes(bytes) => {
-                buf.copy_from_slice(&bytes[at as usize..at as usize + buf.len()]);
-                Ok(())
-            }
-        }
-    }
-}
-
 /// Writes the file `controls` make from `old`, `diff` and `extra` to `out`, at most `limit`
 /// bytes; returns how many it wrote. Every count is checked against the streams and the old
 /// file: a damaged diff is an error, never a read outside them.
 pub(super) fn apply(
-    old: &Old<'_>,
+    old: &[u8],
     mut controls: &[u8],
     diff: &[u8],
     extra: &[u8],
@@ -134,27 +107,28 @@ pub(super) fn apply(
             "the diff needs more bytes than its part holds"
         );
         ensure!(
-            pos.checked_add(add).is_some_and(|end| end <= old.len()),
+            pos.checked_add(add)
+                .is_some_and(|end| end <= old.len() as u64),
             "the diff reads past the end of the file it applies to"
         );
-        let mut left = add as usize;
-        while left > 0 {
-            let n = left.min(buf.len());
-            old.read_at(pos, &mut buf[..n])?;
-            for (b, d) in buf[..n].iter_mut().zip(&diff[..n]) {
-                *b = b.wrapping_add(*d);
+        let (at, n) = (pos as usize, add as usize);
+        for (o, d) in old[at..at + n]
+            .chunks(buf.len())
+            .zip(diff[..n].chunks(buf.len()))
+        {
+            for ((b, o), d) in buf.iter_mut().zip(o).zip(d) {
+                *b = o.wrapping_add(*d);
             }
-            out.write_all(&buf[..n])?;
-            diff = &diff[n..];
-            pos += n as u64;
-            left -= n;
+            out.write_all(&buf[..o.len()])?;
         }
+        diff = &diff[n..];
+        pos += add;
         out.write_all(&extra[..copy as usize])?;
         extra = &extra[copy as usize..];
         written += add + copy;
         pos = pos
             .checked_add_signed(seek)
-            .filter(|p| *p <= old.len())
+            .filter(|p| *p <= old.len() as u64)
             .ok_or_else(|| anyhow::anyhow!("the diff moves outside the file it applies to"))?;
     }
     Ok(written)
@@ -179,7 +153,7 @@ mod tests {
         let made = Diff::make(old, new).unwrap();
         let mut out = Vec::new();
         let n = apply(
-            &Old::Bytes(old),
+            old,
             &made.controls,
             &made.diff,
             &made.extra,
@@ -219,14 +193,7 @@ mod tests {
         new.extend(b"tail");
         let made = Diff::make(&old, &new).unwrap();
         let run = |controls: &[u8], diff: &[u8], extra: &[u8], limit: u64| {
-            apply(
-                &Old::Bytes(&old),
-                controls,
-                diff,
-                extra,
-                limit,
-                &mut Vec::new(),
-            )
+            apply(&old, controls, diff, extra, limit, &mut Vec::new())
         };
         let e = run(&made.controls, &made.diff, &made.extra, 10).unwrap_err();
         assert!(e.to_string().contains("more than the 10 bytes"), "{e}");

@@ -2,7 +2,7 @@
 //! receive updates from a build server.
 //!
 //! ```text
-//! "STRATAB\x03" | u64 LE manifest length | manifest (zstd of TOML) | u32 LE signature count
+//! "STRATAB\x03" | u64 LE manifest length | manifest (zstd of JSON) | u32 LE signature count
 //!              | count x (32-byte ed25519 public key, 64-byte signature) | payload
 //! ```
 //!
