@@ -151,10 +151,9 @@ impl Bundle {
                     })
                 })
                 .inspect_err(|_| stop.store(true, Ordering::Relaxed));
-            let copied: Result<()> = copiers
+            let copied = copiers
                 .into_iter()
-                .map(|c| c.join().expect("a copying thread panicked"))
-                .collect();
+                .try_for_each(|c| c.join().expect("a copying thread panicked"));
             decoded.and(copied)
         })?;
         Ok(Layer {
