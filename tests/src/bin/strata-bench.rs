@@ -502,6 +502,14 @@ fn timed_peak(cmd: &mut Command, scratch: &Path) -> (Duration, u64) {
     (took, peak)
 }
 
+/// The median time of three runs of `run` (each returns its time and peak memory), with the
+/// largest peak.
+fn median_peak(run: &mut dyn FnMut() -> (Duration, u64)) -> (Duration, u64) {
+    let runs: Vec<(Duration, u64)> = (0..3).map(|_| run()).collect();
+    let peak = runs.iter().map(|r| r.1).max().unwrap_or(0);
+    (median(runs.into_iter().map(|r| r.0).collect()), peak)
+}
+
 /// Every path of `tree` with what identifies it: kind, mode, owner, content hash or link
 /// target, mtime, and the first path of its hard-link group.
 fn tree_facts(tree: &Path) -> std::collections::BTreeMap<PathBuf, (String, i64, String)> {
@@ -612,19 +620,21 @@ fn bench_peers(scratch: &Path, overlayctl: &Path, trees: &Path) -> Vec<Peer> {
 
     // Strata: the bundle made above, applied to a store of the old tree.
     let store = scratch.join("peer-store");
-    let _ = fs::remove_dir_all(&store);
-    output(
-        overlayctl_in(overlayctl, &store)
-            .args(["init", "--base"])
-            .arg(&old),
-    );
-    drop_caches();
-    let (apply, peak_kib) = timed_peak(
-        overlayctl_in(overlayctl, &store)
-            .args(["add-layer", "--name", "up", "--bundle"])
-            .arg(bundle),
-        scratch,
-    );
+    let (apply, peak_kib) = median_peak(&mut || {
+        let _ = fs::remove_dir_all(&store);
+        output(
+            overlayctl_in(overlayctl, &store)
+                .args(["init", "--base"])
+                .arg(&old),
+        );
+        drop_caches();
+        timed_peak(
+            overlayctl_in(overlayctl, &store)
+                .args(["add-layer", "--name", "up", "--bundle"])
+                .arg(bundle),
+            scratch,
+        )
+    });
     let mounted = scratch.join("peer-mount");
     fs::create_dir_all(&mounted).unwrap();
     output(overlayctl_in(overlayctl, &store).arg("mount").arg(&mounted));
@@ -666,33 +676,40 @@ fn bench_peers(scratch: &Path, overlayctl: &Path, trees: &Path) -> Vec<Peer> {
     // The device: a bare repo holding the old commit, pulling the new one through the delta.
     let device = scratch.join("ostree-device");
     let checkout = scratch.join("ostree-checkout");
-    let _ = fs::remove_dir_all(&device);
-    let _ = fs::remove_dir_all(&checkout);
-    output(ostree(&device).args(["init", "--mode=bare"]));
-    output(
-        ostree(&device)
-            .args(["remote", "add", "--no-gpg-verify", "server"])
-            .arg(format!("file://{}", repo.display())),
-    );
-    output(ostree(&device).args(["pull", "--disable-static-deltas", "server", "old"]));
-    drop_caches();
-    let (pull, pull_peak) = timed_peak(
-        ostree(&device).args(["pull", "--require-static-deltas", "server", "new"]),
-        scratch,
-    );
-    let (check_out, checkout_peak) = timed_peak(
-        ostree(&device)
-            .args(["checkout", "server:new"])
-            .arg(&checkout),
-        scratch,
-    );
-    run(&mut Command::new("sync"));
+    let (apply, peak_kib) = median_peak(&mut || {
+        let _ = fs::remove_dir_all(&device);
+        let _ = fs::remove_dir_all(&checkout);
+        output(ostree(&device).args(["init", "--mode=bare"]));
+        output(
+            ostree(&device)
+                .args(["remote", "add", "--no-gpg-verify", "server"])
+                .arg(format!("file://{}", repo.display())),
+        );
+        output(ostree(&device).args(["pull", "--disable-static-deltas", "server", "old"]));
+        drop_caches();
+        let (pull, pull_peak) = timed_peak(
+            ostree(&device).args(["pull", "--require-static-deltas", "server", "new"]),
+            scratch,
+        );
+        let (check_out, checkout_peak) = timed_peak(
+            ostree(&device)
+                .args(["checkout", "server:new"])
+                .arg(&checkout),
+            scratch,
+        );
+        let start = Instant::now();
+        run(&mut Command::new("sync"));
+        (
+            pull + check_out + start.elapsed(),
+            pull_peak.max(checkout_peak),
+        )
+    });
     peers.push(Peer {
         tool: "OSTree static delta (`commit` + `static-delta generate`, `pull` + `checkout`)",
         size,
         make,
-        apply: pull + check_out,
-        peak_kib: pull_peak.max(checkout_peak),
+        apply,
+        peak_kib,
         exact: compare_trees(&checkout, &new),
     });
 
@@ -741,18 +758,22 @@ fn bench_peers(scratch: &Path, overlayctl: &Path, trees: &Path) -> Vec<Peer> {
         .sum::<u64>()
         + fs::metadata(&new_index).unwrap().len();
     let extracted = scratch.join("casync-new");
-    let _ = fs::remove_dir_all(&extracted);
-    drop_caches();
-    let (extract, peak_kib) = timed_peak(
-        Command::new("casync")
-            .arg("extract")
-            .arg(format!("--store={}", new_store.display()))
-            .arg(format!("--seed={}", old.display()))
-            .arg(&new_index)
-            .arg(&extracted),
-        scratch,
-    );
-    run(&mut Command::new("sync"));
+    let (extract, peak_kib) = median_peak(&mut || {
+        let _ = fs::remove_dir_all(&extracted);
+        drop_caches();
+        let (took, peak) = timed_peak(
+            Command::new("casync")
+                .arg("extract")
+                .arg(format!("--store={}", new_store.display()))
+                .arg(format!("--seed={}", old.display()))
+                .arg(&new_index)
+                .arg(&extracted),
+            scratch,
+        );
+        let start = Instant::now();
+        run(&mut Command::new("sync"));
+        (took + start.elapsed(), peak)
+    });
     peers.push(Peer {
         tool: "casync (`make`, `extract --seed` of the old tree)",
         size,
