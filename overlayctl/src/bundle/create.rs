@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -574,14 +574,10 @@ impl Packer {
     }
 
     /// A file too large to hold, compressed as it is read into a streamed part of its own.
-    fn stream(&mut self, source: &Path, payload: &mut impl Write) -> Result<Data> {
+    fn stream(&mut self, source: &Path, payload: &mut (impl Write + Seek)) -> Result<Data> {
         let file = File::open(source).with_context(|| format!("reading {}", source.display()))?;
         let len = file.metadata()?.len();
-        let mut counted = Counted {
-            inner: payload,
-            bytes: 0,
-        };
-        let mut encoder = zstd::stream::write::Encoder::new(&mut counted, STREAM_LEVEL)?;
+        let mut encoder = zstd::stream::write::Encoder::new(&mut *payload, STREAM_LEVEL)?;
         encoder.window_log(STREAM_WINDOW_LOG)?;
         encoder.long_distance_matching(true)?;
         encoder.set_pledged_src_size(Some(len))?;
@@ -593,16 +589,17 @@ impl Packer {
             source.display()
         );
         encoder.finish()?;
+        let length = payload.stream_position().context("writing the payload")? - self.at;
         let part = self.parts.len() as u32;
         self.parts.push(Part {
             offset: self.at,
-            length: counted.bytes,
+            length,
             controls: 0,
             diffs: 0,
             literals: len,
             stream: true,
         });
-        self.at += counted.bytes;
+        self.at += length;
         Ok(Data {
             encoding: "whole".into(),
             part,
@@ -610,24 +607,6 @@ impl Packer {
             length: len,
             ..Data::default()
         })
-    }
-}
-
-/// A writer that counts what passes through it.
-struct Counted<W> {
-    inner: W,
-    bytes: u64,
-}
-
-impl<W: Write> Write for Counted<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
     }
 }
 

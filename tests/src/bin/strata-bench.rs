@@ -404,15 +404,7 @@ fn bench_upgrade(scratch: &Path, overlayctl: &Path, trees: &Path) -> Upgrade {
     // Bundle against rsync's batch (delta transfer forced: a local rsync copies whole files).
     let bundle = scratch.join("upgrade.bundle");
     let create = time(1, || {
-        output(
-            Command::new(overlayctl)
-                .args(["bundle", "create", "--from"])
-                .arg(&old)
-                .arg("--to")
-                .arg(&new)
-                .arg("-o")
-                .arg(&bundle),
-        );
+        bundle_create(overlayctl, &old, &new, &bundle);
     });
     let write_batch = |file: &Path, extra: &[&str]| {
         let _ = fs::remove_file(file);
@@ -470,6 +462,19 @@ fn bench_upgrade(scratch: &Path, overlayctl: &Path, trees: &Path) -> Upgrade {
         apply,
         read_batch,
     }
+}
+
+/// `overlayctl bundle create` from `old` to `new` into `out`.
+fn bundle_create(overlayctl: &Path, old: &Path, new: &Path, out: &Path) {
+    output(
+        Command::new(overlayctl)
+            .args(["bundle", "create", "--from"])
+            .arg(old)
+            .arg("--to")
+            .arg(new)
+            .arg("-o")
+            .arg(out),
+    );
 }
 
 /// How one tool carried the upgrade: the update's size, the time to make it and to apply it
@@ -598,15 +603,7 @@ fn bench_peers(scratch: &Path, overlayctl: &Path, trees: &Path) -> Vec<Peer> {
     let bundle = &scratch.join("peer.bundle");
     let _ = fs::remove_file(bundle);
     let start = Instant::now();
-    output(
-        Command::new(overlayctl)
-            .args(["bundle", "create", "--from"])
-            .arg(&old)
-            .arg("--to")
-            .arg(&new)
-            .arg("-o")
-            .arg(bundle),
-    );
+    bundle_create(overlayctl, &old, &new, bundle);
     let create = start.elapsed();
     let dir_size = |dir: &Path| -> u64 {
         output(Command::new("du").args(["-sb"]).arg(dir))
