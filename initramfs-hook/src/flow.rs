@@ -3,6 +3,7 @@
 //! the store made visible to the new root. The standalone `/init` and the dracut and
 //! initramfs-tools glue all call [`boot`]; so do the tests, on a plain directory.
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -70,11 +71,13 @@ pub enum BootError {
 pub fn boot(env: &BootEnv, log: &mut Log, console: &mut dyn Console) -> Result<Outcome, BootError> {
     let mut boot = load(env, log)?;
     recover(&mut boot, log);
-    let (mut resolution, showed_menu) = choose(&mut boot, console, log);
+    // Each layer's directory is looked up once from here on: nothing below adds or removes one.
+    let presence = boot.store.layer_presence();
+    let present = |name: &str| presence.has(name);
+    let (mut resolution, showed_menu) = choose(&mut boot, &present, console, log);
     retire_exhausted(&mut boot, &resolution, log);
-    record_tries(&mut boot, &mut resolution, log);
+    record_tries(&mut boot, &present, &mut resolution, log);
     let upper = prepare_upper(env, &boot.store, &mut boot.state, resolution.upper, log);
-    let present = |name: &str| boot.store.layer_present(name);
     let (candidates, missing) = candidates(&boot.plan, &boot.state, &resolution, &present);
     if let Some(why) = &missing {
         log.say(why);
@@ -235,7 +238,12 @@ fn recover(boot: &mut Boot, log: &mut Log) {
 
 /// Resolves the stack, and shows the menu when it is asked for: the person's choice replaces
 /// the command line's. Returns the resolution and whether the menu was asked for.
-fn choose(boot: &mut Boot, console: &mut dyn Console, log: &mut Log) -> (Resolution, bool) {
+fn choose(
+    boot: &mut Boot,
+    present: &dyn Fn(&str) -> bool,
+    console: &mut dyn Console,
+    log: &mut Log,
+) -> (Resolution, bool) {
     let Boot {
         overrides,
         store,
@@ -243,8 +251,7 @@ fn choose(boot: &mut Boot, console: &mut dyn Console, log: &mut Log) -> (Resolut
         state,
         ..
     } = boot;
-    let present = |name: &str| store.layer_present(name);
-    let mut resolution = resolve(plan, state, overrides, Some(&present));
+    let mut resolution = resolve(plan, state, overrides, Some(present));
     for note in &resolution.notes {
         log.say(note.to_string());
     }
@@ -289,7 +296,7 @@ fn choose(boot: &mut Boot, console: &mut dyn Console, log: &mut Log) -> (Resolut
         if choice.run(console, plan, state, &resolution, log) {
             overrides.top = None;
             overrides.disable.clear();
-            resolution = resolve(plan, state, overrides, Some(&present));
+            resolution = resolve(plan, state, overrides, Some(present));
         }
     }
     (resolution, showed_menu)
@@ -323,7 +330,12 @@ fn retire_exhausted(boot: &mut Boot, resolution: &Resolution, log: &mut Log) {
 
 /// A trial layer's try is recorded before it is mounted: a boot that cannot record it (a full
 /// disk) leaves the layer out, so its tries still run out and the rollback comes.
-fn record_tries(boot: &mut Boot, resolution: &mut Resolution, log: &mut Log) {
+fn record_tries(
+    boot: &mut Boot,
+    present: &dyn Fn(&str) -> bool,
+    resolution: &mut Resolution,
+    log: &mut Log,
+) {
     let Boot {
         overrides,
         store,
@@ -335,12 +347,7 @@ fn record_tries(boot: &mut Boot, resolution: &mut Resolution, log: &mut Log) {
     if overrides.stack.is_some() {
         return;
     }
-    let trials: Vec<String> = resolution
-        .stack
-        .iter()
-        .filter(|n| plan.layer(n).is_some_and(|l| l.state == LayerState::Trial))
-        .cloned()
-        .collect();
+    let trials: Vec<String> = resolution.trials(plan).map(str::to_owned).collect();
     if trials.is_empty() {
         return;
     }
@@ -362,8 +369,7 @@ fn record_tries(boot: &mut Boot, resolution: &mut Resolution, log: &mut Log) {
     state.trial_tries.retain(|_, tries| *tries > 0);
     overrides.disable.extend(trials);
     overrides.top = None;
-    let present = |name: &str| store.layer_present(name);
-    *resolution = resolve(plan, state, overrides, Some(&present));
+    *resolution = resolve(plan, state, overrides, Some(present));
 }
 
 /// A stack to try, and why it is not the one resolved (None for the resolved stack).
@@ -711,18 +717,22 @@ fn fallback_chain(
     let mut chain: Vec<(Vec<String>, Option<String>)> = vec![(resolved.to_vec(), None)];
     // Recorded before a compaction, it may name layers the compacted one replaced.
     let last_good = plan.current_names(&state.last_good);
-    if !last_good.is_empty()
-        && last_good
-            .iter()
-            .all(|n| plan.layer(n).is_some() && present(n))
-    {
+    let last_good: HashSet<&str> = last_good.iter().map(String::as_str).collect();
+    let in_plan: HashSet<&str> = plan.layers.iter().map(|l| l.name.as_str()).collect();
+    if !last_good.is_empty() && last_good.iter().all(|n| in_plan.contains(n) && present(n)) {
         chain.push((
-            in_plan_order(&|n| last_good.iter().any(|g| g == n)),
+            in_plan_order(&|n| last_good.contains(n)),
             Some("the resolved stack did not mount; booted the last good stack".into()),
         ));
     }
+    let known_good: HashSet<&str> = plan
+        .layers
+        .iter()
+        .filter(|l| l.known_good)
+        .map(|l| l.name.as_str())
+        .collect();
     chain.push((
-        in_plan_order(&|n| plan.layer(n).is_some_and(|l| l.known_good)),
+        in_plan_order(&|n| known_good.contains(n)),
         Some("the resolved stack did not mount; booted the known-good layers".into()),
     ));
     if let Some(base) = plan.base().filter(|b| present(&b.name)) {

@@ -238,7 +238,8 @@ pub fn resolve_report(sysroot: &Path, cmdline: &str) -> Result<String> {
     if let Some(why) = &state.fell_back {
         report += &format!("strata: using {} because {why}\n", state.path.display());
     }
-    let present = |name: &str| store.layer_present(name);
+    let presence = store.layer_presence();
+    let present = |name: &str| presence.has(name);
     let resolution = resolve(&plan.value, &state.value, &overrides, Some(&present));
     report += &boot_ui::describe(&plan.value, &resolution);
     report += &format!(

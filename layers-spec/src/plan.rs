@@ -1,7 +1,8 @@
 //! The plan (`overlayplan.toml`, version 1): model, parsing with located errors, validation and
 //! the stable TOML it is written as.
 
-use std::collections::HashMap;
+use std::cell::OnceCell;
+use std::collections::{HashMap, HashSet};
 
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
@@ -255,24 +256,40 @@ struct LayerSpans {
     digest: Option<Spanned<IgnoredAny>>,
 }
 
-/// Turns the spans of one parsed text into locations.
+/// Turns the spans of one parsed text into locations. The spans are read only when an error
+/// needs one: a good plan is read once.
 struct Locator<'a> {
     file: &'a str,
     text: &'a str,
-    spans: Spans,
+    spans: OnceCell<Spans>,
 }
 
-impl Locator<'_> {
+impl<'a> Locator<'a> {
+    fn new(file: &'a str, text: &'a str) -> Self {
+        Self {
+            file,
+            text,
+            spans: OnceCell::new(),
+        }
+    }
+
+    /// The lenient read. The strict one succeeded, so this one does too; were it not to, an
+    /// error would point at the file without a line rather than not be reported.
+    fn spans(&self) -> &Spans {
+        self.spans
+            .get_or_init(|| toml::from_str(self.text).unwrap_or_default())
+    }
+
     fn at<T>(&self, span: Option<&Spanned<T>>) -> Location {
         Location::of_span(self.file, self.text, span.map(Spanned::span))
     }
 
     fn layer(&self, index: usize) -> Option<&LayerSpans> {
-        self.spans.layer.get(index).map(Spanned::as_ref)
+        self.spans().layer.get(index).map(Spanned::as_ref)
     }
 
     fn layer_table(&self, index: usize) -> Location {
-        self.at(self.spans.layer.get(index))
+        self.at(self.spans().layer.get(index))
     }
 
     fn layer_field(
@@ -288,10 +305,10 @@ impl Locator<'_> {
 
     fn setting(
         &self,
-        section: Option<&SettingSpans>,
+        section: fn(&Spans) -> Option<&SettingSpans>,
         field: fn(&SettingSpans) -> Option<&Spanned<IgnoredAny>>,
     ) -> Location {
-        self.at(section.and_then(field))
+        self.at(section(self.spans()).and_then(field))
     }
 }
 
@@ -310,23 +327,21 @@ impl Plan {
     /// Parses and validates a plan. `file` is only used to name the file in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, PlanError> {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        let strict = |text: &str| -> Result<Plan, PlanError> {
-            toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))
-        };
-        // Two reads: the lenient one gives the version and the spans errors point at, the
-        // strict one the model. The version is judged first, so a newer plan is refused as such
-        // and not for its new keys.
-        match toml::from_str::<Spans>(text) {
-            Ok(spans) => {
-                judge_version(file, text, spans.version.as_ref())?;
-                let plan = strict(text)?;
-                plan.validate(&Locator { file, text, spans })?;
+        // The strict read gives the model. When it fails, or the version is not this one, a
+        // lenient read judges the version first, so a newer plan is refused as such and not for
+        // its new keys; otherwise the strict read says what is wrong.
+        match toml::from_str::<Plan>(text) {
+            Ok(plan) => {
+                let at = Locator::new(file, text);
+                if plan.version != PLAN_VERSION {
+                    judge_version(file, text, at.spans().version.as_ref())?;
+                }
+                plan.validate(&at)?;
                 Ok(plan)
             }
-            // Syntax, or a table where a value should be: the strict read says what is wrong.
-            Err(_) => {
+            Err(e) => {
                 check_version(text, file)?;
-                strict(text)
+                Err(PlanError::from_toml(file, text, &e))
             }
         }
     }
@@ -387,14 +402,15 @@ impl Plan {
     /// that replaced it is in `now` (compaction also renames the recorded stacks it merges). One
     /// the plan no longer knows at all was removed: left out.
     pub fn left_out_since(&self, before: &[String], now: &[String]) -> Vec<String> {
+        let now: HashSet<&str> = now.iter().map(String::as_str).collect();
         let kept = |name: &String| {
-            now.contains(name)
+            now.contains(name.as_str())
                 || (self.layer(name).is_none()
                     && self
                         .layers
                         .iter()
                         .find(|l| l.replaces.contains(name))
-                        .is_some_and(|l| now.contains(&l.name)))
+                        .is_some_and(|l| now.contains(l.name.as_str())))
         };
         before.iter().filter(|n| !kept(n)).cloned().collect()
     }
@@ -483,8 +499,8 @@ impl Plan {
 
     fn validate_settings(&self, at: &Locator<'_>) -> Result<(), PlanError> {
         let bad = |at: Location, message: String| Err(PlanError::BadValue { at, message });
-        let boot = at.spans.boot.as_ref();
-        let policy = at.spans.policy.as_ref();
+        let boot: fn(&Spans) -> Option<&SettingSpans> = |s| s.boot.as_ref();
+        let policy: fn(&Spans) -> Option<&SettingSpans> = |s| s.policy.as_ref();
         if self.boot.timeout_s > MAX_TIMEOUT_S {
             return bad(
                 at.setting(boot, |s| s.timeout_s.as_ref()),

@@ -1,10 +1,11 @@
 //! From plan, boot state and command line to the stack to mount: a pure function, so the hook,
 //! the menu and `overlayctl status` all agree on what the next boot will be.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use crate::cmdline::BootOverrides;
-use crate::plan::{LayerState, Plan, UpperMode};
+use crate::plan::{Layer, LayerState, Plan, UpperMode};
 use crate::state::BootState;
 
 /// The stack one boot mounts, and why every other layer of the plan is not in it.
@@ -127,10 +128,16 @@ impl fmt::Display for Note {
 impl Resolution {
     /// The trial layers this boot mounts: each uses one try.
     pub fn trials<'a>(&'a self, plan: &'a Plan) -> impl Iterator<Item = &'a str> {
-        self.stack.iter().map(String::as_str).filter(|name| {
-            plan.layer(name)
-                .is_some_and(|l| l.state == LayerState::Trial)
-        })
+        let trials: HashSet<&str> = plan
+            .layers
+            .iter()
+            .filter(|l| l.state == LayerState::Trial)
+            .map(|l| l.name.as_str())
+            .collect();
+        self.stack
+            .iter()
+            .map(String::as_str)
+            .filter(move |name| trials.contains(name))
     }
 
     pub fn reason(&self, name: &str) -> Option<&Reason> {
@@ -139,6 +146,11 @@ impl Resolution {
             .find(|l| l.name == name)
             .map(|l| &l.reason)
     }
+}
+
+/// The names, for lookups.
+fn set(names: &[String]) -> HashSet<&str> {
+    names.iter().map(String::as_str).collect()
 }
 
 /// Resolves the stack for one boot.
@@ -158,6 +170,15 @@ pub fn resolve(
 ) -> Resolution {
     let present = |name: &str| present.is_none_or(|p| p(name));
     let mut notes = Vec::new();
+    // Every lookup below by name, so a 500-layer plan resolves in linear time. The first layer
+    // of a name wins, as in `Plan::layer`.
+    let by_name: HashMap<&str, &Layer> = plan
+        .layers
+        .iter()
+        .rev()
+        .map(|l| (l.name.as_str(), l))
+        .collect();
+    let in_plan = |name: &str| by_name.contains_key(name);
 
     let top = overrides.top.as_ref().and_then(|name| {
         let position = plan.position(name);
@@ -167,7 +188,7 @@ pub fn resolve(
         position
     });
     for name in &overrides.disable {
-        if plan.layer(name).is_none() {
+        if !in_plan(name) {
             notes.push(Note::UnknownDisabled { name: name.clone() });
         }
     }
@@ -175,28 +196,31 @@ pub fn resolve(
     // Chosen before a compaction, it may name layers the compacted one replaced.
     let once_layers = once.map(|o| plan.current_names(&o.layers));
     for name in once_layers.iter().flatten() {
-        if plan.layer(name).is_none() {
+        if !in_plan(name) {
             notes.push(Note::UnknownInOneShot { name: name.clone() });
         }
     }
 
+    let given = overrides.stack.as_deref().map(set);
+    let disabled = set(&overrides.disable);
+    let once_set = once_layers.as_deref().map(set);
     let mut stack = Vec::new();
     let mut left_out = Vec::new();
     for (i, layer) in plan.layers.iter().enumerate() {
         let name = &layer.name;
         let chosen_top = top == Some(i);
-        let reason = if let Some(given) = &overrides.stack {
-            (!given.contains(name)).then_some(Reason::NotInGivenStack)
+        let reason = if let Some(given) = &given {
+            (!given.contains(name.as_str())).then_some(Reason::NotInGivenStack)
         } else if let Some(t) = top.filter(|&t| i < t) {
             Some(Reason::AboveTop {
                 top: plan.layers[t].name.clone(),
             })
-        } else if overrides.disable.contains(name) {
+        } else if disabled.contains(name.as_str()) {
             Some(Reason::DisabledOnCommandLine)
         } else if chosen_top {
             None
-        } else if let Some(once) = &once_layers {
-            (!once.contains(name)).then_some(Reason::NotInOneShot)
+        } else if let Some(once) = &once_set {
+            (!once.contains(name.as_str())).then_some(Reason::NotInOneShot)
         } else if layer.state == LayerState::Disabled {
             Some(Reason::DisabledInPlan)
         } else if layer.state == LayerState::Trial && state.tries(name) >= plan.boot.trial_boots {
@@ -219,14 +243,15 @@ pub fn resolve(
     if stack.is_empty() {
         // Recorded before a compaction, it may name layers the compacted one replaced.
         let last_good = &plan.current_names(&state.last_good);
-        let usable = |name: &String| plan.layer(name).is_some() && present(name);
+        let usable = |name: &String| in_plan(name) && present(name);
         let (chosen, note): (Vec<&String>, Note) =
             if !last_good.is_empty() && last_good.iter().all(usable) {
+                let last_good = set(last_good);
                 let chosen = plan
                     .layers
                     .iter()
                     .map(|l| &l.name)
-                    .filter(|n| last_good.contains(n))
+                    .filter(|n| last_good.contains(n.as_str()))
                     .collect();
                 (
                     chosen,
@@ -252,14 +277,16 @@ pub fn resolve(
             notes.push(Note::Empty);
         } else {
             stack = chosen.into_iter().cloned().collect();
-            left_out.retain(|l| !stack.contains(&l.name));
+            let chosen = set(&stack);
+            left_out.retain(|l| !chosen.contains(l.name.as_str()));
             notes.push(note);
         }
     }
 
+    let in_stack = set(&stack);
     for name in &stack {
-        if let Some(parent) = plan.layer(name).and_then(|l| l.parent.as_ref())
-            && !stack.contains(parent)
+        if let Some(parent) = by_name.get(name.as_str()).and_then(|l| l.parent.as_ref())
+            && !in_stack.contains(parent.as_str())
         {
             notes.push(Note::BuiltOnLeftOut {
                 layer: name.clone(),

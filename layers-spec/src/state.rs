@@ -160,9 +160,23 @@ impl BootState {
     /// them into paths.
     pub fn parse(text: &str, file: &str) -> Result<Self, PlanError> {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        check_version(text, file)?;
-        let state: Self = toml::from_str(text).map_err(|e| PlanError::from_toml(file, text, &e))?;
-        // Map keys carry no span of their own through serde, so they are checked here.
+        // One read when the state is good (a boot reads it every time). When it is not, or its
+        // version is not this one, the version is judged first, as for the plan.
+        let state: Self = match toml::from_str(text) {
+            Ok(state) => state,
+            Err(e) => {
+                check_version(text, file)?;
+                return Err(PlanError::from_toml(file, text, &e));
+            }
+        };
+        if state.version != PLAN_VERSION {
+            check_version(text, file)?;
+        }
+        let names = state.trial_tries.keys().chain(state.current_upper.as_ref());
+        if names.map(|n| check_name(n)).all(|checked| checked.is_ok()) {
+            return Ok(state);
+        }
+        // Map keys carry no span of their own through serde: a second read finds the bad one.
         #[derive(Deserialize)]
         struct KeySpans {
             #[serde(default)]

@@ -3,6 +3,7 @@
 //! deletion goes through `unlinkat` on those handles. A path is kept beside each handle only to
 //! name it in messages and to give the kernel's mount call (whose options are paths).
 
+use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -205,9 +206,58 @@ impl Dir {
             || there.stx_dev_minor != here.stx_dev_minor)
     }
 
-    /// Whether `name` is a real directory here (not a symlink to one, not a mount).
+    /// Whether `name` is a real directory here (not a symlink to one, not a mount). One `statx`
+    /// where the kernel says whether the entry is a mount's root (Linux 5.8 on), an open and a
+    /// close before that.
     pub fn has_dir(&self, name: impl AsRef<OsStr>) -> bool {
-        open_beneath(&self.fd, name.as_ref()).is_ok()
+        use rustix::fs::{StatxAttributes, StatxFlags, statx};
+        let name = name.as_ref();
+        if !is_plain_name(name) {
+            return false;
+        }
+        let flags = AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT;
+        match statx(&self.fd, name, flags, StatxFlags::TYPE) {
+            Ok(st) if st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) => {
+                FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory
+                    && !st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)
+            }
+            Ok(_) | Err(Errno::NOSYS) => open_beneath(&self.fd, name).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// The names of the real directories here, as [`Dir::has_dir`] would find them one by one:
+    /// from a read of the directory (each entry's type) and of `/proc/self/mountinfo` (what is
+    /// mounted here), rather than a lookup per name. Without `/proc`, or for an entry whose type
+    /// the filesystem does not say, [`Dir::has_dir`] decides.
+    pub fn real_dirs(&self) -> Result<HashSet<OsString>, DirError> {
+        let entries =
+            list(&self.fd).map_err(|e| DirError::io(&self.path, "reading the directory", e))?;
+        let mounted = self.mounted_here();
+        Ok(entries
+            .into_iter()
+            .filter(|(name, kind)| match (kind, &mounted) {
+                (FileType::Directory, Some(mounted)) => !mounted.contains(name),
+                (FileType::Directory | FileType::Unknown, _) => self.has_dir(name),
+                _ => false,
+            })
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// The names in this directory something is mounted on, from `/proc/self/mountinfo` (whose
+    /// paths, like the descriptor's link in `/proc/self/fd`, are as this process sees them).
+    /// None when `/proc` cannot say.
+    fn mounted_here(&self) -> Option<HashSet<OsString>> {
+        let here = std::fs::read_link(format!("/proc/self/fd/{}", self.fd.as_raw_fd())).ok()?;
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        Some(
+            crate::mount::parse_mountinfo(&mountinfo)
+                .into_iter()
+                .filter(|m| m.target.parent() == Some(here.as_path()))
+                .filter_map(|m| m.target.file_name().map(OsStr::to_owned))
+                .collect(),
+        )
     }
 
     /// The names in this directory, sorted.
@@ -374,7 +424,7 @@ impl Dir {
 /// Opens one name below `dir` as a directory: no symlink, no `..`, no mount crossed. Kernels
 /// without openat2 (before 5.6) get `O_NOFOLLOW` and a device comparison instead.
 pub(crate) fn open_beneath(dir: &OwnedFd, name: &OsStr) -> Result<OwnedFd, Errno> {
-    if name.is_empty() || name == "." || name == ".." || name.as_bytes().contains(&b'/') {
+    if !is_plain_name(name) {
         return Err(Errno::INVAL);
     }
     match rustix::fs::openat2(dir, name, DIR_FLAGS, Mode::empty(), BENEATH) {
@@ -388,6 +438,11 @@ pub(crate) fn open_beneath(dir: &OwnedFd, name: &OsStr) -> Result<OwnedFd, Errno
         }
         other => other,
     }
+}
+
+/// One entry's name: not empty, `.`, `..` or anything with a `/`.
+fn is_plain_name(name: &OsStr) -> bool {
+    !(name.is_empty() || name == "." || name == ".." || name.as_bytes().contains(&b'/'))
 }
 
 fn list(fd: &OwnedFd) -> io::Result<Vec<(OsString, FileType)>> {
@@ -508,6 +563,39 @@ mod tests {
             "precious"
         );
         assert!(fs::read_dir(&store).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn real_directories_are_found_alone_and_all_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let here = tmp.path().join("here");
+        fs::create_dir_all(here.join("real")).unwrap();
+        fs::create_dir_all(here.join("also real/inner")).unwrap();
+        fs::write(here.join("file"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, here.join("link")).unwrap();
+        std::os::unix::fs::symlink("nowhere", here.join("dangling")).unwrap();
+        let dir = Dir::open(&here).unwrap();
+        let mut all: Vec<OsString> = dir.real_dirs().unwrap().into_iter().collect();
+        all.sort();
+        assert_eq!(all, ["also real", "real"]);
+        for name in ["real", "also real"] {
+            assert!(dir.has_dir(name), "{name}");
+        }
+        for name in [
+            "file",
+            "link",
+            "dangling",
+            "missing",
+            ".",
+            "..",
+            "",
+            "real/..",
+            "also real/inner",
+        ] {
+            assert!(!dir.has_dir(name), "{name}");
+        }
     }
 
     #[test]

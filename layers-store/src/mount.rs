@@ -8,7 +8,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::CWD;
+use rustix::fs::{CWD, Mode, OFlags};
 use rustix::io::Errno;
 use rustix::mount::{
     FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MoveMountFlags, UnmountFlags,
@@ -212,11 +212,22 @@ fn mount_new_api(spec: &OverlaySpec, target: &Path) -> Result<(), NewApiError> {
         |e: Errno| NewApiError::Failed(refused(spec, MountApi::New, e, context_messages(&fs)));
     let set = |key: &str, value: &Path| fsconfig_set_string(&fs, key, value);
     set("source", Path::new(&spec.source)).map_err(fail)?;
-    for lower in &spec.lowers {
-        match set("lowerdir+", lower) {
+    // Lowers that share one directory (a store's layers) are named from there, so the kernel
+    // looks up one name per layer rather than a whole path, as mount(8) run there does.
+    let shared = shared_parent(&spec.lowers);
+    let _inside = match shared {
+        Some(dir) => Some(InDir::enter(dir).map_err(NewApiError::Failed)?),
+        None => None,
+    };
+    for (i, lower) in spec.lowers.iter().enumerate() {
+        let name = match shared {
+            Some(_) => Path::new(lower.file_name().unwrap_or_default()),
+            None => lower.as_path(),
+        };
+        match set("lowerdir+", name) {
             Ok(()) => {}
             // Before 6.5 the key itself is unknown.
-            Err(Errno::INVAL) if lower == &spec.lowers[0] => {
+            Err(Errno::INVAL) if i == 0 => {
                 return Err(NewApiError::Unsupported {
                     messages: context_messages(&fs),
                 });
@@ -272,19 +283,51 @@ fn mount_new_api(spec: &OverlaySpec, target: &Path) -> Result<(), NewApiError> {
     })
 }
 
+/// The one directory all `lowers` are in, when they are; each then has a file name.
+fn shared_parent(lowers: &[PathBuf]) -> Option<&Path> {
+    let parent = lowers.first()?.parent()?;
+    lowers
+        .iter()
+        .all(|l| l.parent() == Some(parent) && l.file_name().is_some())
+        .then_some(parent)
+}
+
+/// The working directory moved into a directory for as long as this lives, and back after.
+struct InDir {
+    previous: OwnedFd,
+}
+
+impl InDir {
+    fn enter(dir: &Path) -> Result<Self, MountError> {
+        let io = |action| {
+            move |e: Errno| MountError::Io {
+                path: dir.to_owned(),
+                action,
+                source: e.into(),
+            }
+        };
+        let previous = rustix::fs::open(
+            ".",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io("remembering the working directory"))?;
+        rustix::process::chdir(dir).map_err(io("entering the layers directory"))?;
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for InDir {
+    fn drop(&mut self) {
+        let _ = rustix::process::fchdir(&self.previous);
+    }
+}
+
 /// The classic option string. Lowers that share one parent directory are named relative to it
 /// (the call runs from there), which keeps 200 layers within a page.
 fn classic_options(spec: &OverlaySpec) -> (Option<PathBuf>, String) {
-    let parent = spec
-        .lowers
-        .first()
-        .and_then(|p| p.parent())
-        .map(Path::to_owned);
-    let shared = parent.as_ref().filter(|dir| {
-        spec.lowers
-            .iter()
-            .all(|l| l.parent() == Some(dir.as_path()))
-    });
+    let shared = shared_parent(&spec.lowers).map(Path::to_owned);
+    let shared = shared.as_ref();
     let names: Vec<String> = spec
         .lowers
         .iter()
@@ -335,14 +378,10 @@ fn mount_classic(spec: &OverlaySpec, target: &Path) -> Result<(), MountError> {
         action: "resolving the mount point",
         source,
     })?;
-    let previous = std::env::current_dir().ok();
-    if let Some(dir) = &cwd {
-        std::env::set_current_dir(dir).map_err(|source| MountError::Io {
-            path: dir.clone(),
-            action: "entering the layers directory",
-            source,
-        })?;
-    }
+    let _inside = match &cwd {
+        Some(dir) => Some(InDir::enter(dir)?),
+        None => None,
+    };
     let data = CString::new(options).expect("paths have no NUL");
     let flags = if spec.read_only {
         MountFlags::RDONLY
@@ -356,9 +395,6 @@ fn mount_classic(spec: &OverlaySpec, target: &Path) -> Result<(), MountError> {
         flags,
         data.as_c_str(),
     );
-    if let Some(dir) = previous {
-        let _ = std::env::set_current_dir(dir);
-    }
     result.map_err(|e| refused(spec, MountApi::Classic, e, Vec::new()))
 }
 

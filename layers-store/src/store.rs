@@ -2,7 +2,8 @@
 //! error that says what is there instead), the plan and the boot state, the lock, and the
 //! leftovers of interrupted changes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,18 @@ use rustix::io::Errno;
 use crate::dir::{Dir, DirError, kind_name};
 use crate::files::{self, Loaded};
 use crate::layout::{self, Folder, LOCK_FILE, PLAN_FILE, STATE_FILE};
+
+/// [`Store::layer_present`] for many layers: `layers/` read once.
+#[derive(Debug)]
+pub struct LayerPresence {
+    present: HashSet<OsString>,
+}
+
+impl LayerPresence {
+    pub fn has(&self, name: &str) -> bool {
+        self.present.contains(OsStr::new(name))
+    }
+}
 
 /// What can go wrong with a store as a whole.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +141,15 @@ impl Store {
         self.root
             .sub(Folder::Layers.name())
             .is_ok_and(|layers| layers.has_dir(name))
+    }
+
+    /// Which layers are present, from one read of `layers/` (the hook asks about every layer
+    /// of the plan several times a boot). For a store that does not change meanwhile.
+    pub fn layer_presence(&self) -> LayerPresence {
+        let layers = self.root.sub(Folder::Layers.name());
+        LayerPresence {
+            present: layers.and_then(|l| l.real_dirs()).unwrap_or_default(),
+        }
     }
 
     /// The layer's manifest text, when there is one.

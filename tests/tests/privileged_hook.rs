@@ -435,7 +435,33 @@ fn privileged_hook_falls_back_and_says_why() {
         "{why}"
     );
     m.shutdown();
+    // Nor is a symlink to it a layer of the store, nor a directory with something mounted on
+    // it (the store is read in one pass at boot; these are what that pass must still see).
+    std::os::unix::fs::symlink(m.path("hidden"), m.store().join("layers/upgrade-1")).unwrap();
+    let booted = m.boot("");
+    assert_eq!(stack(&booted), ["base"], "a symlinked layer");
+    m.shutdown();
+    fs::remove_file(m.store().join("layers/upgrade-1")).unwrap();
     fs::rename(m.path("hidden"), m.store().join("layers/upgrade-1")).unwrap();
+    let layer = m.store().join("layers/upgrade-1");
+    nix::mount::mount(
+        Some(&layer),
+        &layer,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let booted = m.boot("");
+    assert_eq!(stack(&booted), ["base"], "a layer mounted over");
+    assert!(
+        booted
+            .fallback
+            .unwrap()
+            .contains("layer upgrade-1 is missing from the store")
+    );
+    m.shutdown();
+    nix::mount::umount(&layer).unwrap();
 
     // A corrupt plan: its previous copy boots.
     m.ctl(&["disable", "upgrade-2"]);
