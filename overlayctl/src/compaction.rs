@@ -156,21 +156,25 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
         .map(|l| store.layer_dir(&l.name))
         .collect();
     let (run_dirs, below_dirs) = dirs.split_at(bottom - top + 1);
-    let run_layers = Layer::read_all(run_dirs, XattrNs::Trusted).context("reading the layers")?;
+    let (run_layers, hashes): (Vec<Layer>, Vec<_>) =
+        read_run(store, &change.plan, &replaced, run_dirs)?
+            .into_iter()
+            .map(|r| (r.layer, r.hashes))
+            .unzip();
     let below = Below::open(below_dirs, XattrNs::Trusted).context("opening the layers below")?;
     let made = compact(&run_layers, &below);
 
     let staged = store.staging_path(&name)?;
     let copy = link_layer(
         &made.tree,
-        &|rel| run_layers[made.sources[rel]].root.join(rel),
+        run_dirs,
+        &|rel| made.sources[rel],
         staged.parent().expect("staging paths have a parent"),
         staged.file_name().expect("staging paths have a name"),
     )
     .with_context(|| format!("writing the compacted layer into {}", staged.display()))?;
     layers_spec::fault::point("compact-staged");
     // The manifest from the run's manifests: the files are the run's, so their hashes are known.
-    let known = crate::ops::known_hashes(store, &change.plan, &replaced, &run_layers);
     // The manifest of the tree just written (links keep the run's files as they were, and
     // directories, whiteouts and copies got the tree's metadata), not of a second walk of it.
     let written = Layer {
@@ -182,9 +186,9 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     let manifest = Manifest::of_layer_with(&written, &mut |rel: &Path| match made
         .sources
         .get(rel)
-        .and_then(|&i| known.get(&run_layers[i].root.join(rel)))
+        .and_then(|&i| hashes[i].get(rel))
     {
-        Some(hash) => Ok(hash.clone()),
+        Some((_, hash)) => Ok(hash.clone()),
         None => hash_file(&staged.join(rel)),
     })
     .with_context(|| format!("hashing {}", staged.display()))?;
@@ -261,6 +265,75 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
         linked: copy.linked,
         copied_bytes: copy.bytes,
     })
+}
+
+/// The run's layers: each from its manifest where the plan's digest vouches for it, so that
+/// the disk is touched only to link the files, with its files' hashes (by path in the layer);
+/// walked, without hashes, where it does not (a layer without a manifest or digest, or whose
+/// manifest does not match). The manifests are read one thread per layer.
+fn read_run(
+    store: &Store,
+    plan: &Plan,
+    names: &[String],
+    dirs: &[PathBuf],
+) -> Result<Vec<RunLayer>> {
+    let described: Vec<Option<RunLayer>> = std::thread::scope(|scope| {
+        let readers: Vec<_> = names
+            .iter()
+            .zip(dirs)
+            .enumerate()
+            .map(|(i, (name, dir))| {
+                scope.spawn(move || {
+                    let manifest = Manifest {
+                        text: store.checked_manifest(plan, name)?,
+                    };
+                    // Inode numbers made up per layer, on no real device, so links never mix
+                    // layers.
+                    let dev = u64::MAX - i as u64;
+                    match manifest.to_layer(dir, XattrNs::Trusted, dev) {
+                        Ok(layer) => Some(RunLayer {
+                            layer,
+                            hashes: manifest.file_hashes(),
+                        }),
+                        Err(why) => {
+                            log::warn!(
+                                "the manifest of {name} cannot be read ({why}); the layer is walked"
+                            );
+                            None
+                        }
+                    }
+                })
+            })
+            .collect();
+        readers
+            .into_iter()
+            .map(|r| r.join().expect("a manifest reader panicked"))
+            .collect()
+    });
+    let walk: Vec<PathBuf> = described
+        .iter()
+        .zip(dirs)
+        .filter(|(layer, _)| layer.is_none())
+        .map(|(_, dir)| dir.clone())
+        .collect();
+    let mut walked = Layer::read_all(&walk, XattrNs::Trusted)
+        .context("reading the layers")?
+        .into_iter();
+    Ok(described
+        .into_iter()
+        .map(|layer| {
+            layer.unwrap_or_else(|| RunLayer {
+                layer: walked.next().expect("one walked layer for each without"),
+                hashes: Default::default(),
+            })
+        })
+        .collect())
+}
+
+/// A layer of the run, and the size and hash of its files as its manifest records them.
+struct RunLayer {
+    layer: Layer,
+    hashes: std::collections::HashMap<PathBuf, (u64, String)>,
 }
 
 /// `TOP+BOTTOM` from the first part of the top's name and the last part of the bottom's, so

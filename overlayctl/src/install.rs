@@ -35,7 +35,8 @@ pub(crate) fn stage_and_install(
         Files::Copy => copy_layer(layer, staging, staged_name),
         Files::Link => link_layer(
             &layer.tree,
-            &|rel| layer.root.join(rel),
+            std::slice::from_ref(&layer.root),
+            &|_| 0,
             staging,
             staged_name,
         ),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use overlayctl::engine::compact::{Below, compact};
 use overlayctl::engine::copy::link_layer;
-use overlayctl::engine::{Layer, XattrNs};
+use overlayctl::engine::{Layer, Manifest, XattrNs};
 use proptest::prelude::*;
 use tests::layergen::{LayerSpec, stack, write_layer};
 use tests::views::{engine_view, first_difference, kernel_view};
@@ -69,9 +69,11 @@ fn check_compact(
     let below = Below::open(&dirs[end..], XattrNs::Trusted).unwrap();
     let made = compact(&read[start..end], &below);
     let run_layers = &read[start..end];
+    let run_dirs = &dirs[start..end];
     link_layer(
         &made.tree,
-        &|rel| run_layers[made.sources[rel]].root.join(rel),
+        run_dirs,
+        &|rel| made.sources[rel],
         scratch,
         "c".as_ref(),
     )
@@ -97,6 +99,37 @@ fn check_compact(
     if links_before != links_after {
         return Err(TestCaseError::fail(format!(
             "hard links differ: before {links_before:?}, after {links_after:?}"
+        )));
+    }
+
+    // Planned from the run's manifests alone (as `overlayctl compact` does), the same layer.
+    let described: Vec<Layer> = run_layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            Manifest::of_layer(l)
+                .unwrap()
+                .to_layer(&l.root, XattrNs::Trusted, u64::MAX - i as u64)
+                .unwrap()
+        })
+        .collect();
+    let planned = compact(&described, &below);
+    link_layer(
+        &planned.tree,
+        run_dirs,
+        &|rel| planned.sources[rel],
+        scratch,
+        "m".as_ref(),
+    )
+    .unwrap();
+    let manifest = |dir: &str| {
+        Manifest::of_layer(&Layer::read(&scratch.join(dir), XattrNs::Trusted).unwrap()).unwrap()
+    };
+    let (walked, from_manifests) = (manifest("c"), manifest("m"));
+    if let Some(path) = walked.first_difference(&from_manifests) {
+        return Err(TestCaseError::fail(format!(
+            "run {start}..{end} compacted from its manifests differs at {path}\nwalked:\n{}\nfrom manifests:\n{}",
+            walked.text, from_manifests.text
         )));
     }
     Ok(())
@@ -333,8 +366,18 @@ fn privileged_compact_cli_merges_and_waits_for_the_running_boot() {
     assert!(e.contains("r2 is disabled"), "{e}");
     device.ok(&["enable", "r2"]);
 
-    // The running boot uses r1..r3: they stay, out of the plan, until it is over.
+    // The running boot uses r1..r3: they stay, out of the plan, until it is over. The run is
+    // planned from the layers' manifests, but r2's no longer matches the plan's digest: r2 is
+    // walked instead (its manifest put back after, for the checks below).
+    let r2 = device.store().join("manifests/r2");
+    let r2_manifest = fs::read(&r2).unwrap();
+    fs::write(
+        &r2,
+        [&r2_manifest[..], b"usr/bin/ghost file size=1 blake3=00\n"].concat(),
+    )
+    .unwrap();
     let report = device.ok(&["--json", "compact"]);
+    fs::write(&r2, r2_manifest).unwrap();
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(report["layer"], "r3+r1");
     assert_eq!(report["replaced"], serde_json::json!(["r3", "r2", "r1"]));

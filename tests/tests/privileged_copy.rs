@@ -1,6 +1,7 @@
 //! Copying a layer preserves everything: for random layers (every kind of entry, hard links,
 //! owners, setuid modes, xattrs, opaque directories, whiteouts in both forms and both xattr
-//! namespaces) the copy's canonical manifest equals the source's. Root only.
+//! namespaces) the copy's canonical manifest equals the source's, and so does that of the layer
+//! its manifest alone describes. Root only.
 
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
@@ -50,6 +51,18 @@ fn privileged_copies_keep_the_manifest() {
             return Err(TestCaseError::fail(format!(
                 "the copy differs first at {path}\nsource:\n{}\ncopy:\n{}",
                 want.text, got.text
+            )));
+        }
+        // The layer as its manifest alone describes it (what compaction plans from) has the
+        // same manifest: every entry, its metadata and its hard links come back.
+        let described = want
+            .to_layer(&source, ns, u64::MAX)
+            .map_err(TestCaseError::fail)?;
+        let again = Manifest::of_layer(&described).unwrap();
+        if let Some(path) = want.first_difference(&again) {
+            return Err(TestCaseError::fail(format!(
+                "the layer read from its manifest differs first at {path}\nmanifest:\n{}\nagain:\n{}",
+                want.text, again.text
             )));
         }
         // Whiteouts come out as devices, so the copy is clean for every kernel.

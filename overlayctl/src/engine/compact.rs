@@ -23,7 +23,8 @@ use super::tree::{Kind, Layer, LayerError, Node, XattrNs, io_at, open_dir};
 #[derive(Debug)]
 pub struct Compacted {
     pub tree: Node,
-    /// For each file, the index in the run (0 is the top) of the layer that holds it.
+    /// For each entry other than a directory or a whiteout, the index in the run (0 is the
+    /// top) of the layer that holds it.
     pub sources: HashMap<PathBuf, usize>,
     pub stats: CompactStats,
 }
@@ -257,9 +258,7 @@ impl Merger<'_> {
                 Some(self.dir(rel, &dirs, sealed, cut))
             }
             _ => {
-                if matches!(top.kind, Kind::File { .. }) {
-                    self.sources.insert(rel.clone(), layer);
-                }
+                self.sources.insert(rel.clone(), layer);
                 self.stats.entries += 1;
                 Some(top.clone())
             }

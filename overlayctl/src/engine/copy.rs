@@ -39,17 +39,67 @@ pub fn copy_layer(layer: &Layer, parent: &Path, name: &OsStr) -> Result<CopyStat
 }
 
 /// Writes `tree` as a new layer `name` inside `parent`, as [`copy_layer`] does, except that
-/// each file is a new hard link to the file `source` names for its path (no data is copied or
-/// metadata changed; the tree's metadata for it must be that file's). Where a link cannot be
-/// made (another filesystem, the link count at its limit), the file is copied. Then flushes
-/// the filesystem.
+/// each entry other than a directory or a whiteout is a new hard link to the same path in the
+/// layer `roots[source(path)]` (no data is copied or metadata changed; the tree's metadata for
+/// it must be that entry's). Sources are reached through directory handles that never follow
+/// a symlink or leave their layer. Where a link cannot be made (another filesystem, the link
+/// count at its limit), the entry is copied. Then flushes the filesystem.
 pub fn link_layer(
     tree: &Node,
-    source: &dyn Fn(&Path) -> PathBuf,
+    roots: &[PathBuf],
+    source: &dyn Fn(&Path) -> usize,
     parent: &Path,
     name: &OsStr,
 ) -> Result<CopyStats, LayerError> {
-    write_tree(tree, Source::Linked(source), parent, name)
+    let fds = roots
+        .iter()
+        .map(|root| open_dir(rustix::fs::CWD, root).map_err(io_at(root, "opening the layer")))
+        .collect::<Result<Vec<_>, _>>()?;
+    // What the links will look up, in the order they will: on a cold cache, readers ahead of
+    // the writer bring the source directories and inodes in several at a time, as the disk
+    // can serve them, where the writer alone would wait for each in turn.
+    let mut wanted = Vec::new();
+    linked_entries(tree, &mut PathBuf::new(), source, &mut wanted);
+    let fds = &fds;
+    std::thread::scope(|scope| {
+        let chunk = wanted.len().div_ceil(PREFETCHERS).max(1);
+        for part in wanted.chunks(chunk) {
+            scope.spawn(move || {
+                for (i, rel) in part {
+                    // Best effort: what cannot be looked up here is the writer's to report.
+                    let _ = rustix::fs::statat(
+                        &fds[*i],
+                        rel,
+                        AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
+                    );
+                }
+            });
+        }
+        write_tree(tree, Source::Linked { roots, fds, source }, parent, name)
+    })
+}
+
+/// Threads looking up a linked tree's sources ahead of the writer.
+const PREFETCHERS: usize = 4;
+
+/// Every entry of `tree` a linked copy links, with the layer `source` gives it, in tree order.
+fn linked_entries(
+    node: &Node,
+    rel: &mut PathBuf,
+    source: &dyn Fn(&Path) -> usize,
+    out: &mut Vec<(usize, PathBuf)>,
+) {
+    match &node.kind {
+        Kind::Dir { children, .. } => {
+            for (name, child) in children {
+                rel.push(name);
+                linked_entries(child, rel, source, out);
+                rel.pop();
+            }
+        }
+        Kind::Whiteout => {}
+        _ => out.push((source(rel), rel.clone())),
+    }
 }
 
 fn write_tree(
@@ -60,8 +110,13 @@ fn write_tree(
 ) -> Result<CopyStats, LayerError> {
     let parent_fd = open_dir(rustix::fs::CWD, parent)
         .map_err(io_at(parent, "opening the destination directory"))?;
+    let layers = match source {
+        Source::Linked { roots, .. } => roots.len(),
+        Source::Root(_) => 0,
+    };
     let mut copier = Copier {
         source,
+        sources: SourceDirs::new(layers),
         dest_root: parent.join(name),
         links: HashMap::new(),
         stats: CopyStats::default(),
@@ -76,12 +131,83 @@ fn write_tree(
 enum Source<'a> {
     /// The same relative path under this root, copied.
     Root(&'a Path),
-    /// The file this gives for a relative path, hard-linked.
-    Linked(&'a dyn Fn(&Path) -> PathBuf),
+    /// The same relative path in the layer `source` picks, hard-linked.
+    Linked {
+        roots: &'a [PathBuf],
+        /// The roots, open.
+        fds: &'a [OwnedFd],
+        source: &'a dyn Fn(&Path) -> usize,
+    },
+}
+
+/// For the directory being written and each one above it, the same directory in each source
+/// layer, opened when an entry first needs it: one name at a time from the one above, without
+/// following a symlink or crossing a mount, so any depth is reached (paths past `PATH_MAX`
+/// included) and no source path is walked twice.
+struct SourceDirs {
+    /// From the layers' roots down: each level's name and its handle in each layer.
+    levels: Vec<(OsString, Vec<Option<OwnedFd>>)>,
+}
+
+impl SourceDirs {
+    fn new(layers: usize) -> Self {
+        Self {
+            levels: vec![(OsString::new(), (0..layers).map(|_| None).collect())],
+        }
+    }
+
+    fn enter(&mut self, name: &OsStr) {
+        let layers = self.levels[0].1.len();
+        self.levels
+            .push((name.to_owned(), (0..layers).map(|_| None).collect()));
+    }
+
+    fn leave(&mut self) {
+        self.levels.pop();
+    }
+
+    /// The current directory in layer `i` (`roots[i]`, open as `fds[i]`); `rel` names it.
+    fn get(
+        &mut self,
+        fds: &[OwnedFd],
+        roots: &[PathBuf],
+        i: usize,
+        rel: &Path,
+    ) -> Result<&OwnedFd, LayerError> {
+        let level = self.levels.len() - 1;
+        self.open(level, fds, i)
+            .map_err(io_at(&roots[i].join(rel), "opening the source directory"))?;
+        Ok(self.levels[level].1[i].as_ref().expect("opened above"))
+    }
+
+    fn open(&mut self, level: usize, fds: &[OwnedFd], i: usize) -> rustix::io::Result<()> {
+        if self.levels[level].1[i].is_some() {
+            return Ok(());
+        }
+        let fd = if level == 0 {
+            rustix::io::fcntl_dupfd_cloexec(&fds[i], 0)?
+        } else {
+            self.open(level - 1, fds, i)?;
+            let parent = self.levels[level - 1].1[i].as_ref().expect("opened above");
+            rustix::fs::openat2(
+                parent,
+                self.levels[level].0.as_os_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+                rustix::fs::ResolveFlags::BENEATH
+                    | rustix::fs::ResolveFlags::NO_SYMLINKS
+                    | rustix::fs::ResolveFlags::NO_XDEV,
+            )?
+        };
+        self.levels[level].1[i] = Some(fd);
+        Ok(())
+    }
 }
 
 struct Copier<'a> {
     source: Source<'a>,
+    /// Where a linked tree's entries come from, for the directory being written.
+    sources: SourceDirs,
     dest_root: PathBuf,
     /// Source inode → where its first copy is, relative to the destination root.
     links: HashMap<(u64, u64), PathBuf>,
@@ -108,9 +234,16 @@ impl Copier<'_> {
         let Kind::Dir { opaque, children } = &node.kind else {
             unreachable!("dir() is called for directories");
         };
+        let below_root = !rel.as_os_str().is_empty();
+        if below_root {
+            self.sources.enter(name);
+        }
         for (child_name, child) in children {
             let child_rel = rel.join(child_name);
-            self.entry(&fd, child_name, &child_rel, child)?;
+            self.entry(&fd, rel, child_name, &child_rel, child)?;
+        }
+        if below_root {
+            self.sources.leave();
         }
         if *opaque {
             fsetxattr(
@@ -128,34 +261,67 @@ impl Copier<'_> {
     fn entry(
         &mut self,
         dir: &OwnedFd,
+        parent_rel: &Path,
         name: &OsString,
         rel: &Path,
         node: &Node,
     ) -> Result<(), LayerError> {
         let dest = self.dest(rel);
+        // Another name of a file written already: a link to it, in the new layer.
+        if let Kind::File { inode, nlink, .. } = &node.kind
+            && *nlink > 1
+        {
+            if let Some(first) = self.links.get(inode) {
+                let root = self.dest_root.clone();
+                let first = super::longpath::short(&root.join(first))
+                    .map_err(io_at(&dest, "making a hard link"))?;
+                linkat(
+                    rustix::fs::CWD,
+                    &*first,
+                    dir,
+                    name.as_os_str(),
+                    AtFlags::empty(),
+                )
+                .map_err(io_at(&dest, "making a hard link"))?;
+                self.stats.entries += 1;
+                return Ok(());
+            }
+            self.links.insert(*inode, rel.to_owned());
+        }
+        // Linked: everything but a directory or a whiteout is the source's own inode, with its
+        // metadata (a symlink or a device too: no inode to make).
+        let mut from = None;
+        if let Source::Linked { roots, fds, source } = self.source
+            && !matches!(node.kind, Kind::Dir { .. } | Kind::Whiteout)
+        {
+            let dir_from = self.sources.get(fds, roots, source(rel), parent_rel)?;
+            match linkat(
+                dir_from,
+                name.as_os_str(),
+                dir,
+                name.as_os_str(),
+                AtFlags::empty(),
+            ) {
+                Ok(()) => {
+                    if matches!(node.kind, Kind::File { .. }) {
+                        self.stats.linked += 1;
+                    }
+                    self.stats.entries += 1;
+                    return Ok(());
+                }
+                // Another filesystem, or the link count at its limit: a copy.
+                Err(Errno::XDEV | Errno::MLINK) => {
+                    from = Some(
+                        rustix::io::fcntl_dupfd_cloexec(dir_from, 0)
+                            .map_err(io_at(&dest, "opening the source of"))?,
+                    );
+                }
+                Err(e) => return Err(io_at(&dest, "linking")(e)),
+            }
+        }
         match &node.kind {
             Kind::Dir { .. } => return self.dir(dir, name, rel, node),
-            Kind::File { size, inode, nlink } => {
-                if *nlink > 1 {
-                    if let Some(first) = self.links.get(inode) {
-                        let root = self.dest_root.clone();
-                        let first = super::longpath::short(&root.join(first))
-                            .map_err(io_at(&dest, "making a hard link"))?;
-                        linkat(
-                            rustix::fs::CWD,
-                            &*first,
-                            dir,
-                            name.as_os_str(),
-                            AtFlags::empty(),
-                        )
-                        .map_err(io_at(&dest, "making a hard link"))?;
-                        self.stats.entries += 1;
-                        return Ok(());
-                    }
-                    self.links.insert(*inode, rel.to_owned());
-                }
-                self.file(dir, name, rel, node, *size)?;
-            }
+            Kind::File { size, .. } => self.file(dir, from.as_ref(), name, rel, node, *size)?,
             Kind::Symlink { target } => {
                 symlinkat(target.as_os_str(), dir, name.as_os_str())
                     .map_err(io_at(&dest, "creating the symlink"))?;
@@ -202,40 +368,31 @@ impl Copier<'_> {
         Ok(())
     }
 
+    /// Copies a file's content from the same path under the source root, or, for a linked
+    /// tree whose link failed, from `from` (the source directory holding it).
     fn file(
         &mut self,
         dir: &OwnedFd,
+        from: Option<&OwnedFd>,
         name: &OsStr,
         rel: &Path,
         node: &Node,
         size: u64,
     ) -> Result<(), LayerError> {
         let dest = self.dest(rel);
-        let source = match self.source {
-            Source::Root(root) => root.join(rel),
-            Source::Linked(source) => {
-                let source = source(rel);
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let opened = match (from, self.source) {
+            (Some(from), _) => openat(from, name, flags, Mode::empty()),
+            (None, Source::Root(root)) => {
+                let source = root.join(rel);
                 let short = super::longpath::short(&source).map_err(io_at(&source, "opening"))?;
-                match linkat(rustix::fs::CWD, &*short, dir, name, AtFlags::empty()) {
-                    Ok(()) => {
-                        self.stats.linked += 1;
-                        return Ok(());
-                    }
-                    Err(Errno::XDEV | Errno::MLINK) => source,
-                    Err(e) => return Err(io_at(&dest, "linking")(e)),
-                }
+                openat(rustix::fs::CWD, &*short, flags, Mode::empty())
+            }
+            (None, Source::Linked { .. }) => {
+                unreachable!("a linked file is copied from its directory")
             }
         };
-        let short = super::longpath::short(&source).map_err(io_at(&source, "opening"))?;
-        let src = File::from(
-            openat(
-                rustix::fs::CWD,
-                &*short,
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(io_at(&source, "opening"))?,
-        );
+        let src = File::from(opened.map_err(io_at(&dest, "opening the source of"))?);
         let dst = openat(
             dir,
             name,

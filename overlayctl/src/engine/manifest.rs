@@ -10,7 +10,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::tree::{Kind, Layer, LayerError, Node};
+use super::tree::{Kind, Layer, LayerError, Meta, Node, XattrNs};
 
 /// A layer's manifest text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +136,150 @@ impl Manifest {
                         && a.zip(b).all(|(a, b)| a == b || whole_second_of(a, b))
                 }
             })
+    }
+}
+
+impl Manifest {
+    /// The layer this manifest describes, as [`Layer::read`] would read it from `root`, without
+    /// reading the disk: every entry with its metadata, from the lines alone. Hard links come out
+    /// as files sharing an inode number made up from `dev` (no real device has it) and the
+    /// line of the group's first path, with the group's size as link count; walking the layer
+    /// could only count more links (to names outside it), which a layer never shows.
+    /// An error names the first line that is not one this manifest format writes.
+    pub fn to_layer(&self, root: &Path, ns: XattrNs, dev: u64) -> Result<Layer, String> {
+        let mut entries: Vec<(PathBuf, Node)> = Vec::new();
+        // Each file's group (the line of its first name) and size, by path.
+        let mut group_of: HashMap<PathBuf, (usize, u64)> = HashMap::new();
+        let mut links: HashMap<usize, u64> = HashMap::new();
+        for (number, line) in self.text.lines().enumerate() {
+            let bad = |why: &str| format!("manifest line {}: {why}: {line:?}", number + 1);
+            let mut fields = line.split(' ');
+            let path = match fields.next() {
+                Some(".") => PathBuf::new(),
+                Some(path) if !path.is_empty() => PathBuf::from(OsStr::from_bytes(&unescape(path))),
+                _ => return Err(bad("no path")),
+            };
+            if (number == 0) != path.as_os_str().is_empty() {
+                return Err(bad("the root comes first, and only there"));
+            }
+            let kind = fields.next().ok_or_else(|| bad("no kind"))?;
+            let mut meta = Meta {
+                mode: 0,
+                uid: 0,
+                gid: 0,
+                mtime: (0, 0),
+                xattrs: Default::default(),
+            };
+            let (mut size, mut link, mut opaque, mut target, mut rdev) =
+                (None, None, false, None, None);
+            for field in fields {
+                let number = |text: &str| text.parse::<u64>().map_err(|_| bad("a bad number"));
+                let (key, value) = field.split_once('=').unwrap_or((field, ""));
+                match key {
+                    "mode" => {
+                        meta.mode = u32::from_str_radix(value, 8).map_err(|_| bad("a bad mode"))?
+                    }
+                    "uid" => meta.uid = number(value)? as u32,
+                    "gid" => meta.gid = number(value)? as u32,
+                    "mtime" => {
+                        let (s, ns) = value.split_once('.').ok_or_else(|| bad("a bad mtime"))?;
+                        let s = s.parse::<i64>().map_err(|_| bad("a bad mtime"))?;
+                        meta.mtime = (s, number(ns)? as u32);
+                    }
+                    "size" => size = Some(number(value)?),
+                    "blake3" => {}
+                    "link" => link = Some(PathBuf::from(OsStr::from_bytes(&unescape(value)))),
+                    "opaque" if value.is_empty() => opaque = true,
+                    "target" => target = Some(OsStr::from_bytes(&unescape(value)).to_owned()),
+                    "rdev" => rdev = Some(number(value)?),
+                    _ if key.starts_with("xattr.") => {
+                        let name = unescape(&key["xattr.".len()..]);
+                        meta.xattrs
+                            .insert(OsStr::from_bytes(&name).to_owned(), unescape(value));
+                    }
+                    _ => return Err(bad("an unknown field")),
+                }
+            }
+            let kind = match (kind, size, link, target, rdev) {
+                ("file", Some(size), None, None, None) => {
+                    group_of.insert(path.clone(), (number, size));
+                    links.insert(number, 1);
+                    Kind::File {
+                        size,
+                        inode: (dev, number as u64),
+                        nlink: 1,
+                    }
+                }
+                ("file", None, Some(first), None, None) => {
+                    let (group, size) = *group_of
+                        .get(&first)
+                        .ok_or_else(|| bad("a link to no file before it"))?;
+                    *links.entry(group).or_default() += 1;
+                    group_of.insert(path.clone(), (group, size));
+                    Kind::File {
+                        size,
+                        inode: (dev, group as u64),
+                        nlink: 1,
+                    }
+                }
+                ("dir", None, None, None, None) => Kind::Dir {
+                    opaque,
+                    children: Default::default(),
+                },
+                ("symlink", None, None, Some(target), None) => Kind::Symlink { target },
+                ("char", None, None, None, Some(rdev)) => Kind::CharDevice { rdev },
+                ("block", None, None, None, Some(rdev)) => Kind::BlockDevice { rdev },
+                ("fifo", None, None, None, None) => Kind::Fifo,
+                ("socket", None, None, None, None) => Kind::Socket,
+                ("whiteout", None, None, None, None) => Kind::Whiteout,
+                _ => return Err(bad("not an entry this format writes")),
+            };
+            if opaque && !kind.is_dir() {
+                return Err(bad("opaque on something not a directory"));
+            }
+            entries.push((path, Node { meta, kind }));
+        }
+        let Some((_, mut tree)) = (!entries.is_empty()).then(|| entries.remove(0)) else {
+            return Err("the manifest is empty".to_owned());
+        };
+        if !tree.kind.is_dir() {
+            return Err("manifest line 1: the root is not a directory".to_owned());
+        }
+        for (path, mut node) in entries {
+            if let Kind::File { inode, nlink, .. } = &mut node.kind {
+                *nlink = links.get(&(inode.1 as usize)).copied().unwrap_or(1);
+            }
+            let name = path.file_name().expect("not the root").to_owned();
+            let mut parent = &mut tree;
+            for part in path.parent().into_iter().flat_map(Path::iter) {
+                parent = match &mut parent.kind {
+                    Kind::Dir { children, .. } => children.get_mut(part).ok_or_else(|| {
+                        format!("{}: listed before its directory", path.display())
+                    })?,
+                    _ => {
+                        return Err(format!(
+                            "{}: inside something not a directory",
+                            path.display()
+                        ));
+                    }
+                };
+            }
+            let Kind::Dir { children, .. } = &mut parent.kind else {
+                return Err(format!(
+                    "{}: inside something not a directory",
+                    path.display()
+                ));
+            };
+            if children.insert(name, node).is_some() {
+                return Err(format!("{}: listed twice", path.display()));
+            }
+        }
+        Ok(Layer {
+            root: root.to_owned(),
+            ns,
+            tree,
+            unclean: Vec::new(),
+        })
     }
 }
 
@@ -336,6 +480,66 @@ mod tests {
         assert_eq!(hashes.len(), 2);
         assert_eq!(hashes[Path::new("a b")], (1, "aa".to_owned()));
         assert_eq!(hashes[Path::new("c")], (1, "aa".to_owned()));
+    }
+
+    #[test]
+    fn a_manifest_gives_back_its_layer_or_names_the_bad_line() {
+        let m = |text: &str| Manifest { text: text.into() };
+        let good = m(concat!(
+            ". dir mode=0755 uid=0 gid=0 mtime=1.000000002\n",
+            "a dir mode=0700 uid=1 gid=2 mtime=-3.000000000 opaque xattr.user.x=y\\x20z\n",
+            "a/f file mode=4755 uid=0 gid=0 mtime=5.000000000 size=3 blake3=ab\n",
+            "a/g file mode=4755 uid=0 gid=0 mtime=5.000000000 link=a/f\n",
+            "d char mode=0600 uid=0 gid=0 mtime=5.000000000 rdev=259\n",
+            "gone whiteout\n",
+            "l symlink mode=0777 uid=0 gid=0 mtime=5.000000000 target=a/f\n",
+        ));
+        let layer = good.to_layer(Path::new("/x"), XattrNs::Trusted, 9).unwrap();
+        let a = layer.get(Path::new("a")).unwrap();
+        assert!(matches!(a.kind, Kind::Dir { opaque: true, .. }));
+        assert_eq!(
+            (a.meta.mode, a.meta.uid, a.meta.gid, a.meta.mtime),
+            (0o700, 1, 2, (-3, 0))
+        );
+        assert_eq!(a.meta.xattrs[OsStr::new("user.x")], b"y z");
+        let file = |p: &str| match layer.get(Path::new(p)).unwrap().kind {
+            Kind::File { size, inode, nlink } => (size, inode, nlink),
+            _ => panic!("{p} is not a file"),
+        };
+        assert_eq!(file("a/f"), (3, (9, 2), 2));
+        assert_eq!(file("a/g"), file("a/f"));
+        assert!(matches!(
+            layer.get(Path::new("gone")).unwrap().kind,
+            Kind::Whiteout
+        ));
+        assert!(matches!(
+            layer.get(Path::new("d")).unwrap().kind,
+            Kind::CharDevice { rdev: 259 }
+        ));
+
+        for (text, line) in [
+            ("", "empty"),
+            ("a file size=1 blake3=0\n", "line 1"),
+            (". dir\n. dir\n", "line 2"),
+            (". dir\na file size=1 blake3=0 colour=red\n", "line 2"),
+            (". dir\na file link=b\n", "line 2"),
+            (". dir\na file\n", "line 2"),
+            (". dir\na symlink size=1 blake3=0\n", "line 2"),
+            (". dir\na file size=1 blake3=0 opaque\n", "line 2"),
+            (". dir\na file size=x blake3=0\n", "line 2"),
+            (". dir\na/b file size=1 blake3=0\n", "a/b"),
+            (
+                ". dir\na file size=1 blake3=0\na/b file size=1 blake3=0\n",
+                "a/b",
+            ),
+            (". dir\na dir\na dir\n", "a"),
+            (". file size=1 blake3=0\n", "line 1"),
+        ] {
+            let err = m(text)
+                .to_layer(Path::new("/x"), XattrNs::Trusted, 9)
+                .unwrap_err();
+            assert!(err.contains(line), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use overlayctl::engine::{Layer, MergedView, XattrNs};
+use overlayctl::engine::{Kind, Layer, MergedView, XattrNs};
 use tests::{mount_overlay, overlay_dirs, private_mount_namespace};
 
 const RUNS: usize = 5;
@@ -989,6 +989,166 @@ fn bench_compact(scratch: &Path, overlayctl: &Path) -> (ColdWarm, ColdWarm, Cold
     (ours, rsync, cp, ours_shown.len())
 }
 
+/// Entries of a tree, its root included.
+fn tree_entries(node: &overlayctl::engine::Node) -> usize {
+    match &node.kind {
+        Kind::Dir { children, .. } => 1 + children.values().map(tree_entries).sum::<usize>(),
+        _ => 1,
+    }
+}
+
+/// What merging one layer into a directory by hand must remove first: the paths its whiteouts
+/// delete (rsync cannot put a whiteout where a directory is) and the contents of its opaque
+/// directories (rsync would keep what is already there), relative to the layer, each with
+/// whether it is an opaque directory.
+fn hidden_by(layer: &Path) -> Vec<(PathBuf, bool)> {
+    fn go(node: &overlayctl::engine::Node, rel: &mut PathBuf, out: &mut Vec<(PathBuf, bool)>) {
+        match &node.kind {
+            Kind::Whiteout => out.push((rel.clone(), false)),
+            Kind::Dir { opaque, children } => {
+                if *opaque && !rel.as_os_str().is_empty() {
+                    out.push((rel.clone(), true));
+                }
+                for (name, child) in children {
+                    rel.push(name);
+                    go(child, rel, out);
+                    rel.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    go(
+        &Layer::read(layer, XattrNs::Trusted).unwrap().tree,
+        &mut PathBuf::new(),
+        &mut out,
+    );
+    out
+}
+
+/// Compaction of a real stack (`scripts/debian-stack`: a Debian 12 minbase base and layers of
+/// apt-get installs, a purge and the published updates) into one layer, mounted as a running
+/// stack is, against merging the same layers by hand: each layer in order with `rsync -aHAX`
+/// into a fresh directory (after removing what its whiteouts and opaque directories hide, found
+/// before the clock starts) and `sync`. Returns (ours, rsync) cold and warm, the paths the
+/// result shows over the base, and the run's entries.
+fn bench_compact_debian(
+    scratch: &Path,
+    overlayctl: &Path,
+    stack: &Path,
+) -> (ColdWarm, ColdWarm, usize, usize) {
+    let template = stack.join("store");
+    let names: Vec<String> = fs::read_to_string(stack.join("layers.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let (bottom, top) = (&names[0], &names[names.len() - 1]);
+    let store = scratch.join("debian-compact");
+    let mounted = scratch.join("debian-compact-mounted");
+    fs::create_dir_all(&mounted).unwrap();
+    let compacted = std::cell::RefCell::new(PathBuf::new());
+    let mounted_now = std::cell::Cell::new(false);
+    let mut setup = || {
+        if mounted_now.replace(false) {
+            output(
+                overlayctl_in(overlayctl, &store)
+                    .arg("umount")
+                    .arg(&mounted),
+            );
+        }
+        copy_tree(&template, &store);
+        output(
+            overlayctl_in(overlayctl, &store)
+                .args(["mount", "--read-only"])
+                .arg(&mounted),
+        );
+        mounted_now.set(true);
+    };
+    let mut compact = || {
+        let report = output(
+            overlayctl_in(overlayctl, &store)
+                .args(["--json", "compact", "--from", bottom, "--to", top]),
+        );
+        let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+        assert_eq!(
+            report["pending"].as_array().map(Vec::len),
+            Some(names.len())
+        );
+        *compacted.borrow_mut() = store.join("layers").join(report["layer"].as_str().unwrap());
+    };
+    let ours = (
+        median_of_3(true, &mut setup, &mut compact),
+        median_of_3(false, &mut setup, &mut compact),
+    );
+    output(
+        overlayctl_in(overlayctl, &store)
+            .arg("umount")
+            .arg(&mounted),
+    );
+    let layers: Vec<PathBuf> = names
+        .iter()
+        .map(|n| template.join("layers").join(n))
+        .collect();
+    let hidden: Vec<Vec<(PathBuf, bool)>> = layers.iter().map(|l| hidden_by(l)).collect();
+    let entries: usize = layers
+        .iter()
+        .map(|l| tree_entries(&Layer::read(l, XattrNs::Trusted).unwrap().tree))
+        .sum();
+    let merged = scratch.join("debian-compact-merged");
+    let mut fresh = || {
+        if merged.exists() {
+            fs::remove_dir_all(&merged).unwrap();
+        }
+        fs::create_dir(&merged).unwrap();
+    };
+    let mut by_rsync = || {
+        for (layer, hidden) in layers.iter().zip(&hidden) {
+            for (rel, opaque) in hidden {
+                let path = merged.join(rel);
+                match fs::symlink_metadata(&path) {
+                    Ok(m) if m.is_dir() && *opaque => {
+                        for entry in fs::read_dir(&path).unwrap() {
+                            let entry = entry.unwrap().path();
+                            if entry.symlink_metadata().unwrap().is_dir() {
+                                fs::remove_dir_all(&entry).unwrap();
+                            } else {
+                                fs::remove_file(&entry).unwrap();
+                            }
+                        }
+                    }
+                    Ok(m) if m.is_dir() => fs::remove_dir_all(&path).unwrap(),
+                    Ok(_) if !*opaque => fs::remove_file(&path).unwrap(),
+                    _ => {}
+                }
+            }
+            run(Command::new("rsync")
+                .arg("-aHAX")
+                .arg(format!("{}/", layer.display()))
+                .arg(format!("{}/", merged.display())));
+        }
+        run(&mut Command::new("sync"));
+    };
+    let rsync = (
+        median_of_3(true, &mut fresh, &mut by_rsync),
+        median_of_3(false, &mut fresh, &mut by_rsync),
+    );
+    // The same tree over the base, whichever way it was merged.
+    let base = template.join("layers/base");
+    let shown = |top: &Path| {
+        let layers = Layer::read_all(&[top.to_owned(), base.clone()], XattrNs::Trusted).unwrap();
+        tests::views::engine_view(&layers)
+    };
+    let (ours_shown, copied_shown) = (shown(&compacted.into_inner()), shown(&merged));
+    assert_eq!(
+        tests::views::first_difference(&copied_shown, &ours_shown),
+        None,
+        "the compacted layer and the rsync merge show different trees"
+    );
+    (ours, rsync, ours_shown.len(), entries)
+}
+
 /// Freezing a running system's upper into a layer: the hook's boot with a pending checkpoint
 /// (rename, clean in place, plan; then the usual mount) against the same boot without one, and
 /// against copying the upper into a layer with `cp -a` + `sync` (which would also keep
@@ -1096,12 +1256,12 @@ fn main() {
         nix::unistd::geteuid().is_root(),
         "the benchmarks mount overlays and drop caches: run as root"
     );
-    let usage =
-        "usage: strata-bench PATH-TO-overlayctl PATH-TO-initramfs-hook SCRATCH-DIR TREES-DIR";
+    let usage = "usage: strata-bench PATH-TO-overlayctl PATH-TO-initramfs-hook SCRATCH-DIR TREES-DIR STACK-DIR [BENCHMARK…]";
     let overlayctl = std::env::args().nth(1).map(PathBuf::from).expect(usage);
     let hook = std::env::args().nth(2).map(PathBuf::from).expect(usage);
     let scratch_parent = std::env::args().nth(3).map(PathBuf::from).expect(usage);
     let trees = std::env::args().nth(4).map(PathBuf::from).expect(usage);
+    let stack = std::env::args().nth(5).map(PathBuf::from).expect(usage);
     let mut scratch = tempfile::Builder::new()
         .prefix("strata-bench.")
         .tempdir_in(&scratch_parent)
@@ -1112,7 +1272,7 @@ fn main() {
 
     // Further arguments pick benchmarks by name (view, hook, add, compact, checkpoint, upgrade,
     // which includes peers: the same upgrade by OSTree and casync); none: all.
-    let only: Vec<String> = std::env::args().skip(5).collect();
+    let only: Vec<String> = std::env::args().skip(6).collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
     println!("| benchmark | Strata | the usual tool | ratio (tool / Strata) |");
@@ -1168,6 +1328,18 @@ fn main() {
                     theirs.as_secs_f64() / ours.as_secs_f64()
                 );
             }
+        }
+    }
+    if wanted("compact") {
+        let (ours, rsync, paths, entries) =
+            bench_compact_debian(scratch.path(), &overlayctl, &stack);
+        for (cache, ours, theirs) in [("cold", ours.0, rsync.0), ("warm", ours.1, rsync.1)] {
+            println!(
+                "| merge a real stack of package layers (apt-get installs, a purge, updates: {entries} entries) into one, {paths} paths shown over the Debian base ({cache} cache) | `overlayctl compact` {} | `rsync -aHAX` of each layer + `sync` {} | {:.2} |",
+                ms(ours),
+                ms(theirs),
+                theirs.as_secs_f64() / ours.as_secs_f64()
+            );
         }
     }
     if wanted("checkpoint") {
