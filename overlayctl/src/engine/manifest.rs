@@ -162,6 +162,15 @@ impl Manifest {
             if (number == 0) != path.as_os_str().is_empty() {
                 return Err(bad("the root comes first, and only there"));
             }
+            // Names only: no `/` at the start, no `.` or `..` (the merge writes every name it
+            // is given, one directory handle at a time).
+            let plain = path
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            let canonical = path.as_os_str().as_bytes() == rejoined(&path);
+            if !plain || !canonical {
+                return Err(bad("a path that is not a plain relative path"));
+            }
             let kind = fields.next().ok_or_else(|| bad("no kind"))?;
             let mut meta = Meta {
                 mode: 0,
@@ -281,6 +290,13 @@ impl Manifest {
             unclean: Vec::new(),
         })
     }
+}
+
+/// A relative path as its components join again: differs from the path when it had `./` or
+/// `//` or a trailing `/` in it.
+fn rejoined(path: &Path) -> Vec<u8> {
+    let parts: Vec<&[u8]> = path.iter().map(|p| p.as_bytes()).collect();
+    parts.join(&b'/')
 }
 
 /// Whether field `copy` is field `original`, an mtime, cut to whole seconds.
@@ -533,6 +549,11 @@ mod tests {
                 "a/b",
             ),
             (". dir\na dir\na dir\n", "a"),
+            (". dir\n.. dir\n", "line 2"),
+            (". dir\na dir\na/.. file size=1 blake3=0\n", "line 3"),
+            (". dir\na dir\na/./b file size=1 blake3=0\n", "line 3"),
+            (". dir\n/etc file size=1 blake3=0\n", "line 2"),
+            (". dir\na//b file size=1 blake3=0\n", "line 2"),
             (". file size=1 blake3=0\n", "line 1"),
         ] {
             let err = m(text)
