@@ -1322,7 +1322,7 @@ fn main() {
             for (cache, ours, theirs) in [("cold", compact.0, time.0), ("warm", compact.1, time.1)]
             {
                 println!(
-                    "| merge 10 layers (13,000 entries) over a 50,000-file base into one, {paths} paths shown ({cache} cache) | `overlayctl compact` {} | {tool} {} | {:.2} |",
+                    "| merge 10 synthetic layers (13,000 entries) over a 50,000-file base into one, {paths} paths shown ({cache} cache) | `overlayctl compact` {} | {tool} {} | {:.2} |",
                     ms(ours),
                     ms(theirs),
                     theirs.as_secs_f64() / ours.as_secs_f64()
