@@ -165,14 +165,27 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     let made = compact(&run_layers, &below);
 
     let staged = store.staging_path(&name)?;
-    let copy = link_layer(
+    let linked = link_layer(
         &made.tree,
         run_dirs,
         &|rel| made.sources[rel],
         staged.parent().expect("staging paths have a parent"),
         staged.file_name().expect("staging paths have a name"),
-    )
-    .with_context(|| format!("writing the compacted layer into {}", staged.display()))?;
+    );
+    // A run that cannot be linked (a layer changed on disk since its manifest was written, say)
+    // leaves nothing behind.
+    let copy = match linked {
+        Ok(copy) => copy,
+        Err(e) => {
+            if let Err(cleanup) = store.remove_staged(&staged) {
+                log::warn!("{cleanup:#}");
+            }
+            return Err(anyhow::Error::new(e).context(format!(
+                "writing the compacted layer into {}; nothing was changed",
+                staged.display()
+            )));
+        }
+    };
     layers_spec::fault::point("compact-staged");
     // The manifest from the run's manifests: the files are the run's, so their hashes are known.
     // The manifest of the tree just written (links keep the run's files as they were, and

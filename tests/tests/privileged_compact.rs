@@ -14,7 +14,7 @@ use overlayctl::engine::{Layer, Manifest, XattrNs};
 use proptest::prelude::*;
 use tests::layergen::{LayerSpec, stack, write_layer};
 use tests::views::{engine_view, first_difference, kernel_view};
-use tests::{have_root, mount_overlay, overlay_dirs, private_mount_namespace};
+use tests::{dir_names, have_root, mount_overlay, overlay_dirs, private_mount_namespace};
 
 fn mounted_view(
     scratch: &Path,
@@ -365,6 +365,22 @@ fn privileged_compact_cli_merges_and_waits_for_the_running_boot() {
     let e = device.fails(&["compact", "--from", "r1", "--to", "r3"]);
     assert!(e.contains("r2 is disabled"), "{e}");
     device.ok(&["enable", "r2"]);
+
+    // A layer whose disk no longer has a file its manifest lists: refused, nothing changed, no
+    // half-made layer left in staging/.
+    let conf = device.store().join("layers/r2/etc/old.conf");
+    fs::rename(&conf, device.path("old.conf")).unwrap();
+    let e = device.fails(&["compact"]);
+    assert!(
+        e.contains("layers/r2/etc/old.conf: linking it into the new layer"),
+        "{e}"
+    );
+    assert_eq!((device.plan_names(), device.dirs()), before);
+    assert_eq!(
+        dir_names(&device.store().join("staging")),
+        Vec::<String>::new()
+    );
+    fs::rename(device.path("old.conf"), &conf).unwrap();
 
     // The running boot uses r1..r3: they stay, out of the plan, until it is over. The run is
     // planned from the layers' manifests, but r2's no longer matches the plan's digest: r2 is

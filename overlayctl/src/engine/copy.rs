@@ -294,7 +294,8 @@ impl Copier<'_> {
         if let Source::Linked { roots, fds, source } = self.source
             && !matches!(node.kind, Kind::Dir { .. } | Kind::Whiteout)
         {
-            let dir_from = self.sources.get(fds, roots, source(rel), parent_rel)?;
+            let layer = source(rel);
+            let dir_from = self.sources.get(fds, roots, layer, parent_rel)?;
             match linkat(
                 dir_from,
                 name.as_os_str(),
@@ -316,7 +317,12 @@ impl Copier<'_> {
                             .map_err(io_at(&dest, "opening the source of"))?,
                     );
                 }
-                Err(e) => return Err(io_at(&dest, "linking")(e)),
+                Err(e) => {
+                    return Err(io_at(
+                        &roots[layer].join(rel),
+                        "linking it into the new layer",
+                    )(e));
+                }
             }
         }
         match &node.kind {
