@@ -87,7 +87,10 @@ fn kernel_says(messages: &[String]) -> String {
 }
 
 /// Mounts the overlay at `target`: the new API first, the classic call where the kernel lacks
-/// `lowerdir+`.
+/// `lowerdir+`. Lowers of one directory are named from inside it: the process's working
+/// directory moves there for the call (and back), so no other thread may resolve relative
+/// paths meanwhile, and a mount's source should name the store by its canonical path, by which
+/// [`crate::Store::mounted_layers`] finds such names again.
 pub fn mount_overlay(spec: &OverlaySpec, target: &Path) -> Result<MountApi, MountError> {
     let absolute = |p: &Path| {
         std::path::absolute(p).map_err(|source| MountError::Io {

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use layers_spec::{LayerState, Plan, check_name};
 
 use crate::engine::compact::{Below, CompactStats, compact};
-use crate::engine::copy::link_layer;
+use crate::engine::copy::{Linking, link_layer};
 use crate::engine::manifest::hash_file;
 use crate::engine::{Layer, Manifest, XattrNs};
 use crate::install::{install, write_synced};
@@ -169,6 +169,7 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
         &made.tree,
         run_dirs,
         &|rel| made.sources[rel],
+        Linking::Checked,
         staged.parent().expect("staging paths have a parent"),
         staged.file_name().expect("staging paths have a name"),
     );
@@ -283,44 +284,47 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
 /// The run's layers: each from its manifest where the plan's digest vouches for it, so that
 /// the disk is touched only to link the files, with its files' hashes (by path in the layer);
 /// walked, without hashes, where it does not (a layer without a manifest or digest, or whose
-/// manifest does not match). The manifests are read one thread per layer.
+/// manifest does not match). The manifests are read on a few threads.
 fn read_run(
     store: &Store,
     plan: &Plan,
     names: &[String],
     dirs: &[PathBuf],
 ) -> Result<Vec<RunLayer>> {
+    let describe = |i: usize| -> Option<RunLayer> {
+        let (name, dir) = (&names[i], &dirs[i]);
+        let manifest = Manifest {
+            text: store.checked_manifest(plan, name)?,
+        };
+        // Inode numbers made up per layer, on no real device, so links never mix layers.
+        let dev = u64::MAX - i as u64;
+        match manifest.to_layer(dir, XattrNs::Trusted, dev) {
+            Ok(layer) => Some(RunLayer {
+                layer,
+                hashes: manifest.file_hashes(),
+            }),
+            Err(why) => {
+                log::warn!("the manifest of {name} cannot be read ({why}); the layer is walked");
+                None
+            }
+        }
+    };
+    // A few threads, each a share of the layers (a run may have hundreds).
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get() * 2)
+        .clamp(1, names.len().max(1));
+    let indices: Vec<usize> = (0..names.len()).collect();
     let described: Vec<Option<RunLayer>> = std::thread::scope(|scope| {
-        let readers: Vec<_> = names
-            .iter()
-            .zip(dirs)
-            .enumerate()
-            .map(|(i, (name, dir))| {
-                scope.spawn(move || {
-                    let manifest = Manifest {
-                        text: store.checked_manifest(plan, name)?,
-                    };
-                    // Inode numbers made up per layer, on no real device, so links never mix
-                    // layers.
-                    let dev = u64::MAX - i as u64;
-                    match manifest.to_layer(dir, XattrNs::Trusted, dev) {
-                        Ok(layer) => Some(RunLayer {
-                            layer,
-                            hashes: manifest.file_hashes(),
-                        }),
-                        Err(why) => {
-                            log::warn!(
-                                "the manifest of {name} cannot be read ({why}); the layer is walked"
-                            );
-                            None
-                        }
-                    }
-                })
+        let readers: Vec<_> = indices
+            .chunks(names.len().div_ceil(threads).max(1))
+            .map(|part| {
+                let describe = &describe;
+                scope.spawn(move || part.iter().map(|&i| describe(i)).collect::<Vec<_>>())
             })
             .collect();
         readers
             .into_iter()
-            .map(|r| r.join().expect("a manifest reader panicked"))
+            .flat_map(|r| r.join().expect("a manifest reader panicked"))
             .collect()
     });
     let walk: Vec<PathBuf> = described

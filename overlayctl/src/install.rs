@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::engine::copy::{CopyStats, copy_layer, link_layer};
+use crate::engine::copy::{CopyStats, Linking, copy_layer, link_layer};
 use crate::engine::{Layer, Manifest, XattrNs};
 use crate::store::{Folder, Store};
 
@@ -37,6 +37,7 @@ pub(crate) fn stage_and_install(
             &layer.tree,
             std::slice::from_ref(&layer.root),
             &|_| 0,
+            Linking::Files,
             staging,
             staged_name,
         ),

@@ -168,7 +168,14 @@ pub fn mount_command(root: &Path, opts: &MountOpts, json: bool, out: &mut dyn Wr
         upper,
         userxattr: false,
         read_only: opts.upper.is_none() && !opts.tmpfs_upper,
-        source: format!("{SOURCE_PREFIX}:{}", store.root.display()),
+        // The store's canonical path: the layers are named relative to `layers/`, and whoever
+        // reads this mount back (what is in use, from any working directory) finds them by it.
+        source: format!(
+            "{SOURCE_PREFIX}:{}",
+            std::fs::canonicalize(&store.root)
+                .unwrap_or_else(|_| store.root.clone())
+                .display()
+        ),
     };
     let api = mount_overlay(&spec, &opts.mountpoint).with_context(|| {
         format!(

@@ -229,7 +229,13 @@ pub fn child(store: &Path, scratch: &Path, lowers: &[PathBuf], command: &[String
         upper: Some((scratch.join("upper"), scratch.join("work"))),
         userxattr: false,
         read_only: false,
-        source: format!("{SOURCE_PREFIX}:{}", store.display()),
+        // Canonical, as `overlayctl mount`'s: the layers are named relative to `layers/`.
+        source: format!(
+            "{SOURCE_PREFIX}:{}",
+            std::fs::canonicalize(store)
+                .unwrap_or_else(|_| store.to_owned())
+                .display()
+        ),
     };
     mount_overlay(&spec, &root).context("mounting the stack with a fresh upper")?;
     // Only where the tree has the directory: making one would change the layer.

@@ -156,6 +156,9 @@ fn new_tree(old: &Path, root: &Path) {
     fs::remove_file(root.join("etc/gone.conf")).unwrap();
     write(&root.join("usr/lib/libbig.so"), &library(2));
     write(&root.join("usr/share/new/readme"), b"hello\n");
+    // A new symlink, as a library upgrade leaves one: it exists in the bundle only, never as a
+    // file to link into the new layer.
+    std::os::unix::fs::symlink("libbig.so", root.join("usr/lib/libbig.so.2")).unwrap();
     // An empty file last of all: its content is no bytes of a part.
     write(&root.join("var/zz-empty"), b"");
     // The large file's content unchanged, its mtime new (as an upgrade leaves it): no payload.

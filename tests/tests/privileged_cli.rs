@@ -440,6 +440,22 @@ fn privileged_mount_selections_and_uppers() {
     );
     assert!(env.store().join("layers/up-1").is_dir());
     env.ok(&["umount", m]);
+    // Mounted through a relative --store from another directory (the mount names its layers
+    // relative to layers/), and asked about from here: still in use.
+    let (parent, relative) = (
+        env.store().parent().unwrap().to_owned(),
+        env.store().file_name().unwrap().to_owned(),
+    );
+    env.overlayctl(Path::new(&relative), &["mount", "--layers", "up-1,base", m])
+        .current_dir(&parent)
+        .assert()
+        .success();
+    let err = env.fails(&["remove", "--force", "up-1"]);
+    assert!(
+        err.contains("can not remove a layer the running system is using"),
+        "{err}"
+    );
+    env.ok(&["umount", m]);
 
     // umount touches only overlayctl's own mounts.
     nix::mount::mount(

@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use overlayctl::engine::compact::{Below, compact};
-use overlayctl::engine::copy::link_layer;
+use overlayctl::engine::copy::{Linking, link_layer};
 use overlayctl::engine::{Layer, Manifest, XattrNs};
 use proptest::prelude::*;
 use tests::layergen::{LayerSpec, stack, write_layer};
@@ -74,6 +74,7 @@ fn check_compact(
         &made.tree,
         run_dirs,
         &|rel| made.sources[rel],
+        Linking::Checked,
         scratch,
         "c".as_ref(),
     )
@@ -118,6 +119,7 @@ fn check_compact(
         &planned.tree,
         run_dirs,
         &|rel| planned.sources[rel],
+        Linking::Checked,
         scratch,
         "m".as_ref(),
     )
@@ -372,7 +374,8 @@ fn privileged_compact_cli_merges_and_waits_for_the_running_boot() {
     fs::rename(&conf, device.path("old.conf")).unwrap();
     let e = device.fails(&["compact"]);
     assert!(
-        e.contains("layers/r2/etc/old.conf: linking it into the new layer"),
+        e.contains("layers/r2/etc/old.conf: cannot be read (No such file or directory")
+            && e.contains("not what the layer's manifest records"),
         "{e}"
     );
     assert_eq!((device.plan_names(), device.dirs()), before);
@@ -381,6 +384,17 @@ fn privileged_compact_cli_merges_and_waits_for_the_running_boot() {
         Vec::<String>::new()
     );
     fs::rename(device.path("old.conf"), &conf).unwrap();
+    // Nor one whose file has another mode on disk than its manifest records (the link would
+    // carry the new mode under the old record).
+    fs::set_permissions(&conf, fs::Permissions::from_mode(0o4777)).unwrap();
+    let e = device.fails(&["compact"]);
+    assert!(
+        e.contains("layers/r2/etc/old.conf: has mode 4777, not 0644"),
+        "{e}"
+    );
+    assert_eq!((device.plan_names(), device.dirs()), before);
+    assert!(dir_names(&device.store().join("staging")).is_empty());
+    fs::set_permissions(&conf, fs::Permissions::from_mode(0o644)).unwrap();
 
     // The running boot uses r1..r3: they stay, out of the plan, until it is over. The run is
     // planned from the layers' manifests, but r2's no longer matches the plan's digest: r2 is

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{
     AtFlags, FileType, Gid, Mode, OFlags, SeekFrom, Timespec, Timestamps, Uid, XattrFlags, chownat,
     copy_file_range, fchmod, fchown, fsetxattr, fstat, ftruncate, futimens, linkat, lsetxattr,
-    mkdirat, mknodat, openat, seek, symlinkat, syncfs, utimensat,
+    mkdirat, mknodat, openat, seek, statat, symlinkat, syncfs, utimensat,
 };
 use rustix::io::Errno;
 
@@ -38,19 +38,33 @@ pub fn copy_layer(layer: &Layer, parent: &Path, name: &OsStr) -> Result<CopyStat
     write_tree(&layer.tree, Source::Root(&layer.root), parent, name)
 }
 
+/// What [`link_layer`] links from the source layers; the rest is made from the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Linking {
+    /// Regular files only: for a tree whose other entries exist only in memory (a rebuilt
+    /// bundle's symlinks, say).
+    Files,
+    /// Every entry but directories and whiteouts (symlinks and devices too: no inode is made),
+    /// each first checked to be what the tree says it is (type, owner, mode, size, mtime): for
+    /// a tree planned from manifests rather than read from the disk.
+    Checked,
+}
+
 /// Writes `tree` as a new layer `name` inside `parent`, as [`copy_layer`] does, except that
-/// each entry other than a directory or a whiteout is a new hard link to the same path in the
-/// layer `roots[source(path)]` (no data is copied or metadata changed; the tree's metadata for
-/// it must be that entry's). Sources are reached through directory handles that never follow
-/// a symlink or leave their layer. Where a link cannot be made (another filesystem, the link
-/// count at its limit), the entry is copied. Then flushes the filesystem.
+/// what `linking` says is a new hard link to the same path in the layer `roots[source(path)]`
+/// (no data is copied or metadata changed; the tree's metadata for it must be that entry's).
+/// Sources are reached through directory handles that never follow a symlink or leave their
+/// layer. Where a link cannot be made (another filesystem, the link count at its limit), the
+/// entry is copied. Then flushes the filesystem.
 pub fn link_layer(
     tree: &Node,
     roots: &[PathBuf],
     source: &dyn Fn(&Path) -> usize,
+    linking: Linking,
     parent: &Path,
     name: &OsStr,
 ) -> Result<CopyStats, LayerError> {
+    raise_open_file_limit();
     let fds = roots
         .iter()
         .map(|root| open_dir(rustix::fs::CWD, root).map_err(io_at(root, "opening the layer")))
@@ -59,24 +73,56 @@ pub fn link_layer(
     // the writer bring the source directories and inodes in several at a time, as the disk
     // can serve them, where the writer alone would wait for each in turn.
     let mut wanted = Vec::new();
-    linked_entries(tree, &mut PathBuf::new(), source, &mut wanted);
+    linked_entries(tree, &mut PathBuf::new(), source, linking, &mut wanted);
     let fds = &fds;
+    let done = &std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         let chunk = wanted.len().div_ceil(PREFETCHERS).max(1);
         for part in wanted.chunks(chunk) {
             scope.spawn(move || {
                 for (i, rel) in part {
-                    // Best effort: what cannot be looked up here is the writer's to report.
-                    let _ = rustix::fs::statat(
+                    if done.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    // Best effort, and as the writer looks: what cannot be reached here is the
+                    // writer's to report.
+                    let _ = rustix::fs::openat2(
                         &fds[*i],
                         rel,
-                        AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
+                        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                        rustix::fs::ResolveFlags::BENEATH
+                            | rustix::fs::ResolveFlags::NO_SYMLINKS
+                            | rustix::fs::ResolveFlags::NO_XDEV,
                     );
                 }
             });
         }
-        write_tree(tree, Source::Linked { roots, fds, source }, parent, name)
+        let source = Source::Linked {
+            roots,
+            fds,
+            source,
+            linking,
+        };
+        let written = write_tree(tree, source, parent, name);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        written
     })
+}
+
+/// A linked copy keeps a handle open on each source layer's directory at every level of the
+/// path being written: hundreds of layers need more than the usual soft limit of 1,024, so it
+/// is raised to the hard limit, as far as that goes.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        let _ = setrlimit(Resource::Nofile, raised);
+    }
 }
 
 /// Threads looking up a linked tree's sources ahead of the writer.
@@ -87,19 +133,76 @@ fn linked_entries(
     node: &Node,
     rel: &mut PathBuf,
     source: &dyn Fn(&Path) -> usize,
+    linking: Linking,
     out: &mut Vec<(usize, PathBuf)>,
 ) {
     match &node.kind {
         Kind::Dir { children, .. } => {
             for (name, child) in children {
                 rel.push(name);
-                linked_entries(child, rel, source, out);
+                linked_entries(child, rel, source, linking, out);
                 rel.pop();
             }
         }
-        Kind::Whiteout => {}
-        _ => out.push((source(rel), rel.clone())),
+        kind if is_linked(kind, linking) => out.push((source(rel), rel.clone())),
+        _ => {}
     }
+}
+
+/// Whether a linked copy links an entry of this kind.
+fn is_linked(kind: &Kind, linking: Linking) -> bool {
+    match linking {
+        Linking::Files => matches!(kind, Kind::File { .. }),
+        Linking::Checked => !matches!(kind, Kind::Dir { .. } | Kind::Whiteout),
+    }
+}
+
+/// Where the entry at `at` in `dir` differs from what `node` says it is, in words; None when it
+/// is what the tree says.
+fn drift(dir: &OwnedFd, at: &OsStr, node: &Node) -> Option<String> {
+    let st = match statat(dir, at, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(e) => return Some(format!("cannot be read ({e})")),
+    };
+    let found = FileType::from_raw_mode(st.st_mode);
+    let (want, size) = match &node.kind {
+        Kind::File { size, .. } => (FileType::RegularFile, Some(*size)),
+        Kind::Symlink { .. } => (FileType::Symlink, None),
+        Kind::CharDevice { .. } => (FileType::CharacterDevice, None),
+        Kind::BlockDevice { .. } => (FileType::BlockDevice, None),
+        Kind::Fifo => (FileType::Fifo, None),
+        Kind::Socket => (FileType::Socket, None),
+        Kind::Dir { .. } | Kind::Whiteout => return None,
+    };
+    let m = &node.meta;
+    if found != want {
+        return Some(format!("is a {found:?}, not a {want:?}"));
+    }
+    let mode = st.st_mode & 0o7777;
+    let mtime = (st.st_mtime, st.st_mtime_nsec as u32);
+    if want != FileType::Symlink && mode != m.mode {
+        return Some(format!("has mode {mode:04o}, not {:04o}", m.mode));
+    }
+    if (st.st_uid, st.st_gid) != (m.uid, m.gid) {
+        return Some(format!(
+            "is owned by {}:{}, not {}:{}",
+            st.st_uid, st.st_gid, m.uid, m.gid
+        ));
+    }
+    if size.is_some_and(|size| size != st.st_size as u64) {
+        return Some(format!(
+            "has {} bytes, not {}",
+            st.st_size,
+            size.unwrap_or(0)
+        ));
+    }
+    if mtime != m.mtime {
+        return Some(format!(
+            "was modified at {}.{:09}, not {}.{:09}",
+            mtime.0, mtime.1, m.mtime.0, m.mtime.1
+        ));
+    }
+    None
 }
 
 fn write_tree(
@@ -131,12 +234,13 @@ fn write_tree(
 enum Source<'a> {
     /// The same relative path under this root, copied.
     Root(&'a Path),
-    /// The same relative path in the layer `source` picks, hard-linked.
+    /// The same relative path in the layer `source` picks, hard-linked as `linking` says.
     Linked {
         roots: &'a [PathBuf],
         /// The roots, open.
         fds: &'a [OwnedFd],
         source: &'a dyn Fn(&Path) -> usize,
+        linking: Linking,
     },
 }
 
@@ -291,11 +395,24 @@ impl Copier<'_> {
         // Linked: everything but a directory or a whiteout is the source's own inode, with its
         // metadata (a symlink or a device too: no inode to make).
         let mut from = None;
-        if let Source::Linked { roots, fds, source } = self.source
-            && !matches!(node.kind, Kind::Dir { .. } | Kind::Whiteout)
+        if let Source::Linked {
+            roots,
+            fds,
+            source,
+            linking,
+        } = self.source
+            && is_linked(&node.kind, linking)
         {
             let layer = source(rel);
             let dir_from = self.sources.get(fds, roots, layer, parent_rel)?;
+            if linking == Linking::Checked
+                && let Some(found) = drift(dir_from, name, node)
+            {
+                return Err(LayerError::Changed {
+                    path: roots[layer].join(rel),
+                    found,
+                });
+            }
             match linkat(
                 dir_from,
                 name.as_os_str(),
@@ -387,18 +504,19 @@ impl Copier<'_> {
     ) -> Result<(), LayerError> {
         let dest = self.dest(rel);
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let opened = match (from, self.source) {
-            (Some(from), _) => openat(from, name, flags, Mode::empty()),
+        let src = File::from(match (from, self.source) {
+            (Some(from), _) => openat(from, name, flags, Mode::empty())
+                .map_err(io_at(&dest, "opening the file to copy into"))?,
             (None, Source::Root(root)) => {
                 let source = root.join(rel);
                 let short = super::longpath::short(&source).map_err(io_at(&source, "opening"))?;
                 openat(rustix::fs::CWD, &*short, flags, Mode::empty())
+                    .map_err(io_at(&source, "opening"))?
             }
             (None, Source::Linked { .. }) => {
                 unreachable!("a linked file is copied from its directory")
             }
-        };
-        let src = File::from(opened.map_err(io_at(&dest, "opening the source of"))?);
+        });
         let dst = openat(
             dir,
             name,

@@ -181,24 +181,42 @@ impl Manifest {
             };
             let (mut size, mut link, mut opaque, mut target, mut rdev) =
                 (None, None, false, None, None);
+            let mut seen: Vec<&str> = Vec::new();
             for field in fields {
                 let number = |text: &str| text.parse::<u64>().map_err(|_| bad("a bad number"));
-                let (key, value) = field.split_once('=').unwrap_or((field, ""));
+                let id = |text: &str| text.parse::<u32>().map_err(|_| bad("a bad owner"));
+                let (key, value) = match field.split_once('=') {
+                    Some(pair) => pair,
+                    None if field == "opaque" => (field, ""),
+                    None => return Err(bad("a field without a value")),
+                };
+                if !key.starts_with("xattr.") && seen.contains(&key) {
+                    return Err(bad("a field twice"));
+                }
+                seen.push(key);
                 match key {
                     "mode" => {
-                        meta.mode = u32::from_str_radix(value, 8).map_err(|_| bad("a bad mode"))?
+                        meta.mode = u32::from_str_radix(value, 8)
+                            .ok()
+                            .filter(|m| *m <= 0o7777)
+                            .ok_or_else(|| bad("a bad mode"))?
                     }
-                    "uid" => meta.uid = number(value)? as u32,
-                    "gid" => meta.gid = number(value)? as u32,
+                    "uid" => meta.uid = id(value)?,
+                    "gid" => meta.gid = id(value)?,
                     "mtime" => {
                         let (s, ns) = value.split_once('.').ok_or_else(|| bad("a bad mtime"))?;
                         let s = s.parse::<i64>().map_err(|_| bad("a bad mtime"))?;
-                        meta.mtime = (s, number(ns)? as u32);
+                        let ns = ns
+                            .parse::<u32>()
+                            .ok()
+                            .filter(|ns| *ns < 1_000_000_000)
+                            .ok_or_else(|| bad("a bad mtime"))?;
+                        meta.mtime = (s, ns);
                     }
                     "size" => size = Some(number(value)?),
                     "blake3" => {}
                     "link" => link = Some(PathBuf::from(OsStr::from_bytes(&unescape(value)))),
-                    "opaque" if value.is_empty() => opaque = true,
+                    "opaque" if field == "opaque" => opaque = true,
                     "target" => target = Some(OsStr::from_bytes(&unescape(value)).to_owned()),
                     "rdev" => rdev = Some(number(value)?),
                     _ if key.starts_with("xattr.") => {
@@ -245,6 +263,13 @@ impl Manifest {
             };
             if opaque && !kind.is_dir() {
                 return Err(bad("opaque on something not a directory"));
+            }
+            // Every entry but a whiteout has its metadata.
+            let described = ["mode", "uid", "gid", "mtime"]
+                .iter()
+                .all(|key| seen.contains(key));
+            if !matches!(kind, Kind::Whiteout) && !described {
+                return Err(bad("an entry without its mode, owner and mtime"));
             }
             entries.push((path, Node { meta, kind }));
         }
@@ -533,30 +558,53 @@ mod tests {
             Kind::CharDevice { rdev: 259 }
         ));
 
+        // Each case with the metadata every entry carries, where `M` stands.
+        let meta = "mode=0644 uid=0 gid=0 mtime=1.000000000";
         for (text, line) in [
             ("", "empty"),
-            ("a file size=1 blake3=0\n", "line 1"),
-            (". dir\n. dir\n", "line 2"),
-            (". dir\na file size=1 blake3=0 colour=red\n", "line 2"),
-            (". dir\na file link=b\n", "line 2"),
-            (". dir\na file\n", "line 2"),
-            (". dir\na symlink size=1 blake3=0\n", "line 2"),
-            (". dir\na file size=1 blake3=0 opaque\n", "line 2"),
-            (". dir\na file size=x blake3=0\n", "line 2"),
-            (". dir\na/b file size=1 blake3=0\n", "a/b"),
+            ("a file M size=1 blake3=0\n", "line 1"),
+            (". dir M\n. dir M\n", "line 2"),
+            (". dir M\na file M size=1 blake3=0 colour=red\n", "line 2"),
+            (". dir M\na file M link=b\n", "line 2"),
+            (". dir M\na file M\n", "line 2"),
+            (". dir M\na symlink M size=1 blake3=0\n", "line 2"),
+            (". dir M\na file M size=1 blake3=0 opaque\n", "line 2"),
+            (". dir M\na file M size=x blake3=0\n", "line 2"),
+            (". dir M\na/b file M size=1 blake3=0\n", "a/b"),
             (
-                ". dir\na file size=1 blake3=0\na/b file size=1 blake3=0\n",
+                ". dir M\na file M size=1 blake3=0\na/b file M size=1 blake3=0\n",
                 "a/b",
             ),
-            (". dir\na dir\na dir\n", "a"),
-            (". dir\n.. dir\n", "line 2"),
-            (". dir\na dir\na/.. file size=1 blake3=0\n", "line 3"),
-            (". dir\na dir\na/./b file size=1 blake3=0\n", "line 3"),
-            (". dir\n/etc file size=1 blake3=0\n", "line 2"),
-            (". dir\na//b file size=1 blake3=0\n", "line 2"),
-            (". file size=1 blake3=0\n", "line 1"),
+            (". dir M\na dir M\na dir M\n", "listed twice"),
+            (". dir M\n.. dir M\n", "line 2"),
+            (". dir M\na dir M\na/.. file M size=1 blake3=0\n", "line 3"),
+            (". dir M\na dir M\na/./b file M size=1 blake3=0\n", "line 3"),
+            (". dir M\n/etc file M size=1 blake3=0\n", "line 2"),
+            (". dir M\na//b file M size=1 blake3=0\n", "line 2"),
+            (". file M size=1 blake3=0\n", "line 1"),
+            // Fields out of range, twice, without a value, or missing.
+            (
+                ". dir M\na file mode=0644 uid=4294967296 gid=0 mtime=1.0 size=1 blake3=0\n",
+                "line 2",
+            ),
+            (
+                ". dir M\na file mode=0644 uid=0 gid=0 mtime=1.1000000000 size=1 blake3=0\n",
+                "line 2",
+            ),
+            (
+                ". dir M\na file mode=17777 uid=0 gid=0 mtime=1.0 size=1 blake3=0\n",
+                "line 2",
+            ),
+            (". dir M\na file M size=1 size=2 blake3=0\n", "line 2"),
+            (". dir M\na dir M opaque=y\n", "line 2"),
+            (". dir M\na file M size=1 blake3\n", "line 2"),
+            (
+                ". dir M\na file mode=0644 uid=0 gid=0 size=1 blake3=0\n",
+                "line 2",
+            ),
         ] {
-            let err = m(text)
+            let text = text.replace(" M", &format!(" {meta}"));
+            let err = m(&text)
                 .to_layer(Path::new("/x"), XattrNs::Trusted, 9)
                 .unwrap_err();
             assert!(err.contains(line), "{text:?}: {err}");

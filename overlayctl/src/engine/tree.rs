@@ -131,6 +131,10 @@ impl Kind {
 /// Problems reading a layer, each naming the path.
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
+    #[error(
+        "{path}: {found}, not what the layer's manifest records: the layer changed on disk since it was added (`overlayctl verify` checks it)"
+    )]
+    Changed { path: PathBuf, found: String },
     #[error("{path}: {action}: {source}")]
     Io {
         path: PathBuf,
