@@ -539,8 +539,10 @@ fn vm_menu_rolls_back_over_the_serial_console() {
     let plan_before = vm::read_from_image(&vm.image(), "/strata/overlayplan.toml");
 
     let mut session = vm.session("strata.menu");
-    let screen = session.wait_for_screen("Strata boot menu");
+    // The title is drawn first: wait for the line under the cursor, which comes later.
+    let screen = session.wait_for_screen("|> [x] broken ");
     let screen = screen.unwrap_or_else(|| panic!("no menu:\n{}", session.serial()));
+    assert!(screen.contains("Strata boot menu"), "{screen}");
     assert!(
         screen.contains("+ Layers, top first ---"),
         "not drawn in ASCII on a serial console:\n{screen}"

@@ -258,7 +258,8 @@ fn vm_debian_installs_adopts_upgrades_and_rolls_back() {
         session.serial()
     );
     session.send(b" ");
-    let screen = session.wait_for_screen("Strata boot menu");
+    // The whole menu, down to the line under the cursor, before the keys go in.
+    let screen = session.wait_for_screen("|> [");
     assert!(screen.is_some(), "no menu:\n{}", session.serial());
     boot_the_second_once(&mut session);
     let log = session.finish();
@@ -381,9 +382,12 @@ fn vm_debian_dracut_systemd_menu_on_serial_and_vga() {
 
     // strata.menu over the serial console.
     let mut session = machine.session("strata.menu");
+    // The title is drawn first: wait for the line under the cursor, which a slow serial line
+    // brings later.
     let screen = session
-        .wait_for_screen("Strata boot menu")
+        .wait_for_screen("|> [x] upgrade ")
         .unwrap_or_else(|| panic!("no menu:\n{}", session.serial()));
+    assert!(screen.contains("Strata boot menu"), "{screen}");
     assert!(screen.contains("|> [x] upgrade "), "{screen}");
     assert!(screen.contains("base"), "{screen}");
     if let Some(dir) = std::env::var_os("STRATA_SCREENSHOT_DIR") {
