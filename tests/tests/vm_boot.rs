@@ -539,8 +539,9 @@ fn vm_menu_rolls_back_over_the_serial_console() {
     let plan_before = vm::read_from_image(&vm.image(), "/strata/overlayplan.toml");
 
     let mut session = vm.session("strata.menu");
-    // The title is drawn first: wait for the line under the cursor, which comes later.
-    let screen = session.wait_for_screen("|> [x] broken ");
+    // The menu is drawn top to bottom over a slow serial line: wait for its last line, the
+    // keys' list, which ends with `? help`.
+    let screen = session.wait_for_screen("? help");
     let screen = screen.unwrap_or_else(|| panic!("no menu:\n{}", session.serial()));
     assert!(screen.contains("Strata boot menu"), "{screen}");
     assert!(

@@ -258,8 +258,8 @@ fn vm_debian_installs_adopts_upgrades_and_rolls_back() {
         session.serial()
     );
     session.send(b" ");
-    // The whole menu, down to the line under the cursor, before the keys go in.
-    let screen = session.wait_for_screen("|> [");
+    // The whole menu, down to its last line, before the keys go in.
+    let screen = session.wait_for_screen("? help");
     assert!(screen.is_some(), "no menu:\n{}", session.serial());
     boot_the_second_once(&mut session);
     let log = session.finish();
@@ -382,10 +382,10 @@ fn vm_debian_dracut_systemd_menu_on_serial_and_vga() {
 
     // strata.menu over the serial console.
     let mut session = machine.session("strata.menu");
-    // The title is drawn first: wait for the line under the cursor, which a slow serial line
-    // brings later.
+    // The menu is drawn top to bottom over a slow serial line: wait for its last line, the
+    // keys' list, which ends with `? help`.
     let screen = session
-        .wait_for_screen("|> [x] upgrade ")
+        .wait_for_screen("? help")
         .unwrap_or_else(|| panic!("no menu:\n{}", session.serial()));
     assert!(screen.contains("Strata boot menu"), "{screen}");
     assert!(screen.contains("|> [x] upgrade "), "{screen}");
