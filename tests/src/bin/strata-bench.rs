@@ -886,6 +886,49 @@ fn make_compaction_stack(root: &Path) -> (PathBuf, Vec<PathBuf>) {
 /// Cold and warm cache medians.
 type ColdWarm = (Duration, Duration);
 
+/// `overlayctl compact --from FROM --to TO` (a run of `count` layers) on a fresh copy of the
+/// store `template` at `store`, cold and warm, the stack mounted at `mounted` meanwhile, as a
+/// device's running stack is: the replaced layers stay until unused (as rsync's sources stay);
+/// deleting them is the next boot's work. Returns the times and the compacted layer.
+fn time_compaction(
+    overlayctl: &Path,
+    template: &Path,
+    store: &Path,
+    mounted: &Path,
+    (from, to, count): (&str, &str, usize),
+) -> (ColdWarm, PathBuf) {
+    fs::create_dir_all(mounted).unwrap();
+    let compacted = std::cell::RefCell::new(PathBuf::new());
+    let mounted_now = std::cell::Cell::new(false);
+    let mut setup = || {
+        if mounted_now.replace(false) {
+            output(overlayctl_in(overlayctl, store).arg("umount").arg(mounted));
+        }
+        copy_tree(template, store);
+        output(
+            overlayctl_in(overlayctl, store)
+                .args(["mount", "--read-only"])
+                .arg(mounted),
+        );
+        mounted_now.set(true);
+    };
+    let mut compact = || {
+        let report = output(
+            overlayctl_in(overlayctl, store)
+                .args(["--json", "compact", "--from", from, "--to", to]),
+        );
+        let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+        assert_eq!(report["pending"].as_array().map(Vec::len), Some(count));
+        *compacted.borrow_mut() = store.join("layers").join(report["layer"].as_str().unwrap());
+    };
+    let times = (
+        median_of_3(true, &mut setup, &mut compact),
+        median_of_3(false, &mut setup, &mut compact),
+    );
+    output(overlayctl_in(overlayctl, store).arg("umount").arg(mounted));
+    (times, compacted.into_inner())
+}
+
 fn bench_compact(scratch: &Path, overlayctl: &Path) -> (ColdWarm, ColdWarm, ColdWarm, usize) {
     let (base, layers) = make_compaction_stack(&scratch.join("compaction"));
     let template = scratch.join("compaction-store");
@@ -901,48 +944,13 @@ fn bench_compact(scratch: &Path, overlayctl: &Path) -> (ColdWarm, ColdWarm, Cold
                 .arg(layer),
         );
     }
-    let store = scratch.join("compaction-run");
-    let mounted = scratch.join("compaction-mounted");
-    fs::create_dir_all(&mounted).unwrap();
-    let compacted = std::cell::RefCell::new(PathBuf::new());
-    let mounted_now = std::cell::Cell::new(false);
-    // Mounted, as a device's running stack is: the replaced layers stay until unused (as
-    // rsync's sources stay); deleting them is the next boot's work.
-    let mut setup = || {
-        if mounted_now.replace(false) {
-            output(
-                overlayctl_in(overlayctl, &store)
-                    .arg("umount")
-                    .arg(&mounted),
-            );
-        }
-        copy_tree(&template, &store);
-        output(
-            overlayctl_in(overlayctl, &store)
-                .args(["mount", "--read-only"])
-                .arg(&mounted),
-        );
-        mounted_now.set(true);
-    };
-    let mut compact = || {
-        let report = output(
-            overlayctl_in(overlayctl, &store)
-                .args(["--json", "compact", "--from", "up01", "--to", "up10"]),
-        );
-        let report: serde_json::Value = serde_json::from_str(&report).unwrap();
-        assert_eq!(report["pending"].as_array().map(Vec::len), Some(10));
-        *compacted.borrow_mut() = store.join("layers").join(report["layer"].as_str().unwrap());
-    };
-    let ours = (
-        median_of_3(true, &mut setup, &mut compact),
-        median_of_3(false, &mut setup, &mut compact),
+    let (ours, compacted) = time_compaction(
+        overlayctl,
+        &template,
+        &scratch.join("compaction-run"),
+        &scratch.join("compaction-mounted"),
+        ("up01", "up10", 10),
     );
-    output(
-        overlayctl_in(overlayctl, &store)
-            .arg("umount")
-            .arg(&mounted),
-    );
-    let compacted = compacted.into_inner();
     let merged = scratch.join("compaction-merged");
     let fresh = || {
         if merged.exists() {
@@ -1045,47 +1053,12 @@ fn bench_compact_debian(
         .map(str::to_owned)
         .collect();
     let (bottom, top) = (&names[0], &names[names.len() - 1]);
-    let store = scratch.join("debian-compact");
-    let mounted = scratch.join("debian-compact-mounted");
-    fs::create_dir_all(&mounted).unwrap();
-    let compacted = std::cell::RefCell::new(PathBuf::new());
-    let mounted_now = std::cell::Cell::new(false);
-    let mut setup = || {
-        if mounted_now.replace(false) {
-            output(
-                overlayctl_in(overlayctl, &store)
-                    .arg("umount")
-                    .arg(&mounted),
-            );
-        }
-        copy_tree(&template, &store);
-        output(
-            overlayctl_in(overlayctl, &store)
-                .args(["mount", "--read-only"])
-                .arg(&mounted),
-        );
-        mounted_now.set(true);
-    };
-    let mut compact = || {
-        let report = output(
-            overlayctl_in(overlayctl, &store)
-                .args(["--json", "compact", "--from", bottom, "--to", top]),
-        );
-        let report: serde_json::Value = serde_json::from_str(&report).unwrap();
-        assert_eq!(
-            report["pending"].as_array().map(Vec::len),
-            Some(names.len())
-        );
-        *compacted.borrow_mut() = store.join("layers").join(report["layer"].as_str().unwrap());
-    };
-    let ours = (
-        median_of_3(true, &mut setup, &mut compact),
-        median_of_3(false, &mut setup, &mut compact),
-    );
-    output(
-        overlayctl_in(overlayctl, &store)
-            .arg("umount")
-            .arg(&mounted),
+    let (ours, compacted) = time_compaction(
+        overlayctl,
+        &template,
+        &scratch.join("debian-compact"),
+        &scratch.join("debian-compact-mounted"),
+        (bottom, top, names.len()),
     );
     let layers: Vec<PathBuf> = names
         .iter()
@@ -1140,7 +1113,7 @@ fn bench_compact_debian(
         let layers = Layer::read_all(&[top.to_owned(), base.clone()], XattrNs::Trusted).unwrap();
         tests::views::engine_view(&layers)
     };
-    let (ours_shown, copied_shown) = (shown(&compacted.into_inner()), shown(&merged));
+    let (ours_shown, copied_shown) = (shown(&compacted), shown(&merged));
     assert_eq!(
         tests::views::first_difference(&copied_shown, &ours_shown),
         None,
