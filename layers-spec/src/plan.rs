@@ -170,6 +170,19 @@ pub struct Layer {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub replaces: Vec<String>,
+    /// The layers this one stands in for: while it is in a stack they are left out of it. A
+    /// pulled image's layers name the layers of the stack they replace, so leaving the new
+    /// layers out (a trial that ran out, the menu) brings the old stack back whole.
+    #[serde(
+        default,
+        deserialize_with = "crate::name::de_layer_names",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub supersedes: Vec<String>,
+    /// For a layer made from an OCI image layer: `sha256:` and the hex digest of the layer's
+    /// uncompressed tar (the image's `diff_id`), so a later pull finds it held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_id: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -190,6 +203,8 @@ impl Layer {
             notes: None,
             disabled_at: None,
             replaces: Vec::new(),
+            supersedes: Vec::new(),
+            diff_id: None,
         }
     }
 
@@ -254,6 +269,8 @@ struct LayerSpans {
     parent: Option<Spanned<IgnoredAny>>,
     created: Option<Spanned<IgnoredAny>>,
     digest: Option<Spanned<IgnoredAny>>,
+    diff_id: Option<Spanned<IgnoredAny>>,
+    supersedes: Option<Spanned<IgnoredAny>>,
 }
 
 /// Turns the spans of one parsed text into locations. The spans are read only when an error
@@ -580,6 +597,23 @@ impl Layer {
                 ),
             });
         }
+        if let Some(diff_id) = &self.diff_id
+            && !is_valid_sha256(diff_id)
+        {
+            return Err(PlanError::BadValue {
+                at: at.layer_field(i, |l| l.diff_id.as_ref()),
+                message: format!(
+                    "layer {:?} has diff_id {diff_id:?}; a diff_id is `sha256:` followed by 64 lowercase hex digits",
+                    self.name
+                ),
+            });
+        }
+        if self.supersedes.contains(&self.name) {
+            return Err(PlanError::BadValue {
+                at: at.layer_field(i, |l| l.supersedes.as_ref()),
+                message: format!("layer {:?} supersedes itself", self.name),
+            });
+        }
         if let Some(created) = &self.created
             && created.date.is_none()
         {
@@ -598,6 +632,13 @@ impl Layer {
 /// `blake3:` and 64 lowercase hex digits.
 pub fn is_valid_digest(digest: &str) -> bool {
     digest.strip_prefix("blake3:").is_some_and(|hex| {
+        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// `sha256:` and 64 lowercase hex digits: an OCI digest.
+pub fn is_valid_sha256(digest: &str) -> bool {
+    digest.strip_prefix("sha256:").is_some_and(|hex| {
         hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
     })
 }

@@ -45,6 +45,8 @@ pub enum Reason {
     TrialExhausted { tries: u32, limit: u32 },
     /// Its directory is not in the store.
     MissingOnDisk,
+    /// A layer above it in the stack supersedes it (a pulled image's layer standing in for it).
+    SupersededBy { layer: String },
 }
 
 impl fmt::Display for Reason {
@@ -62,6 +64,7 @@ impl fmt::Display for Reason {
                 )
             }
             Self::MissingOnDisk => f.write_str("missing from the store"),
+            Self::SupersededBy { layer } => write!(f, "superseded by {layer:?}"),
         }
     }
 }
@@ -238,6 +241,43 @@ pub fn resolve(
             }),
             None => stack.push(name.clone()),
         }
+    }
+
+    // A layer in the stack leaves out the layers it supersedes, unless the stack was named
+    // whole (`strata.stack=`, a selection made in the menu). Top first, so a layer that is
+    // itself superseded supersedes nothing.
+    if given.is_none() && once_set.is_none() {
+        let mut hidden: HashMap<&str, &str> = HashMap::new();
+        let before = stack.len();
+        let mut kept = Vec::with_capacity(before);
+        for name in stack {
+            if let Some(by) = hidden.get(name.as_str()) {
+                left_out.push(LeftOut {
+                    reason: Reason::SupersededBy {
+                        layer: (*by).to_owned(),
+                    },
+                    name,
+                });
+                continue;
+            }
+            if let Some(layer) = by_name.get(name.as_str()) {
+                for old in &layer.supersedes {
+                    hidden.entry(old.as_str()).or_insert(layer.name.as_str());
+                }
+            }
+            kept.push(name);
+        }
+        if kept.len() != before {
+            // Left out in plan order, as the rest are.
+            let at: HashMap<&str, usize> = plan
+                .layers
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.name.as_str(), i))
+                .collect();
+            left_out.sort_by_key(|l| at.get(l.name.as_str()).copied());
+        }
+        stack = kept;
     }
 
     if stack.is_empty() {
@@ -451,6 +491,58 @@ mod tests {
             "named by the kexec'd pass: nothing else counts"
         );
         assert_eq!(reasons(&r), [("a", Reason::NotInGivenStack)]);
+    }
+
+    /// A pulled image v2 (e2 on d2 on b) over the stack of v1 (c on b on a): e2 and d2
+    /// supersede c. While either is in the stack c is out; when both are out, c is back.
+    #[test]
+    fn superseded_layers_come_back_when_the_layers_that_stand_in_for_them_go() {
+        let mut p = plan();
+        p.layers[0].state = LayerState::Active;
+        let new = |name: &str, parent: &str| {
+            let mut l = Layer::new(name);
+            l.state = LayerState::Trial;
+            l.parent = Some(parent.into());
+            l.supersedes = vec!["c".into()];
+            l
+        };
+        p.layers.insert(0, new("d2", "b"));
+        p.layers.insert(0, new("e2", "d2"));
+        let mut state = BootState::default();
+        let r = run(&p, &state, "");
+        assert_eq!(r.stack, ["e2", "d2", "b", "a"]);
+        assert_eq!(
+            reasons(&r),
+            [("c", Reason::SupersededBy { layer: "e2".into() })]
+        );
+        // The menu leaves out the top one: its layer below still stands in for c.
+        let r = run(&p, &state, "strata.disable=e2");
+        assert_eq!(r.stack, ["d2", "b", "a"]);
+        assert_eq!(
+            reasons(&r),
+            [
+                ("e2", Reason::DisabledOnCommandLine),
+                ("c", Reason::SupersededBy { layer: "d2".into() })
+            ]
+        );
+        // The trial ran out: the old stack comes back whole.
+        state.trial_tries.insert("e2".into(), 3);
+        state.trial_tries.insert("d2".into(), 3);
+        let r = run(&p, &state, "");
+        assert_eq!(r.stack, ["c", "b", "a"]);
+        // Choosing c as the top, or naming the stack, is what the person asked for.
+        state.trial_tries.clear();
+        assert_eq!(run(&p, &state, "strata.top=c").stack, ["c", "b", "a"]);
+        assert_eq!(
+            run(&p, &state, "strata.stack=e2,c,a").stack,
+            ["e2", "c", "a"]
+        );
+        // A superseded layer supersedes nothing: x (superseded by e2) cannot hide b.
+        let mut x = Layer::new("x");
+        x.supersedes = vec!["b".into()];
+        p.layers.insert(2, x);
+        p.layers[0].supersedes.push("x".into());
+        assert_eq!(run(&p, &state, "").stack, ["e2", "d2", "b", "a"]);
     }
 
     #[test]

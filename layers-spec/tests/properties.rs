@@ -104,7 +104,10 @@ prop_compose! {
             // Compacted layers name what they replaced (layers no longer in the plan).
             let replaces = if i % 3 == 0 { vec![format!("merged-{i}a"), format!("merged-{i}b")] } else { vec![] };
             let disabled_at = if state == LayerState::Disabled { created } else { None };
-            Layer { name: name.clone(), title, state, known_good, parent, created, digest, notes, disabled_at, replaces }
+            // Pulled layers stand in for the layers below them, and carry their OCI diff_id.
+            let supersedes = if i % 4 == 1 { names[i + 1..].iter().take(2).cloned().collect() } else { vec![] };
+            let diff_id = (i % 5 == 2).then(|| format!("sha256:{:064x}", i));
+            Layer { name: name.clone(), title, state, known_good, parent, created, digest, notes, disabled_at, replaces, supersedes, diff_id }
         }).collect();
         Plan {
             version: 1,

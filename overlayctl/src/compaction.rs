@@ -125,6 +125,29 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
         .iter()
         .map(|l| l.name.clone())
         .collect();
+    // A layer standing in for part of the run (a pulled image's) decides what boots: merged,
+    // the run could no longer be left out in part.
+    if let Some((by, of)) = change.plan.layers.iter().find_map(|l| {
+        let of = l.supersedes.iter().find(|s| replaced.contains(s))?;
+        (!replaced.contains(&l.name)).then_some((&l.name, of))
+    }) {
+        bail!(
+            "{by:?} supersedes {of:?}, which is in the run {}..{}: merged, it could not be left out alone; nothing was changed",
+            replaced[0],
+            replaced[replaced.len() - 1]
+        );
+    }
+    // The new layer stands in for what its layers stood in for.
+    let supersedes: Vec<String> = change.plan.layers[top..=bottom]
+        .iter()
+        .flat_map(|l| &l.supersedes)
+        .filter(|s| !replaced.contains(s))
+        .fold(Vec::new(), |mut all, s| {
+            if !all.contains(s) {
+                all.push(s.clone());
+            }
+            all
+        });
     let layers = store.folder(crate::store::Folder::Layers)?;
     let taken = |name: &str| {
         change.plan.layer(name).is_some()
@@ -237,6 +260,7 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
     layer.created = Some(crate::store::now());
     layer.digest = Some(manifest.digest());
     layer.replaces = replaced.clone();
+    layer.supersedes = supersedes;
     change.plan.layers.splice(top..=bottom, [layer]);
     for l in &mut change.plan.layers {
         if l.parent.as_ref().is_some_and(|p| replaced.contains(p)) {
