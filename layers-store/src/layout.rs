@@ -57,10 +57,12 @@ pub enum Folder {
     Keys,
     /// The boot state.
     State,
+    /// Downloads (bundles, image blobs) kept across runs so a cut one resumes.
+    Downloads,
 }
 
 impl Folder {
-    pub const ALL: [Folder; 7] = [
+    pub const ALL: [Folder; 8] = [
         Folder::Layers,
         Folder::Manifests,
         Folder::Staging,
@@ -68,6 +70,7 @@ impl Folder {
         Folder::Runs,
         Folder::Keys,
         Folder::State,
+        Folder::Downloads,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -79,6 +82,7 @@ impl Folder {
             Folder::Runs => "runs",
             Folder::Keys => "keys",
             Folder::State => "state",
+            Folder::Downloads => "downloads",
         }
     }
 }

@@ -43,6 +43,10 @@ pub enum Command {
     Release,
     /// Copy DIR into the store as a new layer on top of the stack.
     AddLayer(AddLayerOpts),
+    /// Pull an OCI image: its layers become layers in image order (those the store holds are
+    /// kept), trial layers on top that stand in for the layers of the stack the image does not
+    /// have, so the next boot's stack is the image.
+    Pull(PullOpts),
     /// Add the layer that turns the next boot's stack into TARGET, a full tree of the new
     /// system (a directory, a mounted image): new and changed files, deletions as whiteouts,
     /// metadata changes. It becomes a trial layer on top, built on the stack's top.
@@ -212,18 +216,88 @@ pub struct AdoptOpts {
 }
 
 #[derive(Debug, Args)]
+pub struct PullOpts {
+    /// The image: `oci:DIR[:REF]` (an image layout), `oci-archive:FILE[:REF]`,
+    /// `docker-archive:FILE[:REPO:TAG]`, or a registry's `[docker://]REGISTRY/REPO[:TAG]`
+    /// or `…@sha256:DIGEST`.
+    pub image: String,
+    /// Merge the image's layers into one layer.
+    #[arg(long)]
+    pub squash: bool,
+    /// The layer's name with --squash or for an image of one new layer, else the image's
+    /// K-th layer is NAME-K [default: the image's name and each layer's digest].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The title of the one new layer [default: from the image's history].
+    #[arg(long, value_parser = parse_title)]
+    pub title: Option<String>,
+    /// Add the layers as accepted layers, not trial ones.
+    #[arg(long)]
+    pub active: bool,
+    /// Free text kept in the plan.
+    #[arg(long)]
+    pub notes: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryOpts,
+}
+
+/// How to reach a registry.
+#[derive(Debug, Clone, Args)]
+pub struct RegistryOpts {
+    /// Speak plain HTTP to the registry (a local one), and check no certificate over HTTPS.
+    #[arg(long)]
+    pub insecure: bool,
+    /// The registry's user and password, USER:PASSWORD [default: from the auth.json `skopeo
+    /// login` writes, or Docker's config.json].
+    #[arg(
+        long,
+        env = "STRATA_REGISTRY_CREDS",
+        value_name = "USER:PASSWORD",
+        hide_env_values = true
+    )]
+    pub creds: Option<String>,
+    /// Read credentials from this auth.json.
+    #[arg(long, value_name = "FILE")]
+    pub authfile: Option<PathBuf>,
+}
+
+impl RegistryOpts {
+    pub fn access(&self) -> crate::oci::registry::Access {
+        crate::oci::registry::Access {
+            insecure: self.insecure,
+            creds: self.creds.clone(),
+            authfile: self.authfile.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
 pub struct InitOpts {
     /// The tree that becomes the base layer.
-    #[arg(long, value_name = "DIR")]
-    pub base: PathBuf,
-    /// The base layer's name.
-    #[arg(long, default_value = "base")]
-    pub name: String,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "image",
+        conflicts_with = "image"
+    )]
+    pub base: Option<PathBuf>,
+    /// Make the store from an OCI image instead (as `pull` names one): its layers in image
+    /// order, the bottom one known-good, all accepted.
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
+    /// With --image: merge the image's layers into one base layer.
+    #[arg(long, requires = "image")]
+    pub squash: bool,
+    #[command(flatten)]
+    pub registry: RegistryOpts,
+    /// The base layer's name [default: base; with --image, as `pull` names layers].
+    #[arg(long)]
+    pub name: Option<String>,
     /// The layer's title, shown by `status` and the boot menu.
     #[arg(long, value_parser = parse_title)]
     pub title: Option<String>,
     /// Rename DIR into the store instead of copying it (same filesystem only).
-    #[arg(long = "move")]
+    #[arg(long = "move", conflicts_with = "image")]
     pub move_base: bool,
 }
 

@@ -18,7 +18,7 @@ use crate::transaction::Transaction;
 use crate::{
     AddLayerOpts, AdoptOpts, AssessOpts, BundleCommand, CheckOpts, CheckpointOpts, CompactOpts,
     DiffOpts, ImportLegacyOpts, InitOpts, KeysCommand, KnownGoodOpts, MenuLockOpts, PolicyOpts,
-    RemoveOpts, RunOpts, SwitchOpts, SyncOpts, name_from_path, write_json,
+    PullOpts, RemoveOpts, RunOpts, SwitchOpts, SyncOpts, name_from_path, write_json,
 };
 
 /// Prints what a change did and what the next boot will mount.
@@ -35,15 +35,34 @@ fn print_changed(changed: &Changed, json: bool, out: &mut dyn Write) -> Result<(
 }
 
 pub fn init(root: &Path, opts: &InitOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    if let Some(image) = &opts.image {
+        let downloads = root.join(crate::fetch::DOWNLOADS);
+        let (mut source, short_name) =
+            crate::oci::open_source(image, &opts.registry.access(), &downloads)?;
+        let request = crate::oci::pull::Request {
+            name: opts.name.clone(),
+            short_name,
+            title: opts.title.clone(),
+            squash: opts.squash,
+            state: LayerState::Active,
+            notes: None,
+        };
+        let pulled = crate::oci::pull::init(root, source.as_mut(), &request)?;
+        return report_pulled(&pulled, json, out);
+    }
+    let base = opts
+        .base
+        .as_deref()
+        .expect("clap requires --base or --image");
     let layer = NewLayer {
-        name: opts.name.clone(),
+        name: opts.name.clone().unwrap_or_else(|| "base".to_owned()),
         title: opts.title.clone(),
         parent: None,
         state: LayerState::Active,
         known_good: true,
         notes: None,
     };
-    let added = ops::init(root, &opts.base, &layer, opts.move_base)?;
+    let added = ops::init(root, base, &layer, opts.move_base)?;
     report_added(&added, root, json, out)
 }
 
@@ -168,6 +187,68 @@ pub fn release(root: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
         "at the next boot, {}{upper} becomes the plain root filesystem (hard links, no copy); the store is put aside beside it as STORE.released (/strata.released by default), to delete once the plain system is fine",
         released.stack.join(", ")
     )?;
+    Ok(())
+}
+
+pub fn pull(root: &Path, opts: &PullOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    let store = Store::open(root)?;
+    let downloads = store.folder(crate::store::Folder::Downloads)?;
+    let (mut source, short_name) =
+        crate::oci::open_source(&opts.image, &opts.registry.access(), downloads.path())?;
+    let request = crate::oci::pull::Request {
+        name: opts.name.clone(),
+        short_name,
+        title: opts.title.clone(),
+        squash: opts.squash,
+        state: if opts.active {
+            LayerState::Active
+        } else {
+            LayerState::Trial
+        },
+        notes: opts.notes.clone(),
+    };
+    let pulled = crate::oci::pull::pull(&store, source.as_mut(), &request)?;
+    report_pulled(&pulled, json, out)
+}
+
+fn report_pulled(pulled: &crate::oci::pull::Pulled, json: bool, out: &mut dyn Write) -> Result<()> {
+    if json {
+        return write_json(out, pulled);
+    }
+    if let Some(digest) = &pulled.image {
+        writeln!(out, "image {} ({digest})", pulled.source)?;
+    } else {
+        writeln!(out, "image {}", pulled.source)?;
+    }
+    for name in &pulled.held {
+        writeln!(out, "held   {name}")?;
+    }
+    for added in &pulled.added {
+        writeln!(
+            out,
+            "added  {}{}: {} read, {} entries, {} of content",
+            added.name,
+            added
+                .title
+                .as_deref()
+                .map(|t| format!(" ({})", layers_spec::name::printable(t)))
+                .unwrap_or_default(),
+            layers_spec::size::human(added.blob_bytes),
+            added.entries,
+            layers_spec::size::human(added.file_bytes),
+        )?;
+    }
+    if pulled.added.is_empty() {
+        writeln!(out, "the store holds the whole image; nothing was added")?;
+    }
+    if !pulled.superseded.is_empty() {
+        writeln!(
+            out,
+            "left out while the new layers are in the stack: {}",
+            pulled.superseded.join(", ")
+        )?;
+    }
+    writeln!(out, "next boot: {}", pulled.stack.join(", "))?;
     Ok(())
 }
 

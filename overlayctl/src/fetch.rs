@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 
 /// Where downloads wait, in the store (not in staging/, which every change clears).
-pub const DOWNLOADS: &str = "downloads";
+pub const DOWNLOADS: &str = layers_store::layout::Folder::Downloads.name();
 
 /// Whether a bundle argument is a URL rather than a file.
 pub fn is_url(text: &str) -> bool {
@@ -28,15 +28,29 @@ pub fn download_path(store: &Path, url: &str) -> PathBuf {
 /// connection ends before the length the server announced; what arrived is kept for the next
 /// run.
 pub fn fetch(url: &str, part: &Path) -> Result<()> {
+    fetch_with(&ureq::agent(), url, &[], part)
+}
+
+/// [`fetch`] through `agent`, with more request headers (a registry's authorization).
+pub fn fetch_with(
+    agent: &ureq::Agent,
+    url: &str,
+    headers: &[(&str, String)],
+    part: &Path,
+) -> Result<()> {
     if let Some(dir) = part.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let have = fs::metadata(part).map_or(0, |m| m.len());
-    let mut request = ureq::get(url);
+    let mut request = agent.get(url);
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
     if have > 0 {
         request = request.header("Range", format!("bytes={have}-"));
     }
     let response = match request.call() {
+        Ok(response) if response.status().as_u16() == 416 && have > 0 => return Ok(()),
         Ok(response) => response,
         Err(ureq::Error::StatusCode(416)) if have > 0 => return Ok(()),
         Err(e) => bail!("downloading {url}: {e}"),

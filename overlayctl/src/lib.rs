@@ -17,6 +17,7 @@ pub mod fetch;
 pub mod install;
 pub mod keys;
 pub mod mount;
+pub mod oci;
 pub mod ops;
 pub mod policy;
 pub mod progress;
@@ -74,6 +75,7 @@ fn dispatch(
         Command::Assess(opts) => commands::assess(&store, &opts, json, out),
         Command::Switch(opts) => commands::switch(&store, &opts, json, out),
         Command::AddLayer(opts) => commands::add_layer(&store, &opts, json, out),
+        Command::Pull(opts) => commands::pull(&store, &opts, json, out),
         Command::Sync(opts) => commands::sync(&store, &opts, json, out),
         Command::Enable(opts) => commands::enable(&store, &opts.layers, json, out),
         Command::Disable(opts) => commands::disable(&store, &opts.layers, json, out),
@@ -102,7 +104,12 @@ fn dispatch(
 /// own once its command is done: the command has the terminal before).
 fn long_job(command: &Command) -> Option<String> {
     Some(match command {
-        Command::Init(opts) => format!("making the base layer from {}", opts.base.display()),
+        Command::Init(opts) => match (&opts.base, &opts.image) {
+            (Some(base), _) => format!("making the base layer from {}", base.display()),
+            (None, Some(image)) => format!("making the store from {image}"),
+            (None, None) => return None,
+        },
+        Command::Pull(opts) => format!("pulling {}", opts.image),
         Command::AddLayer(opts) => match (&opts.dir, &opts.bundle) {
             (_, Some(bundle)) => format!("adding the layer in {}", bundle.display()),
             (Some(dir), None) => format!("adding {} as a layer", dir.display()),

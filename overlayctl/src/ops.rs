@@ -83,29 +83,35 @@ pub fn init(root: &Path, base: &Path, layer: &NewLayer, move_base: bool) -> Resu
     let store = Store::create(root)?;
     let result = init_store(&store, &source, base, layer, move_base);
     if result.is_err() {
-        // Nothing half-made stays behind to block a retry; a moved base goes back.
+        // A moved base goes back.
         let moved = store.layer_dir(&layer.name);
         if move_base && moved.exists() && !base.exists() {
             let _ = fs::rename(&moved, base);
         }
-        // The directory was new or empty: everything in it is this command's.
-        let top = store.handle().root();
-        let cleared = top
-            .names()
-            .and_then(|names| names.iter().try_for_each(|n| top.remove(n).map(drop)))
-            .map_err(anyhow::Error::from)
-            .and_then(|()| {
-                if existed {
-                    Ok(())
-                } else {
-                    fs::remove_dir(root).with_context(|| format!("removing {}", root.display()))
-                }
-            });
-        if let Err(e) = cleared {
-            log::warn!("could not clear the unfinished store: {e:#}");
-        }
+        clear_new_store(&store, root, existed);
     }
     result
+}
+
+/// Empties a store this command made (`Store::create` took a new or empty directory, so
+/// everything in it is the command's), and removes its directory when the command made that
+/// too: nothing half-made stays behind to block a retry.
+pub(crate) fn clear_new_store(store: &Store, root: &Path, existed: bool) {
+    let top = store.handle().root();
+    let cleared = top
+        .names()
+        .and_then(|names| names.iter().try_for_each(|n| top.remove(n).map(drop)))
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            if existed {
+                Ok(())
+            } else {
+                fs::remove_dir(root).with_context(|| format!("removing {}", root.display()))
+            }
+        });
+    if let Err(e) = cleared {
+        log::warn!("could not clear the unfinished store: {e:#}");
+    }
 }
 
 fn init_store(

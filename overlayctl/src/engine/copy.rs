@@ -537,8 +537,6 @@ impl Copier<'_> {
         set_fd_meta(&dst, &node.meta).map_err(io_at(&dest, "setting metadata"))
     }
 
-    /// Metadata of an entry that cannot be opened for writing (symlinks, devices, fifos,
-    /// sockets): by name in its directory, never following a symlink.
     fn set_path_meta(
         &self,
         dir: &OwnedFd,
@@ -547,31 +545,43 @@ impl Copier<'_> {
         meta: &Meta,
         chmod: bool,
     ) -> Result<(), LayerError> {
-        // Owner first: a chown clears `security.capability`.
-        chownat(
-            dir,
-            name,
-            Some(Uid::from_raw(meta.uid)),
-            Some(Gid::from_raw(meta.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(io_at(dest, "setting the owner"))?;
-        // The directory's handle, seen through /proc, pins the parent; the last component is
-        // not followed by lsetxattr.
-        let via_proc = Path::new("/proc/self/fd")
-            .join(dir.as_raw_fd().to_string())
-            .join(name);
-        for (key, value) in &meta.xattrs {
-            lsetxattr(&via_proc, key.as_os_str(), value, XattrFlags::empty())
-                .map_err(io_at(dest, "setting an extended attribute"))?;
-        }
-        if chmod {
-            rustix::fs::chmodat(dir, name, Mode::from_raw_mode(meta.mode), AtFlags::empty())
-                .map_err(io_at(dest, "setting the mode"))?;
-        }
-        utimensat(dir, name, &timestamps(meta), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(io_at(dest, "setting the times"))
+        set_meta_at(dir, name, meta, chmod).map_err(|(action, e)| io_at(dest, action)(e))
     }
+}
+
+/// Metadata of an entry that cannot be opened for writing (symlinks, devices, fifos, sockets):
+/// by name in its directory, never following a symlink; `chmod` is false for symlinks. An error
+/// says which step failed.
+pub(crate) fn set_meta_at(
+    dir: &OwnedFd,
+    name: &OsStr,
+    meta: &Meta,
+    chmod: bool,
+) -> Result<(), (&'static str, Errno)> {
+    // Owner first: a chown clears `security.capability`.
+    chownat(
+        dir,
+        name,
+        Some(Uid::from_raw(meta.uid)),
+        Some(Gid::from_raw(meta.gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| ("setting the owner", e))?;
+    // The directory's handle, seen through /proc, pins the parent; the last component is not
+    // followed by lsetxattr.
+    let via_proc = Path::new("/proc/self/fd")
+        .join(dir.as_raw_fd().to_string())
+        .join(name);
+    for (key, value) in &meta.xattrs {
+        lsetxattr(&via_proc, key.as_os_str(), value, XattrFlags::empty())
+            .map_err(|e| ("setting an extended attribute", e))?;
+    }
+    if chmod {
+        rustix::fs::chmodat(dir, name, Mode::from_raw_mode(meta.mode), AtFlags::empty())
+            .map_err(|e| ("setting the mode", e))?;
+    }
+    utimensat(dir, name, &timestamps(meta), AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|e| ("setting the times", e))
 }
 
 fn timestamps(meta: &Meta) -> Timestamps {
