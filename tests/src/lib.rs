@@ -6,6 +6,7 @@
 pub mod debian;
 pub mod fuzz_checks;
 pub mod layergen;
+pub mod oci;
 pub mod powercut;
 pub mod views;
 pub mod vm;

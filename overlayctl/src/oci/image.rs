@@ -317,7 +317,7 @@ fn titles(history: &[History], layers: usize) -> Vec<Option<String>> {
         .collect()
 }
 
-/// A history line as a menu title: the shell wrapper and `#(nop)` dropped, whitespace and
+/// A history line as a menu title: the shell wrapper, `#(nop)` and BuildKit's mark dropped, whitespace and
 /// control characters made single spaces, at most 100 characters.
 pub fn title_of(created_by: &str) -> Option<String> {
     let mut text = created_by.trim();
@@ -328,6 +328,15 @@ pub fn title_of(created_by: &str) -> Option<String> {
     }
     if let Some(rest) = text.strip_prefix("#(nop)") {
         text = rest.trim_start();
+    }
+    // BuildKit's `RUN /bin/sh -c CMD # buildkit`.
+    let run;
+    if let Some(rest) = text.strip_prefix("RUN /bin/sh -c ") {
+        run = format!(
+            "RUN {}",
+            rest.trim_end().trim_end_matches("# buildkit").trim_end()
+        );
+        text = &run;
     }
     let words: Vec<&str> = text
         .split(|c: char| c.is_whitespace() || c.is_control())
@@ -726,7 +735,7 @@ mod tests {
         assert_eq!(
             title_of("RUN /bin/sh -c apt-get update &&\tapt-get install -y\n curl # buildkit")
                 .as_deref(),
-            Some("RUN /bin/sh -c apt-get update && apt-get install -y curl # buildkit")
+            Some("RUN apt-get update && apt-get install -y curl")
         );
         assert_eq!(title_of(" \n\t"), None);
         assert_eq!(title_of(&"x".repeat(300)).unwrap().chars().count(), 100);

@@ -154,6 +154,8 @@ pub struct Registry {
     basic: Option<String>,
     /// `Authorization` for the next requests, once the registry asked for one.
     authorization: Option<String>,
+    /// Whether the registry has answered a request (and so any challenge) yet.
+    answered: bool,
     downloads: PathBuf,
     /// Blobs downloaded for this pull: removed once it is done.
     fetched: Vec<PathBuf>,
@@ -187,6 +189,7 @@ impl Registry {
             agent,
             basic,
             authorization: None,
+            answered: false,
             downloads: downloads.to_owned(),
             fetched: Vec::new(),
         })
@@ -205,6 +208,7 @@ impl Registry {
             }
             let response = request.call().with_context(|| format!("asking {url}"))?;
             if response.status().as_u16() != 401 || attempt == 1 {
+                self.answered = true;
                 return Ok(response);
             }
             let challenge = response
@@ -365,7 +369,7 @@ impl Registry {
         let part = self.downloads.join(format!("sha256-{hex}.blob.part"));
         if !done.exists() {
             // Authorized first (the download itself does not answer challenges).
-            if self.authorization.is_none() {
+            if !self.answered {
                 let reference = self.reference.manifest_ref().to_owned();
                 self.manifest(&reference)?;
             }
