@@ -257,3 +257,466 @@ fn privileged_images_become_layers_in_image_order_and_roll_back_whole() {
     );
     assert!(out.contains("nothing was added"), "{out}");
 }
+
+/// One tar entry, written by hand: ustar, with a PAX header before it when it has records (a
+/// name over 100 bytes gets one), or a GNU long-name header when asked.
+#[derive(Clone)]
+struct Entry {
+    name: Vec<u8>,
+    kind: u8,
+    data: Vec<u8>,
+    link: Vec<u8>,
+    mode: u32,
+    owner: (u32, u32),
+    dev: (u32, u32),
+    pax: Vec<(String, Vec<u8>)>,
+    gnu_long_name: bool,
+}
+
+fn entry(name: &str, kind: u8) -> Entry {
+    Entry {
+        name: name.as_bytes().to_vec(),
+        kind,
+        data: Vec::new(),
+        link: Vec::new(),
+        mode: if kind == b'5' { 0o755 } else { 0o644 },
+        owner: (0, 0),
+        dev: (0, 0),
+        pax: Vec::new(),
+        gnu_long_name: false,
+    }
+}
+
+fn file(name: &str, data: &str) -> Entry {
+    Entry {
+        data: data.as_bytes().to_vec(),
+        ..entry(name, b'0')
+    }
+}
+
+fn dir(name: &str) -> Entry {
+    entry(name, b'5')
+}
+
+fn link(name: &str, kind: u8, target: &str) -> Entry {
+    Entry {
+        link: target.as_bytes().to_vec(),
+        ..entry(name, kind)
+    }
+}
+
+fn octal(field: &mut [u8], value: u64) {
+    let text = format!("{:0width$o}", value, width = field.len() - 1);
+    field[..text.len()].copy_from_slice(text.as_bytes());
+}
+
+fn header(name: &[u8], kind: u8, size: u64, e: &Entry) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    let short = &name[..name.len().min(100)];
+    h[..short.len()].copy_from_slice(short);
+    octal(&mut h[100..108], u64::from(e.mode));
+    octal(&mut h[108..116], u64::from(e.owner.0));
+    octal(&mut h[116..124], u64::from(e.owner.1));
+    octal(&mut h[124..136], size);
+    octal(&mut h[136..148], 1_700_000_000);
+    h[156] = kind;
+    let link = &e.link[..e.link.len().min(100)];
+    h[157..157 + link.len()].copy_from_slice(link);
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    octal(&mut h[329..337], u64::from(e.dev.0));
+    octal(&mut h[337..345], u64::from(e.dev.1));
+    h[148..156].fill(b' ');
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    let text = format!("{sum:06o}\0 ");
+    h[148..156].copy_from_slice(text.as_bytes());
+    h
+}
+
+fn push_data(out: &mut Vec<u8>, data: &[u8]) {
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+fn tar(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        let mut pax = e.pax.clone();
+        if e.name.len() > 100 && !e.gnu_long_name {
+            pax.push(("path".into(), e.name.clone()));
+        }
+        if !pax.is_empty() {
+            let mut body = Vec::new();
+            for (key, value) in &pax {
+                let rest = key.len() + value.len() + 3;
+                let mut len = rest + 1;
+                while len != rest + len.to_string().len() {
+                    len = rest + len.to_string().len();
+                }
+                body.extend_from_slice(format!("{len} {key}=").as_bytes());
+                body.extend_from_slice(value);
+                body.push(b'\n');
+            }
+            out.extend_from_slice(&header(b"././@PaxHeader", b'x', body.len() as u64, e));
+            push_data(&mut out, &body);
+        }
+        if e.gnu_long_name {
+            let mut name = e.name.clone();
+            name.push(0);
+            out.extend_from_slice(&header(b"././@LongLink", b'L', name.len() as u64, e));
+            push_data(&mut out, &name);
+        }
+        out.extend_from_slice(&header(&e.name, e.kind, e.data.len() as u64, e));
+        push_data(&mut out, &e.data);
+    }
+    out.extend_from_slice(&[0; 1024]);
+    out
+}
+
+#[derive(Clone, Copy)]
+enum Packed {
+    Plain,
+    Gzip,
+    Zstd,
+}
+
+/// Writes an OCI image layout of these layers (bottom first), as a build tool would: each
+/// layer's blob, the config with their diff_ids and a history line each, the manifest, the
+/// index. `tweak` may change the diff_ids the config lists before it is written; the returned
+/// paths are the layers' blob files.
+fn write_layout(
+    dir: &Path,
+    layers: &[(Vec<u8>, Packed)],
+    tweak: impl FnOnce(&mut Vec<String>),
+) -> Vec<PathBuf> {
+    use overlayctl::oci::image::sha256;
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let digest = sha256(bytes);
+        let path = blobs.join(&digest["sha256:".len()..]);
+        fs::write(&path, bytes).unwrap();
+        (digest, bytes.len(), path)
+    };
+    let mut diff_ids = Vec::new();
+    let mut descriptors = Vec::new();
+    let mut files = Vec::new();
+    for (tar, packed) in layers {
+        diff_ids.push(sha256(tar));
+        let (blob, media_type) = match packed {
+            Packed::Plain => (tar.clone(), "application/vnd.oci.image.layer.v1.tar"),
+            Packed::Gzip => {
+                use std::io::Write as _;
+                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                gz.write_all(tar).unwrap();
+                (
+                    gz.finish().unwrap(),
+                    "application/vnd.oci.image.layer.v1.tar+gzip",
+                )
+            }
+            Packed::Zstd => (
+                zstd::encode_all(&tar[..], 3).unwrap(),
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+            ),
+        };
+        let (digest, size, path) = put(&blob);
+        files.push(path);
+        descriptors
+            .push(serde_json::json!({"mediaType": media_type, "digest": digest, "size": size}));
+    }
+    tweak(&mut diff_ids);
+    let history: Vec<_> = (0..layers.len())
+        .map(|i| serde_json::json!({"created_by": format!("hand-made layer {}", i + 1)}))
+        .collect();
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids}, "history": history,
+    });
+    let (config_digest, config_size, _) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+        "layers": descriptors,
+    });
+    let (manifest_digest, manifest_size, _) = put(manifest.to_string().as_bytes());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": manifest_size}],
+    });
+    fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    files
+}
+
+/// The base every hand-made image starts from: `srv/` (mode 0750, owner 7:7) with two files.
+fn hand_base() -> Vec<u8> {
+    let mut srv = dir("srv");
+    srv.mode = 0o750;
+    srv.owner = (7, 7);
+    tar(&[
+        dir("etc"),
+        file("etc/motd", "hello\n"),
+        srv,
+        file("srv/a", "a\n"),
+        file("srv/b", "b\n"),
+    ])
+}
+
+#[test]
+fn privileged_opaque_directories_zstd_long_names_and_pax_records_are_read() {
+    let Some(scratch) =
+        Scratch::new("privileged_opaque_directories_zstd_long_names_and_pax_records_are_read")
+    else {
+        return;
+    };
+    let long = format!("srv/{}/{}", "d".repeat(90), "f".repeat(60));
+    let mut long_file = file(&long, "deep\n");
+    long_file.pax = vec![
+        ("mtime".into(), b"1700000000.25".to_vec()),
+        ("SCHILY.xattr.user.strata".into(), b"pax".to_vec()),
+    ];
+    let layers = [
+        (hand_base(), Packed::Plain),
+        // No entry for srv/: it is implied, and takes its metadata from below; opaque, so
+        // only c shows.
+        (
+            tar(&[entry("srv/.wh..wh..opq", b'0'), file("srv/c", "c\n")]),
+            Packed::Zstd,
+        ),
+        (
+            tar(&[dir(&format!("srv/{}", "d".repeat(90))), long_file]),
+            Packed::Gzip,
+        ),
+    ];
+    let image = scratch.path("image");
+    write_layout(&image, &layers, |_| {});
+    let store = scratch.path("store");
+    ok(
+        &scratch,
+        &store,
+        &["init", "--image", &format!("oci:{}", image.display())],
+    );
+    let mnt = scratch.path("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    ok(&scratch, &store, &["mount", mnt.to_str().unwrap()]);
+    let mut names: Vec<String> = fs::read_dir(mnt.join("srv"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["c", &"d".repeat(90)],
+        "srv/ is opaque over the base"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let srv = fs::metadata(mnt.join("srv")).unwrap();
+    assert_eq!(
+        (srv.mode() & 0o7777, srv.uid(), srv.gid()),
+        (0o750, 7, 7),
+        "the implied srv/ keeps what the base gave it"
+    );
+    let deep = fs::metadata(mnt.join(&long)).unwrap();
+    assert_eq!(
+        (deep.mtime(), deep.mtime_nsec()),
+        (1_700_000_000, 250_000_000)
+    );
+    assert_eq!(
+        xattr::get(mnt.join(&long), "user.strata").unwrap(),
+        Some(b"pax".to_vec())
+    );
+    assert_eq!(fs::read_to_string(mnt.join("etc/motd")).unwrap(), "hello\n");
+    ok(&scratch, &store, &["umount", mnt.to_str().unwrap()]);
+    ok(&scratch, &store, &["verify"]);
+}
+
+#[test]
+fn privileged_hostile_layers_are_refused_with_the_store_unchanged() {
+    let Some(scratch) =
+        Scratch::new("privileged_hostile_layers_are_refused_with_the_store_unchanged")
+    else {
+        return;
+    };
+    let base = (hand_base(), Packed::Gzip);
+    let good = scratch.path("good");
+    write_layout(&good, std::slice::from_ref(&base), |_| {});
+    let store = scratch.path("store");
+    ok(
+        &scratch,
+        &store,
+        &["init", "--image", &format!("oci:{}", good.display())],
+    );
+    let victim = scratch.path("victim");
+    fs::create_dir_all(&victim).unwrap();
+    let snapshot = || {
+        (
+            fs::read(store.join("overlayplan.toml")).unwrap(),
+            tests::dir_names(&store.join("layers")),
+            tests::dir_names(&store.join("manifests")),
+            tests::dir_names(&store.join("staging")),
+            tests::dir_names(&victim),
+        )
+    };
+    let before = snapshot();
+    let huge = vec![b'a'; 2 << 20];
+    let mut overlay_xattr = file("etc/x", "x");
+    overlay_xattr.pax = vec![(
+        "SCHILY.xattr.trusted.overlay.redirect".into(),
+        b"/etc".to_vec(),
+    )];
+    let mut huge_pax = file("etc/x", "x");
+    huge_pax.pax = vec![("comment".into(), huge.clone())];
+    let mut huge_name = file(std::str::from_utf8(&huge).unwrap(), "x");
+    huge_name.gnu_long_name = true;
+    let mut whiteout_device = entry("etc/null", b'3');
+    whiteout_device.dev = (0, 0);
+    let escape = victim.display().to_string();
+    let mut trailing = tar(&[file("etc/x", "x")]);
+    trailing.extend_from_slice(b"a second archive hides here");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "dot-dot",
+            tar(&[file("../../../victim/x", "x")]),
+            "has `..`",
+        ),
+        ("absolute", tar(&[file("/victim/x", "x")]), "is absolute"),
+        (
+            "through a symlink",
+            tar(&[link("esc", b'2', &escape), file("esc/pwned", "x")]),
+            "a symlink in this layer, not a directory",
+        ),
+        (
+            "link out",
+            tar(&[link("etc/p", b'1', "../../../etc/passwd")]),
+            "has `..`",
+        ),
+        (
+            "link absolute",
+            tar(&[link("etc/p", b'1', "/etc/passwd")]),
+            "is absolute",
+        ),
+        (
+            "link to nothing",
+            tar(&[link("etc/p", b'1', "etc/nothing")]),
+            "not an earlier entry",
+        ),
+        (
+            "link to a directory",
+            tar(&[dir("etc"), link("etc/p", b'1', "etc")]),
+            "a hard link to \"etc\", which is a directory",
+        ),
+        (
+            "whiteout over a parent",
+            tar(&[entry(".wh.srv", b'0'), file("srv/x", "x")]),
+            "a whiteout in this layer, not a directory",
+        ),
+        (
+            "an entry and its whiteout",
+            tar(&[file("etc/y", "y"), entry("etc/.wh.y", b'0')]),
+            "a whiteout of \"etc/y\"",
+        ),
+        (
+            "reserved whiteout name",
+            tar(&[entry("etc/.wh..wh.x", b'0')]),
+            "not a whiteout name",
+        ),
+        (
+            "huge PAX header",
+            tar(&[huge_pax]),
+            "more than 1048576 bytes",
+        ),
+        (
+            "huge long name",
+            tar(&[huge_name]),
+            "more than 1048576 bytes",
+        ),
+        (
+            "overlay attribute",
+            tar(&[overlay_xattr]),
+            "overlayfs attribute",
+        ),
+        (
+            "whiteout-form device",
+            tar(&[whiteout_device]),
+            "0/0 character device",
+        ),
+        (
+            "twice",
+            tar(&[file("etc/y", "1"), file("etc/y", "2")]),
+            "already a file",
+        ),
+        ("data after the end", trailing, "data after its end"),
+        (
+            "opaque root",
+            tar(&[entry(".wh..wh..opq", b'0')]),
+            "opaque marker at the layer's root",
+        ),
+        (
+            "a volume header",
+            tar(&[entry("vol", b'V')]),
+            "which a layer cannot hold",
+        ),
+    ];
+    for (what, bad, expected) in cases {
+        let dir = scratch.path(&format!("bad-{}", what.replace(' ', "-")));
+        write_layout(&dir, &[base.clone(), (bad, Packed::Gzip)], |_| {});
+        let err = fails(
+            &scratch,
+            &store,
+            &["pull", &format!("oci:{}", dir.display())],
+        );
+        assert!(
+            err.contains(expected),
+            "{what}: expected {expected:?} in:\n{err}"
+        );
+        assert!(
+            before == snapshot(),
+            "{what}: the store or the victim changed"
+        );
+    }
+    // A config whose diff_id is not the layer's, and a blob changed after the manifest was made.
+    let dir = scratch.path("bad-diff-id");
+    write_layout(
+        &dir,
+        &[base.clone(), (tar(&[file("etc/y", "y")]), Packed::Gzip)],
+        |ids| {
+            ids[1] = format!("sha256:{}", "0".repeat(64));
+        },
+    );
+    let err = fails(
+        &scratch,
+        &store,
+        &["pull", &format!("oci:{}", dir.display())],
+    );
+    assert!(err.contains("not the diff_id"), "{err}");
+    assert!(before == snapshot(), "diff_id: the store changed");
+    let dir = scratch.path("bad-blob");
+    let blobs = write_layout(
+        &dir,
+        &[base.clone(), (tar(&[file("etc/y", "y")]), Packed::Plain)],
+        |_| {},
+    );
+    let mut bytes = fs::read(&blobs[1]).unwrap();
+    let at = bytes.windows(2).position(|w| w == b"y\0").unwrap_or(600);
+    bytes[at] = b'z';
+    fs::write(&blobs[1], &bytes).unwrap();
+    let err = fails(
+        &scratch,
+        &store,
+        &["pull", &format!("oci:{}", dir.display())],
+    );
+    assert!(err.contains("changed or damaged"), "{err}");
+    assert!(before == snapshot(), "tampered blob: the store changed");
+    // And a good second layer goes in after all that.
+    let dir = scratch.path("good-2");
+    write_layout(
+        &dir,
+        &[base, (tar(&[file("etc/y", "y")]), Packed::Zstd)],
+        |_| {},
+    );
+    ok(
+        &scratch,
+        &store,
+        &["pull", &format!("oci:{}", dir.display())],
+    );
+}

@@ -131,6 +131,21 @@ fn unpack_layer(
         );
         Ok(())
     };
+    // A blob is parsed only once it is known to be the one the manifest names.
+    if let Some(descriptor) = layer.blob.as_ref().filter(|_| !source.checks_blobs()) {
+        let blob = source
+            .open_layer(layer)
+            .with_context(|| format!("reading {what}"))?;
+        let (size, digest) = super::registry::hash_stream(blob, descriptor.size)
+            .with_context(|| format!("reading {what}"))?;
+        ensure!(
+            size == descriptor.size && digest == descriptor.digest,
+            "{what}: the blob is {}{size} bytes with digest {digest}, not {} bytes with digest {} as the manifest says: it was changed or damaged; nothing was added",
+            if size > descriptor.size { "over " } else { "" },
+            descriptor.size,
+            descriptor.digest
+        );
+    }
     let blob = source
         .open_layer(layer)
         .with_context(|| format!("reading {what}"))?;

@@ -448,6 +448,10 @@ impl Source for Registry {
         Ok(Box::new(file))
     }
 
+    fn checks_blobs(&self) -> bool {
+        true
+    }
+
     fn done(&mut self) -> Result<()> {
         for path in self.fetched.drain(..) {
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
@@ -478,14 +482,18 @@ fn read_limited(
 
 /// The size and digest of a file.
 fn hash_file(path: &Path) -> Result<(u64, String)> {
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    hash_stream(file, u64::MAX).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The size and digest of what `from` gives, reading at most `limit` bytes and one more.
+pub fn hash_stream(from: impl Read, limit: u64) -> Result<(u64, String)> {
+    let mut from = from.take(limit.saturating_add(1));
     let mut hasher = Sha256::new();
     let mut buf = vec![0; 1 << 18];
     let mut size = 0u64;
     loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let n = from.read(&mut buf)?;
         if n == 0 {
             break;
         }
