@@ -720,3 +720,149 @@ fn privileged_hostile_layers_are_refused_with_the_store_unchanged() {
         &["pull", &format!("oci:{}", dir.display())],
     );
 }
+
+/// Through Debian's registry: a registry that wants a token (from a token server that wants a
+/// password), a download cut half-way and resumed with a range request, a blob changed in the
+/// registry's storage refused.
+#[test]
+fn privileged_registry_pulls_with_tokens_resume_cut_downloads_and_refuse_tampered_blobs() {
+    use tests::oci::{CuttingProxy, Registry, TokenServer, noise};
+    let Some(scratch) = Scratch::new(
+        "privileged_registry_pulls_with_tokens_resume_cut_downloads_and_refuse_tampered_blobs",
+    ) else {
+        return;
+    };
+    let layout = Layout::new(&scratch.path("layout"), &scratch.path("umoci"));
+    layout.layer(None, "v1", "ADD base", |root| {
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/motd"), "v1\n").unwrap();
+    });
+    // 6 MiB that do not compress: a layer worth cutting.
+    layout.layer(Some("v1"), "v2", "RUN fetch data", |root| {
+        fs::create_dir_all(root.join("data")).unwrap();
+        fs::write(root.join("data/blob"), noise(6 << 20, 7)).unwrap();
+    });
+    let tokens = TokenServer::start(&scratch.path(""), "fleet", "s3cret");
+    let registry_dir = scratch.path("registry");
+    fs::create_dir_all(&registry_dir).unwrap();
+    let registry = Registry::start(&registry_dir, Some(&tokens.registry_auth()));
+    let host = registry.host();
+    for tag in ["v1", "v2"] {
+        layout.copy(
+            tag,
+            &format!("docker://{host}/kiosk/os:{tag}"),
+            &["--dest-tls-verify=false", "--dest-creds", "fleet:s3cret"],
+        );
+    }
+    let reference = |tag: &str| format!("{host}/kiosk/os:{tag}");
+
+    // Without credentials the token server says no, and the error says what to give.
+    let store = scratch.path("store");
+    let err = fails(
+        &scratch,
+        &store,
+        &["init", "--image", &reference("v1"), "--insecure"],
+    );
+    assert!(err.contains("--creds"), "{err}");
+    assert!(!store.join("overlayplan.toml").exists());
+    let creds = ["--insecure", "--creds", "fleet:s3cret"];
+    let mut args = vec!["init", "--image"];
+    let v1 = reference("v1");
+    args.push(&v1);
+    args.extend(creds);
+    ok(&scratch, &store, &args);
+    assert!(tokens.given.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    let want_v1 = shown_tree(&layout.unpack("v1", &scratch.path("unpacked-v1")));
+    assert_same("v1 from the registry", &mounted(&scratch, &store), &want_v1);
+
+    // v2 through a proxy that cuts its big layer after 1 MiB: the pull fails, keeps what came,
+    // changes nothing; the next pull asks for the rest and finishes.
+    let proxy = CuttingProxy::start(registry.port);
+    let manifest: serde_json::Value = serde_json::from_str(&tests::oci::run(
+        std::process::Command::new("skopeo")
+            .args([
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                "--creds",
+                "fleet:s3cret",
+            ])
+            .arg(format!("docker://{}", reference("v2"))),
+    ))
+    .unwrap();
+    let big = manifest["layers"][1]["digest"].as_str().unwrap().to_owned();
+    let big_size = manifest["layers"][1]["size"].as_u64().unwrap();
+    assert!(
+        big_size > 6_000_000,
+        "the layer does not compress: {big_size}"
+    );
+    proxy.arm(&big, 1 << 20);
+    let plan_before = fs::read(store.join("overlayplan.toml")).unwrap();
+    let through_proxy = format!("127.0.0.1:{}/kiosk/os:v2", proxy.port);
+    let mut args = vec!["pull", through_proxy.as_str()];
+    args.extend(creds);
+    let err = fails(&scratch, &store, &args);
+    assert!(err.contains("run the command again to resume"), "{err}");
+    assert!(proxy.cuts_made.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(
+        fs::read(store.join("overlayplan.toml")).unwrap(),
+        plan_before
+    );
+    let part = store
+        .join("downloads")
+        .join(format!("sha256-{}.blob.part", &big["sha256:".len()..]));
+    let kept = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        kept >= 1 << 20 && kept < big_size,
+        "kept {kept} of {big_size}"
+    );
+    let out = ok(&scratch, &store, &args);
+    assert!(out.contains("added  "), "{out}");
+    let ranges: Vec<String> = proxy
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(target, _)| target.contains(&big))
+        .filter_map(|(_, range)| range.clone())
+        .collect();
+    assert_eq!(
+        ranges,
+        [format!("bytes={kept}-")],
+        "the second pull resumed where the first stopped"
+    );
+    let want_v2 = shown_tree(&layout.unpack("v2", &scratch.path("unpacked-v2")));
+    assert_same("v2 from the registry", &mounted(&scratch, &store), &want_v2);
+    assert!(
+        tests::dir_names(&store.join("downloads")).is_empty(),
+        "the downloads are removed once the layers are in"
+    );
+
+    // A blob changed in the registry's storage: served under its old digest, refused, and the
+    // download that does not match is not kept.
+    let fresh = scratch.path("fresh");
+    let mut args = vec!["init", "--image"];
+    let v1_ref = reference("v1");
+    args.push(&v1_ref);
+    args.extend(creds);
+    ok(&scratch, &fresh, &args);
+    let plan_before = fs::read(fresh.join("overlayplan.toml")).unwrap();
+    let file = registry.blob_file(&big);
+    let mut bytes = fs::read(&file).unwrap();
+    bytes[1000] ^= 0xff;
+    fs::write(&file, &bytes).unwrap();
+    let v2_ref = reference("v2");
+    let mut args = vec!["pull", v2_ref.as_str()];
+    args.extend(creds);
+    let err = fails(&scratch, &fresh, &args);
+    assert!(err.contains("changed or damaged"), "{err}");
+    assert_eq!(
+        fs::read(fresh.join("overlayplan.toml")).unwrap(),
+        plan_before
+    );
+    assert!(
+        tests::dir_names(&fresh.join("downloads")).is_empty(),
+        "the bad download is gone"
+    );
+    assert!(tests::dir_names(&fresh.join("staging")).is_empty());
+}
