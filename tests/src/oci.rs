@@ -369,6 +369,9 @@ fn read_head(stream: &mut TcpStream) -> Option<(String, Vec<(String, String)>)> 
     Some((target, headers))
 }
 
+/// Each request's target and `Range` header, in order.
+pub type Requests = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 /// A proxy in front of a registry that, once armed, cuts the answer to a request whose path
 /// holds a given text after a number of body bytes; it records each request's target and
 /// `Range` header.
@@ -376,7 +379,7 @@ fn read_head(stream: &mut TcpStream) -> Option<(String, Vec<(String, String)>)> 
 pub struct CuttingProxy {
     pub port: u16,
     cut: Arc<Mutex<Option<(String, u64)>>>,
-    pub requests: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    pub requests: Requests,
     pub cuts_made: Arc<AtomicBool>,
 }
 
