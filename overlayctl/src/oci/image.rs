@@ -128,6 +128,11 @@ pub trait Source {
     /// The layer's blob, to be read to its end (its size and digest are checked by the reader
     /// of it, or here).
     fn open_layer(&mut self, layer: &ImageLayer) -> Result<Box<dyn Read + '_>>;
+    /// Fetches what `layers` need ahead of the change that adds them (a registry's downloads),
+    /// so a slow line holds no lock.
+    fn prefetch(&mut self, _layers: &[ImageLayer]) -> Result<()> {
+        Ok(())
+    }
     /// Whether [`Source::open_layer`] gives blobs already checked against their descriptors
     /// (downloaded and hashed); otherwise each is hashed before it is unpacked.
     fn checks_blobs(&self) -> bool {

@@ -264,6 +264,17 @@ pub fn pull(store: &Store, source: &mut dyn Source, request: &Request) -> Result
         "{} has no layers",
         source.describe()
     );
+    // Downloads before the store is locked (what is held is judged again under the lock).
+    if let Ok(loaded) = store.plan()
+        && loaded.fell_back.is_none()
+    {
+        let held = if request.squash {
+            0
+        } else {
+            held(store, &loaded.value, &image).len()
+        };
+        source.prefetch(&image.layers[held..])?;
+    }
     let mut change = Transaction::begin(store)?;
     let held = if request.squash {
         Vec::new()

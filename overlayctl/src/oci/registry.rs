@@ -397,7 +397,9 @@ impl Registry {
             }
             fs::rename(&part, &done).with_context(|| format!("renaming {}", part.display()))?;
         }
-        self.fetched.push(done.clone());
+        if !self.fetched.contains(&done) {
+            self.fetched.push(done.clone());
+        }
         Ok(done)
     }
 
@@ -446,6 +448,15 @@ impl Source for Registry {
         let path = self.blob(blob)?;
         let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         Ok(Box::new(file))
+    }
+
+    fn prefetch(&mut self, layers: &[ImageLayer]) -> Result<()> {
+        for layer in layers {
+            if let Some(blob) = &layer.blob {
+                self.blob(blob)?;
+            }
+        }
+        Ok(())
     }
 
     fn checks_blobs(&self) -> bool {
