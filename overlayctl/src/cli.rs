@@ -306,11 +306,12 @@ pub struct AddLayerOpts {
     /// The layer: a tree in overlayfs lower format (whiteouts and opaque directories allowed).
     #[arg(required_unless_present = "bundle", conflicts_with = "bundle")]
     pub dir: Option<PathBuf>,
-    /// Rebuild the layer from a bundle (a file, or an http:// or https:// URL, downloaded into
-    /// the store's downloads/ and resumed where a broken download stopped) against the next
-    /// boot's stack instead: its signature is checked against the store's keys/ and its base
-    /// against the stack.
-    #[arg(long, value_name = "FILE|URL")]
+    /// Rebuild the layer from a bundle (a file; an http:// or https:// URL; or a registry's
+    /// REGISTRY/REPO:TAG as `bundle push` stored it, each downloaded into the store's
+    /// downloads/ and resumed where a broken download stopped) against the next boot's stack
+    /// instead: its signature is checked against the store's keys/ and its base against the
+    /// stack.
+    #[arg(long, value_name = "FILE|URL|REF")]
     pub bundle: Option<PathBuf>,
     /// Accept a bundle with no signature from a key in keys/ although keys/ holds keys.
     #[arg(long, requires = "bundle")]
@@ -339,6 +340,8 @@ pub struct AddLayerOpts {
     /// DIR keeps overlay's attributes in the `user.overlay.*` namespace (userxattr).
     #[arg(long)]
     pub userxattr: bool,
+    #[command(flatten)]
+    pub registry: RegistryOpts,
 }
 
 #[derive(Debug, Args)]
@@ -470,6 +473,15 @@ pub enum BundleCommand {
         /// Sign it with this secret key (from `overlayctl keys generate`).
         #[arg(long, value_name = "KEYFILE")]
         sign: Option<PathBuf>,
+    },
+    /// Store a bundle in a registry as an OCI artifact (its own media type, its signatures
+    /// inside), under REGISTRY/REPO:TAG; `add-layer --bundle REGISTRY/REPO:TAG` fetches it.
+    Push {
+        file: PathBuf,
+        #[arg(value_name = "REGISTRY/REPO:TAG")]
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryOpts,
     },
     /// Check a bundle: its structure, its signatures, and every whole file's content.
     Verify { file: PathBuf },

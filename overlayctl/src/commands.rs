@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use layers_spec::{LayerState, Plan, legacy, printable};
@@ -294,9 +294,18 @@ pub fn add_layer(root: &Path, opts: &AddLayerOpts, json: bool, out: &mut dyn Wri
         .as_deref()
         .or(opts.bundle.as_deref())
         .expect("clap requires DIR or --bundle");
-    // A bundle `rel-2.bundle` gives `rel-2`; a directory keeps its whole name (`upgrade-2.1`).
-    let named_after = match &opts.bundle {
-        Some(bundle) if bundle.extension().is_some_and(|e| e == "bundle") => {
+    let in_registry = opts
+        .bundle
+        .as_deref()
+        .and_then(Path::to_str)
+        .and_then(crate::oci::registry::Reference::explicit);
+    // A bundle `rel-2.bundle` or `REGISTRY/REPO:rel-2` gives `rel-2`; a directory keeps its
+    // whole name (`upgrade-2.1`).
+    let named_after = match (&opts.bundle, &in_registry) {
+        (_, Some(reference)) => {
+            PathBuf::from(reference.tag.as_deref().unwrap_or(reference.short_name()))
+        }
+        (Some(bundle), None) if bundle.extension().is_some_and(|e| e == "bundle") => {
             bundle.with_extension("")
         }
         _ => source.to_owned(),
@@ -321,8 +330,22 @@ pub fn add_layer(root: &Path, opts: &AddLayerOpts, json: bool, out: &mut dyn Wri
     };
     if let Some(bundle) = &opts.bundle {
         let url = bundle.to_str().filter(|b| crate::fetch::is_url(b));
-        let applied = match url {
-            Some(url) => {
+        let applied = match (url, in_registry) {
+            (_, Some(reference)) => {
+                // Downloaded before the store is locked, resumed where a cut one stopped.
+                let downloads = store.folder(crate::store::Folder::Downloads)?;
+                let mut registry = crate::oci::registry::Registry::new(
+                    reference,
+                    &opts.registry.access(),
+                    downloads.path(),
+                )?;
+                let file = registry.pull_bundle()?;
+                let applied = ops::add_bundle(&store, &file, opts.allow_unsigned, &layer);
+                // Added or refused, the download is done with.
+                crate::oci::image::Source::done(&mut registry)?;
+                applied?
+            }
+            (Some(url), None) => {
                 // Downloaded before the store is locked: a slow line holds up nothing.
                 let part = crate::fetch::download_path(root, url);
                 crate::fetch::fetch(url, &part)?;
@@ -332,7 +355,7 @@ pub fn add_layer(root: &Path, opts: &AddLayerOpts, json: bool, out: &mut dyn Wri
                 let _ = fs::remove_file(&part);
                 applied?
             }
-            None => ops::add_bundle(&store, bundle, opts.allow_unsigned, &layer)?,
+            (None, None) => ops::add_bundle(&store, bundle, opts.allow_unsigned, &layer)?,
         };
         if !json {
             match applied.signers.as_slice() {
@@ -436,6 +459,26 @@ pub fn bundle(root: &Path, command: &BundleCommand, json: bool, out: &mut dyn Wr
                 made.parts,
                 if made.signed { "signed" } else { "unsigned" }
             )?;
+        }
+        BundleCommand::Push {
+            file,
+            reference,
+            registry,
+        } => {
+            let bundle = crate::bundle::Bundle::open(file, None)?;
+            let reference = crate::oci::registry::Reference::parse(reference)?;
+            let shown = reference.to_string();
+            let downloads = std::env::temp_dir();
+            let mut to =
+                crate::oci::registry::Registry::new(reference, &registry.access(), &downloads)?;
+            let digest = to.push_bundle(file, &bundle.manifest.base, &bundle.manifest.target)?;
+            if json {
+                return write_json(
+                    out,
+                    &serde_json::json!({"bundle": file, "reference": shown, "digest": digest}),
+                );
+            }
+            writeln!(out, "pushed {} to {shown} ({digest})", file.display())?;
         }
         BundleCommand::Verify { file } | BundleCommand::Info { file } => {
             let whole = matches!(command, BundleCommand::Verify { .. });

@@ -865,4 +865,75 @@ fn privileged_registry_pulls_with_tokens_resume_cut_downloads_and_refuse_tampere
         "the bad download is gone"
     );
     assert!(tests::dir_names(&fresh.join("staging")).is_empty());
+
+    // A signed bundle through the same registry, as an OCI artifact.
+    let (old, new) = (scratch.path("tree-1"), scratch.path("tree-2"));
+    for (tree, text) in [(&old, "one\n"), (&new, "two\n")] {
+        fs::create_dir_all(tree.join("etc")).unwrap();
+        fs::write(tree.join("etc/release"), text).unwrap();
+    }
+    fs::write(new.join("etc/added"), "new\n").unwrap();
+    let bundled = scratch.path("bundled");
+    ok(
+        &scratch,
+        &bundled,
+        &["init", "--base", old.to_str().unwrap()],
+    );
+    let key = scratch.path("build.key");
+    ok(
+        &scratch,
+        &bundled,
+        &["keys", "generate", "-o", key.to_str().unwrap()],
+    );
+    let public = format!("{}.pub", key.display());
+    ok(
+        &scratch,
+        &bundled,
+        &["keys", "add", &public, "--name", "build"],
+    );
+    let file = scratch.path("rel-2.bundle");
+    ok(
+        &scratch,
+        &bundled,
+        &[
+            "bundle",
+            "create",
+            "--from",
+            old.to_str().unwrap(),
+            "--to",
+            new.to_str().unwrap(),
+            "-o",
+            file.to_str().unwrap(),
+            "--sign",
+            key.to_str().unwrap(),
+        ],
+    );
+    let bundle_ref = format!("{host}/kiosk/bundles:rel-2");
+    let mut args = vec![
+        "bundle",
+        "push",
+        file.to_str().unwrap(),
+        bundle_ref.as_str(),
+    ];
+    args.extend(creds);
+    let out = ok(&scratch, &bundled, &args);
+    assert!(out.contains("pushed"), "{out}");
+    let mut args = vec!["add-layer", "--bundle", bundle_ref.as_str()];
+    args.extend(creds);
+    let out = ok(&scratch, &bundled, &args);
+    assert!(
+        out.contains("signed by build") && out.contains("added layer rel-2"),
+        "{out}"
+    );
+    assert_same(
+        "the bundle's tree",
+        &mounted(&scratch, &bundled),
+        &shown_tree(&new),
+    );
+    assert!(tests::dir_names(&bundled.join("downloads")).is_empty());
+    // An image's tag is no bundle.
+    let mut args = vec!["add-layer", "--bundle", v1_ref.as_str(), "--name", "x"];
+    args.extend(creds);
+    let err = fails(&scratch, &bundled, &args);
+    assert!(err.contains("not a Strata bundle"), "{err}");
 }

@@ -22,6 +22,17 @@ use super::image::{
     parse, pick_platform, sha256,
 };
 
+/// A bundle stored in a registry: an OCI artifact of this type, whose one blob is the bundle.
+pub const BUNDLE_ARTIFACT: &str = "application/vnd.strata.bundle.v1";
+/// The artifact's config: the trees the bundle goes from and to.
+pub const BUNDLE_CONFIG: &str = "application/vnd.strata.bundle.config.v1+json";
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct BundleConfig {
+    base: String,
+    target: String,
+}
+
 /// `REGISTRY/REPOSITORY[:TAG][@DIGEST]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reference {
@@ -112,6 +123,20 @@ impl Reference {
             .expect("a reference has a tag or a digest")
     }
 
+    /// A reference given where a file or URL may also be: `docker://…`, or a name whose first
+    /// part is a registry (with a `.` or `:`, or `localhost`) and that is no existing file.
+    pub fn explicit(text: &str) -> Option<Self> {
+        if text.starts_with("docker://") {
+            return Self::parse(text).ok();
+        }
+        let first = text.split('/').next()?;
+        let registry_like = text.contains('/')
+            && (first.contains('.') || first.contains(':') || first == "localhost");
+        (registry_like && !Path::new(text).exists())
+            .then(|| Self::parse(text).ok())
+            .flatten()
+    }
+
     /// The repository's last part: what pulled layers are named after.
     pub fn short_name(&self) -> &str {
         self.repository
@@ -198,15 +223,51 @@ impl Registry {
     /// GETs `path` (under `/v2/REPO/`), authorizing as the registry asks on a 401.
     fn get(&mut self, path: &str, accept: &str) -> Result<ureq::http::Response<ureq::Body>> {
         let url = format!("{}/{path}", self.base);
+        let headers: Vec<(&str, String)> = if accept.is_empty() {
+            Vec::new()
+        } else {
+            vec![("Accept", accept.to_owned())]
+        };
+        self.send("GET", &url, &headers, &Body::Empty)
+    }
+
+    /// Sends one request to `url`, authorizing as the registry asks on a 401 and sending it
+    /// again once.
+    fn send(
+        &mut self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, String)],
+        body: &Body,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
         for attempt in 0..2 {
-            let mut request = self.agent.get(&url);
-            if !accept.is_empty() {
-                request = request.header("Accept", accept);
+            let mut request = ureq::http::Request::builder().method(method).uri(url);
+            for (name, value) in headers {
+                request = request.header(*name, value);
             }
             if let Some(authorization) = &self.authorization {
                 request = request.header("Authorization", authorization);
             }
-            let response = request.call().with_context(|| format!("asking {url}"))?;
+            let asked = || format!("asking {url} ({method})");
+            let response = match body {
+                Body::Empty => {
+                    let request = request.body(()).with_context(asked)?;
+                    self.agent.run(request)
+                }
+                Body::Bytes(bytes) => {
+                    let request = request.body(bytes.as_slice()).with_context(asked)?;
+                    self.agent.run(request)
+                }
+                Body::File(path) => {
+                    let file =
+                        File::open(path).with_context(|| format!("opening {}", path.display()))?;
+                    let request = request
+                        .body(ureq::SendBody::from_owned_reader(file))
+                        .with_context(asked)?;
+                    self.agent.run(request)
+                }
+            }
+            .with_context(asked)?;
             if response.status().as_u16() != 401 || attempt == 1 {
                 self.answered = true;
                 return Ok(response);
@@ -217,7 +278,7 @@ impl Registry {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_owned();
-            self.authorize(&challenge, &url)?;
+            self.authorize(&challenge, url)?;
         }
         unreachable!("the loop returns")
     }
@@ -403,6 +464,144 @@ impl Registry {
         Ok(done)
     }
 
+    /// Whether the registry has the blob already.
+    fn has_blob(&mut self, digest: &str) -> Result<bool> {
+        let url = format!("{}/blobs/{digest}", self.base);
+        let response = self.send("HEAD", &url, &[], &Body::Empty)?;
+        Ok(response.status().as_u16() == 200)
+    }
+
+    /// Uploads a blob (one monolithic `PUT` after the upload's `POST`), unless the registry has
+    /// it.
+    fn upload(&mut self, digest: &str, body: Body) -> Result<()> {
+        if self.has_blob(digest)? {
+            return Ok(());
+        }
+        let url = format!("{}/blobs/uploads/", self.base);
+        let response = self.send("POST", &url, &[], &Body::Empty)?;
+        let status = response.status().as_u16();
+        ensure!(
+            status == 202,
+            "{} answered {status} to starting an upload (are the credentials allowed to push?)",
+            self.describe_repo()
+        );
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                anyhow!(
+                    "{} started an upload without a Location",
+                    self.describe_repo()
+                )
+            })?
+            .to_owned();
+        // A Location may be a path on the registry or a whole URL.
+        let location = if location.starts_with('/') {
+            let origin = self
+                .base
+                .splitn(4, '/')
+                .take(3)
+                .collect::<Vec<_>>()
+                .join("/");
+            format!("{origin}{location}")
+        } else {
+            location
+        };
+        let separator = if location.contains('?') { '&' } else { '?' };
+        let put = format!("{location}{separator}digest={digest}");
+        let headers = [("Content-Type", "application/octet-stream".to_owned())];
+        let response = self.send("PUT", &put, &headers, &body)?;
+        let status = response.status().as_u16();
+        ensure!(
+            status == 201,
+            "{} answered {status} to the upload of {digest}",
+            self.describe_repo()
+        );
+        Ok(())
+    }
+
+    /// Stores the bundle `file` (its base and target tree digests in its config) as an OCI
+    /// artifact under this reference's tag; returns the manifest's digest.
+    pub fn push_bundle(&mut self, file: &Path, base: &str, target: &str) -> Result<String> {
+        let tag = self
+            .reference
+            .tag
+            .clone()
+            .filter(|_| self.reference.digest.is_none())
+            .ok_or_else(|| anyhow!("push to a tag (REPO:TAG), not a digest"))?;
+        let (size, digest) = hash_file(file)?;
+        let config = serde_json::to_vec(&BundleConfig {
+            base: base.to_owned(),
+            target: target.to_owned(),
+        })?;
+        let config_digest = sha256(&config);
+        self.upload(&config_digest, Body::Bytes(config.clone()))?;
+        self.upload(&digest, Body::File(file.to_owned()))?;
+        let title = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("update.bundle");
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": BUNDLE_ARTIFACT,
+            "config": {"mediaType": BUNDLE_CONFIG, "digest": config_digest, "size": config.len()},
+            "layers": [{
+                "mediaType": BUNDLE_ARTIFACT, "digest": digest, "size": size,
+                "annotations": {"org.opencontainers.image.title": title},
+            }],
+        });
+        let bytes = serde_json::to_vec(&manifest)?;
+        let url = format!("{}/manifests/{tag}", self.base);
+        let headers = [("Content-Type", OCI_MANIFEST.to_owned())];
+        let response = self.send("PUT", &url, &headers, &Body::Bytes(bytes.clone()))?;
+        let status = response.status().as_u16();
+        ensure!(
+            status == 201,
+            "{} answered {status} to the bundle's manifest",
+            self.describe_repo()
+        );
+        Ok(sha256(&bytes))
+    }
+
+    /// Downloads the bundle this reference names (resuming a cut download) and returns its
+    /// file in `downloads/`, checked against the manifest's digest.
+    pub fn pull_bundle(&mut self) -> Result<PathBuf> {
+        let reference = self.reference.manifest_ref().to_owned();
+        let (media_type, _, bytes) = self.manifest(&reference)?;
+        ensure!(
+            media_type == OCI_MANIFEST,
+            "{} is a {media_type:?}, not a bundle",
+            self.reference
+        );
+        let manifest: Manifest = parse(&bytes, "the manifest")?;
+        ensure!(
+            manifest.artifact_type.as_deref() == Some(BUNDLE_ARTIFACT)
+                || manifest.config.media_type == BUNDLE_CONFIG,
+            "{} is not a Strata bundle (its artifact type is {:?}); pull an image with `overlayctl pull`",
+            self.reference,
+            manifest
+                .artifact_type
+                .as_deref()
+                .unwrap_or(&manifest.config.media_type)
+        );
+        let [layer] = manifest.layers.as_slice() else {
+            bail!(
+                "{} has {} blobs; a bundle has one",
+                self.reference,
+                manifest.layers.len()
+            );
+        };
+        ensure!(
+            layer.media_type == BUNDLE_ARTIFACT,
+            "{}'s blob is a {:?}, not a bundle",
+            self.reference,
+            layer.media_type
+        );
+        self.blob(layer)
+    }
+
     fn describe_repo(&self) -> String {
         format!(
             "the registry {} ({})",
@@ -469,6 +668,15 @@ impl Source for Registry {
         }
         Ok(())
     }
+}
+
+/// What a request carries.
+#[derive(Debug)]
+enum Body {
+    Empty,
+    Bytes(Vec<u8>),
+    /// A file, opened again for each attempt.
+    File(PathBuf),
 }
 
 /// Reads a body, refusing one over `limit` bytes.
