@@ -75,6 +75,19 @@ pub(crate) fn de_layer_names<'de, D: serde::Deserializer<'de>>(
     Ok(names)
 }
 
+/// An optional name checked as a layer name (a release name, which names layers).
+pub(crate) fn de_opt_layer_name<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    let name = <Option<String> as serde::Deserialize>::deserialize(d)?;
+    if let Some(name) = &name {
+        check_name(name).map_err(|p| {
+            serde::de::Error::custom(format!("release name {name:?} is not valid: {p}"))
+        })?;
+    }
+    Ok(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

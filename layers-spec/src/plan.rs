@@ -183,6 +183,14 @@ pub struct Layer {
     /// uncompressed tar (the image's `diff_id`), so a later pull finds it held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff_id: Option<String>,
+    /// The channel release `overlayctl update` brought this layer in for: a release pulled
+    /// back in the channel is rolled back by leaving out its layers.
+    #[serde(
+        default,
+        deserialize_with = "crate::name::de_opt_layer_name",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub release: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -205,6 +213,7 @@ impl Layer {
             replaces: Vec::new(),
             supersedes: Vec::new(),
             diff_id: None,
+            release: None,
         }
     }
 

@@ -107,7 +107,7 @@ prop_compose! {
             // Pulled layers stand in for the layers below them, and carry their OCI diff_id.
             let supersedes = if i % 4 == 1 { names[i + 1..].iter().take(2).cloned().collect() } else { vec![] };
             let diff_id = (i % 5 == 2).then(|| format!("sha256:{:064x}", i));
-            Layer { name: name.clone(), title, state, known_good, parent, created, digest, notes, disabled_at, replaces, supersedes, diff_id }
+            Layer { name: name.clone(), title, state, known_good, parent, created, digest, notes, disabled_at, replaces, supersedes, diff_id, release: (i % 6 == 3).then(|| "rel-2".to_owned()) }
         }).collect();
         Plan {
             version: 1,

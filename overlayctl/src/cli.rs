@@ -47,6 +47,13 @@ pub enum Command {
     /// kept), trial layers on top that stand in for the layers of the stack the image does not
     /// have, so the next boot's stack is the image.
     Pull(PullOpts),
+    /// Follow an update channel once (for strata-update.timer): leave out releases pulled
+    /// back; take the newest release, when this device is in its rollout, by the bundle that
+    /// starts from its system or else the release's image, as a trial layer; say what was done.
+    Update(UpdateOpts),
+    /// Make and inspect update channels (signed indexes of releases).
+    #[command(subcommand)]
+    Channel(ChannelCommand),
     /// Add the layer that turns the next boot's stack into TARGET, a full tree of the new
     /// system (a directory, a mounted image): new and changed files, deletions as whiteouts,
     /// metadata changes. It becomes a trial layer on top, built on the stack's top.
@@ -487,6 +494,46 @@ pub enum BundleCommand {
     Verify { file: PathBuf },
     /// Show a bundle's base and target, size, entries and signers.
     Info { file: PathBuf },
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateOpts {
+    /// The channel: an http(s) URL or a file of a signed channel document.
+    #[arg(long, env = "STRATA_CHANNEL", value_name = "URL|FILE")]
+    pub channel: String,
+    /// Say what would be done, and change nothing.
+    #[arg(long)]
+    pub check: bool,
+    /// The machine id the rollout is decided by [default: /etc/machine-id].
+    #[arg(long, value_name = "HEX")]
+    pub machine_id: Option<String>,
+    /// Follow a channel that no key in keys/ signed.
+    #[arg(long)]
+    pub allow_unsigned: bool,
+    #[command(flatten)]
+    pub registry: RegistryOpts,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ChannelCommand {
+    /// Sign a channel index (JSON: channel, serial, releases) into the document devices read.
+    Sign {
+        index: PathBuf,
+        /// The secret key (from `overlayctl keys generate`).
+        #[arg(long, value_name = "KEYFILE")]
+        key: PathBuf,
+        /// The signed document to write (never over an existing file).
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// The tree digest of DIR (a release's whole system), as a channel names releases; without
+    /// DIR, of the store's next boot.
+    Tree { dir: Option<PathBuf> },
+    /// Read a channel, check its signatures against keys/, and show its releases.
+    Show {
+        #[arg(value_name = "URL|FILE")]
+        channel: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -16,9 +16,10 @@ use crate::ops::{self, NewLayer};
 use crate::store::Store;
 use crate::transaction::Transaction;
 use crate::{
-    AddLayerOpts, AdoptOpts, AssessOpts, BundleCommand, CheckOpts, CheckpointOpts, CompactOpts,
-    DiffOpts, ImportLegacyOpts, InitOpts, KeysCommand, KnownGoodOpts, MenuLockOpts, PolicyOpts,
-    PullOpts, RemoveOpts, RunOpts, SwitchOpts, SyncOpts, name_from_path, write_json,
+    AddLayerOpts, AdoptOpts, AssessOpts, BundleCommand, ChannelCommand, CheckOpts, CheckpointOpts,
+    CompactOpts, DiffOpts, ImportLegacyOpts, InitOpts, KeysCommand, KnownGoodOpts, MenuLockOpts,
+    PolicyOpts, PullOpts, RemoveOpts, RunOpts, SwitchOpts, SyncOpts, UpdateOpts, name_from_path,
+    write_json,
 };
 
 /// Prints what a change did and what the next boot will mount.
@@ -46,6 +47,7 @@ pub fn init(root: &Path, opts: &InitOpts, json: bool, out: &mut dyn Write) -> Re
             squash: opts.squash,
             state: LayerState::Active,
             notes: None,
+            release: None,
         };
         let pulled = crate::oci::pull::init(root, source.as_mut(), &request)?;
         return report_pulled(&pulled, json, out);
@@ -61,6 +63,7 @@ pub fn init(root: &Path, opts: &InitOpts, json: bool, out: &mut dyn Write) -> Re
         state: LayerState::Active,
         known_good: true,
         notes: None,
+        release: None,
     };
     let added = ops::init(root, base, &layer, opts.move_base)?;
     report_added(&added, root, json, out)
@@ -206,9 +209,120 @@ pub fn pull(root: &Path, opts: &PullOpts, json: bool, out: &mut dyn Write) -> Re
             LayerState::Trial
         },
         notes: opts.notes.clone(),
+        release: None,
     };
     let pulled = crate::oci::pull::pull(&store, source.as_mut(), &request)?;
     report_pulled(&pulled, json, out)
+}
+
+pub fn update(root: &Path, opts: &UpdateOpts, json: bool, out: &mut dyn Write) -> Result<()> {
+    let store = Store::open(root)?;
+    let options = crate::channel::Options {
+        channel: &opts.channel,
+        check: opts.check,
+        machine_id: opts.machine_id.as_deref(),
+        allow_unsigned: opts.allow_unsigned,
+        access: opts.registry.access(),
+    };
+    let updated = crate::channel::update(&store, &options)?;
+    if json {
+        return write_json(out, &updated);
+    }
+    writeln!(
+        out,
+        "channel {} (serial {}): this device runs {}",
+        updated.channel,
+        updated.serial,
+        updated
+            .from
+            .as_deref()
+            .unwrap_or("no release of the channel")
+    )?;
+    if !updated.rolled_back.is_empty() {
+        writeln!(
+            out,
+            "{} {} pulled back: its layers are left out",
+            updated.rolled_back.join(", "),
+            if updated.rolled_back.len() == 1 {
+                "was"
+            } else {
+                "were"
+            }
+        )?;
+    }
+    writeln!(out, "{}", updated.said)?;
+    Ok(())
+}
+
+pub fn channel(
+    root: &Path,
+    command: &ChannelCommand,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
+    match command {
+        ChannelCommand::Sign { index, key, output } => {
+            let bytes = crate::channel::sign(index, key)?;
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(output)
+                .with_context(|| format!("creating {}", output.display()))?;
+            file.write_all(&bytes)
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("writing {}", output.display()))?;
+            if !json {
+                writeln!(out, "wrote {}", output.display())?;
+            }
+        }
+        ChannelCommand::Tree { dir } => {
+            let digest = match dir {
+                Some(dir) => ops::tree_of_dir(dir)?,
+                None => ops::next_boot_tree(&Store::open(root)?)?.1,
+            };
+            if json {
+                return write_json(out, &serde_json::json!({ "tree": digest }));
+            }
+            writeln!(out, "{digest}")?;
+        }
+        ChannelCommand::Show { channel } => {
+            let trusted = match Store::open(root) {
+                Ok(store) => crate::keys::trusted(&store)?,
+                Err(_) => Vec::new(),
+            };
+            let read = crate::channel::read(channel, &trusted, true)?;
+            if json {
+                return write_json(out, &read.index);
+            }
+            writeln!(
+                out,
+                "channel {} serial {}, signed by {}",
+                read.index.channel,
+                read.index.serial,
+                if read.signers.is_empty() {
+                    "no trusted key".to_owned()
+                } else {
+                    read.signers.join(", ")
+                }
+            )?;
+            for r in &read.index.releases {
+                writeln!(
+                    out,
+                    "{} {} rollout {}%{}: {} bundle(s){}",
+                    r.name,
+                    r.tree,
+                    r.rollout,
+                    if r.pulled { ", pulled back" } else { "" },
+                    r.bundles.len(),
+                    r.image
+                        .as_deref()
+                        .map(|i| format!(", image {i}"))
+                        .unwrap_or_default()
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn report_pulled(pulled: &crate::oci::pull::Pulled, json: bool, out: &mut dyn Write) -> Result<()> {
@@ -322,6 +436,7 @@ pub fn add_layer(root: &Path, opts: &AddLayerOpts, json: bool, out: &mut dyn Wri
         },
         known_good: opts.known_good,
         notes: opts.notes.clone(),
+        release: None,
     };
     let ns = if opts.userxattr {
         XattrNs::User
@@ -379,6 +494,7 @@ pub fn sync(root: &Path, opts: &SyncOpts, json: bool, out: &mut dyn Write) -> Re
         state: LayerState::Trial,
         known_good: false,
         notes: opts.notes.clone(),
+        release: None,
     };
     let compare = if opts.checksum {
         Compare::Checksum

@@ -8,6 +8,7 @@ pub mod adopt;
 pub mod bootkernel;
 pub mod bundle;
 pub mod changes;
+pub mod channel;
 pub mod cli;
 pub mod commands;
 pub mod compaction;
@@ -76,6 +77,8 @@ fn dispatch(
         Command::Switch(opts) => commands::switch(&store, &opts, json, out),
         Command::AddLayer(opts) => commands::add_layer(&store, &opts, json, out),
         Command::Pull(opts) => commands::pull(&store, &opts, json, out),
+        Command::Update(opts) => commands::update(&store, &opts, json, out),
+        Command::Channel(command) => commands::channel(&store, &command, json, out),
         Command::Sync(opts) => commands::sync(&store, &opts, json, out),
         Command::Enable(opts) => commands::enable(&store, &opts.layers, json, out),
         Command::Disable(opts) => commands::disable(&store, &opts.layers, json, out),

@@ -26,6 +26,8 @@ pub struct NewLayer {
     pub state: LayerState,
     pub known_good: bool,
     pub notes: Option<String>,
+    /// The channel release it comes with (`overlayctl update`).
+    pub release: Option<String>,
 }
 
 /// What was added.
@@ -165,6 +167,7 @@ fn plan_layer(layer: &NewLayer, digest: &str) -> PlanLayer {
     new.created = Some(store::now());
     new.digest = Some(digest.to_owned());
     new.notes = layer.notes.clone();
+    new.release = layer.release.clone();
     new
 }
 
@@ -226,6 +229,39 @@ fn read_next_stack(
     );
     let layers = read_layers(store, &stack)?;
     Ok((stack, layers))
+}
+
+/// The next boot's stack (names, top first) and its tree digest, as bundles name trees: what a
+/// channel's releases are recognised by. Files hash as their layers' manifests say (read only
+/// where a manifest does not match the plan).
+pub fn next_boot_tree(store: &Store) -> Result<(Vec<String>, String)> {
+    let loaded = store.plan()?;
+    if let Some(why) = loaded.fell_back {
+        bail!(
+            "the plan of {} cannot be read ({why})",
+            store.root.display()
+        );
+    }
+    let plan = loaded.value;
+    let state = store.state()?;
+    let (stack, layers) = read_next_stack(store, &plan, &state)?;
+    let view = MergedView::new(&layers);
+    let mut known = known_hashes(store, &plan, &stack, &layers);
+    let digest = crate::bundle::tree_digest(&view, &mut |rel, node| {
+        crate::bundle::hash_by_reading(&view, &mut known, rel, node)
+    })?;
+    Ok((stack, digest))
+}
+
+/// The tree digest of a directory, as bundles name trees.
+pub fn tree_of_dir(dir: &Path) -> Result<String> {
+    let layer = read_clean(dir, XattrNs::Trusted)?;
+    let layers = [layer];
+    let view = MergedView::new(&layers);
+    let mut known = std::collections::HashMap::new();
+    crate::bundle::tree_digest(&view, &mut |rel, node| {
+        crate::bundle::hash_by_reading(&view, &mut known, rel, node)
+    })
 }
 
 fn read_layers(store: &Store, stack: &[String]) -> Result<Vec<Layer>> {

@@ -312,5 +312,6 @@ pub fn new_layer(name: Option<String>, title: Option<String>, command: &[String]
         state: LayerState::Trial,
         known_good: false,
         notes: Some(format!("made by: overlayctl run -- {}", command.join(" "))),
+        release: None,
     }
 }

@@ -512,3 +512,54 @@ pub fn read(path: &Path) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     bytes
 }
+
+/// A plain HTTP server for the files of a directory (GET only, one request per connection),
+/// as any web server would serve a channel and its bundles; it records the paths asked for.
+#[derive(Debug)]
+pub struct FileServer {
+    pub port: u16,
+    pub asked: Arc<Mutex<Vec<String>>>,
+}
+
+impl FileServer {
+    pub fn start(root: &Path) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let (root, log) = (root.to_owned(), asked.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let Some((target, _)) = read_head(&mut stream) else {
+                    continue;
+                };
+                log.lock().unwrap().push(target.clone());
+                let rel = target.trim_start_matches('/');
+                let answer = if rel.split('/').any(|c| c == ".." || c.is_empty()) {
+                    None
+                } else {
+                    std::fs::read(root.join(rel)).ok()
+                };
+                let _ = match answer {
+                    Some(body) => stream
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .and_then(|()| stream.write_all(&body)),
+                    None => stream.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    ),
+                };
+            }
+        });
+        Self { port, asked }
+    }
+
+    pub fn url(&self, rel: &str) -> String {
+        format!("http://127.0.0.1:{}/{rel}", self.port)
+    }
+}

@@ -60,13 +60,14 @@ fn package_is_lintian_clean_static_and_complete() {
             services += 1;
         }
     }
-    assert_eq!(services, 4);
+    assert_eq!(services, 5);
     let preset =
         fs::read_to_string(root.join("lib/systemd/system-preset/50-strata.preset")).unwrap();
     for unit in [
         "strata-accept.service",
         "strata-policy.timer",
         "strata-space.timer",
+        "strata-update.timer",
     ] {
         assert!(units.join(unit).is_file() && preset.contains(&format!("enable {unit}")));
     }

@@ -31,7 +31,7 @@ fn units_verify_with_systemd_analyze() {
         names.push(dir.path().join(name));
     }
     names.sort();
-    assert_eq!(names.len(), 6, "{names:?}");
+    assert_eq!(names.len(), 8, "{names:?}");
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .args(&names)
@@ -86,4 +86,18 @@ fn accept_waits_for_boot_complete_and_policy_runs_on_a_timer() {
     }
     let timer = read("strata-space.timer");
     assert!(timer.lines().any(|l| l == "OnUnitActiveSec=5min"));
+    let update = read("strata-update.service");
+    for line in [
+        "ConditionPathExists=/etc/strata/update.conf",
+        "EnvironmentFile=/etc/strata/update.conf",
+        "ExecStart=/usr/sbin/overlayctl update",
+        "After=network-online.target",
+    ] {
+        assert!(
+            update.lines().any(|l| l == line),
+            "strata-update.service lacks {line}"
+        );
+    }
+    let timer = read("strata-update.timer");
+    assert!(timer.lines().any(|l| l == "WantedBy=timers.target"));
 }

@@ -35,6 +35,8 @@ pub struct Request {
     pub squash: bool,
     pub state: LayerState,
     pub notes: Option<String>,
+    /// The channel release the layers come with (`overlayctl update`).
+    pub release: Option<String>,
 }
 
 /// One layer the pull brought in.
@@ -408,6 +410,7 @@ fn commit(
         layer.notes = request.notes.clone();
         layer.diff_id = image_layer.map(|l| l.diff_id.clone());
         layer.supersedes = superseded.clone();
+        layer.release = request.release.clone();
         change.plan.layers.insert(0, layer);
         parent = Some(name.clone());
         added.push(Added {
