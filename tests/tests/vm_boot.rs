@@ -24,6 +24,17 @@ impl Vm {
     /// A disk whose store has `base` and the upgrade layers given (bottom to top), each
     /// setting /etc/version to its name.
     fn new(test: &str, upgrades: &[&str]) -> Option<Self> {
+        let machine = Self::without_store(test)?;
+        vm::busybox_root(&machine.path("base"), "base");
+        machine.ctl(&["init", "--base", machine.path("base").to_str().unwrap()]);
+        for name in upgrades {
+            machine.add(name);
+        }
+        Some(machine)
+    }
+
+    /// The kernel and the hook's initramfs, and no store yet.
+    fn without_store(test: &str) -> Option<Self> {
         if !have_root(test) {
             return None;
         }
@@ -32,17 +43,11 @@ impl Vm {
         let dir = tempfile::tempdir_in(vm::cache_dir().parent().unwrap()).unwrap();
         let initrd = dir.path().join("initrd.img");
         vm::initramfs(&kernel, &vm::static_hook(), &initrd);
-        let machine = Self {
+        Some(Self {
             dir,
             kernel,
             initrd,
-        };
-        vm::busybox_root(&machine.path("base"), "base");
-        machine.ctl(&["init", "--base", machine.path("base").to_str().unwrap()]);
-        for name in upgrades {
-            machine.add(name);
-        }
-        Some(machine)
+        })
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -634,6 +639,72 @@ fn vm_menu_rolls_back_over_the_serial_console() {
         plan.layer("broken").unwrap().state,
         layers_spec::LayerState::Disabled
     );
+}
+
+/// An OCI image built with umoci (a busybox system, an app layer, a config layer) becomes the
+/// store with `init --image`; it boots as the image, and the menu leaves out its middle layer
+/// for one boot: the app's file is gone, the config layer above it still there.
+#[test]
+fn vm_an_image_boots_and_the_menu_leaves_out_one_of_its_layers() {
+    let Some(vm) = Vm::without_store("vm_an_image_boots_and_the_menu_leaves_out_one_of_its_layers")
+    else {
+        return;
+    };
+    let layout = tests::oci::Layout::new(&vm.path("layout"), &vm.path("umoci"));
+    layout.layer(None, "base", "ADD busybox system", |root| {
+        vm::busybox_root(root, "base")
+    });
+    layout.layer(Some("base"), "app", "RUN install app", |root| {
+        fs::write(root.join("etc/version"), "app\n").unwrap()
+    });
+    layout.layer(Some("app"), "os", "RUN configure", |root| {
+        fs::write(root.join("etc/configured"), "yes\n").unwrap()
+    });
+    let image = format!("oci:{}:os", layout.dir.display());
+    vm.ctl(&["init", "--image", &image]);
+    let plan = layers_spec::Plan::parse(
+        &fs::read_to_string(vm.store().join("overlayplan.toml")).unwrap(),
+        "plan",
+    )
+    .unwrap();
+    let names: Vec<String> = plan.layers.iter().map(|l| l.name.clone()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(
+        plan.layers[1].title.as_deref(),
+        Some("RUN install app"),
+        "titled from the image's history"
+    );
+    vm.make_disk();
+
+    let boot = vm.boot("");
+    assert_eq!(boot.version(), "app", "{}", boot.log.serial);
+    assert_eq!(
+        boot.stack(),
+        names.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+
+    // The menu: down to the app layer, Space leaves it out, Enter boots once.
+    let mut session = vm.session("strata.menu");
+    let screen = session.wait_for_screen("? help");
+    let screen = screen.unwrap_or_else(|| panic!("no menu:\n{}", session.serial()));
+    assert!(screen.contains("RUN install app"), "{screen}");
+    type_keys(&mut session, b"j ");
+    let screen = session.wait_for_screen("[ ] ");
+    assert!(
+        screen.is_some(),
+        "the layer was not left out:\n{}",
+        session.screen()
+    );
+    type_keys(&mut session, b"\r");
+    let boot = Vm::finished(session.finish());
+    assert_eq!(
+        boot.version(),
+        "base",
+        "the app layer's /etc/version is gone: {}",
+        boot.log.serial
+    );
+    assert_eq!(boot.stack(), [names[0].as_str(), names[2].as_str()]);
+    assert!(boot.booted.one_shot);
 }
 
 /// `menu = "on-failure"`: after a boot that fell back, the next one shows the menu and why.
