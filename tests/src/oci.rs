@@ -381,6 +381,8 @@ pub struct CuttingProxy {
     cut: Arc<Mutex<Option<(String, u64)>>>,
     pub requests: Requests,
     pub cuts_made: Arc<AtomicBool>,
+    /// Bytes of answers passed on (heads and bodies): what the client downloaded.
+    pub moved: Arc<AtomicU64>,
 }
 
 impl CuttingProxy {
@@ -390,13 +392,19 @@ impl CuttingProxy {
         let cut: Arc<Mutex<Option<(String, u64)>>> = Arc::new(Mutex::new(None));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let cuts_made = Arc::new(AtomicBool::new(false));
-        let (c, r, m) = (cut.clone(), requests.clone(), cuts_made.clone());
+        let moved = Arc::new(AtomicU64::new(0));
+        let (c, r, m, b) = (
+            cut.clone(),
+            requests.clone(),
+            cuts_made.clone(),
+            moved.clone(),
+        );
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(client) = stream else { continue };
-                let (c, r, m) = (c.clone(), r.clone(), m.clone());
+                let (c, r, m, b) = (c.clone(), r.clone(), m.clone(), b.clone());
                 std::thread::spawn(move || {
-                    let _ = proxy_one(client, upstream, &c, &r, &m);
+                    let _ = proxy_one(client, upstream, &c, &r, &m, &b);
                 });
             }
         });
@@ -405,6 +413,7 @@ impl CuttingProxy {
             cut,
             requests,
             cuts_made,
+            moved,
         }
     }
 
@@ -422,6 +431,7 @@ fn proxy_one(
     cut: &Mutex<Option<(String, u64)>>,
     requests: &Mutex<Vec<(String, Option<String>)>>,
     cuts_made: &AtomicBool,
+    moved: &AtomicU64,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let mut first = String::new();
@@ -471,6 +481,7 @@ fn proxy_one(
             break;
         }
         client.write_all(line.as_bytes())?;
+        moved.fetch_add(line.len() as u64, Ordering::SeqCst);
         if line == "\r\n" {
             break;
         }
@@ -478,13 +489,15 @@ fn proxy_one(
     match limit {
         Some(after) => {
             let mut body = from.take(after);
-            std::io::copy(&mut body, &mut client)?;
+            let n = std::io::copy(&mut body, &mut client)?;
+            moved.fetch_add(n, Ordering::SeqCst);
             cuts_made.store(true, Ordering::SeqCst);
             client.flush()?;
             client.shutdown(Shutdown::Both)?;
         }
         None => {
-            std::io::copy(&mut from, &mut client)?;
+            let n = std::io::copy(&mut from, &mut client)?;
+            moved.fetch_add(n, Ordering::SeqCst);
         }
     }
     Ok(())

@@ -1330,9 +1330,195 @@ fn main() {
     if wanted("upgrade") {
         print_upgrade(&bench_upgrade(scratch.path(), &overlayctl, &trees));
     }
+    if wanted("pull") {
+        print_pull(&bench_pull(scratch.path(), &overlayctl, &stack));
+    }
     if wanted("upgrade") || only.iter().any(|o| o == "peers") {
         print_peers(&bench_peers(scratch.path(), &overlayctl, &trees));
     }
+}
+
+/// Pulling a real image from a registry: a Debian 12 system (the compaction benchmark's
+/// debootstrap base as one layer, its package layers merged as a second), built with umoci,
+/// pushed to Debian's docker-registry on 127.0.0.1. Cold cache each run; the bytes counted by
+/// a proxy between the tool and the registry.
+/// A tool's median time, largest peak memory (KiB) and bytes downloaded.
+type Cost = (Duration, u64, u64);
+
+struct Pull {
+    /// What, then Strata's cost and skopeo's.
+    rows: Vec<(String, Cost, Cost)>,
+    /// skopeo copy followed by umoci unpack (a runnable tree, as Strata's pull gives), for v1.
+    unpacked: (Duration, u64),
+}
+
+fn bench_pull(scratch: &Path, overlayctl: &Path, stack: &Path) -> Pull {
+    use tests::oci::{CuttingProxy, Layout, Registry};
+    let store = stack.join("store");
+    let layout_dir = scratch.join("pull-layout");
+    let layout = Layout::new(&layout_dir, &scratch.join("pull-umoci"));
+    layout.layer(
+        None,
+        "v1",
+        "debootstrap --variant=minbase bookworm",
+        |root| {
+            run(Command::new("cp")
+                .arg("-a")
+                .arg(store.join("layers/base/."))
+                .arg(root));
+        },
+    );
+    layout.layer(
+        Some("v1"),
+        "v2",
+        "apt-get install python3 perl curl vim-tiny …; apt-get upgrade",
+        |root| {
+            let mnt = scratch.join("pull-mnt");
+            fs::create_dir_all(&mnt).unwrap();
+            run(Command::new(overlayctl)
+                .arg("--store")
+                .arg(&store)
+                .args(["mount", "--read-only"])
+                .arg(&mnt));
+            run(Command::new("rsync")
+                .args(["-aHAX", "--delete"])
+                .arg(format!("{}/", mnt.display()))
+                .arg(format!("{}/", root.display())));
+            run(Command::new(overlayctl)
+                .arg("--store")
+                .arg(&store)
+                .arg("umount")
+                .arg(&mnt));
+        },
+    );
+    let registry = Registry::start(&scratch.join("pull-registry"), None);
+    for tag in ["v1", "v2"] {
+        layout.copy(
+            tag,
+            &format!("docker://{}/debian:{tag}", registry.host()),
+            &["--dest-tls-verify=false"],
+        );
+    }
+    let proxy = CuttingProxy::start(registry.port);
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let moved = || proxy.moved.swap(0, std::sync::atomic::Ordering::SeqCst);
+    let ours = |args: &[&str], store: &Path| {
+        let mut cmd = Command::new(overlayctl);
+        cmd.arg("--store").arg(store).args(args).arg("--insecure");
+        cmd
+    };
+    let skopeo = |tag: &str, dir: &Path| {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "-q", "--src-tls-verify=false"])
+            .arg(format!("docker://{host}/debian:{tag}"))
+            .arg(format!("oci:{}:{tag}", dir.display()));
+        cmd
+    };
+    let mut rows = Vec::new();
+    let mut first = (Vec::new(), Vec::new());
+    let mut update = (Vec::new(), Vec::new());
+    let mut unpacked = Vec::new();
+    for n in 0..3 {
+        // The whole image into an empty store, and by skopeo into an empty layout.
+        let s = scratch.join(format!("pull-store-{n}"));
+        let _ = fs::remove_dir_all(&s);
+        drop_caches();
+        moved();
+        let (t, peak) = timed_peak(
+            &mut ours(&["init", "--image", &format!("{host}/debian:v1")], &s),
+            scratch,
+        );
+        first.0.push((t, peak, moved()));
+        let d = scratch.join(format!("pull-oci-{n}"));
+        let _ = fs::remove_dir_all(&d);
+        drop_caches();
+        let (t, peak) = timed_peak(&mut skopeo("v1", &d), scratch);
+        first.1.push((t, peak, moved()));
+        // What a runnable tree costs skopeo's user: umoci unpack after the copy.
+        let tree = scratch.join(format!("pull-tree-{n}"));
+        let _ = fs::remove_dir_all(&tree);
+        drop_caches();
+        let (u, upeak) = timed_peak(
+            Command::new("umoci")
+                .args(["unpack", "--image"])
+                .arg(format!("{}:v1", d.display()))
+                .arg(&tree),
+            scratch,
+        );
+        unpacked.push((t + u, peak.max(upeak)));
+        fs::remove_dir_all(&tree).unwrap();
+        // The update: only the new layer moves.
+        drop_caches();
+        let (t, peak) = timed_peak(
+            &mut ours(&["pull", &format!("{host}/debian:v2")], &s),
+            scratch,
+        );
+        update.0.push((t, peak, moved()));
+        drop_caches();
+        let (t, peak) = timed_peak(&mut skopeo("v2", &d), scratch);
+        update.1.push((t, peak, moved()));
+        fs::remove_dir_all(&s).unwrap();
+        fs::remove_dir_all(&d).unwrap();
+    }
+    let pick = |runs: Vec<Cost>| {
+        let peak = runs.iter().map(|r| r.1).max().unwrap_or(0);
+        let bytes = runs[0].2;
+        (median(runs.into_iter().map(|r| r.0).collect()), peak, bytes)
+    };
+    rows.push((
+        "the whole image into an empty store / layout".to_owned(),
+        pick(first.0),
+        pick(first.1),
+    ));
+    rows.push((
+        "the update v1 → v2 (the base layer held)".to_owned(),
+        pick(update.0),
+        pick(update.1),
+    ));
+    let peak = unpacked.iter().map(|u| u.1).max().unwrap_or(0);
+    Pull {
+        rows,
+        unpacked: (median(unpacked.into_iter().map(|u| u.0).collect()), peak),
+    }
+}
+
+fn print_pull(p: &Pull) {
+    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1 << 20));
+    println!();
+    println!("Pulling a Debian 12 image (2 layers) from a local docker-registry, cold cache:");
+    println!();
+    println!(
+        "| measure | Strata `pull` (download, check, unpack into layers) | `skopeo copy` to an OCI layout (download, check) | ratio (skopeo / Strata) |"
+    );
+    println!("|---|---|---|---|");
+    for (what, ours, theirs) in &p.rows {
+        println!(
+            "| {what}: time | {} | {} | {:.2} |",
+            ms(ours.0),
+            ms(theirs.0),
+            theirs.0.as_secs_f64() / ours.0.as_secs_f64()
+        );
+        println!(
+            "| {what}: bytes moved | {} | {} | {:.2} |",
+            mib(ours.2),
+            mib(theirs.2),
+            theirs.2 as f64 / ours.2.max(1) as f64
+        );
+        println!(
+            "| {what}: peak memory | {} KiB | {} KiB | {:.2} |",
+            ours.1,
+            theirs.1,
+            theirs.1 as f64 / ours.1.max(1) as f64
+        );
+    }
+    let (ours, _, _) = p.rows[0].1;
+    println!(
+        "| the whole image to a runnable tree: time | {} | `skopeo copy` + `umoci unpack` {} | {:.2} |",
+        ms(ours),
+        ms(p.unpacked.0),
+        p.unpacked.0.as_secs_f64() / ours.as_secs_f64()
+    );
 }
 
 fn print_upgrade(u: &Upgrade) {
