@@ -94,7 +94,9 @@ impl Store {
     pub fn create(path: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(path).map_err(|e| DirError::io(path, "creating the store", e))?;
         let store = Self::open(path)?;
-        if !store.root.names()?.is_empty() {
+        // Only the downloads an earlier, failed `init --image` kept, to resume them.
+        let downloads = Folder::Downloads.name();
+        if store.root.names()?.iter().any(|n| n != downloads) {
             return Err(StoreError::NotEmpty(path.to_owned()));
         }
         for folder in Folder::ALL {

@@ -99,10 +99,33 @@ pub fn init(root: &Path, base: &Path, layer: &NewLayer, move_base: bool) -> Resu
 /// everything in it is the command's), and removes its directory when the command made that
 /// too: nothing half-made stays behind to block a retry.
 pub(crate) fn clear_new_store(store: &Store, root: &Path, existed: bool) {
+    clear_new_store_keeping(store, root, existed, false);
+}
+
+/// [`clear_new_store`], keeping `downloads/` (and the directory) when `keep_downloads`: a cut
+/// `init --image` resumes its downloads the next time.
+pub(crate) fn clear_new_store_keeping(
+    store: &Store,
+    root: &Path,
+    existed: bool,
+    keep_downloads: bool,
+) {
     let top = store.handle().root();
+    let downloads = crate::store::Folder::Downloads.name();
+    let kept = keep_downloads
+        && top
+            .sub(downloads)
+            .and_then(|d| d.names())
+            .is_ok_and(|n| !n.is_empty());
+    let existed = existed || kept;
     let cleared = top
         .names()
-        .and_then(|names| names.iter().try_for_each(|n| top.remove(n).map(drop)))
+        .and_then(|names| {
+            names
+                .iter()
+                .filter(|n| !(kept && *n == downloads))
+                .try_for_each(|n| top.remove(n).map(drop))
+        })
         .map_err(anyhow::Error::from)
         .and_then(|()| {
             if existed {

@@ -838,6 +838,38 @@ fn privileged_registry_pulls_with_tokens_resume_cut_downloads_and_refuse_tampere
         "the downloads are removed once the layers are in"
     );
 
+    // `init --image` cut half-way keeps only its downloads, and the next one resumes them.
+    let cut_init = scratch.path("cut-init");
+    proxy.arm(&big, 1 << 20);
+    let mut args = vec!["init", "--image", through_proxy.as_str()];
+    args.extend(creds);
+    let err = fails(&scratch, &cut_init, &args);
+    assert!(err.contains("run the command again to resume"), "{err}");
+    assert_eq!(tests::dir_names(&cut_init), ["downloads"]);
+    ok(&scratch, &cut_init, &args);
+    let resumed = proxy
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(target, range)| target.contains(&big) && range.is_some())
+        .count();
+    assert_eq!(resumed, 2, "the second init resumed too");
+    assert_same(
+        "v2 from a resumed init",
+        &mounted(&scratch, &cut_init),
+        &want_v2,
+    );
+    // Never into a directory that holds something else.
+    let busy = scratch.path("busy");
+    fs::create_dir_all(&busy).unwrap();
+    fs::write(busy.join("mine"), "keep").unwrap();
+    let mut args = vec!["init", "--image", through_proxy.as_str()];
+    args.extend(creds);
+    let err = fails(&scratch, &busy, &args);
+    assert!(err.contains("is not empty"), "{err}");
+    assert_eq!(tests::dir_names(&busy), ["mine"]);
+
     // A blob changed in the registry's storage: served under its old digest, refused, and the
     // download that does not match is not kept.
     let fresh = scratch.path("fresh");

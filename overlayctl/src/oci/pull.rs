@@ -450,6 +450,27 @@ pub fn init(root: &Path, source: &mut dyn Source, request: &Request) -> Result<P
         root.display()
     );
     let existed = root.exists();
+    // Downloads before the store is made (into its downloads/, which a failure keeps); only
+    // into a directory that is new, empty, or holds only such downloads.
+    if existed {
+        let names: Vec<_> = std::fs::read_dir(root)
+            .with_context(|| format!("reading {}", root.display()))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("reading {}", root.display()))?;
+        ensure!(
+            names.iter().all(|n| n == crate::fetch::DOWNLOADS),
+            "{} exists and is not empty; a new store needs an empty or new directory",
+            root.display()
+        );
+        let downloads = root.join(crate::fetch::DOWNLOADS);
+        ensure!(
+            std::fs::symlink_metadata(&downloads).map_or(true, |m| m.file_type().is_dir()),
+            "{} is not a directory (a symlink?); nothing was done",
+            downloads.display()
+        );
+    }
+    source.prefetch(&image.layers)?;
     let store = Store::create(root)?;
     let result = (|| {
         // The plan must exist for a transaction: a base is needed first, so the store is made
@@ -529,8 +550,9 @@ pub fn init(root: &Path, source: &mut dyn Source, request: &Request) -> Result<P
             })
         }
         Err(e) => {
-            // Everything in it is this command's: the directory was new or had no plan.
-            crate::ops::clear_new_store(&store, root, existed);
+            // Everything in it is this command's: the directory was new or had no plan. What
+            // was downloaded stays, for the next try to resume.
+            crate::ops::clear_new_store_keeping(&store, root, existed, true);
             Err(e)
         }
     }
