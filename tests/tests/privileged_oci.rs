@@ -181,6 +181,8 @@ fn privileged_images_become_layers_in_image_order_and_roll_back_whole() {
     assert_eq!(second.len(), 3, "{second:?}");
     assert_eq!(second[2], first[1], "the base is the same layer");
     assert_same("v2 over v1", &mounted(&scratch, &store), &v2);
+    // The manifests, hashed as the layers were unpacked, are what the layers hold.
+    ok(&scratch, &store, &["verify"]);
     // Pulling it again brings nothing.
     let out = ok(&scratch, &store, &["pull", &image("v2")]);
     assert!(out.contains("nothing was added"), "{out}");
@@ -833,6 +835,7 @@ fn privileged_registry_pulls_with_tokens_resume_cut_downloads_and_refuse_tampere
     );
     let want_v2 = shown_tree(&layout.unpack("v2", &scratch.path("unpacked-v2")));
     assert_same("v2 from the registry", &mounted(&scratch, &store), &want_v2);
+    ok(&scratch, &store, &["verify"]);
     assert!(
         tests::dir_names(&store.join("downloads")).is_empty(),
         "the downloads are removed once the layers are in"

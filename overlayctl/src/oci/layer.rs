@@ -58,6 +58,9 @@ pub struct Unpacked {
     pub entries: u64,
     /// Bytes of file content written.
     pub file_bytes: u64,
+    /// Each file's blake3 (hex) by its path in the layer, hashed as it was written: the
+    /// layer's manifest needs no second read.
+    pub hashes: HashMap<PathBuf, String>,
 }
 
 /// A reader that hashes (sha256) and counts what passes through it.
@@ -229,6 +232,7 @@ pub fn unpack(
         tar_bytes,
         entries: writer.entries,
         file_bytes: writer.file_bytes,
+        hashes: writer.hashes,
     })
 }
 
@@ -273,6 +277,7 @@ struct Writer {
     entries: u64,
     file_bytes: u64,
     next_room_check: u64,
+    hashes: HashMap<PathBuf, String>,
 }
 
 impl Writer {
@@ -303,6 +308,7 @@ impl Writer {
             entries: 0,
             file_bytes: 0,
             next_room_check: ROOM_CHECK_EVERY,
+            hashes: HashMap::new(),
         })
     }
 
@@ -408,11 +414,13 @@ impl Writer {
                 )
                 .map_err(step("creating it"))?;
                 let mut file = File::from(fd);
-                let written = self.copy_data(entry, &mut file, room)?;
+                let (written, hash) = self.copy_data(entry, &mut file, room)?;
                 ensure!(
                     written == size,
                     "its data ended after {written} of {size} bytes"
                 );
+                self.hashes
+                    .insert(PathBuf::from(OsStr::from_bytes(&rel)), hash);
                 set_fd_meta(&file, &meta).map_err(step("setting its metadata"))?;
                 Seen::File
             }
@@ -490,8 +498,9 @@ impl Writer {
         from: &mut impl Read,
         to: &mut File,
         room: &mut dyn FnMut(u64) -> Result<()>,
-    ) -> Result<u64> {
+    ) -> Result<(u64, String)> {
         let mut written = 0u64;
+        let mut hasher = blake3::Hasher::new();
         loop {
             let n = match from.read(&mut self.buf) {
                 Ok(0) => break,
@@ -500,6 +509,7 @@ impl Writer {
                 Err(e) => return Err(anyhow!(e).context("reading its data")),
             };
             to.write_all(&self.buf[..n]).context("writing it")?;
+            hasher.update(&self.buf[..n]);
             written += n as u64;
             self.file_bytes += n as u64;
             if self.file_bytes >= self.next_room_check {
@@ -507,7 +517,7 @@ impl Writer {
                 room(self.file_bytes)?;
             }
         }
-        Ok(written)
+        Ok((written, hasher.finalize().to_hex().to_string()))
     }
 
     /// `.wh..wh..opq` in `parent`: nothing below shows through it.

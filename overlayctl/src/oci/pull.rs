@@ -19,7 +19,7 @@ use super::layer::{Unpacked, unpack};
 use crate::engine::compact::{Below, compact};
 use crate::engine::copy::{Linking, link_layer};
 use crate::engine::{Layer, XattrNs};
-use crate::install::{install, manifest_of, write_synced};
+use crate::install::{install, write_synced};
 use crate::store::{self, Store};
 use crate::transaction::Transaction;
 
@@ -89,6 +89,19 @@ pub fn held(store: &Store, plan: &Plan, image: &Image) -> Vec<String> {
         }
     }
     held
+}
+
+/// The manifest of an unpacked layer (digest and text), its files' hashes taken from the
+/// unpacking where it gave them.
+fn manifest_known(dir: &Path, known: &std::collections::HashMap<PathBuf, String>) -> Result<(String, String)> {
+    let layer = Layer::read(dir, XattrNs::Trusted)
+        .with_context(|| format!("reading back {}", dir.display()))?;
+    let manifest = crate::engine::Manifest::of_layer_with(&layer, &mut |rel| match known.get(rel) {
+        Some(hash) => Ok(hash.clone()),
+        None => crate::engine::manifest::hash_file(&dir.join(rel)),
+    })
+    .with_context(|| format!("hashing {}", dir.display()))?;
+    Ok((manifest.digest(), manifest.text))
 }
 
 /// A layer unpacked under `staging/`, not yet in the store.
@@ -392,7 +405,7 @@ fn commit(
     let mut parent = held.last().cloned();
     for (k, (one, name)) in staged.into_iter().zip(&names).enumerate() {
         let image_layer = (!request.squash).then(|| &image.layers[held.len() + k]);
-        let (digest, text) = manifest_of(&one.dir)?;
+        let (digest, text) = manifest_known(&one.dir, &one.unpacked.hashes)?;
         let staged_manifest = one.dir.with_extension("manifest");
         write_synced(&staged_manifest, text.as_bytes())?;
         change.claim(name, "pull")?;
@@ -502,7 +515,7 @@ pub fn init(root: &Path, source: &mut dyn Source, request: &Request) -> Result<P
                 !layers.iter().any(|l: &PlanLayer| l.name == name),
                 "the image has two layers named {name:?}; give --name"
             );
-            let (digest, text) = manifest_of(&one.dir)?;
+            let (digest, text) = manifest_known(&one.dir, &one.unpacked.hashes)?;
             let staged_manifest = one.dir.with_extension("manifest");
             write_synced(&staged_manifest, text.as_bytes())?;
             install(&store, &one.dir, &staged_manifest, &name)?;
