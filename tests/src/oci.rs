@@ -44,6 +44,14 @@ impl Layout {
         }
     }
 
+    /// A layout another tool wrote.
+    pub fn at(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            work: dir.to_owned(),
+        }
+    }
+
     fn image(&self, tag: &str) -> String {
         format!("{}:{tag}", self.dir.display())
     }

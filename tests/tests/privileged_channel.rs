@@ -432,3 +432,162 @@ fn base64_encode(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+/// The README's path end to end: a Containerfile built with buildah (`FROM scratch`, the base
+/// system added from a tar, then `RUN` steps), pushed to Debian's docker-registry with
+/// `buildah push`, a device made from it with `init --image`; the next release, built from the
+/// same Containerfile with one step changed, reaches the device through a signed channel that
+/// names the image: the layers the two builds share are held, only the changed ones move.
+#[test]
+fn privileged_a_containerfile_built_with_buildah_ships_to_a_device_through_a_channel() {
+    use tests::oci::{Registry, run};
+    let Some(scratch) = Scratch::new(
+        "privileged_a_containerfile_built_with_buildah_ships_to_a_device_through_a_channel",
+    ) else {
+        return;
+    };
+    let context = scratch.path("context");
+    let rootfs = scratch.path("rootfs");
+    tests::vm::busybox_root(&rootfs, "base");
+    fs::create_dir_all(&context).unwrap();
+    run(std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(context.join("rootfs.tar"))
+        .arg("."));
+    let registry = Registry::start(&scratch.path("registry"), None);
+    let storage = scratch.path("buildah");
+    let buildah = |args: &[&str]| {
+        let mut cmd = std::process::Command::new("buildah");
+        cmd.arg("--root")
+            .arg(storage.join("root"))
+            .arg("--runroot")
+            .arg(storage.join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args);
+        run(&mut cmd)
+    };
+    let build = |release: &str, app: &str| {
+        fs::write(
+            context.join("Containerfile"),
+            format!(
+                "FROM scratch\nADD rootfs.tar /\nRUN mkdir -p /opt/app && echo ready > /etc/base-ready\nRUN echo {app} > /opt/app/version && echo {release} > /etc/version\n"
+            ),
+        )
+        .unwrap();
+        let tag = format!("localhost/kiosk:{release}");
+        buildah(&[
+            "bud",
+            "--isolation",
+            "chroot",
+            "--layers",
+            "-t",
+            &tag,
+            "-f",
+            context.join("Containerfile").to_str().unwrap(),
+            context.to_str().unwrap(),
+        ]);
+        let reference = format!("{}/kiosk/os:{release}", registry.host());
+        buildah(&[
+            "push",
+            "--tls-verify=false",
+            &tag,
+            &format!("docker://{reference}"),
+        ]);
+        let layout = scratch.path("layouts");
+        buildah(&["push", &tag, &format!("oci:{}:{release}", layout.display())]);
+        (reference, layout)
+    };
+    let (rel1, _) = build("rel-1", "1.0");
+    let device = scratch.path("device");
+    let out = ok(&scratch, &device, &["init", "--image", &rel1, "--insecure"]);
+    assert_eq!(out.matches("added  ").count(), 3, "{out}");
+
+    let (rel2, layout) = build("rel-2", "2.0");
+    let build_store = scratch.path("build-store");
+    ok(
+        &scratch,
+        &build_store,
+        &["init", "--image", &rel2, "--insecure"],
+    );
+    let tree2 = ok(&scratch, &build_store, &["channel", "tree"])
+        .trim()
+        .to_owned();
+    let key = scratch.path("build.key");
+    ok(
+        &scratch,
+        &build_store,
+        &["keys", "generate", "-o", key.to_str().unwrap()],
+    );
+    ok(
+        &scratch,
+        &device,
+        &[
+            "keys",
+            "add",
+            &format!("{}.pub", key.display()),
+            "--name",
+            "build",
+        ],
+    );
+    let www = scratch.path("www");
+    fs::create_dir_all(&www).unwrap();
+    let index = scratch.path("index.json");
+    fs::write(
+        &index,
+        serde_json::json!({"channel": "stable", "serial": 1, "releases": [
+            {"name": "rel-2", "tree": tree2, "image": rel2},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let channel = www.join("stable.json");
+    ok(
+        &scratch,
+        &build_store,
+        &[
+            "channel",
+            "sign",
+            index.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "-o",
+            channel.to_str().unwrap(),
+        ],
+    );
+    let server = FileServer::start(&www);
+    let out = ok(
+        &scratch,
+        &device,
+        &[
+            "update",
+            "--channel",
+            &server.url("stable.json"),
+            "--machine-id",
+            &machine_id(0),
+            "--insecure",
+        ],
+    );
+    assert!(out.contains("took rel-2 by image"), "{out}");
+    let plan = fs::read_to_string(device.join("overlayplan.toml")).unwrap();
+    assert_eq!(
+        plan.matches("[[layer]]").count(),
+        4,
+        "two layers held, one new:\n{plan}"
+    );
+    assert_eq!(ok(&scratch, &device, &["channel", "tree"]).trim(), tree2);
+    let mnt = scratch.path("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    ok(&scratch, &device, &["mount", mnt.to_str().unwrap()]);
+    let want = Layout::at(&layout).unpack("rel-2", &scratch.path("unpacked"));
+    assert_eq!(
+        tests::views::first_difference(&shown_tree(&want), &shown_tree(&mnt)),
+        None
+    );
+    assert_eq!(
+        fs::read_to_string(mnt.join("opt/app/version")).unwrap(),
+        "2.0\n"
+    );
+    ok(&scratch, &device, &["umount", mnt.to_str().unwrap()]);
+}

@@ -93,14 +93,18 @@ pub fn held(store: &Store, plan: &Plan, image: &Image) -> Vec<String> {
 
 /// The manifest of an unpacked layer (digest and text), its files' hashes taken from the
 /// unpacking where it gave them.
-fn manifest_known(dir: &Path, known: &std::collections::HashMap<PathBuf, String>) -> Result<(String, String)> {
+fn manifest_known(
+    dir: &Path,
+    known: &std::collections::HashMap<PathBuf, String>,
+) -> Result<(String, String)> {
     let layer = Layer::read(dir, XattrNs::Trusted)
         .with_context(|| format!("reading back {}", dir.display()))?;
-    let manifest = crate::engine::Manifest::of_layer_with(&layer, &mut |rel| match known.get(rel) {
-        Some(hash) => Ok(hash.clone()),
-        None => crate::engine::manifest::hash_file(&dir.join(rel)),
-    })
-    .with_context(|| format!("hashing {}", dir.display()))?;
+    let manifest =
+        crate::engine::Manifest::of_layer_with(&layer, &mut |rel| match known.get(rel) {
+            Some(hash) => Ok(hash.clone()),
+            None => crate::engine::manifest::hash_file(&dir.join(rel)),
+        })
+        .with_context(|| format!("hashing {}", dir.display()))?;
     Ok((manifest.digest(), manifest.text))
 }
 
