@@ -159,15 +159,24 @@ pub struct Followed {
     pub signers: Vec<String>,
 }
 
-/// Reads the channel at `location` (an http(s) URL or a file) and checks it is signed by a key
-/// in `trusted` (unless `allow_unsigned`).
+/// Reads the channel at `location` (an http(s) URL, a registry's REGISTRY/REPO:TAG as `channel
+/// push` stored it, or a file) and checks it is signed by a key in `trusted` (unless
+/// `allow_unsigned`). A registry's download goes through `downloads`.
 pub fn read(
     location: &str,
     trusted: &[(String, VerifyingKey)],
     allow_unsigned: bool,
+    access: &crate::oci::registry::Access,
+    downloads: &Path,
 ) -> Result<Followed> {
     let mut bytes = Vec::new();
-    if crate::fetch::is_url(location) {
+    if let Some(reference) = crate::oci::registry::Reference::explicit(location) {
+        let mut registry = crate::oci::registry::Registry::new(reference, access, downloads)?;
+        let file = registry.pull_channel()?;
+        let read = std::fs::read(&file).with_context(|| format!("reading {}", file.display()));
+        crate::oci::image::Source::done(&mut registry)?;
+        bytes = read?;
+    } else if crate::fetch::is_url(location) {
         let response = ureq::get(location)
             .call()
             .with_context(|| format!("fetching the channel {location}"))?;
@@ -311,7 +320,14 @@ fn record_serial(store: &Store, channel: &str, serial: u64) -> Result<()> {
 /// Follows the channel once: see the module's comment.
 pub fn update(store: &Store, options: &Options<'_>) -> Result<Updated> {
     let trusted = crate::keys::trusted(store)?;
-    let Followed { index, .. } = read(options.channel, &trusted, options.allow_unsigned)?;
+    let downloads = store.folder(Folder::Downloads)?;
+    let Followed { index, .. } = read(
+        options.channel,
+        &trusted,
+        options.allow_unsigned,
+        &options.access,
+        downloads.path(),
+    )?;
     if let Some(seen) = seen_serial(store, &index.channel)? {
         ensure!(
             index.serial >= seen,

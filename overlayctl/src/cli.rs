@@ -498,8 +498,9 @@ pub enum BundleCommand {
 
 #[derive(Debug, Args)]
 pub struct UpdateOpts {
-    /// The channel: an http(s) URL or a file of a signed channel document.
-    #[arg(long, env = "STRATA_CHANNEL", value_name = "URL|FILE")]
+    /// The channel: an http(s) URL, a registry's REGISTRY/REPO:TAG, or a file of a signed
+    /// channel document.
+    #[arg(long, env = "STRATA_CHANNEL", value_name = "URL|REF|FILE")]
     pub channel: String,
     /// Say what would be done, and change nothing.
     #[arg(long)]
@@ -531,8 +532,19 @@ pub enum ChannelCommand {
     Tree { dir: Option<PathBuf> },
     /// Read a channel, check its signatures against keys/, and show its releases.
     Show {
-        #[arg(value_name = "URL|FILE")]
+        #[arg(value_name = "URL|REF|FILE")]
         channel: String,
+        #[command(flatten)]
+        registry: RegistryOpts,
+    },
+    /// Store a signed channel document in a registry as an OCI artifact, under
+    /// REGISTRY/REPO:TAG, for devices to follow (`update --channel REGISTRY/REPO:TAG`).
+    Push {
+        file: PathBuf,
+        #[arg(value_name = "REGISTRY/REPO:TAG")]
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryOpts,
     },
 }
 

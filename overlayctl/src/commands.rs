@@ -285,12 +285,40 @@ pub fn channel(
             }
             writeln!(out, "{digest}")?;
         }
-        ChannelCommand::Show { channel } => {
+        ChannelCommand::Push {
+            file,
+            reference,
+            registry,
+        } => {
+            let reference = crate::oci::registry::Reference::parse(reference)?;
+            let shown = reference.to_string();
+            let mut to = crate::oci::registry::Registry::new(
+                reference,
+                &registry.access(),
+                &std::env::temp_dir(),
+            )?;
+            let digest = to.push_channel(file)?;
+            if json {
+                return write_json(
+                    out,
+                    &serde_json::json!({"channel": file, "reference": shown, "digest": digest}),
+                );
+            }
+            writeln!(out, "pushed {} to {shown} ({digest})", file.display())?;
+        }
+        ChannelCommand::Show { channel, registry } => {
             let trusted = match Store::open(root) {
                 Ok(store) => crate::keys::trusted(&store)?,
                 Err(_) => Vec::new(),
             };
-            let read = crate::channel::read(channel, &trusted, true)?;
+            // A channel in a registry downloads to the temporary directory, and is removed.
+            let read = crate::channel::read(
+                channel,
+                &trusted,
+                true,
+                &registry.access(),
+                &std::env::temp_dir(),
+            )?;
             if json {
                 return write_json(out, &read.index);
             }

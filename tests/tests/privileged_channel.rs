@@ -437,7 +437,8 @@ fn base64_encode(bytes: &[u8]) -> String {
 /// system added from a tar, then `RUN` steps), pushed to Debian's docker-registry with
 /// `buildah push`, a device made from it with `init --image`; the next release, built from the
 /// same Containerfile with one step changed, reaches the device through a signed channel that
-/// names the image: the layers the two builds share are held, only the changed ones move.
+/// names the image, itself served by the registry as an artifact: the layers the two builds
+/// share are held, only the changed ones move.
 #[test]
 fn privileged_a_containerfile_built_with_buildah_ships_to_a_device_through_a_channel() {
     use tests::oci::{Registry, run};
@@ -556,14 +557,35 @@ fn privileged_a_containerfile_built_with_buildah_ships_to_a_device_through_a_cha
             channel.to_str().unwrap(),
         ],
     );
-    let server = FileServer::start(&www);
+    // The channel is served by the same registry, as an artifact.
+    let channel_ref = format!("{}/kiosk/channel:stable", registry.host());
+    ok(
+        &scratch,
+        &build_store,
+        &[
+            "channel",
+            "push",
+            channel.to_str().unwrap(),
+            &channel_ref,
+            "--insecure",
+        ],
+    );
+    let shown = ok(
+        &scratch,
+        &device,
+        &["channel", "show", &channel_ref, "--insecure"],
+    );
+    assert!(
+        shown.contains("signed by build") && shown.contains("rel-2"),
+        "{shown}"
+    );
     let out = ok(
         &scratch,
         &device,
         &[
             "update",
             "--channel",
-            &server.url("stable.json"),
+            &channel_ref,
             "--machine-id",
             &machine_id(0),
             "--insecure",

@@ -27,6 +27,34 @@ pub const BUNDLE_ARTIFACT: &str = "application/vnd.strata.bundle.v1";
 /// The artifact's config: the trees the bundle goes from and to.
 pub const BUNDLE_CONFIG: &str = "application/vnd.strata.bundle.config.v1+json";
 
+/// A kind of artifact Strata keeps in registries.
+#[derive(Debug)]
+struct Artifact {
+    what: &'static str,
+    media_type: &'static str,
+    config: &'static str,
+    max_size: u64,
+}
+
+impl Artifact {
+    const BUNDLE: Self = Self {
+        what: "bundle",
+        media_type: BUNDLE_ARTIFACT,
+        config: BUNDLE_CONFIG,
+        max_size: u64::MAX,
+    };
+    const CHANNEL: Self = Self {
+        what: "channel",
+        media_type: CHANNEL_ARTIFACT,
+        config: CHANNEL_CONFIG,
+        max_size: 1 << 20,
+    };
+}
+
+/// A channel document stored in a registry.
+pub const CHANNEL_ARTIFACT: &str = "application/vnd.strata.channel.v1+json";
+const CHANNEL_CONFIG: &str = "application/vnd.strata.channel.config.v1+json";
+
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct BundleConfig {
     base: String,
@@ -524,6 +552,20 @@ impl Registry {
     /// Stores the bundle `file` (its base and target tree digests in its config) as an OCI
     /// artifact under this reference's tag; returns the manifest's digest.
     pub fn push_bundle(&mut self, file: &Path, base: &str, target: &str) -> Result<String> {
+        let config = serde_json::to_vec(&BundleConfig {
+            base: base.to_owned(),
+            target: target.to_owned(),
+        })?;
+        self.push_artifact(file, &Artifact::BUNDLE, &config)
+    }
+
+    /// Stores a signed channel document as an OCI artifact under this reference's tag.
+    pub fn push_channel(&mut self, file: &Path) -> Result<String> {
+        self.push_artifact(file, &Artifact::CHANNEL, b"{}")
+    }
+
+    /// Stores `file` as the one blob of an artifact of `kind` under this reference's tag.
+    fn push_artifact(&mut self, file: &Path, kind: &Artifact, config: &[u8]) -> Result<String> {
         let tag = self
             .reference
             .tag
@@ -531,24 +573,20 @@ impl Registry {
             .filter(|_| self.reference.digest.is_none())
             .ok_or_else(|| anyhow!("push to a tag (REPO:TAG), not a digest"))?;
         let (size, digest) = hash_file(file)?;
-        let config = serde_json::to_vec(&BundleConfig {
-            base: base.to_owned(),
-            target: target.to_owned(),
-        })?;
-        let config_digest = sha256(&config);
-        self.upload(&config_digest, Body::Bytes(config.clone()))?;
+        let config_digest = sha256(config);
+        self.upload(&config_digest, Body::Bytes(config.to_vec()))?;
         self.upload(&digest, Body::File(file.to_owned()))?;
         let title = file
             .file_name()
             .and_then(|n| n.to_str())
-            .unwrap_or("update.bundle");
+            .unwrap_or(kind.what);
         let manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
-            "artifactType": BUNDLE_ARTIFACT,
-            "config": {"mediaType": BUNDLE_CONFIG, "digest": config_digest, "size": config.len()},
+            "artifactType": kind.media_type,
+            "config": {"mediaType": kind.config, "digest": config_digest, "size": config.len()},
             "layers": [{
-                "mediaType": BUNDLE_ARTIFACT, "digest": digest, "size": size,
+                "mediaType": kind.media_type, "digest": digest, "size": size,
                 "annotations": {"org.opencontainers.image.title": title},
             }],
         });
@@ -559,8 +597,9 @@ impl Registry {
         let status = response.status().as_u16();
         ensure!(
             status == 201,
-            "{} answered {status} to the bundle's manifest",
-            self.describe_repo()
+            "{} answered {status} to the {}'s manifest",
+            self.describe_repo(),
+            kind.what
         );
         Ok(sha256(&bytes))
     }
@@ -568,19 +607,30 @@ impl Registry {
     /// Downloads the bundle this reference names (resuming a cut download) and returns its
     /// file in `downloads/`, checked against the manifest's digest.
     pub fn pull_bundle(&mut self) -> Result<PathBuf> {
+        self.pull_artifact(&Artifact::BUNDLE)
+    }
+
+    /// Downloads the channel document this reference names, checked against its digest.
+    pub fn pull_channel(&mut self) -> Result<PathBuf> {
+        self.pull_artifact(&Artifact::CHANNEL)
+    }
+
+    fn pull_artifact(&mut self, kind: &Artifact) -> Result<PathBuf> {
         let reference = self.reference.manifest_ref().to_owned();
         let (media_type, _, bytes) = self.manifest(&reference)?;
         ensure!(
             media_type == OCI_MANIFEST,
-            "{} is a {media_type:?}, not a bundle",
-            self.reference
+            "{} is a {media_type:?}, not a {}",
+            self.reference,
+            kind.what
         );
         let manifest: Manifest = parse(&bytes, "the manifest")?;
         ensure!(
-            manifest.artifact_type.as_deref() == Some(BUNDLE_ARTIFACT)
-                || manifest.config.media_type == BUNDLE_CONFIG,
-            "{} is not a Strata bundle (its artifact type is {:?}); pull an image with `overlayctl pull`",
+            manifest.artifact_type.as_deref() == Some(kind.media_type)
+                || manifest.config.media_type == kind.config,
+            "{} is not a Strata {} (its artifact type is {:?})",
             self.reference,
+            kind.what,
             manifest
                 .artifact_type
                 .as_deref()
@@ -588,16 +638,26 @@ impl Registry {
         );
         let [layer] = manifest.layers.as_slice() else {
             bail!(
-                "{} has {} blobs; a bundle has one",
+                "{} has {} blobs; a {} has one",
                 self.reference,
-                manifest.layers.len()
+                manifest.layers.len(),
+                kind.what
             );
         };
         ensure!(
-            layer.media_type == BUNDLE_ARTIFACT,
-            "{}'s blob is a {:?}, not a bundle",
+            layer.media_type == kind.media_type,
+            "{}'s blob is a {:?}, not a {}",
             self.reference,
-            layer.media_type
+            layer.media_type,
+            kind.what
+        );
+        ensure!(
+            layer.size <= kind.max_size,
+            "{}'s {} is {} bytes, over the {} one may be",
+            self.reference,
+            kind.what,
+            layer.size,
+            kind.max_size
         );
         self.blob(layer)
     }
