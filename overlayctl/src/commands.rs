@@ -311,14 +311,21 @@ pub fn channel(
                 Ok(store) => crate::keys::trusted(&store)?,
                 Err(_) => Vec::new(),
             };
-            // A channel in a registry downloads to the temporary directory, and is removed.
-            let read = crate::channel::read(
-                channel,
-                &trusted,
-                true,
-                &registry.access(),
-                &std::env::temp_dir(),
-            )?;
+            // A channel in a registry downloads into a directory of this command's own, removed
+            // after.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let downloads =
+                std::env::temp_dir().join(format!("strata-channel.{}.{nanos}", std::process::id()));
+            std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+                .create(&downloads)
+                .with_context(|| format!("creating {}", downloads.display()))?;
+            let read =
+                crate::channel::read(channel, &trusted, true, &registry.access(), &downloads);
+            // Only what the download left, which `read` removed: an empty directory.
+            let _ = fs::remove_dir(&downloads);
+            let read = read?;
             if json {
                 return write_json(out, &read.index);
             }

@@ -456,6 +456,10 @@ impl Registry {
         let hex = &descriptor.digest["sha256:".len()..];
         let done = self.downloads.join(format!("sha256-{hex}.blob"));
         let part = self.downloads.join(format!("sha256-{hex}.blob.part"));
+        // A finished download from an earlier run is used only if it still matches.
+        if done.exists() && hash_file(&done)? != (descriptor.size, descriptor.digest.clone()) {
+            fs::remove_file(&done).with_context(|| format!("removing {}", done.display()))?;
+        }
         if !done.exists() {
             // Authorized first (the download itself does not answer challenges).
             if !self.answered {
@@ -468,11 +472,10 @@ impl Registry {
                 .iter()
                 .map(|a| ("Authorization", a.clone()))
                 .collect();
-            ensure!(
-                fs::metadata(&part).map_or(0, |m| m.len()) <= descriptor.size,
-                "{} is longer than the blob it downloads; remove it",
-                part.display()
-            );
+            // A part longer than the blob is no start of it: begin again.
+            if fs::metadata(&part).is_ok_and(|m| m.len() > descriptor.size) {
+                fs::remove_file(&part).with_context(|| format!("removing {}", part.display()))?;
+            }
             crate::fetch::fetch_with(&self.agent, &url, &headers, &part)?;
             let (size, digest) = hash_file(&part)?;
             if size != descriptor.size || digest != descriptor.digest {
