@@ -536,8 +536,8 @@ impl TarFiles {
             .entries()
             .with_context(|| format!("reading {}", path.display()))?
         {
-            let entry = entry
-                .with_context(|| format!("reading {} as a tar archive", path.display()))?;
+            let entry =
+                entry.with_context(|| format!("reading {} as a tar archive", path.display()))?;
             if entry.header().entry_type() != tar::EntryType::Regular {
                 continue;
             }
