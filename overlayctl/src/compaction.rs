@@ -53,9 +53,15 @@ pub struct Compacted {
 /// The run `request` names in `plan`, as plan indices (top, bottom), checked.
 pub fn resolve_run(plan: &Plan, request: &Request) -> Result<(usize, usize)> {
     let index = |name: &str| crate::transaction::layer_index(plan, name);
+    // The default run stops at a layer another stands in for (never merged; see `run`).
+    let superseded: std::collections::HashSet<&str> = plan
+        .layers
+        .iter()
+        .flat_map(|l| l.supersedes.iter().map(String::as_str))
+        .collect();
     let mergeable = |i: usize| {
         let l = &plan.layers[i];
-        l.state == LayerState::Active && !l.known_good
+        l.state == LayerState::Active && !l.known_good && !superseded.contains(l.name.as_str())
     };
     let bottom = match &request.from {
         Some(name) => index(name)?,
@@ -125,14 +131,14 @@ pub fn run(store: &Store, request: &Request) -> Result<Compacted> {
         .iter()
         .map(|l| l.name.clone())
         .collect();
-    // A layer standing in for part of the run (a pulled image's) decides what boots: merged,
-    // the run could no longer be left out in part.
+    // A layer another stands in for (a pulled image's) is never merged, from inside the run or
+    // out: merged, what it holds would show again, or could no longer be left out alone.
     if let Some((by, of)) = change.plan.layers.iter().find_map(|l| {
         let of = l.supersedes.iter().find(|s| replaced.contains(s))?;
-        (!replaced.contains(&l.name)).then_some((&l.name, of))
+        Some((&l.name, of))
     }) {
         bail!(
-            "{by:?} supersedes {of:?}, which is in the run {}..{}: merged, it could not be left out alone; nothing was changed",
+            "{by:?} supersedes {of:?}, which is in the run {}..{}: merged, what {of:?} holds would show again; nothing was changed",
             replaced[0],
             replaced[replaced.len() - 1]
         );

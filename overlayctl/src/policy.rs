@@ -184,7 +184,15 @@ pub fn decide(plan: &Plan, facts: &Facts<'_>) -> Decision {
 
     // At most max_layers: merge the lowest runs of accepted layers, bottom layers first.
     let max = policy.max_layers as usize;
-    let mergeable = |l: &layers_spec::Layer| l.state == LayerState::Active && !l.known_good;
+    // A layer another stands in for is never merged: what it holds would show again.
+    let superseded: std::collections::HashSet<&str> = plan
+        .layers
+        .iter()
+        .flat_map(|l| l.supersedes.iter().map(String::as_str))
+        .collect();
+    let mergeable = |l: &layers_spec::Layer| {
+        l.state == LayerState::Active && !l.known_good && !superseded.contains(l.name.as_str())
+    };
     while layers.len() > max {
         // Runs of mergeable layers, as index ranges top..=bottom; the lowest first.
         let mut runs = Vec::new();
@@ -205,7 +213,7 @@ pub fn decide(plan: &Plan, facts: &Facts<'_>) -> Decision {
         }
         let Some(&(top, bottom)) = runs.last() else {
             decision.notes.push(format!(
-                "{} layers stay, more than policy.max_layers = {max}: known-good, trial and disabled layers are never merged",
+                "{} layers stay, more than policy.max_layers = {max}: known-good, trial, disabled and superseded layers are never merged",
                 layers.len()
             ));
             break;

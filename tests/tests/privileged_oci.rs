@@ -208,6 +208,18 @@ fn privileged_images_become_layers_in_image_order_and_roll_back_whole() {
     );
     assert!(err.contains("supersedes"), "{err}");
     assert_same("v2 accepted", &mounted(&scratch, &store), &v2);
+    // The policy merges down to max_layers around the superseded layer, never through it: a
+    // merge that took it in would show v1's app again.
+    let plan = fs::read_to_string(store.join("overlayplan.toml")).unwrap();
+    fs::write(
+        store.join("overlayplan.toml"),
+        plan.replace("max_layers = 8", "max_layers = 2"),
+    )
+    .unwrap();
+    let out = ok(&scratch, &store, &["policy"]);
+    assert!(out.contains("superseded layers are never merged"), "{out}");
+    assert!(store.join("layers").join(&first[0]).is_dir());
+    assert_same("v2 after the policy", &mounted(&scratch, &store), &v2);
 
     // The same image from an oci-archive and a docker-archive, and merged into one layer.
     let archive = scratch.path("v2.oci.tar");
